@@ -1,0 +1,94 @@
+"""Runtime: which device to run on, how to seed every random number generator, and how big a run is.
+
+Every notebook and script in the course sizes its work through one switch:
+
+* ``COURSE_FAST=1`` (set by the tests and CI) shrinks every run to seconds, so the whole course can be
+  executed end to end as a test;
+* otherwise a run is sized for the device it finds: a real lesson of minutes on a laptop CPU, a larger
+  one on a GPU.
+
+``budget(fast=..., cpu=..., gpu=...)`` returns the value for the current mode, so a heavy cell reads::
+
+    steps = budget(fast=20, cpu=2_000, gpu=20_000)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+DEVICES = ("cuda", "mps", "cpu")
+
+
+def is_fast() -> bool:
+    """True when ``COURSE_FAST`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get("COURSE_FAST", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def get_device(name: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``name`` if given, else ``$COURSE_DEVICE``, else cuda, then mps, then cpu.
+
+    An unknown or unavailable device is an error that names the choices, never a silent fallback.
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = name or os.environ.get("COURSE_DEVICE") or None
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = str(name).split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICES)} (optionally 'cuda:N')")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use 'cpu'")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {name!r} was asked for but MPS is not available here; use 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (CPU and every GPU); return a CPU generator seeded the same way."""
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def mode(device: str | torch.device | None = None) -> str:
+    """``"fast"`` under COURSE_FAST, else ``"gpu"`` on a CUDA device, else ``"cpu"`` (MPS counts as cpu-sized)."""
+    if is_fast():
+        return "fast"
+    return "gpu" if get_device(device).type == "cuda" else "cpu"
+
+
+def budget(*, fast: T, cpu: T, gpu: T | None = None, device: str | torch.device | None = None) -> T:
+    """Pick the size of a run for the current mode: ``fast`` under COURSE_FAST, else ``cpu`` or ``gpu``.
+
+    ``gpu`` defaults to the ``cpu`` value, for runs that do not grow on a GPU.
+    """
+    m = mode(device)
+    if m == "fast":
+        return fast
+    if m == "gpu" and gpu is not None:
+        return gpu
+    return cpu
+
+
+def describe(device: str | torch.device | None = None) -> str:
+    """One line a notebook prints first: mode, device and torch version, so every figure says where it came from."""
+    dev = get_device(device)
+    extra = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({torch.get_num_threads()} threads)"
+    return f"mode={mode(dev)} device={dev}{extra} torch={torch.__version__}"
