@@ -1,0 +1,14 @@
+# %% [markdown]
+# # 04. Cross-attention and text
+#
+# This chapter teaches attention from Q, K, V up; text conditioning; the CLIP text encoder; classifier-free guidance; attention maps.
+#
+# *Skeleton:* the lesson itself lands with issue 5; until then this notebook only checks that the
+# course's runtime is in place, so the whole course runs under the tests from the first day.
+
+# %%
+from common.runtime import budget, describe, seed_everything
+
+seed_everything(0)
+print(describe())
+print("steps this notebook would train for:", budget(fast=10, cpu=1_000, gpu=10_000))
