@@ -1,0 +1,153 @@
+"""Checks for chapter 03's exercises: ``python -m common.grade 03`` runs them on your exercises.py.
+
+The schedule, forward process and DDIM step are graded against diffusers' own schedulers (the reference
+implementation), never against numbers from this course's code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _small_unet():
+    from common.unet import UNet, UNetConfig
+
+    config = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                        mid_block_type="UNetMidBlock2D", cross_attention_dim=None, num_class_embeds=10,
+                        norm_num_groups=8)
+    return UNet(config)
+
+
+def _sd_alphas_cumprod():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return scheduler, scheduler.alphas_cumprod.clone()
+
+
+def check_cosine_betas(m):
+    from diffusers import DDPMScheduler
+
+    for T in (1000, 50):
+        ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2").betas
+        ours = torch.as_tensor(m.cosine_betas(T))
+        assert ours.shape == (T,), f"cosine_betas({T}) should have shape ({T},), got {tuple(ours.shape)}"
+        err = float((ours.double() - ref.double()).abs().max())
+        assert err <= 1e-6, (f"cosine_betas({T}) differs from diffusers' squaredcos_cap_v2 betas by up to {err:.2e} "
+                             f"(first betas: yours {ours[:3].tolist()}, diffusers {ref[:3].tolist()}); "
+                             "remember the offset s = 0.008 and the cap at 0.999")
+
+
+def check_add_noise(m):
+    scheduler, alphas_cumprod = _sd_alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 250, 777, 999])
+    ours = m.add_noise(z0, eps, t, alphas_cumprod)
+    ref = scheduler.add_noise(z0, eps, t)
+    assert ours.shape == ref.shape, f"expected shape {tuple(ref.shape)}, got {tuple(ours.shape)}"
+    err = float((ours - ref).abs().max())
+    assert err <= 1e-5, (f"add_noise differs from diffusers' DDPMScheduler.add_noise by {err:.2e}; each batch item "
+                         "needs its own alpha_bar_t, shaped (B, 1, 1, 1) to broadcast")
+
+
+def check_ddim_step(m):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True)
+    scheduler.set_timesteps(50)
+    g = torch.Generator().manual_seed(1)
+    z_t, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for t in (int(scheduler.timesteps[0]), int(scheduler.timesteps[25]), int(scheduler.timesteps[-1])):
+        t_prev = t - 1000 // 50
+        alpha_bar_t = float(scheduler.alphas_cumprod[t])
+        alpha_bar_prev = float(scheduler.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+        ref = scheduler.step(eps, t, z_t, eta=0.0).prev_sample
+        ours = m.ddim_step(eps, z_t, alpha_bar_t, alpha_bar_prev)
+        err = float((ours - ref).abs().max())
+        assert err <= 1e-4 * max(1.0, float(ref.abs().max())), (
+            f"ddim_step from t={t} to {t_prev} differs from diffusers' DDIMScheduler.step by {err:.2e}")
+
+
+def check_ldm_loss(m):
+    torch.manual_seed(0)
+    unet = _small_unet()
+    _, alphas_cumprod = _sd_alphas_cumprod()
+    z0 = torch.randn(8, 4, 8, 8)
+    labels = torch.arange(8) % 10
+    loss = m.ldm_loss(unet, z0, labels, alphas_cumprod, torch.Generator().manual_seed(3))
+    assert torch.is_tensor(loss) and loss.ndim == 0, "ldm_loss should return a 0-d tensor"
+    # the reference computation, drawing t then eps from the same generator
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    a = alphas_cumprod[t].view(-1, 1, 1, 1)
+    ref = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, class_labels=labels), eps)
+    assert abs(loss.item() - ref.item()) <= 1e-5, (
+        f"ldm_loss = {loss.item():.6f}, expected {ref.item():.6f}: draw t with torch.randint(0, T, (B,), generator=g) "
+        "first, then eps with torch.randn(z0.shape, generator=g), and pass class_labels=labels")
+    loss.backward()
+    assert unet.class_embedding.weight.grad is not None, "no gradient reached the class embedding: pass the labels"
+    # and a few steps of training on it lower the loss
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(30):
+        value = m.ldm_loss(unet, z0, labels, alphas_cumprod, g)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        losses.append(float(value))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, f"30 training steps on ldm_loss should lower it; went from {first:.4f} to {last:.4f}"
+
+
+def check_latent_snr(m):
+    _, alphas_cumprod = _sd_alphas_cumprod()
+    z0 = torch.randn(64, 4, 8, 8) * 3.0
+    snr = torch.as_tensor(m.latent_snr(z0, alphas_cumprod))
+    assert snr.shape == (1000,), f"latent_snr should give one value per timestep, (1000,); got {tuple(snr.shape)}"
+    ref = alphas_cumprod * z0.var() / (1 - alphas_cumprod)
+    rel = float(((snr - ref).abs() / ref).max())
+    assert rel < 1e-3, (f"latent_snr differs from alpha_bar_t Var(z0) / (1 - alpha_bar_t) by {rel:.1e} (relative); "
+                        f"at t=500 you give {float(snr[500]):.4f}, expected {float(ref[500]):.4f}")
+
+
+def check_scaling_factor_experiment(m):
+    _, alphas_cumprod = _sd_alphas_cumprod()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(128, 4, 8, 8, generator=g) * 5.0
+    labels = torch.randint(0, 10, (128,), generator=g)
+    factors = {"1.0": 1.0, "computed": 1 / float(latents.std()), "0.18215": 0.18215}
+    out = m.scaling_factor_experiment(latents, labels, _small_unet, alphas_cumprod, factors, steps=6, batch_size=16)
+    assert set(out) == set(factors), f"expected one result per factor {sorted(factors)}, got {sorted(out)}"
+    for name, r in out.items():
+        for key in ("factor", "std", "losses", "snr", "snr_mid", "t_half"):
+            assert key in r, f"result {name!r} should hold {key!r}; got {sorted(r)}"
+        assert len(r["losses"]) == 6 and all(math.isfinite(v) for v in r["losses"]), \
+            f"{name}: expected 6 finite losses (one per step), got {r['losses']}"
+        z = latents * factors[name]
+        assert abs(r["std"] - float(z.std())) < 1e-3 * float(z.std()), f"{name}: std should be that of latents * factor"
+        ref = alphas_cumprod * z.var() / (1 - alphas_cumprod)
+        assert abs(r["snr_mid"] - float(ref[500])) < 1e-3 * float(ref[500]), \
+            f"{name}: snr_mid should be the SNR at t = T/2 = 500: {float(ref[500]):.4f}, got {r['snr_mid']:.4f}"
+        expected_t = int((ref < 1).float().argmax())
+        assert abs(r["t_half"] - expected_t) <= 1, f"{name}: SNR first drops below 1 at t = {expected_t}, got {r['t_half']}"
+    assert abs(out["computed"]["std"] - 1.0) < 0.01, "the computed factor should give latents of std 1"
+    assert out["1.0"]["t_half"] > out["computed"]["t_half"] > out["0.18215"]["t_half"], \
+        "larger latents keep their signal longer: t_half should fall from factor 1.0 to computed to 0.18215"
+
+
+CHECKS = [
+    ("cosine_betas", check_cosine_betas),
+    ("add_noise", check_add_noise),
+    ("ddim_step", check_ddim_step),
+    ("ldm_loss", check_ldm_loss),
+    ("latent_snr", check_latent_snr),
+    ("scaling_factor_experiment", check_scaling_factor_experiment),
+]

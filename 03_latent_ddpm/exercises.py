@@ -1,0 +1,111 @@
+"""Chapter 03 exercises: a cosine schedule, the forward process, one DDIM step, the latent diffusion loss
+for class-conditional digits (8x8 latents), and the latent scaling-factor experiment.
+
+Fill in each function, then grade your file:
+
+    python -m common.grade 03
+
+The first three are graded against diffusers' own schedulers. Notation (as in common/schedules.py):
+T training timesteps 0 .. T-1; ``alphas_cumprod[t]`` is alpha_bar_t (diffusers' name for it); latents z are
+float tensors (B, C, h, w), here (B, 4, 8, 8) as the Digits VAE makes them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+# ---------------------------------------------------------------------------- 1. a cosine schedule (easy)
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """The cosine schedule of Nichol & Dhariwal 2021 (eq. 17), diffusers' "squaredcos_cap_v2".
+
+    alpha_bar is defined as a smooth function of u = t / T in [0, 1]:
+        f(u) = cos^2( (u + s) / (1 + s) * pi / 2 ),
+    and beta_t = 1 - f((t + 1) / T) / f(t / T) for t = 0 .. T-1, each capped at ``max_beta``
+    (the last betas would otherwise reach 1 and destroy the signal in a single step).
+    Returns a float32 tensor of shape (T,).
+    Hint: compute in Python floats (or float64) and cast at the end, as diffusers does; the offset s keeps
+    beta_0 from being vanishingly small.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 2. the forward process
+def add_noise(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Sample q(z_t | z_0) in closed form (Ho et al. 2020, eq. 4):
+
+        z_t = sqrt(alpha_bar_t) * z0 + sqrt(1 - alpha_bar_t) * eps
+
+    z0, eps: (B, C, h, w); t: (B,) LongTensor, one timestep per batch item; alphas_cumprod: (T,).
+    Returns z_t, shape (B, C, h, w).
+    Hint: ``alphas_cumprod[t]`` is (B,); reshape it to (B, 1, 1, 1) so it broadcasts over C, h, w.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 3. one DDIM step
+def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float) -> torch.Tensor:
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with eta = 0) from z_t to z_{t_prev}.
+
+    1. "predicted x0":   x0_pred = (z_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t)
+    2. "direction pointing to x_t":   sqrt(1 - alpha_bar_prev) eps_pred
+    3. z_prev = sqrt(alpha_bar_prev) x0_pred + direction
+
+    eps_pred, z_t: (B, C, h, w); alpha_bar_t, alpha_bar_prev: floats (alpha_bar_prev = 1 after the last step).
+    Returns z_prev (B, C, h, w). The check compares it with diffusers' ``DDIMScheduler.step``.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 4. the latent diffusion loss
+def ldm_loss(unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+    """The training loss of a class-conditional latent diffusion model (the seed's "simple latent diffusion
+    model on MNIST with an 8x8 latent"; Rombach et al. 2022 eq. 2, Ho et al. 2020 eq. 14):
+
+        L = || eps - eps_theta(z_t, t, y) ||^2,   t ~ U{0, ..., T-1},  eps ~ N(0, I)
+
+    1. t = torch.randint(0, T, (B,), generator=generator)          (draw t FIRST ...)
+    2. eps = torch.randn(z0.shape, generator=generator)            (... then eps, from the same generator)
+    3. z_t from your ``add_noise``
+    4. the mean squared error between ``unet(z_t, t, class_labels=labels)`` and eps (``F.mse_loss``)
+
+    z0: scaled latents (B, 4, 8, 8); labels: (B,) LongTensor of digits. Returns a 0-d tensor with a graph
+    (the check calls ``.backward()`` on it and trains on it for a few steps).
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 5. the latents' SNR
+def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The signal-to-noise ratio of z_t for THESE latents, at every timestep:
+
+        SNR(t) = alpha_bar_t * Var(z0) / (1 - alpha_bar_t)
+
+    (the schedule's SNR alpha_bar / (1 - alpha_bar) assumes Var(z0) = 1; latents of another scale shift it).
+    Var(z0) is the variance over every element of z0. Returns a float tensor of shape (T,).
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 6. the scaling factor (open-ended)
+def scaling_factor_experiment(latents: torch.Tensor, labels: torch.Tensor, make_unet, alphas_cumprod: torch.Tensor,
+                              factors: dict[str, float], *, steps: int = 20, batch_size: int = 32,
+                              lr: float = 1e-3, seed: int = 0) -> dict:
+    """Experiment with the latent scaling factor (Rombach et al. 2022, sec. 4.3.2 and appendix G).
+
+    For each (name, factor) in ``factors`` (e.g. {"1.0": 1.0, "computed": 1 / latents.std(), "0.18215": 0.18215}):
+    train a fresh ``make_unet()`` for ``steps`` AdamW steps on batches of ``latents * factor`` (random batches of
+    ``batch_size`` with their ``labels``) with your ``ldm_loss``, and record
+
+        {"factor": float, "std": std of latents * factor, "losses": [one float per step],
+         "snr": latent_snr(latents * factor, alphas_cumprod) (T,), "snr_mid": its value at t = T // 2,
+         "t_half": the first t where the SNR drops below 1}
+
+    Returns {name: that dict}. Then look: plot the loss curves and the SNR curves (log scale) of the three;
+    sample from each (``common.samplers``) and decode with the Digits VAE. Which factor leaves most of the
+    schedule with nothing to learn (SNR far above or far below 1)? Why does the loss of a model trained on
+    latents of std 5 look smaller or larger than another's, and is that comparison fair?
+    The check tests the shapes, the SNR values and the ordering of t_half, not the samples.
+    """
+    raise NotImplementedError
