@@ -1,0 +1,244 @@
+"""Evaluate a text-to-image model on Shapes: prompt adherence by the judge, a small FID, per sampler and step count.
+
+    python 06_stable_diffusion_architecture/evaluate.py                          # the shipped course model
+    python 06_stable_diffusion_architecture/evaluate.py --model runs/ship --samplers ddim --steps 25
+    python 06_stable_diffusion_architecture/evaluate.py --update-card            # write the metrics into its card
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge            # (re)train checkpoints/shapes_judge
+    COURSE_FAST=1 python 06_stable_diffusion_architecture/evaluate.py --out /tmp/eval   # seconds
+
+Prompt sets (fixed seeds, so every run grades the same prompts):
+* held-out, 1 and 2 objects: ``Shapes.prompts("test")``, every prompt holds a (colour, shape) pair never seen
+  in training (compositional generalisation);
+* paraphrased, 1 and 2 objects: scenes of training combinations (other seeds than training's) written in
+  paraphrases other than the default one: robustness to the wording.
+
+For each set: the judge's scores on the generated images and, beside them, on real renders of the same
+prompts (the judge's own accuracy), and a Frechet distance between the judge's CNN features of the generated
+objects and of the real renders' objects (``common/judge.py``). Writes ``results.md``, ``results.csv`` and
+``samples.png`` (a grid: prompts above their images) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+import textwrap
+from pathlib import Path
+
+import torch
+
+from common.judge import JUDGE_DIR, Judge, real_renders, train_judge
+from common.metrics import frechet_distance
+from common.runtime import budget, describe, get_device, seed_everything
+from common.samplers import SAMPLERS
+from common.shapes import N_PARAPHRASES, Shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "paraphrased 2 objects")
+
+
+def prompt_sets(n: int, seed: int = 1234) -> dict[str, list[str]]:
+    """The four fixed prompt sets, ``n`` prompts each."""
+    para1 = [s.caption(1 + i % (N_PARAPHRASES - 1)) for i, s in enumerate(Shapes.scenes("train", n, seed + 1, (1,)))]
+    para2 = [s.caption(1 + i % 5) for i, s in enumerate(Shapes.scenes("train", n, seed + 2, (2,)))]
+    return {SETS[0]: Shapes.prompts("test", n, seed, (1,)), SETS[1]: Shapes.prompts("test", n, seed, (2,)),
+            SETS[2]: para1, SETS[3]: para2}
+
+
+def headline(scores: dict) -> dict[str, float]:
+    """The numbers a row reports: one-object all/colour/shape/size/position, two-object objects/all."""
+    s, p = scores["single"], scores["pair"]
+    if s["n"]:
+        return {"all": s["all"], "color": s["color"], "shape": s["shape"], "size": s["size"], "position": s["position"]}
+    return {"all": p["all"], "objects": p["objects"], "count": p["count"]}
+
+
+def train_and_ship_judge(path: Path, args) -> Judge:
+    n_images, steps = budget(fast=200, cpu=3000), budget(fast=60, cpu=600)
+    t0 = time.perf_counter()
+    judge = train_judge(n_images, steps, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    judge.save(path)
+    lines = []
+    for name, prompts in prompt_sets(budget(fast=8, cpu=200)).items():
+        sc = judge.score(real_renders(prompts, seed=args.seed), prompts)
+        lines.append(f"| {name} | {len(prompts)} | {fmt(headline(sc))} |")
+    card = (f"# shapes_judge: the Shapes prompt-adherence judge\n\nThe shape classifier of `common/judge.py` "
+            f"(`ShapeNet`, {sum(p.numel() for p in judge.net.parameters()):,} parameters): it reads an object's "
+            f"mask crop ({CROP_TXT}) and names its shape; segmentation, colour, size, position and relation are "
+            f"read without learning (see the module docstring).\n\n## Training\n\n- command: `python "
+            f"06_stable_diffusion_architecture/evaluate.py --train-judge`\n- data: crops of {n_images:,} Shapes "
+            f"training renders (split=\"train\"), blurred and noised at random\n- steps: {steps} x batch 128, AdamW "
+            f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
+            f"Real renders of the evaluation prompts (held-out colour/shape pairs and paraphrases), random layouts:\n\n"
+            f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+    from common.text_to_image import file_sha256
+
+    card += "\n## Files\n\n" + "\n".join(f"- `{f.name}`: sha256 `{file_sha256(f)}`" for f in
+                                         sorted(path.glob("*")) if f.suffix in (".json", ".safetensors")) + "\n"
+    (path / "README.md").write_text(card)
+    print(card)
+    return judge
+
+
+CROP_TXT = "24 x 24"
+
+
+def fmt(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "checkpoints" / "course_t2i"), help="a diffusers-format folder")
+    p.add_argument("--judge", default=str(JUDGE_DIR), help="the judge's folder")
+    p.add_argument("--train-judge", action="store_true", help="train the judge, ship it to --judge, and stop")
+    p.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp_2m", "ddpm"], help=f"of {', '.join(SAMPLERS)}")
+    p.add_argument("--steps", nargs="+", type=int, default=None, help="step counts (default: 10 25; fast: 4)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER:STEPS",
+                   help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps")
+    p.add_argument("--n", type=int, default=None, help="prompts per set (default 32; fast 2)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--out", default=str(ROOT / "runs" / "06_eval"))
+    p.add_argument("--update-card", action="store_true", help="write the results into the model's README.md")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def generate(pipe, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
+    out = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed + i)
+        out.append(pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                        output_type="pt", sampler=sampler, progress=False, height=64, width=64).images)
+    return torch.cat(out)  # (B, 3, 64, 64) in [0, 1]
+
+
+@torch.no_grad()
+def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, H, W) in [0, 1] -> D(E(x)) through the pipeline's VAE (posterior mean), in [0, 1]."""
+    x = (2 * images - 1).to(pipe.device, pipe.dtype)
+    return ((pipe.vae.decode(pipe.vae.encode(x).mean) + 1) / 2).clamp(0, 1).float().cpu()
+
+
+def save_grid(images: torch.Tensor, prompts: list[str], path: Path, cols: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = (len(images) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, p in zip(axes.flat, images, prompts):
+        ax.imshow(im.permute(1, 2, 0).numpy())
+        ax.set_title("\n".join(textwrap.wrap(p, 22)), fontsize=4.5)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.runs:
+        try:
+            runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs]
+        except (IndexError, ValueError):
+            raise ValueError(f"--runs takes SAMPLER:STEPS pairs such as ddim:25, got {args.runs}") from None
+    else:
+        runs = [(s, k) for s in args.samplers for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
+    for s, _ in runs:
+        if s not in SAMPLERS:
+            raise ValueError(f"unknown sampler {s!r}; expected one of {', '.join(SAMPLERS)}")
+    device = get_device(args.device)
+    seed_everything(args.seed)
+    print(describe(device))
+    if args.train_judge:
+        train_and_ship_judge(Path(args.judge), args)
+        return []
+    from common.pipeline import StableDiffusion
+
+    judge = Judge.load(args.judge)
+    pipe = StableDiffusion.from_pretrained(args.model, device=device)
+    n = args.n or budget(fast=2, cpu=32)
+    sets = prompt_sets(n)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, real_feats, grid = [], {}, []
+    for name, prompts in sets.items():  # the judge on real renders: its own accuracy, and the FID's reference
+        real = real_renders(prompts, seed=args.seed)
+        real_feats[name] = judge.features(real)
+        rows.append({"sampler": "real renders", "steps": "", "set": name, "n": len(prompts),
+                     **headline(judge.score(real, prompts)), "fid": 0.0, "seconds": 0.0})
+        recon = reconstruct(pipe, real)  # what the model's VAE can show at best: its ceiling
+        rows.append({"sampler": "VAE reconstructions", "steps": "", "set": name, "n": len(prompts),
+                     **headline(judge.score(recon, prompts)), "fid": frechet_distance(judge.features(recon),
+                                                                                     real_feats[name]),
+                     "seconds": 0.0})
+    for sampler, steps in runs:
+        for name, prompts in sets.items():
+            t0 = time.perf_counter()
+            images = generate(pipe, prompts, sampler, steps, args.guidance, args.seed, args.batch_size)
+            seconds = time.perf_counter() - t0
+            scores = judge.score(images, prompts)
+            feats = judge.features(images)
+            fid = frechet_distance(feats, real_feats[name]) if len(feats) >= 2 else float("nan")
+            row = {"sampler": sampler, "steps": steps, "set": name, "n": len(prompts), **headline(scores),
+                   "fid": fid, "seconds": seconds}
+            rows.append(row)
+            print(f"{sampler:8s} {steps:3d} steps  {name:22s} {fmt(headline(scores))}  FID {fid:.1f}  "
+                  f"({seconds:.0f} s)", flush=True)
+            if (sampler, steps) == runs[0] and name in SETS[:2]:  # the grid: 8 held-out prompts of each kind
+                grid.append((images[:8], prompts[:8]))
+    keys = ["sampler", "steps", "set", "n", "all", "color", "shape", "size", "position", "objects", "count", "fid",
+            "seconds"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows({k: r.get(k, "") for k in keys} for r in rows)
+    md = results_markdown(rows, args, n)
+    (out / "results.md").write_text(md)
+    if grid:
+        save_grid(torch.cat([g[0] for g in grid]), [p for g in grid for p in g[1]], out / "samples.png")
+    print(md)
+    if args.update_card:
+        from common.text_to_image import write_model_card
+
+        write_model_card(args.model, None, md)
+        print(f"metrics written into {Path(args.model) / 'README.md'}")
+    return rows
+
+
+def results_markdown(rows: list[dict], args, n: int) -> str:
+    def cell(r, k):
+        v = r.get(k)
+        return "" if v is None or v == "" else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    one = [r for r in rows if "1 object" in r["set"]]
+    two = [r for r in rows if "2 objects" in r["set"]]
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    md = (f"Measured with `{command}` ({describe()}); {n} prompts per set, guidance {args.guidance}, seed {args.seed}.\n"
+          f"\"all\": every attribute right (one object: exactly one object with the right colour, shape, size and "
+          f"position; two objects: exactly two, both right, and the relation right). FID: Frechet distance of the "
+          f"judge's CNN features of the objects, generated vs real renders of the same prompts (small-scale: compare "
+          f"only within this table). \"VAE reconstructions\": the judge on D(E(x)) of the real renders through the model's own VAE, "
+          f"the best the diffusion model could score.\n\n### One-object prompts\n\n"
+          "| sampler | steps | set | n | all | colour | shape | size | position | FID | seconds |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    md += "\n".join("| " + " | ".join(cell(r, k) for k in ("sampler", "steps", "set", "n", "all", "color", "shape",
+                                                          "size", "position", "fid", "seconds")) + " |" for r in one)
+    md += ("\n\n### Two-object prompts\n\n| sampler | steps | set | n | all (objects + relation) | objects | count "
+           "| FID | seconds |\n|---|---|---|---|---|---|---|---|---|\n")
+    md += "\n".join("| " + " | ".join(cell(r, k) for k in ("sampler", "steps", "set", "n", "all", "objects", "count",
+                                                          "fid", "seconds")) + " |" for r in two)
+    return md + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Train the course's complete text-to-image model on Shapes, and ship it (Rombach et al. 2022, sec. 3.3).
+
+    python 06_stable_diffusion_architecture/train_text_to_image.py                       # --config cpu
+    python 06_stable_diffusion_architecture/train_text_to_image.py --ship checkpoints/course_t2i
+    accelerate launch 06_stable_diffusion_architecture/train_text_to_image.py --config gpu   # N GPUs, bf16
+    COURSE_FAST=1 python 06_stable_diffusion_architecture/train_text_to_image.py --out /tmp/t2i   # seconds
+
+Frozen shipped VAE (checkpoints/vae_shapes), a CLIP-architecture text encoder trained from scratch jointly with
+the cross-attention UNet, caption dropout for classifier-free guidance, EMA weights, bf16 on a GPU, checkpoints
+every ``checkpoint_every`` steps and exact resume (run the same command again after a kill). The logic lives in
+common/text_to_image.py; this script reads arguments, prints what it measures and ships the model:
+``--ship DIR`` writes a diffusers-format folder through ``StableDiffusion.save_pretrained`` and a model card
+(fill its metrics with ``evaluate.py --model DIR --update-card``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.runtime import describe, get_device, is_fast, seed_everything
+from common.text_to_image import (CONFIG_NAMES, TextToImageConfig, build_pipeline, count_parameters, load_vae, train,
+                                  write_model_card)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help=f"one of {', '.join(CONFIG_NAMES)} (default: tiny under "
+                   "COURSE_FAST, gpu on CUDA, else cpu)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    p.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
+    p.add_argument("--train-size", type=int, default=None, help="override the number of cached training items")
+    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png")
+    p.add_argument("--cache-dir", default=None, help="where the latent cache goes (default ~/.cache/latent_diffusion_course)")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if --out holds checkpoints")
+    p.add_argument("--ship", default=None, help="write the trained pipeline (EMA weights) here, with a model card")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = get_device(args.device)
+    name = args.config or ("tiny" if is_fast() else "gpu" if device.type == "cuda" else "cpu")
+    config = TextToImageConfig.named(name).with_overrides(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                                          train_size=args.train_size)
+    seed_everything(args.seed)
+    print(describe(device))
+    vae = load_vae(args.vae, device)
+    out = Path(args.out)
+    timing_path = out / "timing.json"
+    previous = json.loads(timing_path.read_text()) if timing_path.is_file() and not args.no_resume else {}
+    t0 = time.perf_counter()
+    trainer, tokenizer = train(config, vae, out, seed=args.seed, device=device, resume=not args.no_resume,
+                               cache_dir=args.cache_dir, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    if not trainer.accelerator.is_main_process:
+        return {}
+    timing = {"seconds": previous.get("seconds", 0.0) + seconds, "invocations": previous.get("invocations", 0) + 1,
+              "steps": config.steps}
+    timing_path.write_text(json.dumps(timing, indent=2) + "\n")
+    model = trainer.ema_model()  # the EMA weights: what the shipped model samples with
+    pipe = build_pipeline(model, tokenizer, vae, config, device=device)
+    n_unet, n_text = count_parameters(model["unet"]), count_parameters(model["text_encoder"])
+    final_loss = trainer._log_rows()[-1]["loss"] if trainer._log_rows() else "n/a"
+    print(f"config {name}: UNet {n_unet / 1e6:.2f} M, text encoder {n_text / 1e6:.2f} M parameters; "
+          f"{config.steps} steps x batch {config.batch_size}; final loss {final_loss}; "
+          f"wall time {seconds:.0f} s this run, {timing['seconds']:.0f} s over {timing['invocations']} invocation(s)")
+    with torch.no_grad():  # one look at the result: the first held-out prompts, 4 samples
+        from common.shapes import Shapes
+
+        prompts = Shapes.prompts("test", 4)
+        images = pipe(prompts, num_inference_steps=10 if is_fast() else 25, guidance_scale=3.0,
+                      generator=torch.Generator().manual_seed(args.seed), output_type="pt", progress=False).images
+        from torchvision.utils import save_image
+
+        save_image(images, out / "samples.png", nrow=4)
+        print(f"samples for {prompts} -> {out / 'samples.png'}")
+    result = {"config": name, "steps": config.steps, "seconds": timing["seconds"], "unet_params": n_unet,
+              "text_params": n_text, "final_loss": final_loss}
+    if args.ship:
+        ship = Path(args.ship)
+        pipe.save_pretrained(ship)
+        command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+        hardware = (f"{describe(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+                    f"(shared with other jobs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+        training = (f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py `TextToImageConfig.{name}()`), "
+                    f"seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split=\"train\": no "
+                    f"held-out colour/shape pair), latents from the frozen VAE `{os.path.relpath(args.vae, ROOT)}`\n"
+                    f"- model: UNet {n_unet:,} + text encoder {n_text:,} parameters (the VAE is frozen)\n"
+                    f"- steps: {config.steps:,} x batch {config.batch_size}, AdamW lr {config.lr} ({config.warmup_steps} "
+                    f"warm-up, {config.lr_schedule}), EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "
+                    f"Min-SNR gamma {config.snr_gamma}, latents: posterior {config.latents} x scaling_factor, "
+                    f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; final training loss "
+                    f"{final_loss}\n"
+                    f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
+                    f"- hardware: {hardware}\n- weights: the EMA weights, stored in fp32\n")
+        write_model_card(ship, training)
+        print(f"shipped to {ship}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The course text-to-image model: configs, caption dropout, the latent cache, the loss, and both training
+scripts plus evaluate.py in fast mode (resume and shipping included)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.judge import train_judge
+from common.text_to_image import (CONFIG_NAMES, LatentDataset, TextToImageConfig, build_model, build_pipeline,
+                                  cache_latents, drop_captions, make_loss_fn)
+from common.tokenizer import ShapesTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN06 = ROOT / "06_stable_diffusion_architecture" / "train_text_to_image.py"
+TRAIN04 = ROOT / "04_cross_attention" / "train_text_to_image.py"
+EVALUATE = ROOT / "06_stable_diffusion_architecture" / "evaluate.py"
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A random course-config VAE saved as the shipped one is (the tests never depend on trained weights)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(AutoencoderConfig.course()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judge")
+    train_judge(n_images=16, steps=2, batch_size=8, verbose=False).save(path)
+    return path
+
+
+def _run(script, *args, check=True):
+    env = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_presets_build_and_unknown_name_is_refused():
+    for name in CONFIG_NAMES:
+        config = TextToImageConfig.named(name)
+        assert config.unet.cross_attention_dim == config.text_encoder.hidden_size
+    with pytest.raises(ValueError, match="expected one of cpu, gpu, tiny"):
+        TextToImageConfig.named("huge")
+    with pytest.raises(ValueError, match="latents must be one of"):
+        TextToImageConfig.tiny().with_overrides(latents="median")
+
+
+def test_caption_dropout_rate_and_replacement():
+    tok = ShapesTokenizer.for_shapes()
+    empty = tok([""])[0]
+    ids = tok(["a small red circle at the top"] * 20_000)
+    g = torch.Generator().manual_seed(0)
+    out, dropped = drop_captions(ids, empty, 0.1, g)
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01
+    assert torch.equal(out[dropped], empty.expand(int(dropped.sum()), -1))
+    assert torch.equal(out[~dropped], ids[~dropped])
+    out0, dropped0 = drop_captions(ids[:100], empty, 0.0, g)
+    assert not dropped0.any() and torch.equal(out0, ids[:100])
+
+
+def test_latent_cache_is_written_once_and_keyed_by_the_vae(tmp_path, vae_dir):
+    tok = ShapesTokenizer.for_shapes()
+    vae = AutoencoderKL.load(vae_dir)
+    first = cache_latents(vae, tok, length=6, cache_dir=tmp_path, verbose=False)
+    second = cache_latents(vae, tok, length=6, cache_dir=tmp_path, verbose=False)
+    assert not first["hit"] and second["hit"] and first["path"] == second["path"]
+    assert first["mean"].shape == (6, 4, 16, 16) and first["input_ids"].shape == (6, 24)
+    torch.testing.assert_close(first["mean"], second["mean"])
+    assert second["captions"] == first["captions"]
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)  # other weights: another key, never the stale file
+    third = cache_latents(vae, tok, length=6, cache_dir=tmp_path, verbose=False)
+    assert not third["hit"] and third["path"] != first["path"]
+
+
+def test_loss_is_finite_reproducible_and_reaches_both_parts(tmp_path, vae_dir):
+    config = TextToImageConfig.tiny()
+    tok = ShapesTokenizer.for_shapes()
+    cache = cache_latents(AutoencoderKL.load(vae_dir), tok, length=4, cache_dir=tmp_path, verbose=False)
+    batch = torch.utils.data.default_collate([LatentDataset(cache)[i] for i in range(4)])
+    torch.manual_seed(0)
+    model = build_model(config)
+    loss_fn = make_loss_fn(config, tok([""])[0])
+    a, logs = loss_fn(model, batch, torch.Generator().manual_seed(1))
+    b, _ = loss_fn(model, batch, torch.Generator().manual_seed(1))
+    assert torch.isfinite(a) and a.item() == b.item() and "dropped" in logs
+    a.backward()
+    assert model["unet"].conv_in.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model["text_encoder"].parameters())
+    sample = make_loss_fn(config.with_overrides(latents="sample"), tok([""])[0])
+    assert torch.isfinite(sample(model, batch, torch.Generator().manual_seed(1))[0])
+    min_snr = make_loss_fn(config.with_overrides(snr_gamma=5.0), tok([""])[0])
+    weighted, logs = min_snr(model, batch, torch.Generator().manual_seed(1))
+    assert torch.isfinite(weighted) and weighted.item() <= logs["mse"].item() + 1e-6  # weights are <= 1
+
+
+def test_build_pipeline_generates_64px(vae_dir):
+    torch.manual_seed(0)
+    config = TextToImageConfig.tiny()
+    pipe = build_pipeline(build_model(config), ShapesTokenizer.for_shapes(), AutoencoderKL.load(vae_dir), config)
+    out = pipe(["a small red circle at the top"], num_inference_steps=2, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0), output_type="pt", progress=False, height=64, width=64)
+    assert out.images.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_train06_fast_resume_ship_and_evaluate(tmp_path, vae_dir, judge_dir):
+    out, ship, cache = tmp_path / "run", tmp_path / "ship", tmp_path / "cache"
+    first = _run(TRAIN06, "--vae", vae_dir, "--out", out, "--cache-dir", cache, "--steps", 2, "--no-progress")
+    assert "written" in first.stdout and (out / "samples.png").is_file()
+    second = _run(TRAIN06, "--vae", vae_dir, "--out", out, "--cache-dir", cache, "--steps", 4, "--no-progress",
+                  "--ship", ship)
+    assert "resuming from" in second.stdout and "reused" in second.stdout, second.stdout
+    for part in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "README.md"):
+        assert (ship / part).is_file(), part
+    assert "sha256" in (ship / "README.md").read_text()
+    ev = _run(EVALUATE, "--model", ship, "--judge", judge_dir, "--out", tmp_path / "eval", "--samplers", "ddim",
+              "dpmpp_2m", "--update-card")
+    assert (tmp_path / "eval" / "results.md").is_file() and (tmp_path / "eval" / "samples.png").is_file()
+    csv_text = (tmp_path / "eval" / "results.csv").read_text()
+    assert "real renders" in csv_text and "VAE reconstructions" in csv_text and "dpmpp_2m" in csv_text
+    assert "### One-object prompts" in (ship / "README.md").read_text(), ev.stdout
+
+
+@pytest.mark.slow
+def test_train04_fast_reports_attribute_accuracy(tmp_path, vae_dir, judge_dir):
+    proc = _run(TRAIN04, "--vae", vae_dir, "--judge", judge_dir, "--out", tmp_path / "run", "--cache-dir",
+                tmp_path / "cache")
+    assert "colour" in proc.stdout and "position" in proc.stdout and "relation" in proc.stdout
+
+
+def test_scripts_refuse_bad_input(tmp_path, vae_dir):
+    proc = _run(TRAIN06, "--config", "huge", "--vae", vae_dir, "--out", tmp_path / "x", check=False)
+    assert proc.returncode != 0 and "expected one of cpu, gpu, tiny" in proc.stderr
+    proc = _run(TRAIN06, "--vae", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
+    assert proc.returncode != 0 and "no VAE at" in proc.stderr
+    proc = _run(EVALUATE, "--samplers", "euler", "--out", tmp_path / "y", check=False)
+    assert proc.returncode != 0 and "unknown sampler 'euler'" in proc.stderr
