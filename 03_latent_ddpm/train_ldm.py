@@ -201,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None,
                    help="base UNet width w: channels (w, 2w, ...) and min(32, w) GroupNorm groups "
                         "(default: fast 16, cpu 32, gpu 64)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fast 4 / cpu 2000 / gpu 20000)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fast 4 / cpu 6000 / gpu 20000)")
     p.add_argument("--batch-size", type=int, default=None, help="default: fast 16 / cpu 64 / gpu 256")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (cpu, fast), 5e-4 (gpu)")
     p.add_argument("--train-size", type=int, default=None, help="training images (default: fast 256 / cpu 10000 / gpu 60000)")
@@ -252,7 +252,7 @@ def run(args) -> dict:
     if args.guidance != 1.0 and not null_class:
         raise ValueError("--guidance needs a model trained with a null class: digits with --cfg-dropout > 0")
     config = unet_config(args.data, width, null_class)
-    steps = args.steps or budget(fast=4, cpu=2000, gpu=20_000, device=device)
+    steps = args.steps or budget(fast=4, cpu=6000, gpu=20_000, device=device)
     batch_size = args.batch_size or budget(fast=16, cpu=64, gpu=256, device=device)
     lr = args.lr or budget(fast=1e-3, cpu=1e-3, gpu=5e-4, device=device)
     n_train = args.train_size or budget(fast=256, cpu=10_000, gpu=60_000, device=device)
