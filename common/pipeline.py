@@ -106,8 +106,8 @@ class StableDiffusion:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE's factor f times the UNet's 2**(levels - 1)."""
-        return self.vae_scale_factor * self.unet.config.downsample_factor
+        """Image sides must be multiples of the VAE's factor f (8 for SD); the UNet takes any latent size."""
+        return self.vae_scale_factor
 
     def make_sampler(self, name: str | None = None, num_inference_steps: int = 50, eta: float = 0.0) -> Sampler:
         """The named sampler (default: the pipeline's) with this pipeline's schedule and options."""
@@ -171,8 +171,8 @@ class StableDiffusion:
         if not (isinstance(height, int) and isinstance(width, int)) or height <= 0 or width <= 0 \
                 or height % m or width % m:
             raise ValueError(
-                f"height and width must be positive multiples of {m} (the VAE's factor {self.vae_scale_factor} x "
-                f"the UNet's {self.unet.config.downsample_factor}); got {height} x {width}")
+                f"height and width must be positive multiples of {m} (the VAE's downsampling factor); "
+                f"got {height} x {width}")
 
     def _check_prompts(self, prompt, negative_prompt) -> tuple[list[str], list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else prompt

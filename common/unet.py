@@ -319,10 +319,9 @@ class UNet(nn.Module):
             raise ValueError(f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
                              f"got {tuple(z_t.shape)}")
         B, _, H, W = z_t.shape
-        f = cfg.downsample_factor
-        if H % f or W % f:
-            raise ValueError(f"the latent's H and W must be multiples of {f} (2**(levels-1) for "
-                             f"{len(cfg.block_out_channels)} levels); got {H}x{W}")
+        if H < 1 or W < 1:
+            raise ValueError(f"the latent must have H, W >= 1; got {H}x{W}")
+        # any H, W works: a side that does not halve evenly is upsampled back to its skip's size (as diffusers)
         if cfg.has_cross_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
                 got = None if context is None else tuple(context.shape)

@@ -99,8 +99,11 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # `size`: the skip's (H, W) when an odd side was halved on the way down (ceil(H/2) * 2 != H)
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, H_skip, W_skip)
 
 
 class _Block(nn.Module):
@@ -235,5 +238,6 @@ class UpBlock(_Block):
             if self.attentions is not None:
                 x = self.run(self.attentions[i], x, context)
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)  # (B, C_out, 2H, 2W)
+            # upsample to the next skip's size, as diffusers does for sides that are not multiples of 2**levels
+            x = self.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]) if skips else None)  # (B, C_out, ~2H, ~2W)
         return x

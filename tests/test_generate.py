@@ -61,8 +61,8 @@ def test_generate_inpaints_and_rejects_bad_input(tiny_model, tmp_path):
     r = run("a blue square", "--model", tiny_model, "--init-image", tmp_path / "init.png", "--mask",
             tmp_path / "small_mask.png", cwd=tmp_path)
     assert r.returncode == 2 and "mask_image is 8 x 8 but the image is 16 x 16" in r.stderr
-    r = run("a blue square", "--model", tiny_model, "--height", 18, "--width", 16, cwd=tmp_path)
-    assert r.returncode == 2 and "multiples of 4" in r.stderr
+    r = run("a blue square", "--model", tiny_model, "--height", 17, "--width", 16, cwd=tmp_path)
+    assert r.returncode == 2 and "multiples of 2" in r.stderr
     r = run("a blue square", "--model", tmp_path / "no_such_model", cwd=tmp_path)
     assert r.returncode == 2 and "no model at" in r.stderr
 

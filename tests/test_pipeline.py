@@ -284,8 +284,8 @@ def test_bad_inputs(tiny):
     folder, _ = tiny
     pipe = StableDiffusion.from_pretrained(folder)
     run = dict(num_inference_steps=1, progress=False, output_type="latent")
-    with pytest.raises(ValueError, match="multiples of 4"):
-        pipe(PROMPT, height=18, width=16, **run)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe(PROMPT, height=17, width=16, **run)
     with pytest.raises(ValueError, match="empty list"):
         pipe([], **run)
     with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
