@@ -51,21 +51,9 @@ MAX_AREA = 0.25  # the largest Shapes object (a large square) covers under 10% o
 
 def tiny_pipeline(seed: int = 0, device=None):
     """A tiny random pipeline over the Shapes tokenizer (32 px images): every step runs, nothing is learnt."""
-    from common.autoencoder import AutoencoderConfig, AutoencoderKL
-    from common.pipeline import StableDiffusion
-    from common.text_encoder import CLIPTextConfig, CLIPTextModel
-    from common.tokenizer import ShapesTokenizer
-    from common.unet import UNet, UNetConfig
+    from common.pipeline import tiny_random_pipeline
 
-    torch.manual_seed(seed)
-    tok = ShapesTokenizer.for_shapes()
-    unet_config = UNetConfig.tiny()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tok.vocab_size, hidden_size=unet_config.cross_attention_dim, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tok.context_length,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    return StableDiffusion(tokenizer=tok, text_encoder=text_encoder, unet=UNet(unet_config),
-                           vae=AutoencoderKL(AutoencoderConfig.tiny()), device=device)
+    return tiny_random_pipeline(seed).to(get_device(device))
 
 
 def load_pipeline(model: str, device=None):

@@ -19,24 +19,9 @@ def tiny_pipeline(seed: int = 0):
 
     Random weights: its images are not pictures of anything, but every step of the real pipeline runs.
     """
-    from common.autoencoder import AutoencoderConfig, AutoencoderKL
-    from common.pipeline import StableDiffusion
-    from common.text_encoder import CLIPTextConfig, CLIPTextModel
-    from common.tokenizer import ShapesTokenizer
-    from common.unet import UNet, UNetConfig
+    from common.pipeline import tiny_random_pipeline
 
-    torch.manual_seed(seed)
-    tok = ShapesTokenizer.for_shapes()
-    unet_config = UNetConfig.tiny()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=tok.vocab_size, hidden_size=unet_config.cross_attention_dim, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=tok.context_length,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    unet = UNet(unet_config)
-    with torch.no_grad():  # a visible output scale, so guidance changes the images noticeably
-        unet.conv_out.weight.mul_(3.0)
-    return StableDiffusion(tokenizer=tok, text_encoder=text_encoder, unet=unet,
-                           vae=AutoencoderKL(AutoencoderConfig.tiny()), device="cpu")
+    return tiny_random_pipeline(seed)
 
 
 def _close(ours, ref, what: str, tol: float = TOL) -> None:
