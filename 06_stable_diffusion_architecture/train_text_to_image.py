@@ -41,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     p.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
     p.add_argument("--train-size", type=int, default=None, help="override the number of cached training items")
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="override the config's mixed precision (no = fp32)")
+    p.add_argument("--ema-decay", type=float, default=None, help="override the config's EMA decay")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
+                        "fit, and the LR schedule with it")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
     p.add_argument("--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png")
     p.add_argument("--cache-dir", default=None, help="where the latent cache goes (default ~/.cache/latent_diffusion_course)")
@@ -57,7 +63,10 @@ def main(argv=None) -> dict:
     device = get_device(args.device)
     name = args.config or ("tiny" if is_fast() else "gpu" if device.type == "cuda" else "cpu")
     config = TextToImageConfig.named(name).with_overrides(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                          train_size=args.train_size)
+                                                          train_size=args.train_size, mixed_precision=args.precision,
+                                                          ema_decay=args.ema_decay)
+    if args.minutes is not None and args.minutes <= 0:
+        raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
     seed_everything(args.seed)
     print(describe(device))
     vae = load_vae(args.vae, device)
@@ -66,7 +75,9 @@ def main(argv=None) -> dict:
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() and not args.no_resume else {}
     t0 = time.perf_counter()
     trainer, tokenizer = train(config, vae, out, seed=args.seed, device=device, resume=not args.no_resume,
-                               cache_dir=args.cache_dir, progress=not args.no_progress)
+                               cache_dir=args.cache_dir, progress=not args.no_progress,
+                               time_budget_s=args.minutes * 60 if args.minutes else None)
+    config = config.with_overrides(steps=trainer.cfg.steps)  # a --minutes budget may have lowered it
     seconds = time.perf_counter() - t0
     if not trainer.accelerator.is_main_process:
         return {}

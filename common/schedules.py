@@ -160,36 +160,43 @@ class NoiseSchedule:
             raise ValueError(f"timestep {bad} is outside [0, {self.num_train_timesteps - 1}]")
         return t
 
-    def alpha_bar_at(self, t: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t on ``like``'s device and dtype, shaped to broadcast against it: (B, 1, ..., 1) or 0-d."""
-        t = self.check_timesteps(t).to(like.device)
+    def alpha_bar_at(self, t: int | torch.Tensor, like: torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """alpha_bar_t on ``like``'s device and dtype, shaped to broadcast against it: (B, 1, ..., 1) or 0-d.
+
+        ``validate=False`` skips the range check, for timesteps from ``sample_timesteps`` (valid by construction):
+        on a GPU the check reads t back to the host, which stalls the training loop once a call."""
+        t = (self.check_timesteps(t) if validate else torch.as_tensor(t).long()).to(like.device)
         alpha_bar_t = self.alpha_bar.to(device=like.device, dtype=like.dtype)[t]
         if alpha_bar_t.ndim == 1:  # one t per batch item -> (B, 1, ..., 1)
             alpha_bar_t = alpha_bar_t.view(-1, *([1] * (like.ndim - 1)))
         return alpha_bar_t
 
-    def snr(self, t: int | torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t); falls monotonically with t."""
-        alpha_bar_t = self.alpha_bar[self.check_timesteps(t).cpu()]
+    def snr(self, t: int | torch.Tensor, validate: bool = True) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) on t's device; falls monotonically with t."""
+        t = self.check_timesteps(t) if validate else torch.as_tensor(t).long()
+        alpha_bar_t = self.alpha_bar.to(t.device)[t]
         return alpha_bar_t / (1 - alpha_bar_t)
 
     # ---- the forward process and the training targets -------------------------------------------------
-    def add_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    def add_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+                  ) -> torch.Tensor:
         """Sample q(z_t | z_0) (Ho et al. eq. 4): z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps."""
-        alpha_bar_t = self.alpha_bar_at(t, z0)
+        alpha_bar_t = self.alpha_bar_at(t, z0, validate)
         return alpha_bar_t**0.5 * z0 + (1 - alpha_bar_t) ** 0.5 * eps
 
-    def v_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    def v_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+                 ) -> torch.Tensor:
         """The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (Salimans & Ho 2022)."""
-        alpha_bar_t = self.alpha_bar_at(t, z0)
+        alpha_bar_t = self.alpha_bar_at(t, z0, validate)
         return alpha_bar_t**0.5 * eps - (1 - alpha_bar_t) ** 0.5 * z0
 
-    def training_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    def training_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+                        ) -> torch.Tensor:
         """What the network should output at (z_t, t) under this schedule's prediction_type."""
         if self.prediction_type == "epsilon":
             return eps
         if self.prediction_type == "v_prediction":
-            return self.v_target(z0, eps, t)
+            return self.v_target(z0, eps, t, validate)
         return z0
 
     def sample_timesteps(

@@ -249,7 +249,7 @@ class CLIPTextModel(nn.Module):
         if N > cfg.max_position_embeddings:
             raise ValueError(f"sequence length {N} exceeds max_position_embeddings="
                              f"{cfg.max_position_embeddings}; truncate prompts when tokenizing")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read-back from a GPU, not two
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size - 1}] (vocab_size="
                              f"{cfg.vocab_size}), got ids in [{lo}, {hi}]; is the tokenizer the model's own?")

@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +69,10 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     progress: bool = True
+    # Wall-clock budget of the training loop in seconds (None: run all `steps`). The trainer times its steps
+    # and lowers `steps` so the loop ends within the budget; the LR schedule follows the lowered count, which
+    # is written into the checkpoints, so a resumed run keeps the same plan. `steps` stays the upper bound.
+    time_budget_s: float | None = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -81,6 +85,8 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be >= 1")
         if self.keep < 1:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -124,9 +130,13 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, copy_only: bool = False) -> None:
         d = 0.0 if copy_only else self.decay
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1.0 - d)
+        state = model.state_dict()
+        keys = [k for k in self.shadow if k in state]
+        shadow = [self.shadow[k] for k in keys]
+        # one fused kernel per op for all tensors (a per-tensor loop costs ~2 launches a tensor on a GPU);
+        # the same arithmetic as shadow.mul_(d).add_(v, alpha=1 - d), tensor by tensor
+        torch._foreach_mul_(shadow, d)
+        torch._foreach_add_(shadow, [state[k].detach().float() for k in keys], alpha=1.0 - d)
 
     def copy_to(self, model: nn.Module) -> None:
         state = model.state_dict()
@@ -198,7 +208,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, ema: EMA | None = None,
                          f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
     model.load_state_dict(weights)
     if ema is not None and ema_weights is not None:
-        ema.shadow = {k: v.float() for k, v in ema_weights.items()}
+        device = next(iter(ema.shadow.values())).device if ema.shadow else torch.device("cpu")
+        ema.shadow = {k: v.float().to(device) for k, v in ema_weights.items()}
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return state
@@ -244,13 +255,21 @@ class Trainer:
             raise ValueError("the dataset is empty")
         model.to(self.device)
         trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        # fused=True: one kernel for the whole update on a GPU (the same arithmetic as the default foreach path)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                      fused=self.device.type == "cuda")
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.step = 0
+        self._budget_fixed = False
         self.resumed_from = self._find_resume(resume)
         if self.resumed_from is not None:
             state = load_checkpoint(self.resumed_from, model, self.ema, optimizer)
             self.step = int(state["step"])
+            saved = state.get("extra", {}).get("config", {})
+            if cfg.time_budget_s is not None and saved.get("time_budget_s") is not None:
+                # the budgeted run being resumed already chose its step count (and its LR schedule)
+                self.cfg = replace(cfg, steps=min(cfg.steps, int(saved["steps"])))
+                self._budget_fixed = True
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.log_path = self.out_dir / "log.csv"
 
@@ -281,8 +300,19 @@ class Trainer:
         idx = batch_indices(step, micro, n=len(self.dataset), batch_size=self.cfg.batch_size,
                             grad_accum=self.cfg.grad_accum, seed=self.cfg.seed,
                             rank=self.accelerator.process_index, world=self.accelerator.num_processes)
-        batch = self.collate([self.dataset[i] for i in idx])
+        get_batch = getattr(self.dataset, "get_batch", None)  # a tensor dataset can gather a batch in one go
+        batch = get_batch(idx) if get_batch is not None else self.collate([self.dataset[i] for i in idx])
         return _to_device(batch, self.device)
+
+    def _fit_budget(self, elapsed: float, timed_steps: int, timed_seconds: float) -> None:
+        """Lower ``cfg.steps`` so that the loop ends ``cfg.time_budget_s`` seconds after it started."""
+        per_step = timed_seconds / max(1, timed_steps)
+        fits = self.step + int(max(0.0, self.cfg.time_budget_s - elapsed) / per_step)
+        new = max(self.step + 1, min(self._max_steps, fits))
+        if new != self.cfg.steps and self.accelerator.is_main_process:  # (the fit is the main process's)
+            print(f"time budget {self.cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> "
+                  f"{new} steps (was {self.cfg.steps})", flush=True)
+        self.cfg = replace(self.cfg, steps=new)
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         # one generator per (seed, step, micro-batch, rank): the loss's noise is reproducible after a resume
@@ -320,42 +350,71 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="train",
                    mininterval=2.0)
         t0, window = time.perf_counter(), []
+        self._max_steps, self._first_step = cfg.steps, self.step
+        budget_mark, next_fit = None, 0  # (step, time) where the timing window started; the next refit
+        # a resumed budgeted run keeps the step count its first invocation chose
+        fit_budget = cfg.time_budget_s is not None and not self._budget_fixed
         self.model.train()
-        while self.step < cfg.steps:
+        while self.step < self.cfg.steps:
+            cfg = self.cfg  # a time budget may lower cfg.steps as the run goes
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(self.step, cfg)
-            terms: dict[str, float] = {}
+            terms: dict[str, torch.Tensor | float] = {}
             for micro in range(cfg.grad_accum):
                 batch = self._batch(self.step, micro)
                 with acc.accumulate(self.model):
                     with acc.autocast():
                         out = self.loss_fn(self.model, batch, self._generator(self.step, micro))
                     loss, logs = out if isinstance(out, tuple) else (out, {})
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower the LR or check the data")
                     acc.backward(loss)
                     grad_norm = None
                     if acc.sync_gradients and cfg.grad_clip is not None:
                         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                for k, v in {"loss": loss, **logs}.items():
-                    terms[k] = terms.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
+                for k, v in {"loss": loss, **logs}.items():  # kept as tensors: no GPU sync on most steps
+                    terms[k] = terms.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.unwrapped, copy_only=self.step <= cfg.ema_start)
+            if fit_budget and self.step % cfg.log_every == 0:
+                # time 10 steps from the 20th step of this invocation on (after warm-up), refit after 50, then
+                # every 500 until half-way; past the budget the run ends at once (slow steps never overrun it much)
+                now = time.perf_counter()
+                if now - t0 >= cfg.time_budget_s:
+                    if main:
+                        print(f"time budget {cfg.time_budget_s:.0f} s spent: stopping at step {self.step}", flush=True)
+                    self.cfg = replace(self.cfg, steps=self.step)
+                elif budget_mark is None:
+                    if self.step - self._first_step >= 20:
+                        budget_mark, next_fit = (self.step, now), self.step + 10
+                elif self.step >= next_fit and (next_fit - budget_mark[0] <= 50 or self.step < 0.5 * cfg.steps):
+                    self._fit_budget(now - t0, self.step - budget_mark[0], now - budget_mark[1])
+                    next_fit = budget_mark[0] + (50 if next_fit - budget_mark[0] < 50 else
+                                                 (next_fit - budget_mark[0]) // 500 * 500 + 500)
+                if acc.num_processes > 1:  # every process stops at the step the main process chose
+                    from accelerate.utils import broadcast
+
+                    steps = broadcast(torch.tensor([self.cfg.steps], device=self.device), from_process=0)
+                    self.cfg = replace(self.cfg, steps=int(steps.item()))
             window.append(terms["loss"])
-            if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                row = {"step": self.step, **{k: round(v, 6) for k, v in terms.items()},
-                       "lr": self.optimizer.param_groups[0]["lr"],
-                       "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else "",
-                       "seconds": round(time.perf_counter() - t0, 3)}
-                rows.append(row)
-                _write_csv(self.log_path, rows)
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+            last = self.step == self.cfg.steps
+            if self.step % cfg.log_every == 0 or last:  # the only place the loop waits for the device
+                values = {k: float(v) for k, v in terms.items()}
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(f"loss is {values['loss']} at step {self.step}; lower the LR or "
+                                             "check the data")
+                if main:
+                    row = {"step": self.step, **{k: round(v, 6) for k, v in values.items()},
+                           "lr": self.optimizer.param_groups[0]["lr"],
+                           "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else "",
+                           "seconds": round(time.perf_counter() - t0, 3)}
+                    rows.append(row)
+                    _write_csv(self.log_path, rows)
+                    bar.set_postfix(loss=f"{sum(float(w) for w in window) / len(window):.4f}")
                 window = []
             bar.update(1)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.cfg.steps:
                 self.save()
             if self.callbacks and self.callback_every and self.step % self.callback_every == 0:
                 for fn in self.callbacks:

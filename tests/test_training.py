@@ -158,3 +158,30 @@ def test_resume_continues_the_log_and_step(tmp_path):
     steps = [int(line.split(",")[0]) for line in (tmp_path / "log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4, 5]
     shutil.rmtree(tmp_path / "checkpoints")
+
+
+def test_time_budget_lowers_the_steps_and_a_resume_keeps_the_plan(tmp_path):
+    def slow_trainer(resume=True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        data = [{"x": torch.randn(4), "y": torch.randn(1)} for _ in range(32)]
+        cfg = TrainConfig(steps=100_000, batch_size=8, lr=1e-2, progress=False, log_every=10, time_budget_s=1.0,
+                          warmup_steps=10, lr_schedule="cosine")
+
+        def loss(m, b, g):
+            time.sleep(0.01)  # about 100 steps fit the 1 s budget
+            return nn.functional.mse_loss(m(b["x"]), b["y"])
+
+        return Trainer(model, data, loss, cfg, tmp_path, device="cpu", resume=resume)
+
+    t = slow_trainer()
+    t.fit()
+    planned = t.cfg.steps
+    assert 20 < planned < 100_000, planned  # lowered from the upper bound, after at least the timed steps
+    assert t.step == planned
+    # the LR schedule followed the lowered count: the cosine reached ~0 at the last step
+    assert lr_factor(planned - 1, t.cfg) < 0.05
+    resumed = slow_trainer()
+    assert resumed.cfg.steps == planned and resumed.step == planned  # the same plan, nothing left to do
+    with pytest.raises(ValueError, match="time_budget_s"):
+        TrainConfig(steps=10, time_budget_s=0)
