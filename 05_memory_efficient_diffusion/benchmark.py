@@ -55,7 +55,8 @@ def sizes(quick: bool) -> dict:
         unet=UNetConfig.sd15(), unet_side=64, unet_batch=2, ctx_tokens=77,  # 512 px, CFG batch of 2
         # 256 query rows x all 16 (batch x head) pairs = the 4096 x 4096 weights of ONE head, which is what
         # diffusers' SlicedAttnProcessor(slice_size=1) holds at once: the same memory, sliced two ways
-        slice_size=256, ff_chunk=1024, diffusers_slice=1,
+        # ff_chunk: diffusers requires the chunk to divide every level's token count (4096, 1024, 256, mid 64)
+        slice_size=256, ff_chunk=64, diffusers_slice=1,
         vae=AutoencoderConfig.sd15(), vae_small=64, vae_large=128, vae_slice_side=32, vae_slice_batch=4,
         train=UNetConfig.shapes_text(), train_side=16, train_batch=32,
         label_small="512 px", label_large="1024 px", label_unet="512 px",
@@ -337,7 +338,7 @@ def run(args) -> list[dict]:
                     m, out = measure(fn, device=device, repeats=repeats, warmup=warmup)
                     m.note, out = str(getattr(fn, "note", "")), flatten_output(out)
                     del fn
-            except (RuntimeError, TimeoutError) as e:  # one failed row (out of memory, ...) keeps the rest
+            except (RuntimeError, TimeoutError, ValueError) as e:  # one failed row (out of memory, ...) keeps the rest
                 print(f"{r.name:<24} {side:<9} FAILED: {str(e)[-400:]}", flush=True)
                 res["note"] = f"{side} failed: {str(e).strip().splitlines()[-1][:120]}"
                 continue
