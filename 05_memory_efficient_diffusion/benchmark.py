@@ -148,8 +148,8 @@ def build_case(*, row: str, side: str, quick: bool, device: str, seed: int = 0, 
     dev = torch.device(device)
     g = torch.Generator().manual_seed(seed + 1)
     # On a GPU the weights are drawn there (an SD UNet's 860 M random numbers take seconds on a CPU, for every
-    # row); model CPU offload starts from a model in CPU memory, as it would in a pipeline.
-    init = torch.device(dev) if dev.type == "cuda" and not o.get("offload") else torch.device("cpu")
+    # row), so every row of a GPU table has the same weights; the offload row then moves them to CPU memory.
+    init = torch.device(dev) if dev.type == "cuda" else torch.device("cpu")
     if row.startswith("unet"):
         return _unet_case(s, o, side, dev, g, seed, init)
     if row.startswith("vae"):
@@ -204,6 +204,9 @@ def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
                 if hasattr(block, "set_chunk_feed_forward"):
                     block.set_chunk_feed_forward(s["ff_chunk"], dim=1)
     if o.get("offload"):
+        model.to("cpu")  # where a pipeline keeps an offloaded model between calls
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         enable_model_cpu_offload(model, dev)
     else:
         model.to(dev)
