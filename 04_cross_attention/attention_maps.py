@@ -155,20 +155,24 @@ def measure(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int,
 
 
 def summarise(rows: list[dict], n_objects: int) -> dict:
-    """Per mask source and word kind: mean shares, chance, lift and the two rates (None where nothing was found)."""
+    """Per mask source and word kind: mean shares, chance, lift and the two rates (None where nothing was found);
+    then the generated masks again, split by the object's place in the prompt (first- or second-named)."""
     summary = {}
-    for source in SOURCES:
-        summary[source] = {}
+    groups = [(source, source, None) for source in SOURCES]
+    groups += [(f"{SOURCES[0]}, object {k}", SOURCES[0], k) for k in range(2)]
+    for name, source, obj in groups:
+        summary[name] = {}
         for word in WORDS:
-            sel = [r for r in rows if r["source"] == source and r["word"] == word]
+            sel = [r for r in rows if r["source"] == source and r["word"] == word and obj in (None, r["object"])]
+            n_of = n_objects if obj is None else n_objects // 2
             paired = [r for r in sel if r["share_other"] is not None]
             if not sel:
-                summary[source][word] = {"n": 0, "of": n_objects}
+                summary[name][word] = {"n": 0, "of": n_of}
                 continue
             share = float(np.mean([r["share"] for r in sel]))
             chance = float(np.mean([r["chance"] for r in sel]))
-            summary[source][word] = {
-                "n": len(sel), "of": n_objects, "share_own": share, "chance": chance, "lift": share / max(chance, 1e-12),
+            summary[name][word] = {
+                "n": len(sel), "of": n_of, "share_own": share, "chance": chance, "lift": share / max(chance, 1e-12),
                 "share_other": float(np.mean([r["share_other"] for r in paired])) if paired else None,
                 "above_chance": float(np.mean([r["share"] > r["chance"] for r in sel])),
                 "own_above_other": float(np.mean([r["share"] > r["share_other"] for r in paired])) if paired else None,
@@ -177,16 +181,16 @@ def summarise(rows: list[dict], n_objects: int) -> dict:
 
 
 def report(summary: dict) -> str:
-    lines = [f"{'masks':<10} {'word':<7} {'found':>7} {'own':>6} {'other':>6} {'chance':>7} {'lift':>5} "
+    lines = [f"{'masks':<21} {'word':<7} {'found':>7} {'own':>6} {'other':>6} {'chance':>7} {'lift':>5} "
              f"{'>chance':>8} {'own>other':>9}"]
     for source, words in summary.items():
         for word, s in words.items():
             if s["n"] == 0:
-                lines.append(f"{source:<10} {word:<7} {s['n']:>3}/{s['of']:<3}   (no object of this colour found)")
+                lines.append(f"{source:<21} {word:<7} {s['n']:>3}/{s['of']:<3}   (no object of this colour found)")
                 continue
             other = "-" if s["share_other"] is None else f"{s['share_other']:.3f}"
             binding = "-" if s["own_above_other"] is None else f"{s['own_above_other']:.2f}"
-            lines.append(f"{source:<10} {word:<7} {s['n']:>3}/{s['of']:<3} {s['share_own']:>6.3f} {other:>6} "
+            lines.append(f"{source:<21} {word:<7} {s['n']:>3}/{s['of']:<3} {s['share_own']:>6.3f} {other:>6} "
                          f"{s['chance']:>7.3f} {s['lift']:>5.2f} {s['above_chance']:>8.2f} {binding:>9}")
     return "\n".join(lines)
 
