@@ -56,6 +56,25 @@ def test_presets_build_and_unknown_name_is_refused():
         TextToImageConfig.tiny().with_overrides(latents="median")
 
 
+def test_gpu_preset_ships_under_30_mb():
+    # the shipped model is the gpu preset: UNet + text encoder in fp32, plus the Shapes VAE (~1 M parameters)
+    model = build_model(TextToImageConfig.gpu())
+    n = sum(p.numel() for p in model.parameters())
+    assert (n + 1_000_000) * 4 < 30e6, n
+
+
+def test_latent_dataset_gathers_a_batch_like_the_collate_of_its_items():
+    g = torch.Generator().manual_seed(0)
+    cache = {"mean": torch.randn(10, 4, 2, 2, generator=g), "std": torch.rand(10, 4, 2, 2, generator=g),
+             "input_ids": torch.randint(0, 40, (10, 6), generator=g)}
+    ds = LatentDataset(cache)
+    idx = [3, 0, 9, 3]
+    fast, slow = ds.get_batch(idx), torch.utils.data.default_collate([ds[i] for i in idx])
+    assert fast.keys() == slow.keys()
+    for k in fast:
+        assert torch.equal(fast[k], slow[k]), k
+
+
 def test_caption_dropout_rate_and_replacement():
     tok = ShapesTokenizer.for_shapes()
     empty = tok([""])[0]
@@ -146,5 +165,7 @@ def test_scripts_refuse_bad_input(tmp_path, vae_dir):
     assert proc.returncode != 0 and "expected one of cpu, gpu, tiny" in proc.stderr
     proc = _run(TRAIN06, "--vae", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
     assert proc.returncode != 0 and "no VAE at" in proc.stderr
+    proc = _run(TRAIN06, "--minutes", "0", "--vae", vae_dir, "--out", tmp_path / "x", check=False)
+    assert proc.returncode != 0 and "--minutes must be > 0" in proc.stderr
     proc = _run(EVALUATE, "--samplers", "euler", "--out", tmp_path / "y", check=False)
     assert proc.returncode != 0 and "unknown sampler 'euler'" in proc.stderr
