@@ -106,7 +106,9 @@ class TextToImageConfig:
     # --- presets ---------------------------------------------------------------------------------------
     @classmethod
     def cpu(cls) -> TextToImageConfig:
-        """The shipped course model, sized for a shared 2-core CPU: UNet 4.2 M, text encoder 0.6 M parameters.
+        """The laptop's course model, sized for a shared 2-core CPU: UNet 4.2 M, text encoder 0.6 M parameters
+        (the shipped model is the ``gpu`` preset; 1,800 steps of this one learn colour and size, not yet shape or
+        position: chapter 06's README).
 
         About 2 s a step at batch 32 on a busy 2-core machine (one thread: see the chapter README), so 1,200
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
