@@ -377,7 +377,8 @@ class Trainer:
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.unwrapped, copy_only=self.step <= cfg.ema_start)
-            if fit_budget and self.step % cfg.log_every == 0:
+            # (every step in one process; on log steps only under accelerate, where all processes must agree)
+            if fit_budget and (self.step % cfg.log_every == 0 or acc.num_processes == 1):
                 # time 10 steps from the 20th step of this invocation on (after warm-up), refit after 50, then
                 # every 500 until half-way; past the budget the run ends at once (slow steps never overrun it much)
                 now = time.perf_counter()
