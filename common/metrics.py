@@ -92,8 +92,7 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
         raise ValueError("need at least 2 samples on each side")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)  # (SciPy >= 1.16 dropped the `disp` flag; this form works in all)
-    covmean = covmean[0] if isinstance(covmean, tuple) else covmean
+    covmean = linalg.sqrtm(cov_a @ cov_b)  # (no `disp=`: SciPy >= 1.16 dropped that flag)
     if not np.isfinite(covmean).all():  # near-singular product: nudge both covariances, as pytorch-fid does
         eps = np.eye(a.shape[1]) * 1e-6
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))

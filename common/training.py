@@ -304,15 +304,33 @@ class Trainer:
         batch = get_batch(idx) if get_batch is not None else self.collate([self.dataset[i] for i in idx])
         return _to_device(batch, self.device)
 
-    def _fit_budget(self, elapsed: float, timed_steps: int, timed_seconds: float) -> None:
-        """Lower ``cfg.steps`` so that the loop ends ``cfg.time_budget_s`` seconds after it started."""
-        per_step = timed_seconds / max(1, timed_steps)
-        fits = self.step + int(max(0.0, self.cfg.time_budget_s - elapsed) / per_step)
-        new = max(self.step + 1, min(self._max_steps, fits))
-        if new != self.cfg.steps and self.accelerator.is_main_process:  # (the fit is the main process's)
-            print(f"time budget {self.cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> "
-                  f"{new} steps (was {self.cfg.steps})", flush=True)
-        self.cfg = replace(self.cfg, steps=new)
+    def _check_budget(self, elapsed: float, first_step: int) -> None:
+        """The time budget, ``elapsed`` seconds into the loop: stop when it is spent; otherwise start timing at the
+        20th step of this invocation (after warm-up), and refit ``cfg.steps`` 10 and 50 steps later, then every 500
+        steps until half-way. Under accelerate every process takes the main process's step count."""
+        cfg, mark = self.cfg, self._budget_mark
+        if elapsed >= cfg.time_budget_s:
+            if self.accelerator.is_main_process:
+                print(f"time budget {cfg.time_budget_s:.0f} s spent: stopping at step {self.step}", flush=True)
+            self.cfg = replace(cfg, steps=self.step)
+        elif mark is None:
+            if self.step - first_step >= 20:
+                self._budget_mark = (self.step, elapsed)
+        else:
+            timed = self.step - mark[0]
+            if timed in (10, 50) or (timed % 500 == 0 and self.step < 0.5 * cfg.steps):
+                per_step = (elapsed - mark[1]) / timed
+                fits = self.step + int((cfg.time_budget_s - elapsed) / per_step)
+                new = max(self.step + 1, min(self._max_steps, fits))
+                if new != cfg.steps and self.accelerator.is_main_process:
+                    print(f"time budget {cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> {new} steps "
+                          f"(was {cfg.steps})", flush=True)
+                self.cfg = replace(cfg, steps=new)
+        if self.accelerator.num_processes > 1:  # every process stops at the step the main process chose
+            from accelerate.utils import broadcast
+
+            steps = broadcast(torch.tensor([self.cfg.steps], device=self.device), from_process=0)
+            self.cfg = replace(self.cfg, steps=int(steps.item()))
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         # one generator per (seed, step, micro-batch, rank): the loss's noise is reproducible after a resume
@@ -350,8 +368,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="train",
                    mininterval=2.0)
         t0, window = time.perf_counter(), []
-        self._max_steps, self._first_step = cfg.steps, self.step
-        budget_mark, next_fit = None, 0  # (step, time) where the timing window started; the next refit
+        self._max_steps, first_step = cfg.steps, self.step
+        self._budget_mark = None  # (step, seconds into the loop) where the timing window starts
         # a resumed budgeted run keeps the step count its first invocation chose
         fit_budget = cfg.time_budget_s is not None and not self._budget_fixed
         self.model.train()
@@ -377,27 +395,9 @@ class Trainer:
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.unwrapped, copy_only=self.step <= cfg.ema_start)
-            # (every step in one process; on log steps only under accelerate, where all processes must agree)
+            # checked every step in one process; only on log steps under accelerate, where all processes must agree
             if fit_budget and (self.step % cfg.log_every == 0 or acc.num_processes == 1):
-                # time 10 steps from the 20th step of this invocation on (after warm-up), refit after 50, then
-                # every 500 until half-way; past the budget the run ends at once (slow steps never overrun it much)
-                now = time.perf_counter()
-                if now - t0 >= cfg.time_budget_s:
-                    if main:
-                        print(f"time budget {cfg.time_budget_s:.0f} s spent: stopping at step {self.step}", flush=True)
-                    self.cfg = replace(self.cfg, steps=self.step)
-                elif budget_mark is None:
-                    if self.step - self._first_step >= 20:
-                        budget_mark, next_fit = (self.step, now), self.step + 10
-                elif self.step >= next_fit and (next_fit - budget_mark[0] <= 50 or self.step < 0.5 * cfg.steps):
-                    self._fit_budget(now - t0, self.step - budget_mark[0], now - budget_mark[1])
-                    next_fit = budget_mark[0] + (50 if next_fit - budget_mark[0] < 50 else
-                                                 (next_fit - budget_mark[0]) // 500 * 500 + 500)
-                if acc.num_processes > 1:  # every process stops at the step the main process chose
-                    from accelerate.utils import broadcast
-
-                    steps = broadcast(torch.tensor([self.cfg.steps], device=self.device), from_process=0)
-                    self.cfg = replace(self.cfg, steps=int(steps.item()))
+                self._check_budget(time.perf_counter() - t0, first_step)
             window.append(terms["loss"])
             last = self.step == self.cfg.steps
             if self.step % cfg.log_every == 0 or last:  # the only place the loop waits for the device
