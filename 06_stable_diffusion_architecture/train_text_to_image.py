@@ -44,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
                    help="override the config's mixed precision (no = fp32)")
     p.add_argument("--ema-decay", type=float, default=None, help="override the config's EMA decay")
+    p.add_argument("--warmup", type=int, default=None, help="override the config's LR warm-up steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="override how often (steps) a checkpoint is written")
+    p.add_argument("--init-from", default=None,
+                   help="start from a shipped course pipeline folder of the same config (fine-tuning), "
+                        "e.g. checkpoints/course_t2i")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
                         "fit, and the LR schedule with it")
@@ -64,7 +69,8 @@ def main(argv=None) -> dict:
     name = args.config or ("tiny" if is_fast() else "gpu" if device.type == "cuda" else "cpu")
     config = TextToImageConfig.named(name).with_overrides(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                                           train_size=args.train_size, mixed_precision=args.precision,
-                                                          ema_decay=args.ema_decay)
+                                                          ema_decay=args.ema_decay, warmup_steps=args.warmup,
+                                                          checkpoint_every=args.checkpoint_every)
     if args.minutes is not None and args.minutes <= 0:
         raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
     seed_everything(args.seed)
@@ -76,7 +82,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     trainer, tokenizer = train(config, vae, out, seed=args.seed, device=device, resume=not args.no_resume,
                                cache_dir=args.cache_dir, progress=not args.no_progress,
-                               time_budget_s=args.minutes * 60 if args.minutes else None)
+                               time_budget_s=args.minutes * 60 if args.minutes else None, init_from=args.init_from)
     config = config.with_overrides(steps=trainer.cfg.steps)  # a --minutes budget may have lowered it
     seconds = time.perf_counter() - t0
     if not trainer.accelerator.is_main_process:
@@ -112,6 +118,9 @@ def main(argv=None) -> dict:
         training = (f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py `TextToImageConfig.{name}()`), "
                     f"seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split=\"train\": no "
                     f"held-out colour/shape pair), latents from the frozen VAE `{os.path.relpath(args.vae, ROOT)}`\n"
+                    + (f"- initialised from `{os.path.relpath(args.init_from, ROOT)}` (its UNet and text encoder; a "
+                       f"fresh optimizer): a fine-tune, so the steps and time below add to that model's own\n"
+                       if args.init_from else "") +
                     f"- model: UNet {n_unet:,} + text encoder {n_text:,} parameters (the VAE is frozen)\n"
                     f"- steps: {config.steps:,} x batch {config.batch_size}, AdamW lr {config.lr} ({config.warmup_steps} "
                     f"warm-up, {config.lr_schedule}), EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "

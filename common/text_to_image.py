@@ -320,10 +320,13 @@ def load_vae(path: str | Path, device=None) -> AutoencoderKL:
 # One training run, shared by chapter 04's and chapter 06's scripts
 def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *, seed: int = 0, device=None,
           resume: bool | str = True, cache_dir: str | Path | None = None, progress: bool = True,
-          time_budget_s: float | None = None):
+          time_budget_s: float | None = None, init_from: str | Path | None = None):
     """Cache the latents, train the bundle with ``common.training.Trainer``; returns (trainer, tokenizer).
 
     Under ``accelerate launch`` the main process fills the cache first and the others then read it.
+    ``init_from``: a shipped course pipeline folder (same config) whose UNet and text encoder are the starting
+    weights (fine-tuning; the optimizer starts fresh). A checkpoint in ``out_dir`` still wins: a resumed
+    fine-tune continues from its own checkpoint.
     """
     from accelerate import PartialState
 
@@ -342,11 +345,39 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
               f"{len(cache['mean'])} items, z_0 std {cache['mean'].std():.3f})")
     empty_ids = tokenizer([""])[0]  # (N_k,): bos, eos, pad...
     model = build_model(config)
+    if init_from is not None:
+        init_weights(model, init_from)
     trainer = Trainer(model, LatentDataset(cache), make_loss_fn(config, empty_ids),
                       config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s), out_dir,
                       device=dev, resume=resume)
     trainer.fit()
     return trainer, tokenizer
+
+
+def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
+    """Copy the UNet and text encoder of a diffusers-format course pipeline folder into ``model`` (in place).
+
+    The folder must hold a model of the same config: a missing part, an unknown or missing key, or a wrong
+    shape is a ValueError that names it.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    parts = {"unet": folder / "unet" / "diffusion_pytorch_model.safetensors",
+             "text_encoder": folder / "text_encoder" / "model.safetensors"}
+    for name, path in parts.items():
+        if not path.is_file():
+            raise ValueError(f"--init-from {folder}: no {path.relative_to(folder)} (expected a diffusers-format "
+                             f"course pipeline folder, such as checkpoints/course_t2i)")
+        state = load_file(str(path))
+        own = model[name].state_dict()
+        missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in this config"
+                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+        if missing or unknown or wrong:
+            raise ValueError(f"--init-from {path}: not this config's {name} (missing keys {missing[:3]}, unknown "
+                             f"keys {unknown[:3]}, wrong shapes {wrong[:3]})")
+        model[name].load_state_dict(state)
 
 
 def count_parameters(module: nn.Module) -> int:

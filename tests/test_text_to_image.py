@@ -151,6 +151,15 @@ def test_train06_fast_resume_ship_and_evaluate(tmp_path, vae_dir, judge_dir):
     csv_text = (tmp_path / "eval" / "results.csv").read_text()
     assert "real renders" in csv_text and "VAE reconstructions" in csv_text and "dpmpp_2m" in csv_text
     assert "### One-object prompts" in (ship / "README.md").read_text(), ev.stdout
+    # --init-from: a fine-tune starts from the shipped weights, not from a fresh initialisation
+    tune = _run(TRAIN06, "--vae", vae_dir, "--out", tmp_path / "tune", "--cache-dir", cache, "--steps", 1,
+                "--seed", 1, "--lr", 1e-12, "--warmup", 0, "--no-progress", "--init-from", ship, "--ship", tmp_path / "ship2")
+    assert "initialised from" in (tmp_path / "ship2" / "README.md").read_text(), tune.stdout
+    from safetensors.torch import load_file
+
+    before = load_file(str(ship / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "ship2" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # lr ~0 (seed 1 would draw other weights)
 
 
 @pytest.mark.slow
@@ -158,6 +167,23 @@ def test_train04_fast_reports_attribute_accuracy(tmp_path, vae_dir, judge_dir):
     proc = _run(TRAIN04, "--vae", vae_dir, "--judge", judge_dir, "--out", tmp_path / "run", "--cache-dir",
                 tmp_path / "cache")
     assert "colour" in proc.stdout and "position" in proc.stdout and "relation" in proc.stdout
+
+
+def test_init_weights_refuses_another_config(tmp_path, vae_dir):
+    from common.text_to_image import init_weights
+
+    tiny = TextToImageConfig.named("tiny")
+    pipe = build_pipeline(build_model(tiny), ShapesTokenizer.for_shapes(tiny.context_length),
+                          AutoencoderKL.load(vae_dir), tiny)
+    pipe.save_pretrained(tmp_path / "tiny")
+    model = build_model(tiny)
+    init_weights(model, tmp_path / "tiny")
+    assert all(torch.equal(a, b) for a, b in zip(model["unet"].state_dict().values(), pipe.unet.state_dict().values()))
+    with pytest.raises(ValueError, match="not this config's unet"):
+        init_weights(build_model(TextToImageConfig.named("cpu")), tmp_path / "tiny")
+    with pytest.raises(ValueError, match="no text_encoder/model.safetensors"):
+        (tmp_path / "tiny" / "text_encoder" / "model.safetensors").unlink()
+        init_weights(build_model(tiny), tmp_path / "tiny")
 
 
 def test_scripts_refuse_bad_input(tmp_path, vae_dir):
