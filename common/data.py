@@ -67,24 +67,46 @@ def _to_unit(array: np.ndarray) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # Photos
-PHOTOS = {  # name -> file inside skimage/data (all bundled with the wheel: no pooch download)
-    "astronaut": "astronaut.png",
-    "coffee": "coffee.png",
-    "rocket": "rocket.jpg",
-    "motorcycle": "motorcycle_left.png",
-    "hubble_deep_field": "hubble_deep_field.jpg",
-    "chelsea": "chelsea.png",
+PHOTOS = {  # name -> (package, file inside its data folder): all bundled with the wheels, never downloaded
+    "astronaut": ("skimage", "astronaut.png"),
+    "coffee": ("skimage", "coffee.png"),
+    "rocket": ("skimage", "rocket.jpg"),
+    "motorcycle": ("skimage", "motorcycle_left.png"),
+    "hubble_deep_field": ("skimage", "hubble_deep_field.jpg"),
+    "ihc": ("skimage", "ihc.png"),  # immunohistochemistry stain: colour texture
+    "retina": ("skimage", "retina.jpg"),
+    "grace_hopper": ("matplotlib", "grace_hopper.jpg"),  # a portrait
+    # grey photographs, used as grey RGB: textures (grass and gravel are fur-like) and scenes
+    "camera": ("skimage", "camera.png"),
+    "brick": ("skimage", "brick.png"),
+    "grass": ("skimage", "grass.png"),
+    "gravel": ("skimage", "gravel.png"),
+    "moon": ("skimage", "moon.png"),
+    "coins": ("skimage", "coins.png"),
+    "chelsea": ("skimage", "chelsea.png"),  # the held-out test photo: a cat
 }
 TEST_PHOTO = "chelsea"
 _PHOTO_CACHE: dict[str, Image.Image] = {}
 
 
+def _photo_path(name: str):
+    package, file = PHOTOS[name]
+    if package == "matplotlib":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / file
+    return importlib.resources.files(package) / "data" / file
+
+
 def load_photo(name: str) -> Image.Image:
-    """One of PHOTOS as an RGB PIL image, read from scikit-image's own folder (never downloaded)."""
+    """One of PHOTOS as an RGB PIL image (grey ones as grey RGB), read from its package's folder (never downloaded)."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; expected one of {', '.join(PHOTOS)}")
     if name not in _PHOTO_CACHE:
-        path = importlib.resources.files("skimage") / "data" / PHOTOS[name]
+        path = _photo_path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"photo {name!r} is not at {path}: the {PHOTOS[name][0]} wheel installed here does "
+                                    f"not bundle it (pip install -r requirements.txt installs one that does)")
         with Image.open(str(path)) as f:
             _PHOTO_CACHE[name] = f.convert("RGB")
     return _PHOTO_CACHE[name]

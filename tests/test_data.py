@@ -289,6 +289,14 @@ def test_photos_offline_crops_and_held_out_photo():
         Photos(split="val")
 
 
+def test_every_photo_is_bundled_with_a_wheel_and_loads_as_rgb():
+    for name in data.PHOTOS:  # never downloaded: a missing file here means the requirements changed
+        photo = data.load_photo(name)
+        assert photo.mode == "RGB" and min(photo.size) >= 256, name
+    with pytest.raises(ValueError, match="unknown photo"):
+        data.load_photo("lena")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Digits
 def write_fake_mnist(root, n=12):
