@@ -339,7 +339,7 @@ for k, obj in enumerate(scene.objects):
 # %% [markdown]
 # *Reading the numbers:* a lift above 1 means the word looks at its object more than a uniform map would. One image
 # is noisy; over 48 held-out prompts (`python 04_cross_attention/attention_maps.py`, table in the README) the
-# shipped model's clearest word is the noun of the first-named object (2.2x chance), while the words of the
+# shipped model's clearest word is the noun of the first-named object (2.1x chance), while the words of the
 # second-named object fall below chance: the model seems to place that object in what is left, and the relation
 # between the two is what it gets wrong most often (chapter 06).
 
