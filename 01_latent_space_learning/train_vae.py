@@ -371,13 +371,12 @@ def main(argv=None) -> dict:
     total_minutes = (time.perf_counter() - t_start) / 60
     from common.data import PHOTOS
 
-    n_photos = len(PHOTOS)
     info = {
         "name": f"vae_{args.data}", "data": args.data, "factor": f, "command": "python " + " ".join(
             [Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]]) if argv is None else "main(" + repr(argv) + ")",
         "data_description": {"shapes": "common.data.Shapes (train split; evaluated on the test split, held-out colour-shape pairs)",
                              "photos": ("common.data.Photos: crops of the photographs bundled with scikit-image and matplotlib "
-                                        f"({n_photos - 1} for training; evaluated on crops of the held-out 'chelsea')"),
+                                        f"({len(PHOTOS) - 1} for training; evaluated on crops of the held-out 'chelsea')"),
                              "digits": f"common.data.Digits ({getattr(train_ds.ds, 'source', '')})"}[args.data],
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
         "weights": dataclasses.asdict(weights), "kl_weight_sd": args.kl_weight,

@@ -357,27 +357,17 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
 def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
     """Copy the UNet and text encoder of a diffusers-format course pipeline folder into ``model`` (in place).
 
-    The folder must hold a model of the same config: a missing part, an unknown or missing key, or a wrong
-    shape is a ValueError that names it.
+    Read and checked as ``StableDiffusion.from_pretrained`` reads a part: a missing weights file is a
+    FileNotFoundError, a missing or unknown key or a wrong shape a ValueError, each naming it.
     """
     from safetensors.torch import load_file
 
+    from common.pipeline_io import load_weights, weights_file
+
     folder = Path(folder)
-    parts = {"unet": folder / "unet" / "diffusion_pytorch_model.safetensors",
-             "text_encoder": folder / "text_encoder" / "model.safetensors"}
-    for name, path in parts.items():
-        if not path.is_file():
-            raise ValueError(f"--init-from {folder}: no {path.relative_to(folder)} (expected a diffusers-format "
-                             f"course pipeline folder, such as checkpoints/course_t2i)")
-        state = load_file(str(path))
-        own = model[name].state_dict()
-        missing, unknown = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in this config"
-                 for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-        if missing or unknown or wrong:
-            raise ValueError(f"--init-from {path}: not this config's {name} (missing keys {missing[:3]}, unknown "
-                             f"keys {unknown[:3]}, wrong shapes {wrong[:3]})")
-        model[name].load_state_dict(state)
+    for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        path = weights_file(folder / name, (file,), name)
+        load_weights(model[name], load_file(str(path)), f"--init-from {path}: not this config's {name}")
 
 
 def count_parameters(module: nn.Module) -> int:

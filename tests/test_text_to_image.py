@@ -181,7 +181,7 @@ def test_init_weights_refuses_another_config(tmp_path, vae_dir):
     assert all(torch.equal(a, b) for a, b in zip(model["unet"].state_dict().values(), pipe.unet.state_dict().values()))
     with pytest.raises(ValueError, match="not this config's unet"):
         init_weights(build_model(TextToImageConfig.named("cpu")), tmp_path / "tiny")
-    with pytest.raises(ValueError, match="no text_encoder/model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="text_encoder/model.safetensors"):
         (tmp_path / "tiny" / "text_encoder" / "model.safetensors").unlink()
         init_weights(build_model(tiny), tmp_path / "tiny")
 
