@@ -297,3 +297,17 @@ def overlay_attention(image, maps, tokens: list[str], value_range: ValueRange = 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def show(fig: Figure, dpi: int = 72) -> None:
+    """Display a Figure in a notebook as a PNG at ``dpi`` (the stored notebook stays small); outside IPython, nothing."""
+    import io
+
+    try:
+        from IPython.display import Image as IPyImage
+        from IPython.display import display
+    except ImportError:  # plain Python: the caller saves the figure itself
+        return
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    display(IPyImage(buffer.getvalue()))
