@@ -254,7 +254,7 @@ with torch.no_grad():
 # | | forward pass keeps | backward of block b_i | alive at once |
 # |---|---|---|---|
 # | plain | every intermediate of b1 ... b4 | uses b_i's stored intermediates | all four blocks' |
-# | checkpointing | the inputs x1 ... x4 only | reruns b_i from x_i, then its backward | x1 ... x4 + one block's |
+# | checkpointing | inputs x1 ... x4 only | reruns b_i from x_i, then its backward | x1..x4 + one block's |
 #
 #     plain:          forward b1 b2 b3 b4 | backward b4' b3' b2' b1'
 #     checkpointing:  forward b1 b2 b3 b4 | b4 b4'  b3 b3'  b2 b2'  b1 b1'     (b_i: recomputed forward)
