@@ -152,7 +152,9 @@ def blocked_attention(q, k, v, block):
     return o / l
 
 
-print("inline blocked vs common math:", float((blocked_attention(q, k, v, 128) - ref).abs().max()))
+blocked_error = float((blocked_attention(q, k, v, 128) - ref).abs().max())
+assert blocked_error < 1e-5, blocked_error
+print("inline blocked vs common math:", blocked_error)
 print("torch SDPA vs common math:    ", float((attention(q, k, v, backend="sdpa") - ref).abs().max()))
 
 # %% [markdown]
@@ -400,9 +402,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
 # - **bfloat16**: never overflows, but is 64 apart near 14,000: the same loss of the small differences,
 #   whichever order.
 # - **in float32** (q and k upcast for the product and the softmax, the output cast back): correct in every
-#   format, up to the output's own rounding. This is SD's fix: diffusers' `Attention(upcast_attention=True,
-#   upcast_softmax=True)` computes the logits and softmax in float32 (SD 2.1's UNet config sets
-#   `upcast_attention` for this reason); the matrix products around it stay in 16 bits.
+#   format, up to the rounding of the inputs and the output. This is SD's fix: diffusers'
+#   `Attention(upcast_attention=True, upcast_softmax=True)` computes the logits and softmax in float32
+#   (SD 2.1's UNet config sets `upcast_attention` for this reason); the products around it stay in 16 bits.
+#
+# Without the upcast, diffusers computes the logits with one fp16 `baddbmm(..., alpha=1/sqrt(d))`, which
+# scales before it rounds: like "scale, then product", no inf at these sizes but the same loss of
+# precision, and NaN once the *scaled* logits pass 65,504 (`tests/test_half_precision.py` checks both
+# against diffusers' `Attention`).
 #
 # **The VAE decoder in fp16.** The decoder's residual stream can carry large values while its GroupNorms
 # keep every block's *input* normalised. SDXL's VAE is the well-known case: its decoder's activations
