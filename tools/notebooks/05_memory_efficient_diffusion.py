@@ -221,10 +221,11 @@ for i, n in enumerate(token_counts):
 # - **SDPA**: only the output and a few blocks per thread: the peak is the output's size, O(N), the
 #   derivation above. Nothing quadratic is ever written to memory.
 # - **seconds**: all three do the same arithmetic (about 4 N^2 d multiply-adds per head). Math is the
-#   slowest because it writes an N x N matrix to memory, reads it back for the softmax, writes the
-#   weights, and reads them again for `@ v`: at these sizes moving the bytes costs more than the
-#   arithmetic. Sliced moves the same number of bytes but in pieces that stay in the CPU's cache; SDPA
-#   moves almost none of them and is fastest.
+#   slow because it writes an N x N matrix to memory, reads it back for the softmax, writes the
+#   weights, and reads them again for `@ v`: at these sizes moving the bytes costs as much as the
+#   arithmetic. Sliced moves the same bytes in slices that are still far larger than the CPU's caches
+#   (8 heads x 256 x 4,096 floats = 32 MiB at 4,096 tokens), so it takes as long as math, or a little
+#   longer for its loop: it saves memory, not time. SDPA writes none of them and is several times faster.
 #
 # ## 3. Chunked feed-forward and gradient checkpointing
 #
@@ -321,21 +322,22 @@ print(f"  plain step                 {plain.seconds:6.2f} s = {plain.seconds / f
       f"   saved for backward {plain_saved:6.1f} MiB, peak extra +{plain.peak_mib:6.1f} MiB")
 print(f"  with checkpointing         {ckpt.seconds:6.2f} s = {ckpt.seconds / forward.seconds:.1f} forwards"
       f"   saved for backward {ckpt_saved:6.1f} MiB, peak extra +{ckpt.peak_mib:6.1f} MiB")
-print(f"  checkpointing: {ckpt.seconds / plain.seconds - 1:+.0%} time (predicted at most +33%), "
+print(f"  checkpointing: {ckpt.seconds / plain.seconds - 1:+.0%} time, the extra is "
+      f"{(ckpt.seconds - plain.seconds) / forward.seconds:.1f} forwards (predicted: about 1); "
       f"{1 - ckpt.peak_bytes / plain.peak_bytes:.0%} less peak memory")
 
 # %% [markdown]
-# What the rows say. **Time**: the "forwards" column counts each step in units of one forward pass. The
-# plain step costs about three, as the 1 + 2 count predicts; the checkpointed step costs about one more,
-# the recomputation, so the ratio of the two steps lands near the predicted +33%. Where it lands above,
-# the recomputed forward costs more than its arithmetic: on a small model many operations are too short
-# to keep the CPU busy, so each one's fixed overhead counts, and the recomputation repeats it. Timings of
-# a step this short also scatter by several percent between runs: read the ratio to the nearest ten
-# percent. **Memory**: the "saved for backward" column is the hook's count. Plain, it is nearly the
-# whole peak: the activations are the memory of training. With checkpointing the hook sees only what
-# is saved outside the checkpointed blocks (the first and last layers, the time embedding), a small
-# fraction; the peak adds the block inputs the checkpoints keep, one block's intermediates rebuilt during
-# its backward, and the gradients flowing back.
+# What the rows say. **Time**: the "forwards" column counts each step in units of one forward pass
+# (measured without autograd). The plain step costs about three. The checkpointed step costs about one
+# more, the recomputation: the last line gives the extra in forwards, to compare with 1. The +33% bound
+# assumes a backward of two forwards; where the backward is cheaper than that, the ratio is higher, and
+# where the non-checkpointed layers (the first and last convolutions, the down- and upsamplers, the time
+# embedding) weigh more, lower. A step this short is also a noisy clock: two runs of this cell can differ
+# by tens of percent when other programs share the CPU, so read the extra to the nearest half forward.
+# **Memory**: the "saved for backward" column is the hook's count. Plain, it is nearly the whole peak:
+# the activations are the memory of training. With checkpointing the hook sees only what is saved outside
+# the checkpointed blocks, a small fraction; the peak adds the block inputs the checkpoints keep, one
+# block's intermediates rebuilt during its backward, and the gradients flowing back.
 #
 # ## 4. Half precision, and where it breaks
 #
@@ -618,14 +620,15 @@ with torch.no_grad():
 # `benchmark.py` measures each trick on the course's modules and on diffusers' `UNet2DConditionModel` /
 # `AutoencoderKL` holding the very same weight tensors. The `--quick` version runs at toy sizes in one
 # process: a UNet with 32 and 64 channels and 4 heads (8 dimensions each) on 32 x 32 latents, so N = 1,024
-# tokens at level 0 and B = 2; a VAE with 32 and 64 channels (f = 2); a training step of the 32/64-channel
-# UNet at batch 8. Seven of its rows (two in fast mode), one call each after a warm-up:
+# tokens at level 0 and B = 2; a VAE with 32 and 64 channels (f = 2). Five of its rows (two in fast mode),
+# one call each after a warm-up; its training rows are section 3's experiment, and the table at SD's sizes
+# below has them:
 
 # %%
 out_dir = ROOT / "runs" / "bench05_notebook"
 quick_rows = budget(fast=["unet_math", "unet_sdpa"],
                     cpu=["unet_math", "unet_sdpa", "unet_sliced", "vae_decode_large",
-                         "vae_decode_large_tiled", "train", "train_checkpointing"])
+                         "vae_decode_large_tiled"])
 cmd = [sys.executable, str(ROOT / "05_memory_efficient_diffusion" / "benchmark.py"), "--quick",
        "--out", str(out_dir), "--repeats", "1", "--warmup", "1", "--rows", *quick_rows]
 t0 = time.perf_counter()
@@ -667,18 +670,11 @@ for r in read_table(out_dir / "table.md"):
 #   so about 1/4 of the untiled peak. Ours and diffusers tile alike (same tile, overlap and ramps): memory
 #   ratio 1.0. Slower than untiled by at least the overlaps (spans 32 + 32 + 16 = 80 per side of 64: 1.56 x
 #   the area), and by the nine calls instead of one (section 5).
-# - **train**: forward and backward of the small UNet at batch 8; the peak is the activations autograd
-#   saves (section 3). The same graph in both: ratios 1.0.
-# - **train_checkpointing**: the same, checkpointed: block inputs plus one block's intermediates, about a
-#   third of the plain step's. Ours keeps a little less than diffusers (memory ratio about 0.85), whose
-#   checkpointed regions leave a few more tensors outside them. Its time against `train`: section 3's one
-#   extra forward, though a single sub-second call is too noisy to read that from here.
-#
 # Two things hold for every row. **Memory ratios** (ours / diffusers) sit within a few percent of 1: the
 # two libraries hold the same tensors. **Time ratios** at these sizes are sub-second single calls, and two
 # runs of the very same call differ by tens of percent; read any time ratio between about 0.7 and 1.4 as
 # "the same". The time differences that are real are the ones between rows: math against SDPA, tiled
-# against untiled, checkpointed against plain.
+# against untiled.
 #
 # At SD 1.5's real sizes (512 px: N = 4,096 tokens, 8 heads, B = 2), the full benchmark takes about an
 # hour on a 2-core CPU (`python 05_memory_efficient_diffusion/benchmark.py --out DIR`, each side of each
@@ -714,10 +710,13 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 # - **vae_decode_large** (1024 px): 4 x the area, 3.9 x the peak.
 # - **vae_decode_large_tiled**: 64-latent tiles, i.e. one 512 px decode at a time: the peak is
 #   vae_decode_small's, about 1/4 of the untiled one.
-# - **train / train_checkpointing** (the 32/64/64-channel course UNet at batch 32): -72% activation memory
-#   for ours, -66% for diffusers, whose checkpointed regions leave more tensors outside.
+# - **train / train_checkpointing** (section 3's UNet at batch 32): the plain step's peak is the same in
+#   both; checkpointed, ours keeps 58 MiB (-72%), diffusers 70 MiB (-66%). The difference is where each
+#   library draws its checkpoints: ours wraps each whole spatial transformer (its GroupNorm, input
+#   projection, transformer blocks and output projection), diffusers' `Transformer2DModel` checkpoints only
+#   the transformer blocks inside it, so the tensors its norm and projections save stay in memory.
 #
-# Ours and diffusers' columns agree to a few percent in every row: the same tensors, the same peaks. The
+# Ours and diffusers' columns agree to a few percent in every other row: the same tensors, the same peaks. The
 # chapter README gives the times of the same rows and the GPU's table.
 #
 # ## Summary
