@@ -220,8 +220,8 @@ for i, n in enumerate(token_counts):
 #   pair of small matrix products.
 # - **SDPA**: only the output and a few blocks per thread: the peak is the output's size, O(N), the
 #   derivation above. Nothing quadratic is ever written to memory.
-# - **seconds**: all three do the same arithmetic (about 4 N^2 d multiply-adds per head). Math is the
-#   slow because it writes an N x N matrix to memory, reads it back for the softmax, writes the
+# - **seconds**: all three do the same arithmetic (2 N^2 d multiply-adds per head: N^2 d for Q K^T, N^2 d
+#   for P V). Math is slow because it writes an N x N matrix to memory, reads it back for the softmax, writes the
 #   weights, and reads them again for `@ v`: at these sizes moving the bytes costs as much as the
 #   arithmetic. Sliced moves the same bytes in slices that are still far larger than the CPU's caches
 #   (8 heads x 256 x 4,096 floats = 32 MiB at 4,096 tokens), so it takes as long as math, or a little
@@ -264,7 +264,7 @@ with torch.no_grad():
 #
 # **Predict the cost.** A backward pass costs about twice a forward (for each weight matrix, one product
 # for the gradient of the input and one for the gradient of the weight, against one product forward), so
-# a step is about F + 2F = 3F. Checkpointing adds one more forward of the checkpointed blocks: at most
+# a step is about F + 2F = 3F. Checkpointing adds one more forward of the checkpointed blocks: about
 # 4F / 3F = **+33%** when arithmetic sets the pace (more where the recomputation is dearer than its
 # arithmetic, e.g. a GPU bound by kernel launches; a little less here, since the first and last
 # convolutions and the time embedding are not checkpointed). **Predict the memory**: the bytes autograd
@@ -505,8 +505,8 @@ for s in (1, 10_000, 50_000):
 #   every pixel through the convolutions that follow. bf16 does not overflow (its range is float32's): its
 #   error is the same as at s = 1.
 #
-# Hence what pipelines do: run the UNet in fp16 or bf16 and decode in fp32 (the decoder is about a tenth
-# of a pipeline's compute), which is what `decode_fp32` does whatever autocast is active around it.
+# Hence what pipelines do: run the UNet in fp16 or bf16 and decode in fp32 (the decoder runs once per
+# image, the UNet once or twice per step), which is what `decode_fp32` does whatever autocast is active around it.
 #
 # ## 5. VAE tiling and batch slicing
 #
@@ -571,7 +571,7 @@ for r in rows:
 # column (the overlaps are decoded twice; more at the corners, four times), and in practice by more:
 # each small tile is its own call through the whole decoder, so per-call costs repeat. The differences
 # are large because these weights are random, and a random decoder amplifies the difference between a
-# tile's GroupNorm statistics and the whole image's; with trained weights the seams are faint.
+# tile's GroupNorm statistics and the whole image's.
 #
 # **Batch slicing** decodes a batch one image at a time: every image is computed alone anyway, so the
 # result is the same (exact, up to rounding) for a peak of one image's decode:
