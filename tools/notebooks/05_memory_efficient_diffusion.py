@@ -221,8 +221,8 @@ for i, n in enumerate(token_counts):
 # - **SDPA**: only the output and a few blocks per thread: the peak is the output's size, O(N), the
 #   derivation above. Nothing quadratic is ever written to memory.
 # - **seconds**: all three do the same arithmetic (2 N^2 d multiply-adds per head: N^2 d for Q K^T, N^2 d
-#   for P V). Math is slow because it writes an N x N matrix to memory, reads it back for the softmax, writes the
-#   weights, and reads them again for `@ v`: at these sizes moving the bytes costs as much as the
+#   for P V). Math is slow because it writes an N x N matrix to memory, reads it back for the softmax,
+#   writes the weights, and reads them again for `@ v`: at these sizes moving the bytes costs as much as the
 #   arithmetic. Sliced moves the same bytes in slices that are still far larger than the CPU's caches
 #   (8 heads x 256 x 4,096 floats = 32 MiB at 4,096 tokens), so it takes as long as math, or a little
 #   longer for its loop: it saves memory, not time. SDPA writes none of them and is several times faster.
@@ -506,7 +506,8 @@ for s in (1, 10_000, 50_000):
 #   error is the same as at s = 1.
 #
 # Hence what pipelines do: run the UNet in fp16 or bf16 and decode in fp32 (the decoder runs once per
-# image, the UNet once or twice per step), which is what `decode_fp32` does whatever autocast is active around it.
+# image, the UNet once or twice per step), which is what `decode_fp32` does whatever autocast is active
+# around it.
 #
 # ## 5. VAE tiling and batch slicing
 #
