@@ -196,7 +196,7 @@ for b, color in zip(measured, ("C0", "C1", "C2")):
 ax.set_yscale("log")
 ax.set(xlabel="tokens N", ylabel="peak extra MiB (log)",
        title=f"one attention call, {heads} heads, d = {dim_head}")
-ax.legend(fontsize=7, ncol=2)
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no curve hidden
 show(fig)
 plt.close(fig)
 print(f"{'tokens':>7} | {'math MiB pred/meas':>19} | {'sliced MiB pred/meas':>21} | "
@@ -456,12 +456,12 @@ for i, (s, color) in enumerate(zip(peaks, ("C0", "C3"))):
     ax.bar([j + (i - 0.5) * width for j in range(len(names))], [peaks[s][nm] for nm in names], width,
            color=color, label=f"conv_in x {s:,}")
 ax.axhline(FP16_MAX, color="k", ls="--", lw=1)
-ax.text(-0.45, FP16_MAX * 1.6, "fp16 max 65,504", fontsize=8)
+ax.text(2.5, FP16_MAX * 1.6, "fp16 max 65,504", ha="center", fontsize=8)
 ax.set_yscale("log")
 ax.set_ylim(1, 1e6)
 ax.set_xticks(range(len(names)), names, fontsize=8)
 ax.set(ylabel="max |activation| (log)", title="largest activation per decoder stage (fp32 run)")
-ax.legend(fontsize=8, loc="center right")
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
 show(fig)
 plt.close(fig)
 for s in peaks:
