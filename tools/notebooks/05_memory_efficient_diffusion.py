@@ -340,7 +340,8 @@ print(f"  checkpointing: {seconds['checkpointing'] / seconds['plain'] - 1:+.0%} 
 # products, and a small model's step is not all matrix products (its norms, activations and additions
 # do not follow the 2 x rule), while a forward that records the graph for autograd costs a little more
 # than one without. The checkpointed step costs about one forward more, the recomputation: the last
-# line gives the extra in forwards, to compare with 1. As a ratio of the whole step that is +33% when the
+# line gives the extra in forwards, to compare with 1 (or a little more: the recomputed forward records
+# the graph that the block's backward then uses). As a ratio of the whole step that is +33% when the
 # backward costs two forwards, and more when it costs less. Where the non-checkpointed layers (the first
 # and last convolutions, the down- and upsamplers, the time embedding) weigh more, it is less. On a GPU
 # bound by kernel launches the recomputation replays the launches too and can cost more than its
