@@ -266,8 +266,8 @@ with torch.no_grad():
 # for the gradient of the input and one for the gradient of the weight, against one product forward), so
 # a step is about F + 2F = 3F. Checkpointing adds one more forward of the checkpointed blocks: about
 # 4F / 3F = **+33%** when arithmetic sets the pace (more where the recomputation is dearer than its
-# arithmetic, e.g. a GPU bound by kernel launches; a little less here, since the first and last
-# convolutions and the time embedding are not checkpointed). **Predict the memory**: the bytes autograd
+# arithmetic, e.g. a GPU bound by kernel launches; less where the layers outside the blocks, which are
+# not recomputed, weigh more). **Predict the memory**: the bytes autograd
 # saves, counted with a hook on every tensor it saves (`torch.autograd.graph.saved_tensors_hooks`).
 
 # %%
@@ -740,7 +740,7 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 #   (batch, head) pair; blocked attention with an online softmax (SDPA) never builds them: O(N).
 # - Chunked feed-forward is exact and trims a smaller peak; gradient checkpointing keeps each block's
 #   input and recomputes the rest: most of the activation memory for about one extra forward (+33% of a
-#   step at most when arithmetic sets the pace).
+#   step when a backward costs two forwards, more when it costs less).
 # - fp16 overflows above 65,504: attention logits turn to inf and the softmax to NaN (fix: logits and
 #   softmax in fp32), and one large decoder activation makes a whole image NaN (fix: decode in fp32, or
 #   bf16, whose range is fp32's but whose precision is coarser).
