@@ -23,6 +23,7 @@ noisiest timestep) and "linspace" (evenly rounded from 0 to T-1).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -296,6 +297,12 @@ class DPMSolverPP2MSampler(Sampler):
         self.lower_order_final = lower_order_final
         # end at sigma = 0 (alpha_bar = 1, fully clean) or at the schedule's smallest noise alpha_bar[0]
         self.final_sigmas_type = final_sigmas_type
+        if schedule.alpha_bar[-1] == 0:
+            # zero terminal SNR: lambda = log(alpha / sigma) is -inf at alpha_bar = 0, so, as diffusers does,
+            # this sampler works on a copy whose last alpha_bar is the smallest positive float16, 2^-24
+            schedule = copy.copy(schedule)
+            schedule.alpha_bar = schedule.alpha_bar.clone()
+            schedule.alpha_bar[-1] = 2.0**-24
         super().__init__(
             schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
         )
