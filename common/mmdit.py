@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.attention import attention
+from common.attention import attention, attention_weights
 from common.unet_blocks import TimestepEmbedding, timestep_embedding
 
 
@@ -197,14 +197,23 @@ class JointAttention(nn.Module):
         B, N, D = x.shape
         return x.view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, N, d)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor):
-        B, N, D = x.shape
+    def joint_qkv(self, x: torch.Tensor, c: torch.Tensor):
+        """Queries, keys and values of both streams, image tokens first: three (B, heads, N+L, d)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
         q_c, k_c, v_c = (self.split_heads(proj(c)) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
         if self.qk_norm:
             q, k, q_c, k_c = self.norm_q(q), self.norm_k(k), self.norm_added_q(q_c), self.norm_added_k(k_c)
         # one sequence: every image token attends to every text token and the other way round
-        q, k, v = torch.cat([q, q_c], dim=2), torch.cat([k, k_c], dim=2), torch.cat([v, v_c], dim=2)  # (B,h,N+L,d)
+        return torch.cat([q, q_c], dim=2), torch.cat([k, k_c], dim=2), torch.cat([v, v_c], dim=2)
+
+    def attention_weights(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """softmax(Q K^T / sqrt(d)) over the joint sequence, (B, heads, N+L, N+L): for drawing, not for speed."""
+        q, k, _ = self.joint_qkv(x, c)
+        return attention_weights(q, k)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor):
+        B, N, D = x.shape
+        q, k, v = self.joint_qkv(x, c)  # (B, heads, N+L, d) each
         out = attention(q, k, v).transpose(1, 2).reshape(B, -1, D)  # (B, N+L, D)
         x_out, c_out = out[:, :N], out[:, N:]  # (B, N, D), (B, L, D)
         return self.to_out[0](x_out), (None if self.to_add_out is None else self.to_add_out(c_out))

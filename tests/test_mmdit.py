@@ -115,6 +115,8 @@ def test_joint_attention_is_one_softmax_over_both_streams():
     k = torch.cat([block.split_heads(block.to_k(x)), block.split_heads(block.add_k_proj(c))], dim=2)
     v = torch.cat([block.split_heads(block.to_v(x)), block.split_heads(block.add_v_proj(c))], dim=2)
     weights = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1)  # (1, heads, 10, 10)
+    torch.testing.assert_close(block.attention_weights(x, c), weights)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 10))
     expected = (weights @ v).transpose(1, 2).reshape(1, 10, 16)
     x_out, c_out = block(x, c)
     torch.testing.assert_close(x_out, block.to_out[0](expected[:, :6]))
