@@ -5,21 +5,23 @@ Papers and equations:
 * Liu et al. 2022, "Flow Straight and Fast" and Lipman et al. 2022, "Flow Matching for Generative Modeling":
   join data and noise by a straight line and train a network to predict the velocity along it.
 * Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD 3):
-  the forward process z_t = (1 - t) z_0 + t eps                                        (eq. 3 with a_t = 1 - t,
-  b_t = t), the velocity target dz_t/dt = eps - z_0, the loss E ||v_theta(z_t, t) - (eps - z_0)||^2, the
-  logit-normal timestep density pi_ln(t; m, s) = 1 / (s sqrt(2 pi)) 1 / (t (1 - t)) exp(-(logit(t) - m)^2 / (2 s^2))
-  (eq. 19), and the resolution shift t' = shift t / (1 + (shift - 1) t)                  (eq. 23, shift = sqrt(m/n)).
+  the forward process z_t = (1 - t) z_0 + t eps                      (eq. 3 with a_t = 1 - t, b_t = t)
+  the velocity target dz_t/dt = eps - z_0 and the loss E ||v_theta(z_t, t) - (eps - z_0)||^2,
+  the logit-normal timestep density                                                              (eq. 19)
+      pi_ln(t; m, s) = 1 / (s sqrt(2 pi)) 1 / (t (1 - t)) exp(-(logit(t) - m)^2 / (2 s^2)),
+  and the resolution shift t' = shift t / (1 + (shift - 1) t)                (eq. 23, shift = sqrt(m/n))
 
 Notation, paper -> code (the paper's t in [0, 1] is diffusers' "sigma"; diffusers' "timestep" is 1000 sigma):
 
-    t in [0, 1]                 sigma           (0: data, 1: pure noise; the opposite direction to DDPM's alpha_bar)
+    t in [0, 1]                 sigma           (0: data, 1: pure noise; DDPM's alpha_bar runs the other way)
     z_0, eps                    z0, eps
     z_t = (1 - t) z_0 + t eps   add_noise(z0, eps, sigma)
     v = eps - z_0               velocity_target(z0, eps)
     shift                       shift           (SD 3: 3.0; 1.0 is no shift)
 
-``FlowEulerSampler`` follows diffusers' ``FlowMatchEulerDiscreteScheduler`` step for step (tests/test_flow.py),
-and ``common.samplers.sampler_from_diffusers("flow_euler", config, steps)`` builds it from that scheduler's config.
+``FlowEulerSampler`` follows diffusers' ``FlowMatchEulerDiscreteScheduler`` step for step
+(tests/test_flow.py); ``common.samplers.sampler_from_diffusers("flow_euler", config, steps)`` builds it from
+that scheduler's config.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def velocity_target(z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def sample_sigmas_logit_normal(batch: int, mean: float = 0.0, std: float = 1.0,
                                generator: torch.Generator | None = None) -> torch.Tensor:
-    """t = sigmoid(u), u ~ N(mean, std^2): SD 3's training timesteps (eq. 19), which favour the middle of [0, 1].
+    """t = sigmoid(u), u ~ N(mean, std^2): SD 3's training timesteps (eq. 19), favouring the middle of [0, 1].
 
     Draws exactly what diffusers' ``compute_density_for_timestep_sampling("logit_normal", ...)`` draws."""
     u = torch.normal(mean=mean, std=std, size=(batch,), generator=generator)
@@ -68,7 +70,8 @@ def sample_sigmas_logit_normal(batch: int, mean: float = 0.0, std: float = 1.0,
 def logit_normal_density(sigma: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """pi_ln(t; m, s) of eq. 19: the density of sigmoid(N(m, s^2)) at t (change of variables u = logit t)."""
     logit = torch.log(sigma / (1 - sigma))
-    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * (2 * torch.pi) ** 0.5 * sigma * (1 - sigma))
+    gaussian = torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * (2 * torch.pi) ** 0.5)
+    return gaussian / (sigma * (1 - sigma))  # times |d logit(t) / dt|
 
 
 class FlowSchedule:
@@ -84,7 +87,8 @@ class FlowSchedule:
         """sigma = t / T for one of the sampler's timesteps."""
         return float(t) / self.num_train_timesteps
 
-    def predict_x0(self, model_output: torch.Tensor, z: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    def predict_x0(self, model_output: torch.Tensor, z: torch.Tensor, t: float | torch.Tensor
+                   ) -> torch.Tensor:
         """x0 = z_t - t v: walk the straight line back to t = 0 (the velocity is constant along it)."""
         return z - self.sigma_of(t) * model_output
 
@@ -95,7 +99,7 @@ class FlowSchedule:
 class FlowEulerSampler:
     """Euler's method on the flow ODE dz/dt = v_theta(z, t), from t = 1 (noise) down to t = 0 (data).
 
-    Same interface as the samplers in ``common.samplers``: ``timesteps`` (descending, float, diffusers' 1000 t),
+    Same interface as the samplers in ``common.samplers``: ``timesteps`` (descending floats, 1000 t),
     ``init_noise_sigma``, ``reset()``, ``step(model_output, t, z)``; so ``sample_loop`` runs it unchanged.
     """
 
@@ -109,7 +113,7 @@ class FlowEulerSampler:
                              f"num_train_timesteps={T}")
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
-        # as diffusers: the training grid t = 1/T .. 1 shifted gives t_min; n points evenly between 1 and t_min,
+        # as diffusers: the training grid t = 1/T .. 1, shifted, gives t_min; n points evenly from 1 to t_min,
         # then shifted (so the low end is shifted twice, as in diffusers), and a final t = 0
         grid = torch.linspace(1, T, T, dtype=torch.float32) / T
         sigma_min = shift_sigma(grid[0], schedule.shift).item()
@@ -121,10 +125,11 @@ class FlowEulerSampler:
 
     @classmethod
     def from_diffusers(cls, config: Mapping, num_inference_steps: int) -> FlowEulerSampler:
-        """The sampler ``FlowMatchEulerDiscreteScheduler.from_config(config)`` is after set_timesteps(steps)."""
+        """What ``FlowMatchEulerDiscreteScheduler.from_config(config)`` is after ``set_timesteps(steps)``."""
         for key in _UNSUPPORTED:
             if config.get(key):
-                raise ValueError(f"flow_euler does not implement {key}={config[key]!r}; expected it unset or False")
+                raise ValueError(f"flow_euler does not implement {key}={config[key]!r}; "
+                                 "expected it unset or False")
         schedule = FlowSchedule(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
         return cls(schedule, num_inference_steps)
 
@@ -138,7 +143,8 @@ class FlowEulerSampler:
     def index_of(self, t: float | torch.Tensor) -> int:
         hits = (self.timesteps - float(t)).abs() < 1e-4
         if not hits.any():
-            raise ValueError(f"timestep {float(t)} is not one of this sampler's timesteps {self.timesteps.tolist()}")
+            raise ValueError(f"timestep {float(t)} is not one of this sampler's timesteps "
+                             f"{self.timesteps.tolist()}")
         return int(hits.nonzero()[0])
 
     def add_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
@@ -147,9 +153,9 @@ class FlowEulerSampler:
 
     def step(self, model_output: torch.Tensor, t: float | torch.Tensor, z: torch.Tensor,
              generator: torch.Generator | int | None = None) -> torch.Tensor:
-        """One Euler step z_{t_next} = z_t + (t_next - t) v_theta(z_t, t). ``generator`` is unused (deterministic).
+        """One Euler step z_{t_next} = z_t + (t_next - t) v_theta(z_t, t); ``generator`` is unused.
 
-        t_next < t, so the step moves against the velocity eps - z_0: away from the noise, towards the data."""
+        t_next < t, so the step moves against the velocity eps - z_0: away from the noise, to the data."""
         i = self.index_of(t)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         z_next = z.float() + (sigma_next - sigma) * model_output.float()  # in float32, as diffusers

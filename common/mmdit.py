@@ -3,7 +3,7 @@
 Papers and equations:
 
 * Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (DiT): cut the latent into p x p patches,
-  one token each; condition every block by adaptive layer norm whose gates start at zero (adaLN-Zero, sec. 3.2):
+  one token each; condition every block by adaptive layer norm with gates that start at 0 (adaLN-Zero, 3.2):
       (shift, scale, gate) = Linear(SiLU(c)),   x <- x + gate * F(LayerNorm(x) * (1 + scale) + shift)
   so a freshly initialised block is the identity.
 * Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD 3, sec. 4,
@@ -13,8 +13,9 @@ Papers and equations:
   The conditioning vector is c_vec = MLP(timestep code) + MLP(pooled text embedding). Optional RMS
   normalisation of Q and K (sec. 5.3.2, "qk_norm"; SD 3.5 Large) keeps the attention logits bounded.
 
-Legend: B batch, C latent channels, H, W latent sides, p the patch size, h = H/p, w = W/p, N = h*w image tokens,
-L text tokens, D the model width (= heads * head_dim), D_c the text encoder width (joint_attention_dim).
+Legend: B batch, C latent channels, H, W latent sides, p the patch size, h = H/p, w = W/p, N = h*w image
+tokens, L text tokens, D the model width (= heads * head_dim), D_c the text encoders' width
+(joint_attention_dim).
 
 Every parameter has the name and shape of diffusers' ``SD3Transformer2DModel`` for the same configuration
 (``MMDiTConfig.to_diffusers()``), so ``common.convert.from_diffusers`` moves a state dict across unchanged;
@@ -36,7 +37,7 @@ from common.unet_blocks import TimestepEmbedding, timestep_embedding
 
 @dataclass
 class MMDiTConfig:
-    sample_size: int = 128  # latent side the model was trained at (SD 3: 1024 px / 8); sets the pos-embed scale
+    sample_size: int = 128  # latent side at training (SD 3: 1024 px / 8); sets the positions' scale
     patch_size: int = 2  # p: each p x p latent patch becomes one token
     in_channels: int = 16  # C: SD 3's VAE has 16 latent channels (SD 1.x: 4)
     num_layers: int = 24  # joint blocks; the last one updates only the image stream
@@ -51,8 +52,8 @@ class MMDiTConfig:
 
     def __post_init__(self):
         if self.caption_projection_dim != self.num_attention_heads * self.attention_head_dim:
-            raise ValueError(f"caption_projection_dim={self.caption_projection_dim} must equal num_attention_heads * "
-                             f"attention_head_dim = {self.num_attention_heads * self.attention_head_dim}")
+            raise ValueError(f"caption_projection_dim={self.caption_projection_dim} must equal "
+                             f"num_attention_heads * attention_head_dim = {self.width}")
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; expected None or 'rms_norm'")
 
@@ -62,7 +63,7 @@ class MMDiTConfig:
 
     @classmethod
     def sd3_medium(cls) -> MMDiTConfig:
-        """stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (written out; no download)."""
+        """SD 3 medium's transformer/config.json, written out (stabilityai/stable-diffusion-3-medium)."""
         return cls()
 
     @classmethod
@@ -75,7 +76,8 @@ class MMDiTConfig:
     @classmethod
     def from_diffusers(cls, config: Mapping) -> MMDiTConfig:
         if tuple(config.get("dual_attention_layers") or ()):
-            raise ValueError("dual_attention_layers (SD 3.5 Medium's MMDiT-X) are not implemented; expected ()")
+            raise ValueError("dual_attention_layers (SD 3.5 Medium's MMDiT-X) are not implemented; "
+                             "expected ()")
         return cls(**{key: config[key] for key in asdict(cls()) if key in config})
 
     def to_diffusers(self) -> dict:
@@ -83,9 +85,10 @@ class MMDiTConfig:
 
 
 def sincos_2d(D: int, side: int, base_size: float) -> torch.Tensor:
-    """Fixed 2D sine-cosine positions (side*side, D): the first D/2 channels code the column, the rest the row.
+    """Fixed 2D sine-cosine positions (side*side, D): the first D/2 channels code the column, the rest the
+    row.
 
-    Positions are scaled to base_size / side per cell (so the table spans [0, base_size) patches, as diffusers);
+    Positions step by base_size / side per cell (the table spans [0, base_size) patches, as in diffusers);
     each coordinate gets D/4 frequencies omega_k = 10000^(-k / (D/4)) and [sin(pos omega), cos(pos omega)]."""
     pos = torch.arange(side, dtype=torch.float32) / (side / base_size)  # float32 grid, as diffusers
     omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D / 4))  # (D/4,)
@@ -99,13 +102,14 @@ def sincos_2d(D: int, side: int, base_size: float) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Patchify: a p x p stride-p convolution (one linear map per patch), plus the centre crop of the positions."""
+    """Patchify: a p x p stride-p convolution (one linear map per patch), plus the positions' centre crop."""
 
-    def __init__(self, *, patch_size: int, in_channels: int, width: int, pos_embed_max_size: int, base_size: int):
+    def __init__(self, *, patch_size: int, in_channels: int, width: int, pos_embed_max_size: int,
+                 base_size: int):
         super().__init__()
         self.patch_size, self.max_size = patch_size, pos_embed_max_size
         self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-        table = sincos_2d(width, pos_embed_max_size, base_size)[None]  # (1, max*max, D), saved as diffusers does
+        table = sincos_2d(width, pos_embed_max_size, base_size)[None]  # (1, max*max, D); saved, as diffusers
         self.register_buffer("pos_embed", table, persistent=True)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -122,7 +126,7 @@ class PatchEmbed(nn.Module):
 def unpatchify(x: torch.Tensor, h: int, w: int, p: int, C: int) -> torch.Tensor:
     """(B, N, p*p*C) tokens back to a (B, C, h*p, w*p) latent; each token's vector is its patch, (p, p, C)."""
     B = x.shape[0]
-    x = x.reshape(B, h, w, p, p, C)  # token (i, j) holds rows i*p.., columns j*p.., in (row, col, channel) order
+    x = x.reshape(B, h, w, p, p, C)  # token (i, j): rows i*p.., columns j*p.., in (row, col, channel) order
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
     return x.reshape(B, C, h * p, w * p)
 
@@ -136,7 +140,8 @@ class AdaLayerNormZero(nn.Module):
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: torch.Tensor, c_vec: torch.Tensor):
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.linear(F.silu(c_vec)).chunk(6, dim=1)  # (B, D)
+        modulation = self.linear(F.silu(c_vec))  # (B, 6 D)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)  # (B, D) each
         x = self.norm(x) * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
         return x, gate, shift_mlp, scale_mlp, gate_mlp
 
@@ -168,7 +173,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.net = nn.ModuleList([GELUProjection(width, 4 * width), nn.Identity(), nn.Linear(4 * width, width)])
+        layers = [GELUProjection(width, 4 * width), nn.Identity(), nn.Linear(4 * width, width)]
+        self.net = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -177,13 +183,14 @@ class FeedForward(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """One attention over [image tokens; text tokens], each stream with its own projections (Esser et al. fig. 2)."""
+    """One attention over [image tokens; text tokens], each stream with its own projections (Esser fig. 2)."""
 
     def __init__(self, *, width: int, heads: int, qk_norm: str | None, context_pre_only: bool):
         super().__init__()
         self.heads = heads
         self.to_q, self.to_k, self.to_v = (nn.Linear(width, width) for _ in range(3))  # image stream
-        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(width, width) for _ in range(3))  # text
+        # the text stream's own projections
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(width, width) for _ in range(3))
         if qk_norm == "rms_norm":  # per head, over d: bounds the logits (Esser et al. sec. 5.3.2)
             d = width // heads
             self.norm_q, self.norm_k = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
@@ -200,14 +207,15 @@ class JointAttention(nn.Module):
     def joint_qkv(self, x: torch.Tensor, c: torch.Tensor):
         """Queries, keys and values of both streams, image tokens first: three (B, heads, N+L, d)."""
         q, k, v = (self.split_heads(proj(x)) for proj in (self.to_q, self.to_k, self.to_v))
-        q_c, k_c, v_c = (self.split_heads(proj(c)) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        text_projections = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
+        q_c, k_c, v_c = (self.split_heads(proj(c)) for proj in text_projections)
         if self.qk_norm:
             q, k, q_c, k_c = self.norm_q(q), self.norm_k(k), self.norm_added_q(q_c), self.norm_added_k(k_c)
         # one sequence: every image token attends to every text token and the other way round
         return torch.cat([q, q_c], dim=2), torch.cat([k, k_c], dim=2), torch.cat([v, v_c], dim=2)
 
     def attention_weights(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """softmax(Q K^T / sqrt(d)) over the joint sequence, (B, heads, N+L, N+L): for drawing, not for speed."""
+        """softmax(Q K^T / sqrt(d)) over the joint sequence, (B, heads, N+L, N+L): for drawing, not speed."""
         q, k, _ = self.joint_qkv(x, c)
         return attention_weights(q, k)
 
@@ -227,7 +235,8 @@ class JointTransformerBlock(nn.Module):
         self.context_pre_only = context_pre_only
         self.norm1 = AdaLayerNormZero(width)
         self.norm1_context = AdaLayerNormContinuous(width) if context_pre_only else AdaLayerNormZero(width)
-        self.attn = JointAttention(width=width, heads=heads, qk_norm=qk_norm, context_pre_only=context_pre_only)
+        self.attn = JointAttention(width=width, heads=heads, qk_norm=qk_norm,
+                                   context_pre_only=context_pre_only)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(width)
         if not context_pre_only:

@@ -46,7 +46,8 @@ def test_output_equals_diffusers(name, H, W):
     assert isinstance(ours, MMDiT)
     z, t, context, pooled = inputs(CONFIGS[name], H, W)
     with torch.no_grad():
-        expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+        expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled,
+                       timestep=t).sample
         got = ours(z, t, context, pooled)
     assert got.shape == expected.shape == (2, CONFIGS[name]["out_channels"], H, W)
     scale = expected.abs().max().item()
@@ -61,13 +62,14 @@ def test_to_diffusers_round_trips_a_course_model():
     ref = to_diffusers(ours)
     z, t, context, pooled = inputs(TINY, 8, 10)
     with torch.no_grad():
-        expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+        expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled,
+                       timestep=t).sample
         torch.testing.assert_close(ours(z, t, context, pooled), expected, atol=1e-4, rtol=0)
     assert ours(z, 500.0, context, pooled).shape == z.shape  # a scalar t is shared by the batch
 
 
 def test_positions_are_built_not_copied():
-    """Our sine-cosine table, computed from scratch, equals the one diffusers registers for the same config."""
+    """Our sine-cosine table, computed from scratch, equals the one diffusers registers for the config."""
     for config in CONFIGS.values():
         ours, ref = MMDiT(MMDiTConfig.from_diffusers(config)), SD3Transformer2DModel(**config)
         torch.testing.assert_close(ours.pos_embed.pos_embed, ref.pos_embed.pos_embed, atol=1e-6, rtol=0)
@@ -130,4 +132,5 @@ def test_bad_config_and_input_say_what_is_expected():
     with pytest.raises(ValueError, match="dual_attention_layers"):
         MMDiTConfig.from_diffusers({**TINY, "dual_attention_layers": (0,)})
     with pytest.raises(ValueError, match="at most 16 per side"):
-        PatchEmbed(patch_size=2, in_channels=4, width=16, pos_embed_max_size=16, base_size=4)(torch.zeros(1, 4, 34, 8))
+        embed = PatchEmbed(patch_size=2, in_channels=4, width=16, pos_embed_max_size=16, base_size=4)
+        embed(torch.zeros(1, 4, 34, 8))

@@ -4,12 +4,12 @@
 # You have built Stable Diffusion 1.5 and loaded its weights into your own code. The models that followed
 # changed three things, one at a time, and this notebook derives and builds each of them:
 #
-# 1. **v-prediction and zero terminal SNR** (SD 2.x): what the network predicts, and a schedule that really ends
-#    in pure noise;
+# 1. **v-prediction and zero terminal SNR** (SD 2.x): what the network predicts, and a schedule that really
+#    ends in pure noise;
 # 2. **flow matching** (SD 3): a straight path from data to noise, a velocity target, a timestep density and a
 #    shift, sampled with Euler's method;
-# 3. **the diffusion transformer** (SD 3): patches instead of a UNet, adaLN-Zero conditioning, and MMDiT's joint
-#    attention, where text and image tokens attend in one sequence;
+# 3. **the diffusion transformer** (SD 3): patches instead of a UNet, adaLN-Zero conditioning, and MMDiT's
+#    joint attention, where text and image tokens attend in one sequence;
 # 4. **SDXL in one table**: what changed between SD 1.5 and SDXL, counted from the configs.
 #
 # Each piece is checked against diffusers with the same inputs. Nothing here downloads weights: the large
@@ -43,17 +43,18 @@ print(describe())
 #
 # ### The target, derived
 # The forward process of chapter 03 mixes signal and noise as $z_t = \alpha_t z_0 + \sigma_t \epsilon$ with
-# $\alpha_t = \sqrt{\bar\alpha_t}$, $\sigma_t = \sqrt{1 - \bar\alpha_t}$, so $\alpha_t^2 + \sigma_t^2 = 1$: the
-# pair $(\alpha_t, \sigma_t)$ lies on the unit circle. Write it as an angle, $\alpha_t = \cos\phi$,
-# $\sigma_t = \sin\phi$. Then $z_t$ moves on a circle from $z_0$ ($\phi = 0$) to $\epsilon$ ($\phi = \pi/2$), and
-# its velocity along that circle is
+# $\alpha_t = \sqrt{\bar\alpha_t}$, $\sigma_t = \sqrt{1 - \bar\alpha_t}$, so $\alpha_t^2 + \sigma_t^2 = 1$:
+# the pair $(\alpha_t, \sigma_t)$ lies on the unit circle. Write it as an angle, $\alpha_t = \cos\phi$,
+# $\sigma_t = \sin\phi$. Then $z_t$ moves on a circle from $z_0$ ($\phi = 0$) to $\epsilon$ ($\phi = \pi/2$),
+# and its velocity along that circle is
 #
 # $$\frac{dz_t}{d\phi} = -\sin\phi\, z_0 + \cos\phi\, \epsilon = \alpha_t \epsilon - \sigma_t z_0 =: v.$$
 #
 # SD 2.x (768 px) trains the UNet to predict $v$ (Salimans & Ho 2022). From $z_t$ and $v$ both $z_0$ and
 # $\epsilon$ come back without a division:
 #
-# $$\alpha_t z_t - \sigma_t v = \alpha_t^2 z_0 + \alpha_t\sigma_t\epsilon - \sigma_t\alpha_t\epsilon + \sigma_t^2 z_0
+# $$\alpha_t z_t - \sigma_t v = \alpha_t^2 z_0 + \alpha_t\sigma_t\epsilon - \sigma_t\alpha_t\epsilon
+#   + \sigma_t^2 z_0
 #   = z_0 \qquad\text{(the cross terms cancel, } \alpha_t^2 + \sigma_t^2 = 1\text{)}$$
 #
 # and in the same way $\sigma_t z_t + \alpha_t v = \epsilon$. Check both against `common.schedules` and
@@ -69,26 +70,29 @@ alpha = schedule.alpha_bar[t].sqrt().view(-1, 1, 1, 1)  # alpha_t, (B, 1, 1, 1)
 sigma = (1 - schedule.alpha_bar[t]).sqrt().view(-1, 1, 1, 1)  # sigma_t
 v = alpha * eps - sigma * z0
 z_t = alpha * z0 + sigma * eps
-print(f"v vs diffusers' get_velocity:       max |diff| = {(v - reference.get_velocity(z0, eps, t)).abs().max():.1e}")
-print(f"v vs common.schedules.v_target:     max |diff| = {(v - schedule.v_target(z0, eps, t)).abs().max():.1e}")
-print(f"alpha z_t - sigma v recovers z_0:   max |diff| = {(alpha * z_t - sigma * v - z0).abs().max():.1e}")
-print(f"sigma z_t + alpha v recovers eps:   max |diff| = {(sigma * z_t + alpha * v - eps).abs().max():.1e}")
+checks = {"v vs diffusers' get_velocity": v - reference.get_velocity(z0, eps, t),
+          "v vs common.schedules.v_target": v - schedule.v_target(z0, eps, t),
+          "alpha z_t - sigma v recovers z_0": alpha * z_t - sigma * v - z0,
+          "sigma z_t + alpha v recovers eps": sigma * z_t + alpha * v - eps}
+for name, diff in checks.items():
+    print(f"{name:34s} max |diff| = {diff.abs().max():.1e}")
 
 # %% [markdown]
 # ### Why v behaves at both ends of the schedule
-# The signal-to-noise ratio $\mathrm{SNR}(t) = \alpha_t^2 / \sigma_t^2$ runs from about 1,000 at $t = 0$ to about
-# 0.005 at $t = 999$. Whatever the network predicts, the sampler converts it to $\hat z_0$ and $\hat\epsilon$. Say
-# the prediction is off by an error $\delta$ of size 1. **Predict** how big the error in $\hat z_0$ becomes:
+# The signal-to-noise ratio $\mathrm{SNR}(t) = \alpha_t^2 / \sigma_t^2$ runs from about 1,000 at $t = 0$ to
+# about 0.005 at $t = 999$. Whatever the network predicts, the sampler converts it to $\hat z_0$ and
+# $\hat\epsilon$. Say the prediction is off by an error $\delta$ of size 1. **Predict** how big the error in
+# $\hat z_0$ becomes:
 #
-# * predict $\epsilon$: $\hat z_0 = (z_t - \sigma_t\hat\epsilon)/\alpha_t$, so the error is $\sigma_t/\alpha_t\,\delta$,
-#   which explodes at high noise ($\alpha_t \to 0$);
-# * predict $z_0$: $\hat\epsilon = (z_t - \alpha_t\hat z_0)/\sigma_t$, so the *noise* error is $\alpha_t/\sigma_t\,\delta$,
-#   which explodes at low noise;
-# * predict $v$: $\hat z_0 = \alpha_t z_t - \sigma_t\hat v$ and $\hat\epsilon = \sigma_t z_t + \alpha_t\hat v$, errors
-#   $\sigma_t\delta$ and $\alpha_t\delta$: never more than $\delta$, at either end.
+# * predict $\epsilon$: $\hat z_0 = (z_t - \sigma_t\hat\epsilon)/\alpha_t$, so the error is
+#   $\sigma_t/\alpha_t\,\delta$, which explodes at high noise ($\alpha_t \to 0$);
+# * predict $z_0$: $\hat\epsilon = (z_t - \alpha_t\hat z_0)/\sigma_t$, so the *noise* error is
+#   $\alpha_t/\sigma_t\,\delta$, which explodes at low noise;
+# * predict $v$: $\hat z_0 = \alpha_t z_t - \sigma_t\hat v$ and $\hat\epsilon = \sigma_t z_t + \alpha_t\hat
+#   v$, errors $\sigma_t\delta$ and $\alpha_t\delta$: never more than $\delta$, at either end.
 #
-# Now **measure** it: add an error of norm 1 to the exact target, convert with `common.schedules`, and compare the
-# error that comes out with the prediction.
+# Now **measure** it: add an error of norm 1 to the exact target, convert with `common.schedules`, and compare
+# the error that comes out with the prediction.
 
 # %%
 ts = torch.arange(0, 1000, 10)
@@ -119,32 +123,37 @@ print(f"predicted at t = 999: eps model's x0 error x{s_t[-1] / a_t[-1]:.1f}; at 
       f"x{a_t[0] / s_t[0]:.1f}; v model: at most x1")
 
 # %% [markdown]
-# The left panel shows the $\epsilon$ model's $\hat z_0$ error climbing to the factor printed above (about 14) at the
-# last timesteps, where the image's layout is decided, and the right panel the $z_0$ model's $\hat\epsilon$ error
-# climbing to about 34 at the first.
-# The $v$ curves stay at or below 1 in both panels: $v$ is the one target that is well conditioned everywhere.
+# The left panel shows the $\epsilon$ model's $\hat z_0$ error climbing to the factor printed above (about 14)
+# at the last timesteps, where the image's layout is decided, and the right panel the $z_0$ model's
+# $\hat\epsilon$ error climbing to about 34 at the first. The $v$ curves stay at or below 1 in both panels:
+# $v$ is the one target that is well conditioned everywhere.
 #
 # ### The schedule should end in pure noise
-# SD 1.x and 2.x were trained with $\bar\alpha_{999} = 0.0047$: at the "pure noise" timestep $z_{999}$ still holds
-# $\sqrt{0.0047} = 6.8\%$ of the image. The network learns to read the image's mean brightness from that residue;
-# at sampling time $z_T$ is pure noise, whose mean is 0, so the model keeps every image's brightness near the
-# average (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"). Their fix rescales
-# $\sqrt{\bar\alpha_t}$ linearly so that it keeps its first value and ends at exactly 0:
+# SD 1.x and 2.x were trained with $\bar\alpha_{999} = 0.0047$: at the "pure noise" timestep $z_{999}$ still
+# holds $\sqrt{0.0047} = 6.8\%$ of the image. The network learns to read the image's mean brightness from that
+# residue; at sampling time $z_T$ is pure noise, whose mean is 0, so the model keeps every image's brightness
+# near the average (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"). Their
+# fix rescales $\sqrt{\bar\alpha_t}$ linearly so that it keeps its first value and ends at exactly 0:
 #
 # $$\sqrt{\bar\alpha_t}' = \left(\sqrt{\bar\alpha_t} - \sqrt{\bar\alpha_{T-1}}\right)
 #   \frac{\sqrt{\bar\alpha_0}}{\sqrt{\bar\alpha_0} - \sqrt{\bar\alpha_{T-1}}}.$$
 #
-# At $\bar\alpha = 0$ an $\epsilon$ prediction says nothing about $z_0$ (the first bullet above divides by zero), so
-# zero terminal SNR needs $v$. And the sampler must visit $t = 999$: "leading" spacing (SD 1.x) starts at 901 for
-# 10 steps, "trailing" starts at 999. `NoiseSchedule.from_diffusers` reads `rescale_betas_zero_snr=True`:
+# At $\bar\alpha = 0$ an $\epsilon$ prediction says nothing about $z_0$ (the first bullet above divides by
+# zero), so zero terminal SNR needs $v$. And the sampler must visit $t = 999$: "leading" spacing (SD 1.x)
+# starts at 901 for 10 steps, "trailing" starts at 999. `NoiseSchedule.from_diffusers` reads
+# `rescale_betas_zero_snr=True`:
 
 # %%
 sd2_zero_snr = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                 "beta_end": 0.012, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
-                "timestep_spacing": "trailing", "steps_offset": 0, "clip_sample": False, "set_alpha_to_one": False}
+                "timestep_spacing": "trailing", "steps_offset": 0, "clip_sample": False,
+                "set_alpha_to_one": False}
 rescaled = NoiseSchedule.from_diffusers(sd2_zero_snr)
 reference = DDIMScheduler.from_config(sd2_zero_snr)
-print(f"alpha_bar vs diffusers: max |diff| = {(rescaled.alpha_bar - reference.alphas_cumprod).abs().max():.1e}")
+gap = (rescaled.alpha_bar - reference.alphas_cumprod).abs().max()
+print(f"alpha_bar vs diffusers: max |diff| = {gap:.0e}")
+print(f"largest gap between the two sqrt(alpha_bar) curves: "
+      f"{(schedule.alpha_bar.sqrt() - rescaled.alpha_bar.sqrt()).abs().max():.3f}")
 for name, s in (("SD 1.x / 2.x", schedule), ("zero terminal SNR", rescaled)):
     print(f"{name:18s} alpha_bar_0 = {s.alpha_bar[0]:.5f}   alpha_bar_999 = {s.alpha_bar[-1]:.5f}   "
           f"signal left at t = 999: {s.alpha_bar[-1].sqrt():.1%}")
@@ -166,13 +175,14 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# The two curves agree at $t = 0$ and part only near the end, where the rescaled one reaches exactly 0 (left);
-# the log SNR (right) falls steeply towards $-\infty$ instead of flattening at $\log 0.0047 = -5.4$.
+# The two curves agree at $t = 0$, stay within 0.07 of each other, and the rescaled one reaches exactly 0
+# (left); the log SNR (right) falls steeply towards $-\infty$ instead of flattening at $\log 0.0047 = -5.4$.
 #
 # The course's DDIM, DDPM and DPM-Solver++ samplers read this config and follow diffusers step for step: the
-# first step, at $\bar\alpha = 0$, uses the $v$ conversions above, which never divide by $\alpha_t$. (DPM-Solver
-# works in $\log(\alpha_t/\sigma_t)$, which is $-\infty$ there; like diffusers, it replaces $\bar\alpha_{999} = 0$ by
-# $2^{-24}$.) A fixed linear "network" stands in for the UNet, so the check needs no weights:
+# first step, at $\bar\alpha = 0$, uses the $v$ conversions above, which never divide by $\alpha_t$.
+# (DPM-Solver works in $\log(\alpha_t/\sigma_t)$, which is $-\infty$ there; like diffusers, it replaces
+# $\bar\alpha_{999} = 0$ by $2^{-24}$.) A fixed linear "network" stands in for the UNet, so the check needs no
+# weights:
 
 # %%
 w_mix = 0.9 * torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g) / 2
@@ -202,17 +212,18 @@ for name, ref_class in (("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistep
 # ## 2. Flow matching (SD 3)
 #
 # ### A straight path
-# Diffusion's path from data to noise is a quarter circle. Flow matching (Lipman et al. 2022; Liu et al. 2022's
-# rectified flow) takes the straight line instead, with $t \in [0, 1]$:
+# Diffusion's path from data to noise is a quarter circle. Flow matching (Lipman et al. 2022; Liu et al.
+# 2022's rectified flow) takes the straight line instead, with $t \in [0, 1]$:
 #
 # $$z_t = (1 - t)\, z_0 + t\, \epsilon, \qquad \frac{dz_t}{dt} = \epsilon - z_0 .$$
 #
-# The velocity is the same at every $t$ along one line, and the network $v_\theta(z_t, t)$ is trained to predict it:
-# $\mathcal{L} = \mathbb{E}_{t, z_0, \epsilon}\,\lVert v_\theta(z_t, t) - (\epsilon - z_0)\rVert^2$ (Esser et al. 2024,
-# the SD 3 paper, eq. 3 with $a_t = 1 - t$, $b_t = t$). One network evaluation then sets the direction, and sampling
-# integrates $dz/dt = v_\theta$ from $t = 1$ (noise) down to $t = 0$. If the paths were exactly straight for every
-# pair, one Euler step would suffice; they are not, because the network can only predict the *average* direction
-# over all $(z_0, \epsilon)$ pairs whose lines pass through $z_t$. The toy below shows what that means.
+# The velocity is the same at every $t$ along one line, and the network $v_\theta(z_t, t)$ is trained to
+# predict it: $\mathcal{L} = \mathbb{E}_{t, z_0, \epsilon}\,\lVert v_\theta(z_t, t) - (\epsilon -
+# z_0)\rVert^2$ (Esser et al. 2024, the SD 3 paper, eq. 3 with $a_t = 1 - t$, $b_t = t$). One network
+# evaluation then sets the direction, and sampling integrates $dz/dt = v_\theta$ from $t = 1$ (noise) down to
+# $t = 0$. If the paths were exactly straight for every pair, one Euler step would suffice; they are not,
+# because the network can only predict the *average* direction over all $(z_0, \epsilon)$ pairs whose lines
+# pass through $z_t$. The toy below shows what that means.
 #
 # diffusers calls $t$ "sigma" and feeds the network `timestep` $= 1000\,t$. Check the path against its
 # `scale_noise`, and the target as the path's derivative by a finite difference:
@@ -227,22 +238,24 @@ print(f"z_t vs diffusers' scale_noise: max |diff| = "
       f"{(ours_z_t - reference.scale_noise(z0, reference.timesteps[i], eps)).abs().max():.1e}")
 h = 1e-3
 slope = (add_noise(z0, eps, 0.5 + h) - add_noise(z0, eps, 0.5 - h)) / (2 * h)
-print(f"finite-difference slope vs eps - z0: max |diff| = {(slope - velocity_target(z0, eps)).abs().max():.1e}")
+print(f"finite-difference slope vs eps - z0: max |diff| = "
+      f"{(slope - velocity_target(z0, eps)).abs().max():.1e}")
 
 # %% [markdown]
 # ### Which t to train on: the logit-normal density
 # Near $t = 0$ and $t = 1$ the target is easy (the network sees almost $z_0$ or almost $\epsilon$); the hard,
-# informative part is the middle. SD 3 draws $u \sim \mathcal{N}(m, s^2)$ and trains at $t = \mathrm{sigmoid}(u)$.
-# Changing variables with $u = \mathrm{logit}(t)$, $du/dt = 1/(t(1-t))$, gives the density (eq. 19)
+# informative part is the middle. SD 3 draws $u \sim \mathcal{N}(m, s^2)$ and trains at $t =
+# \mathrm{sigmoid}(u)$. Changing variables with $u = \mathrm{logit}(t)$, $du/dt = 1/(t(1-t))$, gives the
+# density (eq. 19)
 #
 # $$\pi_{\ln}(t; m, s) = \frac{1}{s\sqrt{2\pi}}\,\frac{1}{t(1-t)}\,
 #   \exp\!\left(-\frac{(\mathrm{logit}(t) - m)^2}{2 s^2}\right).$$
 #
 # ### Which t to sample at: the shift
-# At a higher resolution neighbouring pixels are more alike, so the same noise level destroys less of the image:
-# averaging $n$ equal pixels divides the noise's standard deviation by $\sqrt{n}$. SD 3 moves every timestep towards
-# more noise with $t' = \dfrac{\text{shift}\; t}{1 + (\text{shift} - 1)\, t}$ (eq. 23), shift 3.0 at 1024 px. It
-# keeps $0$ and $1$ in place and maps $t = 0.5$ to $0.75$.
+# At a higher resolution neighbouring pixels are more alike, so the same noise level destroys less of the
+# image: averaging $n$ equal pixels divides the noise's standard deviation by $\sqrt{n}$. SD 3 moves every
+# timestep towards more noise with $t' = \dfrac{\text{shift}\; t}{1 + (\text{shift} - 1)\, t}$ (eq. 23), shift
+# 3.0 at 1024 px. It keeps $0$ and $1$ in place and maps $t = 0.5$ to $0.75$.
 
 # %%
 t_samples = sample_sigmas_logit_normal(20_000, 0.0, 1.0, torch.Generator().manual_seed(0))
@@ -260,18 +273,19 @@ axes[1].set(title="timestep shift t' = shift t / (1 + (shift - 1) t)", xlabel="t
 axes[1].legend(fontsize=8)
 fig.tight_layout()
 show(fig)
-print(f"share of training timesteps in [0.25, 0.75]: logit-normal {((t_samples > 0.25) & (t_samples < 0.75)).float().mean():.1%},"
-      " uniform 50.0%")
+middle = ((t_samples > 0.25) & (t_samples < 0.75)).float().mean()
+print(f"share of training timesteps in [0.25, 0.75]: logit-normal {middle:.1%}, uniform 50.0%")
 
 # %% [markdown]
-# The histogram follows the density of eq. 19 and puts twice as much weight in the middle as the uniform
-# density does at $t = 0.5$. With shift 3 (right), half of the sampling steps are spent above $t' = 0.75$.
+# The histogram follows the density of eq. 19, which is 1.6 times the uniform density at $t = 0.5$ and puts
+# about three quarters of the training timesteps in the middle half, $[0.25, 0.75]$. With shift 3 (right), the
+# evenly spaced sampling steps above $t = 0.5$, half of them, all land above $t' = 0.75$.
 #
 # ### The Euler sampler, against diffusers
 # `sampler_from_diffusers("flow_euler", config, steps)` reads a `FlowMatchEulerDiscreteScheduler` config. Its
-# timesteps are $n$ points evenly spaced in $t$ from 1 to the (shifted) smallest training $t$, then shifted, then a
-# final $0$; each step is $z_{t_{i+1}} = z_{t_i} + (t_{i+1} - t_i)\, v_\theta(z_{t_i}, t_i)$. With the same stand-in
-# network:
+# timesteps are $n$ points evenly spaced in $t$ from 1 to the (shifted) smallest training $t$, then shifted,
+# then a final $0$; each step is $z_{t_{i+1}} = z_{t_i} + (t_{i+1} - t_i)\, v_\theta(z_{t_i}, t_i)$. With the
+# same stand-in network:
 
 # %%
 for shift in (1.0, 3.0):
@@ -289,11 +303,11 @@ for shift in (1.0, 3.0):
 
 # %% [markdown]
 # ### A toy you can watch: flow matching against eps-prediction on 2D points
-# Eight Gaussian blobs on a circle are the "data" (2D points, so every sample can be drawn). Two copies of the same
-# small MLP train for the same number of steps with the same batches: one on the flow-matching loss, one on chapter
-# 03's $\epsilon$ loss with SD's schedule. Then both sample with 1, 2, 4 and 16 steps (Euler for the flow model,
-# DDIM with trailing timesteps for the $\epsilon$ model), from the same noise. The score is the mean distance from a
-# sample to the nearest blob centre (the blobs' own spread gives about 0.07).
+# Eight Gaussian blobs on a circle are the "data" (2D points, so every sample can be drawn). Two copies of the
+# same small MLP train for the same number of steps with the same batches: one on the flow-matching loss, one
+# on chapter 03's $\epsilon$ loss with SD's schedule. Then both sample with 1, 2, 4 and 16 steps (Euler for
+# the flow model, DDIM with trailing timesteps for the $\epsilon$ model), from the same noise. The score is
+# the mean distance from a sample to the nearest blob centre (the blobs' own spread gives about 0.07).
 
 # %%
 centres = torch.stack([torch.cos(torch.arange(8) * np.pi / 4), torch.sin(torch.arange(8) * np.pi / 4)], 1) * 2
@@ -310,9 +324,11 @@ class ToyNet(torch.nn.Module):
     def __init__(self, width=128):
         super().__init__()
         self.freqs = torch.arange(1, 9).float() * np.pi
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(2 + 16, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
-                                       torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
-                                       torch.nn.Linear(width, 2))
+        layers = [torch.nn.Linear(2 + 16, width), torch.nn.SiLU()]  # the point and the code of t in
+        for _ in range(2):
+            layers += [torch.nn.Linear(width, width), torch.nn.SiLU()]
+        layers += [torch.nn.Linear(width, 2)]  # a velocity (or a noise) out
+        self.mlp = torch.nn.Sequential(*layers)
 
     def forward(self, x, t):
         code = torch.cat([torch.sin(t[:, None] * self.freqs), torch.cos(t[:, None] * self.freqs)], dim=1)
@@ -348,9 +364,10 @@ with torch.no_grad():
     for n in step_counts:
         flow_sampler = FlowEulerSampler(FlowSchedule(shift=1.0), n)
         ddim = DDIMSampler(toy_schedule, n, timestep_spacing="trailing", steps_offset=0)
-        samples["flow", n] = sample_loop(lambda z, t: flow_net(z, t.float().expand(len(z)) / 1000), z_noise,
-                                         flow_sampler)
-        samples["eps", n] = sample_loop(lambda z, t: eps_net(z, t.float().expand(len(z)) / 1000), z_noise, ddim)
+        samples["flow", n] = sample_loop(lambda z, t: flow_net(z, t.float().expand(len(z)) / 1000),
+                                         z_noise, flow_sampler)
+        samples["eps", n] = sample_loop(lambda z, t: eps_net(z, t.float().expand(len(z)) / 1000),
+                                        z_noise, ddim)
 for key, x in samples.items():
     scores[key] = torch.cdist(x, centres).min(dim=1).values.mean().item()
 print(f"{'steps':>5s} {'flow (Euler)':>13s} {'eps (DDIM)':>11s}   mean distance to the nearest blob centre")
@@ -373,31 +390,31 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# Read the one-step column first. One Euler step from $t = 1$ lands on $z - v_\theta(z, 1)$, the *average* clean
-# point given pure noise: near the centre of the ring, between the blobs, because the network must predict the mean
-# direction over all eight. One DDIM step from an $\epsilon$ model (trailing: from $t = 999$, where a little signal is
-# left) does the same averaging. With more steps both move onto the blobs; the table above gives the numbers for
-# this run. On this toy, at equal training, the two objectives end close together at 16 steps; the SD 3 paper's
-# claim is about large image models, where rectified flow with logit-normal timesteps kept its quality at fewer
-# steps than the $\epsilon$ and $v$ objectives (its section 5.1).
+# Read the one-step column first. One Euler step from $t = 1$ lands on $z - v_\theta(z, 1)$, the *average*
+# clean point given pure noise: near the centre of the ring, between the blobs, because the network must
+# predict the mean direction over all eight. One DDIM step from an $\epsilon$ model (trailing: from $t = 999$,
+# where a little signal is left) does the same averaging. With more steps both move onto the blobs; the table
+# above gives the numbers for this run. On this toy, at equal training, the two objectives end close together
+# at 16 steps; the SD 3 paper's claim is about large image models, where rectified flow with logit-normal
+# timesteps kept its quality at fewer steps than the $\epsilon$ and $v$ objectives (its section 5.1).
 #
 # Exercises 8 and 9 ask you to write the flow-matching loss and one shifted Euler step.
 #
 # ## 3. The diffusion transformer
 #
 # ### Patchify and unpatchify
-# A transformer reads a sequence. DiT (Peebles & Xie 2023) cuts the latent $(C, H, W)$ into $p \times p$ patches and
-# maps each to a token of width $D$ with one linear layer, which is a convolution with kernel and stride $p$. A
-# $2 \times 3$ grid of patches becomes 6 tokens, numbered row by row. Fixed 2D sine-cosine positions (half the
-# channels code the column, half the row) are added, taken from the centre of a larger table, so one model serves
-# several aspect ratios. At the end a linear layer gives each token $p \cdot p \cdot C$ numbers, which
-# `unpatchify` puts back in place:
+# A transformer reads a sequence. DiT (Peebles & Xie 2023) cuts the latent $(C, H, W)$ into $p \times p$
+# patches and maps each to a token of width $D$ with one linear layer, which is a convolution with kernel and
+# stride $p$. A $2 \times 3$ grid of patches becomes 6 tokens, numbered row by row. Fixed 2D sine-cosine
+# positions (half the channels code the column, half the row) are added, taken from the centre of a larger
+# table, so one model serves several aspect ratios. At the end a linear layer gives each token $p \cdot p
+# \cdot C$ numbers, which `unpatchify` puts back in place:
 
 # %%
 toy = torch.arange(2 * 4 * 6, dtype=torch.float32).view(1, 2, 4, 6)  # (B, C, H, W) = (1, 2, 4, 6), p = 2
 p = 2
 tokens = toy.unfold(2, p, p).unfold(3, p, p)  # (B, C, h, w, p, p) = (1, 2, 2, 3, 2, 2)
-tokens = tokens.permute(0, 2, 3, 4, 5, 1).reshape(1, 6, p * p * 2)  # (B, N, p*p*C): token i*w + j is patch (i, j)
+tokens = tokens.permute(0, 2, 3, 4, 5, 1).reshape(1, 6, p * p * 2)  # (B, N, p*p*C); token i*w+j: patch i, j
 print("token 0 (top-left patch, both channels):", tokens[0, 0].tolist())
 print("latent rows 0-1, columns 0-1, channel 0:", toy[0, 0, :2, :2].flatten().tolist())
 print("unpatchify(tokens) == latent:", torch.equal(unpatchify(tokens, h=2, w=3, p=p, C=2), toy))
@@ -411,13 +428,15 @@ print("unpatchify(tokens) == latent:", torch.equal(unpatchify(tokens, h=2, w=3, 
 # $$x \leftarrow x + \alpha_1 \odot \mathrm{Attn}\big(\mathrm{LN}(x)(1 + \gamma_1) + \beta_1\big), \qquad
 #   x \leftarrow x + \alpha_2 \odot \mathrm{MLP}\big(\mathrm{LN}(x)(1 + \gamma_2) + \beta_2\big).$$
 #
-# The "Zero" is the initialisation: $W = 0$, $b = 0$, so every gate $\alpha$ starts at 0 and each block starts as the
-# identity; training opens the gates. Check it on a block of the course's MMDiT:
+# The "Zero" is the initialisation: $W = 0$, $b = 0$, so every gate $\alpha$ starts at 0 and each block starts
+# as the identity; training opens the gates. Check it on a block of the course's MMDiT:
 
 # %%
 tiny = MMDiT(MMDiTConfig.tiny())
 block = tiny.transformer_blocks[0]
-x, c, c_vec = torch.randn(2, 6, 16, generator=g), torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g)
+x = torch.randn(2, 6, 16, generator=g)  # (B, N, D) image tokens
+c = torch.randn(2, 5, 16, generator=g)  # (B, L, D) text tokens
+c_vec = torch.randn(2, 16, generator=g)  # (B, D) conditioning vector
 with torch.no_grad():
     x_out, c_out = block(x, c, c_vec)
     print(f"random adaLN weights: the block moves the image tokens by {(x_out - x).abs().max():.2f}")
@@ -430,16 +449,16 @@ with torch.no_grad():
 
 # %% [markdown]
 # ### MMDiT: two streams, one attention
-# In SD 1.5 the text is a fixed context: image queries read text keys and values (cross-attention), and the text
-# never changes. SD 3's MMDiT block (Esser et al. 2024, fig. 2) keeps **two streams** of tokens, image $x$ ($N$ tokens)
-# and text $c$ ($L$ tokens), each with its own adaLN, its own $Q, K, V$ and output projections and its own MLP, and
-# lets them meet in **one** attention over the concatenated sequence:
+# In SD 1.5 the text is a fixed context: image queries read text keys and values (cross-attention), and the
+# text never changes. SD 3's MMDiT block (Esser et al. 2024, fig. 2) keeps **two streams** of tokens, image
+# $x$ ($N$ tokens) and text $c$ ($L$ tokens), each with its own adaLN, its own $Q, K, V$ and output
+# projections and its own MLP, and lets them meet in **one** attention over the concatenated sequence:
 #
 # $$Q = [Q_x; Q_c],\; K = [K_x; K_c],\; V = [V_x; V_c], \qquad
 #   [x'; c'] = \mathrm{softmax}\!\left(\frac{Q K^\top}{\sqrt d}\right) V .$$
 #
-# So every image token attends to text and to image tokens in the same softmax, and the text tokens are updated by
-# the image in turn. The $(N + L) \times (N + L)$ weights of one head fall into four blocks:
+# So every image token attends to text and to image tokens in the same softmax, and the text tokens are
+# updated by the image in turn. The $(N + L) \times (N + L)$ weights of one head fall into four blocks:
 
 # %%
 tiny = MMDiT(MMDiTConfig.tiny())
@@ -456,19 +475,20 @@ ax.set_xticks([N / 2 - 0.5, N + L / 2 - 0.5], ["image keys", "text keys"])
 ax.set_yticks([N / 2 - 0.5, N + L / 2 - 0.5], ["image queries", "text queries"], rotation=90, va="center")
 ax.set_title("joint attention, one head (each row sums to 1)", fontsize=9)
 show(fig)
-print(f"row sums: min {weights.sum(1).min():.6f}, max {weights.sum(1).max():.6f}; share of image queries' weight "
-      f"on text keys: {weights[:N, N:].sum(1).mean():.1%} (random weights; {L / (N + L):.0%} if uniform)")
+print(f"row sums: min {weights.sum(1).min():.6f}, max {weights.sum(1).max():.6f}")
+print(f"share of the image queries' weight on text keys: {weights[:N, N:].sum(1).mean():.1%} "
+      f"(random weights; {L / (N + L):.0%} if uniform)")
 
 # %% [markdown]
-# SD 1.5's cross-attention is the top-right block alone (image queries, text keys), renormalised; MMDiT computes all
-# four in one softmax, and a text query row (bottom) is what lets the text representation change with the image.
-# The last block updates only the image stream: its text output would feed nothing.
+# SD 1.5's cross-attention is the top-right block alone (image queries, text keys), renormalised; MMDiT
+# computes all four in one softmax, and a text query row (bottom) is what lets the text representation change
+# with the image. The last block updates only the image stream: its text output would feed nothing.
 #
 # ### Build, then check against diffusers
-# `common/mmdit.py` assembles these pieces: patch embedding, the conditioning vector, the joint blocks, a final
-# adaLN and `unpatchify`. Its parameters have the names and shapes of diffusers' `SD3Transformer2DModel`, so
-# `common.convert.from_diffusers` copies a state dict across. A small diffusers model with random weights, a
-# non-square latent, and the same inputs to both:
+# `common/mmdit.py` assembles these pieces: patch embedding, the conditioning vector, the joint blocks, a
+# final adaLN and `unpatchify`. Its parameters have the names and shapes of diffusers'
+# `SD3Transformer2DModel`, so `common.convert.from_diffusers` copies a state dict across. A small diffusers
+# model with random weights, a non-square latent, and the same inputs to both:
 
 # %%
 from diffusers import SD3Transformer2DModel  # noqa: E402
@@ -485,7 +505,8 @@ z = torch.randn(2, 4, 8, 12, generator=g)  # (B, C, H, W): 4 x 6 patches
 context, pooled = torch.randn(2, 7, 24, generator=g), torch.randn(2, 12, generator=g)
 t = torch.tensor([999.0, 250.0])
 with torch.no_grad():
-    expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
+    expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled,
+                   timestep=t).sample
     got = ours(z, t, context, pooled)
 print(f"output {tuple(got.shape)}, max |ours - diffusers| = {(got - expected).abs().max():.1e} "
       f"(outputs up to {expected.abs().max():.1f})")
@@ -519,25 +540,28 @@ for name, n in rows.items():
     print(f"{name:44s} {n:14,d} {n / total:7.1%}")
 print(f"{'total':44s} {total:14,d}")
 tokens_1024 = (1024 // 8 // 2) ** 2
-print(f"a 1024 px image: 128 x 128 latent -> {tokens_1024:,d} image tokens (+ 333 text tokens: 77 CLIP + 256 T5)")
+print(f"a 1024 px image: 128 x 128 latent -> {tokens_1024:,d} image tokens, "
+      "plus 333 text tokens (77 CLIP + 256 T5)")
 del sd3
 
 # %% [markdown]
-# The two streams are about the same size: the text gets as many weights as the image, the "multimodal" in MMDiT
-# (the last block's missing text projection and MLP make the text stream slightly smaller). At 1024 px a block
-# attends over 4,096 image tokens plus 333 text tokens; chapter 05's attention-memory arithmetic applies as is.
+# The two streams are about the same size: the text gets as many weights as the image, the "multimodal" in
+# MMDiT (the last block's missing text projection and MLP make the text stream slightly smaller). At 1024 px a
+# block attends over 4,096 image tokens plus 333 text tokens; chapter 05's attention-memory arithmetic applies
+# as is.
 #
 # Exercises 10 and 11 ask you to write the adaLN-Zero modulation and the joint attention.
 #
 # ## 4. SDXL in one table
-# Between SD 1.5 and SD 3 came SDXL (Podell et al. 2023), still a UNet with $\epsilon$ prediction. What changed:
-# a UNet three times larger with its attention moved to the low resolutions (no attention at the highest level, 10
-# transformer layers per block at the lowest), **two text encoders** (CLIP ViT-L and OpenCLIP ViT-bigG, their
-# penultimate hidden states concatenated: 768 + 1280 = 2048 wide), the **pooled** bigG embedding added to the
-# timestep embedding, **micro-conditioning** on the original image size, the crop's top-left corner and the target
-# size (six numbers, each with a 256-wide sinusoidal code), and a **refiner** UNet that takes over for the last
-# low-noise steps (conditioned on an aesthetic score instead of the target size). The configs, written out below,
-# are built on the meta device with diffusers and transformers:
+# Between SD 1.5 and SD 3 came SDXL (Podell et al. 2023), still a UNet with $\epsilon$ prediction. What
+# changed: a UNet three times larger with its attention moved to the low resolutions (no attention at the
+# highest level, 10 transformer layers per block at the lowest), **two text encoders** (CLIP ViT-L and
+# OpenCLIP ViT-bigG, their penultimate hidden states concatenated: 768 + 1280 = 2048 wide), the **pooled**
+# bigG embedding added to the timestep embedding, **micro-conditioning** on the original image size, the
+# crop's top-left corner and the target size (six numbers, each with a 256-wide sinusoidal code), and a
+# **refiner** UNet that takes over for the last low-noise steps (conditioned on an aesthetic score instead of
+# the target size). The configs, written out below, are built on the meta device with diffusers and
+# transformers:
 
 # %%
 from diffusers import UNet2DConditionModel  # noqa: E402
@@ -550,19 +574,23 @@ UNETS = {
                       up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                       attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
                       addition_embed_type="text_time", addition_time_embed_dim=256,
-                      projection_class_embeddings_input_dim=1280 + 6 * 256),  # pooled bigG + 6 size/crop codes
+                      # pooled bigG + six codes: original size, crop corner, target size
+                      projection_class_embeddings_input_dim=1280 + 6 * 256),
     "SDXL refiner": dict(block_out_channels=(384, 768, 1536, 1536), transformer_layers_per_block=4,
                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                            "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                         attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280, use_linear_projection=True,
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                         "UpBlock2D"),
+                         attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
+                         use_linear_projection=True,
                          addition_embed_type="text_time", addition_time_embed_dim=256,
-                         projection_class_embeddings_input_dim=1280 + 5 * 256),  # + size, crop, aesthetic score
+                         # pooled bigG + five codes: original size, crop corner, aesthetic score
+                         projection_class_embeddings_input_dim=1280 + 5 * 256),
 }
 CLIP_L = CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                         projection_dim=768, hidden_act="quick_gelu")
-CLIP_BIGG = CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
-                           projection_dim=1280, hidden_act="gelu")
+CLIP_BIGG = CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20,
+                           intermediate_size=5120, projection_dim=1280, hidden_act="gelu")
 with torch.device("meta"):
     unet_params = {name: count(UNet2DConditionModel(**cfg)) for name, cfg in UNETS.items()}
     clip_l, clip_bigg = count(CLIPTextModel(CLIP_L)), count(CLIPTextModelWithProjection(CLIP_BIGG))
@@ -582,20 +610,21 @@ for row in table:
     print(f"{row[0]:38s} {row[1]:>20s} {row[2]:>28s} {row[3]:>26s}")
 
 # %% [markdown]
-# Two lessons carry over to SD 3: text conditioning grew (two CLIPs in SDXL; two CLIPs plus T5-XXL in SD 3, whose
-# pooled CLIP vectors feed adaLN exactly as SDXL's pooled bigG feeds the time embedding), and the compute moved to
-# where the tokens are few (SDXL's attention at the low resolutions; SD 3's 2 x 2 patches).
+# Two lessons carry over to SD 3: text conditioning grew (two CLIPs in SDXL; two CLIPs plus T5-XXL in SD 3,
+# whose pooled CLIP vectors feed adaLN exactly as SDXL's pooled bigG feeds the time embedding), and the
+# compute moved to where the tokens are few (SDXL's attention at the low resolutions; SD 3's 2 x 2 patches).
 #
 # ## Summary
-# * **v-prediction** $v = \alpha_t\epsilon - \sigma_t z_0$ is the velocity along the circle of $(\alpha_t, \sigma_t)$;
-#   converting it to $z_0$ or $\epsilon$ never amplifies an error, which is why it pairs with **zero terminal SNR**
-#   (Lin et al. 2023) and trailing timesteps. The course's DDIM, DDPM and DPM-Solver++ follow diffusers on that
-#   schedule.
+# * **v-prediction** $v = \alpha_t\epsilon - \sigma_t z_0$ is the velocity along the circle of $(\alpha_t,
+#   \sigma_t)$; converting it to $z_0$ or $\epsilon$ never amplifies an error, which is why it pairs with
+#   **zero terminal SNR** (Lin et al. 2023) and trailing timesteps. The course's DDIM, DDPM and DPM-Solver++
+#   follow diffusers on that schedule.
 # * **Flow matching** trains $v_\theta$ on the straight path $z_t = (1 - t) z_0 + t\epsilon$ with target
 #   $\epsilon - z_0$, timesteps from a logit-normal density, sampling with Euler steps on a shifted schedule
 #   (`common.flow`, equal to diffusers' `FlowMatchEulerDiscreteScheduler`).
-# * **MMDiT** patchifies the latent, conditions every block with adaLN-Zero, and runs text and image tokens through
-#   one attention with separate weights per stream (`common.mmdit`, equal to diffusers' `SD3Transformer2DModel`).
+# * **MMDiT** patchifies the latent, conditions every block with adaLN-Zero, and runs text and image tokens
+#   through one attention with separate weights per stream (`common.mmdit`, equal to diffusers'
+#   `SD3Transformer2DModel`).
 # * **SDXL** scaled the UNet and the text encoders and conditioned on image size and crop.
 #
 # ## Exercises (`06_stable_diffusion_architecture/exercises.py`, graded by `python -m common.grade 06`)
@@ -603,5 +632,6 @@ for row in table:
 # 7. `v_to_eps`: the noise from a $v$ prediction, finite at $\bar\alpha = 0$.
 # 8. `flow_matching_loss`: the straight path, the timestep $1000\,t$ and the velocity target.
 # 9. `flow_euler_step`: one Euler step on SD 3's shifted schedule, against `FlowMatchEulerDiscreteScheduler`.
-# 10. `adaln_zero`: the six modulation vectors and the modulated tokens, against diffusers' `AdaLayerNormZero`.
+# 10. `adaln_zero`: the six modulation vectors and the modulated tokens, against diffusers'
+#     `AdaLayerNormZero`.
 # 11. `joint_attention`: two token streams in one softmax, against diffusers' joint attention processor.
