@@ -125,7 +125,7 @@ print(f"predicted at t = 999: eps model's x0 error x{s_t[-1] / a_t[-1]:.1f}; at 
       f"x{a_t[0] / s_t[0]:.1f}; v model: at most x1")
 
 # %% [markdown]
-# The left panel shows the $\epsilon$ model's $\hat z_0$ error climbing to the factor printed above (about 14)
+# The left panel shows the $\epsilon$ model's $\hat z_0$ error climbing to the factor printed above (about 15)
 # at the last timesteps, where the image's layout is decided, and the right panel the $z_0$ model's
 # $\hat\epsilon$ error climbing to about 34 at the first. The $v$ curves stay at or below 1 in both panels:
 # $v$ is the one target that is well conditioned everywhere.
@@ -404,7 +404,7 @@ show(fig)
 # spacing (diffusers', which the course follows) ends at $t = 1/1000$, not at 0, so with two steps the first
 # one already runs from $t = 1$ to $0.001$ and the second has nothing left to do. The $\epsilon$ model's one
 # DDIM step fails differently: at $t = 999$ it computes $\hat z_0 = (z - \sigma\hat\epsilon)/\alpha$ with
-# $\alpha = 0.068$, so every error in $\hat\epsilon$ is multiplied by about 14 (section 1) and the points
+# $\alpha = 0.068$, so every error in $\hat\epsilon$ is multiplied by about 15 (section 1) and the points
 # scatter. From four steps on, both models put their samples on the ring and then on the blobs; the line
 # "closer to the blobs" says which model is closer at each step count in this run. The comparison that matters
 # for images is the SD 3 paper's: on large latent models, rectified flow with logit-normal timesteps kept its
