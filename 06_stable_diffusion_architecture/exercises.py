@@ -85,3 +85,74 @@ def sampler_swap(pipe, prompt: str, *, steps: int = 4, reference_steps: int = 20
     Open-ended: which sampler wins at 4, 8, 16 steps? Why is DDPM (stochastic) far from the ODE's answer?
     """
     raise NotImplementedError
+
+
+# ============================================================================ after SD 1.5 (06b_from_sd2_to_sd3)
+# Exercises 6-11 go with the second notebook. The checks grade them against diffusers: its schedulers'
+# get_velocity / add_noise, FlowMatchEulerDiscreteScheduler, AdaLayerNormZero and the joint attention of SD 3.
+
+
+# ---------------------------------------------------------------------------- 6. the v target (SD 2.x)
+def v_target(z0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The velocity v = alpha_t eps - sigma_t z_0 with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t).
+
+    z0, eps: (B, C, h, w); alpha_bar_t: (B, 1, 1, 1), one value per batch item. diffusers: ``get_velocity``.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 7. from v back to eps
+def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The noise a v prediction implies at z_t = alpha_t z_0 + sigma_t eps (derive it: solve the two equations).
+
+    It must stay finite at alpha_bar_t = 0 (zero terminal SNR: the last timestep is pure noise), so write it
+    without dividing by alpha_t or sigma_t. Shapes as in exercise 6.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 8. the flow-matching loss (SD 3)
+def flow_matching_loss(velocity_fn, z0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The rectified-flow loss at noise levels ``sigma`` (B,) in [0, 1] (Esser et al. 2024, eq. 3 and the velocity).
+
+    1. z_t = (1 - t) z_0 + t eps, with t = sigma broadcast per batch item (B, 1, 1, 1);
+    2. v = velocity_fn(z_t, 1000 * sigma)   (the network takes diffusers' timestep, 1000 t);
+    3. return the mean squared error between v and the target velocity eps - z_0 (a 0-d tensor).
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 9. one Euler step with the shift
+def flow_euler_step(v: torch.Tensor, z: torch.Tensor, sigma: float, sigma_next: float, shift: float) -> torch.Tensor:
+    """z at sigma_next from z at sigma and the velocity v there, on SD 3's shifted schedule.
+
+    Shift both noise levels, t' = shift t / (1 + (shift - 1) t), then take one Euler step of dz/dt = v from t'
+    to t'_next (sigma_next < sigma: towards the data). diffusers: FlowMatchEulerDiscreteScheduler(shift=shift).
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 10. adaLN-Zero modulation
+def adaln_zero(x: torch.Tensor, c_vec: torch.Tensor, linear: torch.nn.Linear):
+    """DiT's adaptive layer norm with gates, as one MMDiT stream applies it before its attention.
+
+    x: (B, N, D) tokens; c_vec: (B, D) the conditioning vector; linear: nn.Linear(D, 6 D).
+    1. (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp) = linear(SiLU(c_vec)), six (B, D) chunks in that order;
+    2. x_mod = LayerNorm(x) * (1 + scale) + shift   (LayerNorm without weights, eps = 1e-6, over D; broadcast
+       the (B, D) vectors over the N tokens).
+    Return (x_mod, gate, shift_mlp, scale_mlp, gate_mlp), as diffusers' AdaLayerNormZero does.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 11. joint attention of two streams
+def joint_attention(x: torch.Tensor, c: torch.Tensor, attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD 3's attention: image tokens x (B, N, D) and text tokens c (B, L, D) attend in one sequence.
+
+    ``attn`` holds each stream's weights: ``to_q, to_k, to_v, to_out[0]`` for the image, ``add_q_proj,
+    add_k_proj, add_v_proj, to_add_out`` for the text, and ``attn.heads``. Project each stream with its own
+    weights, split into heads (B, heads, tokens, D / heads), concatenate image then text along the tokens,
+    run softmax(Q K^T / sqrt(d)) V once, split the result back at N and apply each stream's output projection.
+    Return (x_out (B, N, D), c_out (B, L, D)).
+    """
+    raise NotImplementedError

@@ -1,7 +1,8 @@
 """Moving weights between the course's modules and diffusers / transformers.
 
-Because the course's AutoencoderKL, UNet and CLIP text model have exactly the parameter names and shapes of
-diffusers' ``AutoencoderKL``, ``UNet2DConditionModel`` and transformers' ``CLIPTextModel`` for the same
+Because the course's AutoencoderKL, UNet, MMDiT and CLIP text model have exactly the parameter names and shapes
+of diffusers' ``AutoencoderKL``, ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and transformers'
+``CLIPTextModel`` for the same
 configuration, conversion is two steps: translate the config, then ``load_state_dict(strict=True)``.
 Nothing is renamed, so nothing can be renamed wrongly; a strict load fails loudly on any mismatch.
 
@@ -40,8 +41,12 @@ def from_diffusers(module: nn.Module) -> nn.Module:
         from common.unet import UNet, UNetConfig
 
         return _copy_weights(module, UNet(UNetConfig.from_diffusers(dict(module.config))))
-    raise ValueError(f"from_diffusers converts diffusers.AutoencoderKL or diffusers.UNet2DConditionModel, "
-                     f"got {type(module).__name__}")
+    if isinstance(module, diffusers.SD3Transformer2DModel):
+        from common.mmdit import MMDiT, MMDiTConfig
+
+        return _copy_weights(module, MMDiT(MMDiTConfig.from_diffusers(dict(module.config))))
+    raise ValueError(f"from_diffusers converts diffusers.AutoencoderKL, UNet2DConditionModel or "
+                     f"SD3Transformer2DModel, got {type(module).__name__}")
 
 
 def to_diffusers(module: nn.Module) -> nn.Module:
@@ -49,14 +54,17 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     import diffusers
 
     from common.autoencoder import AutoencoderKL
+    from common.mmdit import MMDiT
     from common.unet import UNet
 
     if isinstance(module, AutoencoderKL):
         return _copy_weights(module, diffusers.AutoencoderKL(**module.config.to_diffusers()))
     if isinstance(module, UNet):
         return _copy_weights(module, diffusers.UNet2DConditionModel(**module.config.to_diffusers()))
-    raise ValueError(f"to_diffusers converts common.autoencoder.AutoencoderKL or common.unet.UNet, "
-                     f"got {type(module).__name__}")
+    if isinstance(module, MMDiT):
+        return _copy_weights(module, diffusers.SD3Transformer2DModel(**module.config.to_diffusers()))
+    raise ValueError(f"to_diffusers converts common.autoencoder.AutoencoderKL, common.unet.UNet or "
+                     f"common.mmdit.MMDiT, got {type(module).__name__}")
 
 
 def from_transformers(module: nn.Module) -> nn.Module:

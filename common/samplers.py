@@ -4,6 +4,8 @@
 * DDIM: Song et al. 2021, eq. 12 with sigma_t(eta) of eq. 16; eta = 0 is deterministic, eta = 1 is DDPM-like.
 * DPM-Solver++(2M): Lu et al. 2022, "DPM-Solver++", Algorithm 2: a second-order multistep solver of the
   diffusion ODE written for the data prediction x0, the default sampler of many SD front ends.
+* Flow matching's Euler sampler (SD 3) lives in ``common.flow``; ``sampler_from_diffusers("flow_euler", ...)``
+  builds it too.
 
 All three follow diffusers' DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler step for step (the
 tests pin every step against them, 1e-5), for prediction types "epsilon", "v_prediction" and "sample". They
@@ -23,11 +25,13 @@ noisiest timestep) and "linspace" (evenly rounded from 0 to T-1).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 
+from common.flow import FlowEulerSampler
 from common.schedules import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -296,6 +300,12 @@ class DPMSolverPP2MSampler(Sampler):
         self.lower_order_final = lower_order_final
         # end at sigma = 0 (alpha_bar = 1, fully clean) or at the schedule's smallest noise alpha_bar[0]
         self.final_sigmas_type = final_sigmas_type
+        if schedule.alpha_bar[-1] == 0:
+            # zero terminal SNR: lambda = log(alpha / sigma) is -inf at alpha_bar = 0, so, as diffusers does,
+            # this sampler works on a copy whose last alpha_bar is the smallest positive float16, 2^-24
+            schedule = copy.copy(schedule)
+            schedule.alpha_bar = schedule.alpha_bar.clone()
+            schedule.alpha_bar[-1] = 2.0**-24
         super().__init__(
             schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
         )
@@ -390,9 +400,12 @@ def sampler_from_diffusers(name: str, config: Mapping, steps: int) -> Sampler:
 
     Reads the schedule (``NoiseSchedule.from_diffusers``) and the sampler options the config sets; options it
     omits take diffusers' defaults for that class (so DPM-Solver++ from SD 1.5's config spaces by "linspace").
+    ``"flow_euler"`` is FlowMatchEulerDiscreteScheduler (SD 3): a ``common.flow.FlowEulerSampler``.
     """
+    if name == "flow_euler":  # flow matching (SD 3) has no NoiseSchedule: common.flow reads its own config
+        return FlowEulerSampler.from_diffusers(config, steps)
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join([*SAMPLERS, 'flow_euler'])}")
     cls = SAMPLERS[name]
     options = {key: default if config.get(key) is None else config[key]
                for key, default in cls.diffusers_defaults.items()}

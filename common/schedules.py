@@ -13,6 +13,10 @@ Papers and equations:
   v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0, the target Stable Diffusion 2 (768 px) trains on.
 * Rombach et al. 2022 (Stable Diffusion): the "scaled_linear" schedule,
   betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2.
+* Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps Are Flawed" (Algorithm 1): rescale
+  sqrt(alpha_bar_t) linearly so that sqrt(alpha_bar_0) is unchanged and sqrt(alpha_bar_{T-1}) = 0, i.e. the
+  last training timestep is pure noise (zero terminal SNR). It needs v prediction: at alpha_bar = 0 an eps
+  prediction says nothing about z_0.
 
 Notation, paper -> code:
 
@@ -59,6 +63,19 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
     raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose alpha_bar ends at exactly 0 (Lin et al. 2023, Algorithm 1), computed as diffusers does.
+
+    With s_t = sqrt(alpha_bar_t): s'_t = (s_t - s_{T-1}) * s_0 / (s_0 - s_{T-1}), so s'_0 = s_0 and s'_{T-1} = 0.
+    """
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    s_first, s_last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - s_last) * (s_first / (s_first - s_last))  # shift, then rescale
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])  # undo the cumprod
+    return 1 - alphas
+
+
 def check_prediction_type(prediction_type: str) -> str:
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(
@@ -80,6 +97,7 @@ class NoiseSchedule:
     beta_start: float = 0.00085  # beta_0 (unused by cosine); SD: 0.00085, DDPM: 1e-4
     beta_end: float = 0.012  # beta_{T-1} (unused by cosine); SD: 0.012, DDPM: 0.02
     prediction_type: str = "epsilon"  # the network's output: eps (SD 1.x), v (SD 2.x 768px) or x0 ("sample")
+    rescale_zero_snr: bool = False  # Lin et al. 2023: alpha_bar_{T-1} = 0 exactly; use with v prediction
     betas: torch.Tensor = field(init=False, repr=False, compare=False)
     alphas: torch.Tensor = field(init=False, repr=False, compare=False)
     alpha_bar: torch.Tensor = field(init=False, repr=False, compare=False)
@@ -89,6 +107,8 @@ class NoiseSchedule:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         check_prediction_type(self.prediction_type)
         self.betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self.rescale_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)  # float32 cumprod, as diffusers does
 
@@ -120,8 +140,6 @@ class NoiseSchedule:
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler config has explicit trained_betas; only named beta schedules are supported "
                              f"({', '.join(_FROM_DIFFUSERS_SCHEDULE)})")
-        if config.get("rescale_betas_zero_snr", False):
-            raise ValueError("rescale_betas_zero_snr=True (Lin et al. 2023) is not implemented; expected False")
         name = config.get("beta_schedule", "linear")
         if name not in _FROM_DIFFUSERS_SCHEDULE:
             raise ValueError(
@@ -134,6 +152,7 @@ class NoiseSchedule:
             beta_start=float(config.get("beta_start", 0.0001)),
             beta_end=float(config.get("beta_end", 0.02)),
             prediction_type=config.get("prediction_type", "epsilon"),
+            rescale_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
         )
 
     def to_diffusers(self) -> dict:
@@ -144,6 +163,7 @@ class NoiseSchedule:
             "beta_end": self.beta_end,
             "beta_schedule": _TO_DIFFUSERS_SCHEDULE[self.beta_schedule],
             "prediction_type": self.prediction_type,
+            "rescale_betas_zero_snr": self.rescale_zero_snr,
         }
 
     # ---- looking things up at t -----------------------------------------------------------------------

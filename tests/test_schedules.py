@@ -129,8 +129,6 @@ def test_bad_schedule_and_prediction_type_name_the_choices():
         NoiseSchedule.from_diffusers({"beta_schedule": "laplace"})
     with pytest.raises(ValueError, match="trained_betas"):
         NoiseSchedule.from_diffusers({"trained_betas": [0.1, 0.2]})
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        NoiseSchedule.from_diffusers({"rescale_betas_zero_snr": True})
     assert set(PREDICTION_TYPES) == {"epsilon", "v_prediction", "sample"}
 
 
