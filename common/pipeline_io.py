@@ -187,10 +187,11 @@ def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
     files are replaced."""
     from common.cli import ship
 
-    return ship(path, "pipeline", lambda tmp: _write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained")
+    return ship(path, "pipeline", lambda tmp: write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained")
 
 
-def _write_pipeline(pipe, tmp: Path) -> None:
+def write_pipeline(pipe, tmp: Path) -> None:
+    """The diffusers folder's files, written into the empty folder ``tmp`` (``save_pipeline`` ships them)."""
     from common.convert import to_transformers
     from common.pipeline import DIFFUSERS_SCHEDULERS
 
