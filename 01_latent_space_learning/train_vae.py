@@ -275,6 +275,9 @@ def main(argv=None) -> dict:
     out = cli.writable_dir(args.out, "--out")  # the outputs' places are checked before the training
     if args.ship:
         cli.check_ship(args.ship, "vae", overwrite=args.overwrite)
+    if args.resume not in ("auto", "no") and not Path(args.resume).exists():
+        raise cli.UsageError(f"--resume {args.resume}: no such checkpoint folder; expected 'auto', 'no' or a "
+                             "checkpoint path such as runs/vae/checkpoints/step_0000200")
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise cli.UsageError(f"--init-from {args.init_from}: no trained VAE there (expected config.json and "
                              f"{WEIGHTS_NAME}, as --ship writes)")

@@ -21,8 +21,11 @@ Checkpoint layout (``out_dir/checkpoints/step_000100/``)::
     done                written last; a folder without it is an interrupted write and is ignored
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write never leaves a
-half checkpoint under a real name; the previous checkpoints are kept (``keep``), and a corrupt newest one
-is skipped with a warning in favour of the one before it.
+half checkpoint under a real name (the temporary folders of killed runs are removed by the next save); the
+previous checkpoints are kept (``keep``), and a corrupt newest one is skipped with a warning in favour of the
+one before it. A resume whose plan differs from the checkpoint's (``PLAN_FIELDS``: lr, batch size, schedule,
+seed, ...) is refused with the differences named: the run's record would otherwise claim values it did not
+use. ``steps`` may grow: an extended run is the same run.
 """
 
 from __future__ import annotations
