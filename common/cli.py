@@ -67,7 +67,7 @@ def run(main: Callable, argv: list[str] | None = None, prog: str | None = None) 
         if isinstance(e.code, str):
             print(f"{prog}: error: {one_line(e.code)}", file=sys.stderr)
             return 2
-        raise
+        return e.code or 0  # argparse's own exits: 0 after --help, 2 after its one-line error
     except Exception as e:
         if os.environ.get("COURSE_DEBUG") or not is_user_error(e):
             raise
@@ -263,8 +263,8 @@ def ship(dest: str | Path, kind: str, write: Callable[[Path], None], *, overwrit
     (each an atomic rename), the files of the previous ship that this one does not write are removed, and the
     manifest naming the files is written last. A file in ``dest`` that no ship listed is never touched.
     """
-    dest = check_ship(dest, kind, overwrite=overwrite, what=what)
-    parent = dest.resolve().parent
+    dest = check_ship(dest, kind, overwrite=overwrite, what=what).resolve()  # "." and ".." get their real names
+    parent = dest.parent
     remove_stale_tmp(parent, f".{dest.name}.ship-*.tmp")
     tmp = parent / f".{dest.name}.ship-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -281,7 +281,7 @@ def ship(dest: str | Path, kind: str, write: Callable[[Path], None], *, overwrit
             os.replace(tmp / rel, dest / rel)
         for rel in sorted(set(old) - set(new)):  # the previous ship's files that this one does not write
             target = dest / rel
-            if target.resolve().is_relative_to(dest.resolve()) and target.is_file():
+            if target.resolve().is_relative_to(dest) and target.is_file():
                 target.unlink()
                 for folder in target.parents:  # the sub-folders the course made, once empty
                     if folder == dest or not folder.is_relative_to(dest) or any(folder.iterdir()):

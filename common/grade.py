@@ -77,7 +77,7 @@ def grade(chapter: str, file: str | Path | None = None, only: list[str] | None =
     target = Path(file) if file is not None else folder / "exercises.py"
     if not target.is_file():
         raise FileNotFoundError(f"--file {target} does not exist; give the path of your exercises file")
-    names = [name for name, _ in _check_names(folder / "checks.py")]
+    names = [name for name, _ in _load_checks(folder / "checks.py")]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ValueError(f"no exercise named {', '.join(unknown)} in chapter {folder.name}; "
@@ -91,14 +91,22 @@ def grade(chapter: str, file: str | Path | None = None, only: list[str] | None =
     return results
 
 
-def _check_names(checks_path: Path) -> list[tuple[str, object]]:
+def _load_checks(checks_path: Path) -> list[tuple[str, object]]:
     return load_module(checks_path).CHECKS
+
+
+def _start_method() -> str:
+    """fork (no second import of torch: the worker starts in milliseconds) unless CUDA is already initialised in
+    this process, which a forked child cannot use; spawn there and where fork does not exist."""
+    torch = sys.modules.get("torch")
+    cuda_on = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() and not cuda_on else "spawn"
 
 
 def _grade_in_worker(checks_path: Path, target: Path, names: list[str], timeout: float) -> list[Result]:
     """Grade ``names`` in one worker process until they are done or one of them stops the worker; returns the
     results so far (the one that stopped it included)."""
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    ctx = multiprocessing.get_context(_start_method())
     receive, send = ctx.Pipe(duplex=False)
     worker = ctx.Process(target=_worker, args=(str(checks_path), str(target), names, send), daemon=True)
     worker.start()
@@ -136,7 +144,7 @@ def _worker(checks_path: str, target_path: str, names: list[str], send) -> None:
     """In the worker process: load the checks and the file, run the named checks, send one Result each."""
     os.environ.setdefault("COURSE_GRADING", "1")
     try:
-        checks = dict(_check_names(Path(checks_path)))
+        checks = dict(_load_checks(Path(checks_path)))
         target = load_module(target_path)
     except BaseException as e:  # the file does not import: every exercise reports it
         detail = f"{Path(target_path).name} does not import: {_describe(e)}"
