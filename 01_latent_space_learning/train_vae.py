@@ -208,8 +208,8 @@ def ship(vae: AutoencoderKL, folder: Path, info: dict, grid: Path | None, *, ove
     def write(tmp: Path) -> None:
         vae.save(tmp)
         info["sha256"] = sha256(tmp / WEIGHTS_NAME)
-        (tmp / "metrics.json").write_text(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2)
-                                          + "\n")
+        metrics = {k: v for k, v in info.items() if k != "config"}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if grid is not None and grid.exists():
             shutil.copy(grid, tmp / "reconstructions.png")
         write_card(tmp, info)
@@ -244,7 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default="auto", help="'auto' (the newest checkpoint in --out, if any), 'no', or a checkpoint path")
     p.add_argument("--ship", default=None, help="also write the diffusers folder + model card here (e.g. checkpoints/vae_shapes)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --ship write over same-named files in a folder the course did not write (others are kept)")
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     args = p.parse_args(argv)

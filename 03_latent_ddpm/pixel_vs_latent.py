@@ -148,7 +148,8 @@ def main(argv=None) -> list[dict]:
     print(describe(device), f"batch={batch_size} repeats={repeats}")
     rows = [row for case in cases for row in compare(case, batch_size, repeats, device, width)]
     print(table(rows))
-    cli.atomic_write(out / "result.json", json.dumps({"batch_size": batch_size, "rows": rows}, indent=2) + "\n")
+    result = json.dumps({"batch_size": batch_size, "rows": rows}, indent=2) + "\n"
+    cli.atomic_write(out / "result.json", result)
     return rows
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/digits_classifier", help="run folder: cache, checkpoints, log.csv")
     p.add_argument("--ship", default=None, help="also write config.json + model.safetensors + README.md here")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --ship write over same-named files in a folder the course did not write (others are kept)")
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default: budget fast 5 / cpu 1200)")
     p.add_argument("--train-size", type=cli.positive_int, default=None, help="training digits (default: fast 256 / cpu 20000)")
     p.add_argument("--test-size", type=cli.positive_int, default=None, help="held-out digits (default: fast 256 / cpu 2000)")

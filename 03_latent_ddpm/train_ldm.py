@@ -220,7 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folder (default: runs/ldm_<data>)")
     p.add_argument("--ship", default=None, help="also write the model folder + README.md card here")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --ship write over same-named files in a folder the course did not write (others are kept)")
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in --out), 'no', or a checkpoint path")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)

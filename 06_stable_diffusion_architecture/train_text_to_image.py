@@ -42,12 +42,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=cli.positive_int, default=None, help="override the config's optimizer steps")
     p.add_argument("--batch-size", type=cli.positive_int, default=None, help="override the config's batch size")
     p.add_argument("--lr", type=cli.positive_float, default=None, help="override the config's learning rate")
-    p.add_argument("--train-size", type=cli.positive_int, default=None, help="override the number of cached training items")
+    p.add_argument("--train-size", type=cli.positive_int, default=None,
+                   help="override the number of cached training items")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
                    help="override the config's mixed precision (no = fp32)")
     p.add_argument("--ema-decay", type=cli.fraction, default=None, help="override the config's EMA decay")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=None, help="override the config's LR warm-up steps")
-    p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None, help="override how often (steps) a checkpoint is written")
+    p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
+                   help="override how often (steps) a checkpoint is written")
     p.add_argument("--init-from", default=None,
                    help="start from a shipped course pipeline folder of the same config (fine-tuning), "
                         "e.g. checkpoints/course_t2i")
@@ -62,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-resume", action="store_true", help="start fresh even if --out holds checkpoints")
     p.add_argument("--ship", default=None, help="write the trained pipeline (EMA weights) here, with a model card")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --ship write over same-named files in a folder the course did not write (others are kept)")
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -134,6 +136,7 @@ def main(argv=None) -> dict:
                     f"{final_loss}\n"
                     f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
                     f"- hardware: {hardware}\n- weights: the EMA weights, stored in fp32\n")
+
         def write(folder: Path) -> None:
             write_pipeline(pipe, folder)
             write_model_card(folder, training)
