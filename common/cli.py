@@ -231,6 +231,7 @@ def check_ship(dest: str | Path, kind: str, *, overwrite: bool = False, what: st
     from common.runtime import is_fast
 
     dest = Path(dest)
+    flag = "--overwrite" if what.startswith("--") else "overwrite=True"
     if is_fast() and in_checkpoints(dest):
         raise UsageError(f"{what} {dest}: COURSE_FAST=1 never writes into checkpoints/ (a seconds-long run would "
                          "replace a shipped model); unset COURSE_FAST or ship somewhere else")
@@ -240,13 +241,13 @@ def check_ship(dest: str | Path, kind: str, *, overwrite: bool = False, what: st
         manifest = read_manifest(dest)
         if manifest is not None and manifest.get("kind") != kind:
             raise UsageError(f"{what} {dest} holds a {manifest.get('kind')} the course shipped, not a {kind}; ship "
-                             "into a new folder, or pass --overwrite to replace it (other files are kept)")
+                             f"into a new folder, or pass {flag} to replace it (other files are kept)")
         if manifest is None:
             theirs = sorted(p.name for p in dest.iterdir())
             if theirs:
-                raise UsageError(f"{what} {dest} is not empty and was not shipped by the course ({len(theirs)} "
-                                 f"entries, e.g. {', '.join(theirs[:3])}); ship into a new or empty folder, or pass "
-                                 "--overwrite to write over same-named files (the others are kept)")
+                raise UsageError(f"{what} {dest} is not empty and was not shipped by the course (it holds "
+                                 f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); ship into a new or "
+                                 f"empty folder, or pass {flag} to write over same-named files (the others are kept)")
     writable_dir(dest.parent, f"the folder of {what}")
     return dest
 
