@@ -222,6 +222,13 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), list) else None
 
 
+def write_manifest(folder: str | Path, kind: str) -> Path:
+    """Record every file now in ``folder`` as the course's ``kind`` ship (for a folder shipped by hand)."""
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return atomic_write(folder / MANIFEST, json.dumps({"kind": kind, "files": files}, indent=1))
+
+
 def in_checkpoints(path: Path) -> bool:
     return Path(path).resolve().is_relative_to(CHECKPOINTS.resolve())
 
