@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cli
 from common.autoencoder import WEIGHTS_NAME, AutoencoderConfig, AutoencoderKL
 from common.losses import LPIPS, PatchDiscriminator, VAELoss, VAELossWeights, lpips_backbone_available, lpips_backbone_path
 from common.metrics import psnr, ssim
@@ -200,52 +201,52 @@ as many numbers ({m['bicubic_side']} x {m['bicubic_side']} x 3 = {m['bicubic_num
     return path
 
 
-def ship(vae: AutoencoderKL, folder: Path, info: dict, grid: Path | None) -> Path:
-    """Write the diffusers folder + card atomically: into ``folder.tmp`` first, then renamed over ``folder``."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save(tmp)
-    info["sha256"] = sha256(tmp / WEIGHTS_NAME)
-    (tmp / "metrics.json").write_text(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2) + "\n")
-    if grid is not None and grid.exists():
-        shutil.copy(grid, tmp / "reconstructions.png")
-    write_card(tmp, info)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
-    return folder
+def ship(vae: AutoencoderKL, folder: Path, info: dict, grid: Path | None, *, overwrite: bool = False,
+         what: str = "--ship") -> Path:
+    """Write the diffusers folder + card through ``common.cli.ship``: a user's files in ``folder`` are kept, a
+    folder the course did not write is refused unless ``overwrite``, a previous VAE ship is replaced."""
+    def write(tmp: Path) -> None:
+        vae.save(tmp)
+        info["sha256"] = sha256(tmp / WEIGHTS_NAME)
+        metrics = {k: v for k, v in info.items() if k != "config"}
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if grid is not None and grid.exists():
+            shutil.copy(grid, tmp / "reconstructions.png")
+        write_card(tmp, info)
+
+    return cli.ship(folder, "vae", write, overwrite=overwrite, what=what)
 
 
 # ----------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", choices=DATASETS, default="shapes")
-    p.add_argument("--resolution", type=int, default=None, help="image side (default: 64, digits 32)")
+    p.add_argument("--resolution", type=cli.positive_int, default=None, help="image side (default: 64, digits 32)")
     p.add_argument("--factor", type=int, choices=FACTORS, default=4, help="downsampling factor f = image side / latent side")
-    p.add_argument("--latent-channels", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="default: budget(fast=4, cpu=2500 on shapes, else 1000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: budget(fast=4, cpu=8)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the run)")
-    p.add_argument("--init-logvar", type=float, default=-6.0,
+    p.add_argument("--latent-channels", type=cli.positive_int, default=4)
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="default: budget(fast=4, cpu=2500 on shapes, else 1000)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="default: budget(fast=4, cpu=8)")
+    p.add_argument("--lr", type=cli.positive_float, default=1e-3)
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=None, help="warm-up steps (default: 5%% of the run)")
+    p.add_argument("--init-logvar", type=cli.finite_float, default=-6.0,
                    help="initial bias of the posterior's log-variance. At the default init (logvar ~ 0) z carries "
                         "noise of std ~1 and, with a KL weight of 1e-6, Adam takes thousands of steps to walk it down; "
                         "the trained posterior ends narrow anyway, so a short run starts it there")
     p.add_argument("--init-from", default=None, help="start from a trained VAE folder of the same config (fine-tuning)")
-    p.add_argument("--kl-weight", type=float, default=1e-6,
+    p.add_argument("--kl-weight", type=cli.nonnegative_float, default=1e-6,
                    help="SD's kl_weight: KL summed per image against the L1 summed over the image's pixels (taming/SD "
                         "convention). VAELoss averages the L1 over pixels, so it gets kl_weight / (3 H W)")
-    p.add_argument("--lpips-weight", type=float, default=1.0, help="used only when the LPIPS backbone is on disk")
-    p.add_argument("--gan-weight", type=float, default=0.0, help="adversarial weight (x adaptive lambda); 0 = off")
-    p.add_argument("--disc-start", type=int, default=None, help="step the discriminator starts (default: half the run)")
-    p.add_argument("--eval-images", type=int, default=None, help="held-out images to evaluate (default: fast 8, cpu 256)")
+    p.add_argument("--lpips-weight", type=cli.nonnegative_float, default=1.0, help="used only when the LPIPS backbone is on disk")
+    p.add_argument("--gan-weight", type=cli.nonnegative_float, default=0.0, help="adversarial weight (x adaptive lambda); 0 = off")
+    p.add_argument("--disc-start", type=cli.nonnegative_int, default=None, help="step the discriminator starts (default: half the run)")
+    p.add_argument("--eval-images", type=cli.positive_int, default=None, help="held-out images to evaluate (default: fast 8, cpu 256)")
     p.add_argument("--out", default="runs/vae", help="run folder: checkpoints, log, grid, metrics, final model")
     p.add_argument("--resume", default="auto", help="'auto' (the newest checkpoint in --out, if any), 'no', or a checkpoint path")
     p.add_argument("--ship", default=None, help="also write the diffusers folder + model card here (e.g. checkpoints/vae_shapes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     args = p.parse_args(argv)
     args.resolution = args.resolution or (32 if args.data == "digits" else 64)
     if args.resolution % args.factor:
@@ -253,11 +254,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"the encoder halves the side {int(math.log2(args.factor))} times (try {args.resolution // args.factor * args.factor})")
     if args.latent_channels < 1:
         p.error(f"--latent-channels must be >= 1, got {args.latent_channels}")
-    args.steps = args.steps or budget(fast=4, cpu=2500 if args.data == "shapes" else 1000)
-    args.batch_size = args.batch_size or budget(fast=4, cpu=8)
+    args.steps = args.steps if args.steps is not None else budget(fast=4, cpu=2500 if args.data == "shapes" else 1000)
+    args.batch_size = args.batch_size if args.batch_size is not None else budget(fast=4, cpu=8)
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     args.disc_start = args.disc_start if args.disc_start is not None else args.steps // 2
-    args.eval_images = args.eval_images or budget(fast=8, cpu=256)
+    args.eval_images = args.eval_images if args.eval_images is not None else budget(fast=8, cpu=256)
     try:
         get_device(args.device)
     except ValueError as e:
@@ -271,19 +272,24 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     device = get_device(args.device)
     print(describe(device))
-    out = Path(args.out)
-    try:
-        train_ds = Images(args.data, args.resolution, "train", args.steps * args.batch_size + 256, args.seed, args.factor)
-        test_ds = Images(args.data, args.resolution, "test", args.eval_images, args.seed + 1, args.factor)
-    except ValueError as e:
-        sys.exit(f"train_vae.py: error: {e}")
+    out = cli.writable_dir(args.out, "--out")  # the outputs' places are checked before the training
+    if args.ship:
+        cli.check_ship(args.ship, "vae", overwrite=args.overwrite)
+    if args.resume not in ("auto", "no") and not Path(args.resume).exists():
+        raise cli.UsageError(f"--resume {args.resume}: no such checkpoint folder; expected 'auto', 'no' or a "
+                             "checkpoint path such as runs/vae/checkpoints/step_0000200")
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        raise cli.UsageError(f"--init-from {args.init_from}: no trained VAE there (expected config.json and "
+                             f"{WEIGHTS_NAME}, as --ship writes)")
+    train_ds = Images(args.data, args.resolution, "train", args.steps * args.batch_size + 256, args.seed, args.factor)
+    test_ds = Images(args.data, args.resolution, "test", args.eval_images, args.seed + 1, args.factor)
 
     config = vae_config(resolution=args.resolution, factor=args.factor, latent_channels=args.latent_channels)
     vae = AutoencoderKL(config)
     if args.init_from:  # fine-tune a trained VAE of the same config (its weights replace the initialisation)
         start = AutoencoderKL.load(args.init_from)
         if start.config.block_out_channels != config.block_out_channels or start.config.latent_channels != config.latent_channels:
-            sys.exit(f"train_vae.py: error: --init-from {args.init_from} holds a VAE of another config "
+            raise cli.UsageError(f"--init-from {args.init_from} holds a VAE of another config "
                      f"({start.config.block_out_channels}, {start.config.latent_channels} latent channels); expected "
                      f"{config.block_out_channels}, {config.latent_channels}")
         vae.load_state_dict(start.state_dict())
@@ -387,14 +393,14 @@ def main(argv=None) -> dict:
         "parameters": sum(p.numel() for p in vae.parameters()), "scaling_factor": vae.config.scaling_factor,
         "latent_std": std, "metrics": metrics, "config": dataclasses.asdict(vae.config), "fast_mode": is_fast(),
     }
-    ship(vae, out / "final", dict(info), grid)
+    ship(vae, out / "final", dict(info), grid, overwrite=True, what="--out")  # the run folder's own copy
     (out / "metrics.json").write_text(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2) + "\n")
     if args.ship:
-        shipped = ship(vae, Path(args.ship), dict(info), grid)
+        shipped = ship(vae, Path(args.ship), dict(info), grid, overwrite=args.overwrite)
         print(f"shipped to {shipped} (diffusers layout + README.md model card)")
     print(f"training {train_minutes:.1f} min, total {total_minutes:.1f} min; run folder {out}")
     return info
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

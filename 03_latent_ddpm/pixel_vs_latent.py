@@ -24,11 +24,13 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from common import cli
 from common.runtime import budget, describe, get_device, seed_everything
 from common.unet import UNet, UNetConfig
 
@@ -123,33 +125,33 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--cases", default="digits,shapes", help=f"comma-separated, from {', '.join(CASES)}")
-    p.add_argument("--batch-size", type=int, default=None, help="default: fast 4 / cpu 32")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per row (default: fast 1 / cpu 5)")
-    p.add_argument("--width", type=int, default=None, help="base UNet width (default: the presets')")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="default: fast 4 / cpu 32")
+    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed steps per row (default: fast 1 / cpu 5)")
+    p.add_argument("--width", type=cli.positive_int, default=None, help="base UNet width (default: the presets')")
     p.add_argument("--out", default="runs/pixel_vs_latent", help="writes result.json here")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",")]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; expected among {', '.join(CASES)}")
+    out = cli.writable_dir(args.out, "--out")  # checked before the measurements
     device = get_device(args.device)
     seed_everything(args.seed)
-    batch_size = args.batch_size or budget(fast=4, cpu=32, device=device)
-    repeats = args.repeats or budget(fast=1, cpu=5, device=device)
-    width = args.width or budget(fast=16, cpu=None, device=device)
+    batch_size = args.batch_size if args.batch_size is not None else budget(fast=4, cpu=32, device=device)
+    repeats = args.repeats if args.repeats is not None else budget(fast=1, cpu=5, device=device)
+    width = args.width if args.width is not None else budget(fast=16, cpu=None, device=device)
     print(describe(device), f"batch={batch_size} repeats={repeats}")
     rows = [row for case in cases for row in compare(case, batch_size, repeats, device, width)]
     print(table(rows))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"batch_size": batch_size, "rows": rows}, indent=2) + "\n")
+    result = json.dumps({"batch_size": batch_size, "rows": rows}, indent=2) + "\n"
+    cli.atomic_write(out / "result.json", result)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import cli
 from common.classifier import ClassifierConfig, DigitClassifier, accuracy
 from common.data import Digits
 from common.runtime import budget, describe, get_device, seed_everything
@@ -53,26 +54,30 @@ def sha256(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--out", default="runs/digits_classifier", help="run folder: cache, checkpoints, log.csv")
     p.add_argument("--ship", default=None, help="also write config.json + model.safetensors + README.md here")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: budget fast 5 / cpu 1200)")
-    p.add_argument("--train-size", type=int, default=None, help="training digits (default: fast 256 / cpu 20000)")
-    p.add_argument("--test-size", type=int, default=None, help="held-out digits (default: fast 256 / cpu 2000)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--overwrite", action="store_true",
+                   help="ship into a non-course folder: replace same-named files, keep the others")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default: budget fast 5 / cpu 1200)")
+    p.add_argument("--train-size", type=cli.positive_int, default=None, help="training digits (default: fast 256 / cpu 20000)")
+    p.add_argument("--test-size", type=cli.positive_int, default=None, help="held-out digits (default: fast 256 / cpu 2000)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64)
+    p.add_argument("--lr", type=cli.positive_float, default=2e-3)
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
     args = p.parse_args(argv)
 
     device = get_device(args.device)
     seed_everything(args.seed)
-    steps = args.steps or budget(fast=5, cpu=1200, gpu=3000, device=device)
-    n_train = args.train_size or budget(fast=256, cpu=20_000, gpu=60_000, device=device)
-    n_test = args.test_size or budget(fast=256, cpu=2000, device=device)
-    out = Path(args.out)
+    steps = args.steps if args.steps is not None else budget(fast=5, cpu=1200, gpu=3000, device=device)
+    n_train = args.train_size if args.train_size is not None else budget(fast=256, cpu=20_000, gpu=60_000, device=device)
+    n_test = args.test_size if args.test_size is not None else budget(fast=256, cpu=2000, device=device)
+    out = cli.writable_dir(args.out, "--out")  # where the outputs go is checked before the work
+    if args.ship:
+        cli.check_ship(args.ship, "classifier", overwrite=args.overwrite)
     print(describe(device))
     print(f"steps={steps} train={n_train} test={n_test} batch={args.batch_size}")
 
@@ -106,14 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
           f"train accuracy {train_acc:.4f}; {seconds:.0f} s of training this run")
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.ship:
-        ship = Path(args.ship)
-        model.save(ship)
-        write_card(ship, result, argv if argv is not None else sys.argv[1:], device)
+        def write(folder: Path) -> None:
+            model.save(folder)
+            write_card(folder, result, argv if argv is not None else sys.argv[1:], device, shown=args.ship)
+
+        ship = cli.ship(args.ship, "classifier", write, overwrite=args.overwrite)
         print(f"shipped to {ship}")
     return result
 
 
-def write_card(path: Path, result: dict, argv: list[str], device: torch.device) -> None:
+def write_card(path: Path, result: dict, argv: list[str], device: torch.device, shown: str | None = None) -> None:
+    """``path/README.md``; ``shown``: the folder name the card tells the reader to load (default ``path``)."""
     data = ("digits rendered from matplotlib's fonts with random affine and elastic distortion "
             "(common.data.Digits, offline stand-in for MNIST: MNIST was not on disk)" if result["source"] == "rendered"
             else "MNIST (torchvision), training split")
@@ -139,10 +147,10 @@ class-conditional samples: the fraction of samples generated for digit k that it
 | model.safetensors | `{sha256(path / 'model.safetensors')}` |
 | config.json | `{sha256(path / 'config.json')}` |
 
-Load: `DigitClassifier.load("{path}")`.
+Load: `DigitClassifier.load("{shown or path}")`.
 """
     (path / "README.md").write_text(card)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import cli
 from common.autoencoder import AutoencoderKL
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import make_sampler, sample_loop
@@ -190,36 +192,38 @@ def latent_features(z: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", default="digits", help=f"one of {', '.join(DATASETS)}")
     p.add_argument("--vae", default=None, help="VAE folder (default: checkpoints/vae_digits or vae_shapes)")
     p.add_argument("--scaling-factor", default="vae", help="'vae' (its config), 'computed' (1/std now) or a number")
     p.add_argument("--schedule", default="scaled_linear", help="beta schedule: linear, scaled_linear or cosine")
     p.add_argument("--prediction-type", default="epsilon", help="epsilon, v_prediction or sample")
-    p.add_argument("--num-train-timesteps", type=int, default=1000, help="T")
-    p.add_argument("--width", type=int, default=None,
+    p.add_argument("--num-train-timesteps", type=cli.positive_int, default=1000, help="T")
+    p.add_argument("--width", type=cli.positive_int, default=None,
                    help="base UNet width w: channels (w, 2w, ...) and min(32, w) GroupNorm groups "
                         "(default: fast 16, cpu 32, gpu 64)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fast 4 / cpu 6000 / gpu 20000)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: fast 16 / cpu 64 / gpu 256")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (cpu, fast), 5e-4 (gpu)")
-    p.add_argument("--train-size", type=int, default=None, help="training images (default: fast 256 / cpu 10000 / gpu 60000)")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default: fast 4 / cpu 6000 / gpu 20000)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="default: fast 16 / cpu 64 / gpu 256")
+    p.add_argument("--lr", type=cli.positive_float, default=None, help="default: 1e-3 (cpu, fast), 5e-4 (gpu)")
+    p.add_argument("--train-size", type=cli.positive_int, default=None, help="training images (default: fast 256 / cpu 10000 / gpu 60000)")
     p.add_argument("--samplers", default=None,
                    help="name:steps,... (default ddim:50,dpmpp_2m:20,ddpm:1000; fast ddim:5,dpmpp_2m:4,ddpm:10)")
-    p.add_argument("--samples-per-class", type=int, default=None, help="digits: per class (default: fast 2, cpu 10, gpu 100)")
-    p.add_argument("--samples", type=int, default=None, help="shapes: samples per sampler (default: fast 8, cpu 200)")
-    p.add_argument("--cfg-dropout", type=float, default=0.1,
+    p.add_argument("--samples-per-class", type=cli.positive_int, default=None, help="digits: per class (default: fast 2, cpu 10, gpu 100)")
+    p.add_argument("--samples", type=cli.positive_int, default=None, help="shapes: samples per sampler (default: fast 8, cpu 200)")
+    p.add_argument("--cfg-dropout", type=cli.finite_float, default=0.1,
                    help="digits: fraction of labels replaced by a null class while training (enables guidance; 0 = off)")
-    p.add_argument("--guidance", type=float, default=1.0,
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=1.0,
                    help="classifier-free guidance scale when sampling (1.0 = plain class-conditional)")
     p.add_argument("--preview-t", default="0,250,500,750,999", help="timesteps of the forward-process figure")
     p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "digits_classifier"))
     p.add_argument("--out", default=None, help="run folder (default: runs/ldm_<data>)")
     p.add_argument("--ship", default=None, help="also write the model folder + README.md card here")
+    p.add_argument("--overwrite", action="store_true",
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in --out), 'no', or a checkpoint path")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     args = p.parse_args(argv)
     args.parser = p
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -245,21 +249,31 @@ def run(args) -> dict:
     samplers = parse_samplers(args.samplers or budget(fast="ddim:5,dpmpp_2m:4,ddpm:10",
                                                       cpu="ddim:50,dpmpp_2m:20,ddpm:1000", device=device), schedule)
     preview_t = schedule.check_timesteps([int(t) for t in args.preview_t.split(",")])
-    width = args.width or budget(fast=16, cpu=32, gpu=64, device=device)
+    width = args.width if args.width is not None else budget(fast=16, cpu=32, gpu=64, device=device)
     if not 0 <= args.cfg_dropout < 1:
         raise ValueError(f"--cfg-dropout must be in [0, 1), got {args.cfg_dropout}")
     null_class = digits and args.cfg_dropout > 0
     if args.guidance != 1.0 and not null_class:
         raise ValueError("--guidance needs a model trained with a null class: digits with --cfg-dropout > 0")
     config = unet_config(args.data, width, null_class)
-    steps = args.steps or budget(fast=4, cpu=6000, gpu=20_000, device=device)
-    batch_size = args.batch_size or budget(fast=16, cpu=64, gpu=256, device=device)
-    lr = args.lr or budget(fast=1e-3, cpu=1e-3, gpu=5e-4, device=device)
-    n_train = args.train_size or budget(fast=256, cpu=10_000, gpu=60_000, device=device)
+    steps = args.steps if args.steps is not None else budget(fast=4, cpu=6000, gpu=20_000, device=device)
+    batch_size = args.batch_size if args.batch_size is not None else budget(fast=16, cpu=64, gpu=256, device=device)
+    lr = args.lr if args.lr is not None else budget(fast=1e-3, cpu=1e-3, gpu=5e-4, device=device)
+    n_train = args.train_size if args.train_size is not None else budget(fast=256, cpu=10_000, gpu=60_000, device=device)
     out = Path(args.out or f"runs/ldm_{args.data}")
     vae_path = Path(args.vae or ROOT / "checkpoints" / f"vae_{args.data}")
     if args.resume not in ("auto", "no") and not Path(args.resume).exists():
         raise ValueError(f"--resume {args.resume!r}: expected 'auto', 'no' or an existing checkpoint folder")
+    if args.scaling_factor not in ("vae", "computed"):
+        try:
+            number = float(args.scaling_factor)
+        except ValueError:
+            number = float("nan")
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"--scaling-factor {args.scaling_factor!r}: expected 'vae', 'computed' or a number > 0")
+    cli.writable_dir(out, "--out")  # where the outputs go is checked before the work
+    if args.ship:
+        cli.check_ship(args.ship, "ldm", overwrite=args.overwrite)
     print(describe(device))
     print(f"data={args.data} schedule={schedule.beta_schedule} prediction={schedule.prediction_type} T={schedule.num_train_timesteps} "
           f"steps={steps} batch={batch_size} lr={lr} train_size={n_train} unet widths={config.block_out_channels}")
@@ -352,8 +366,11 @@ def run(args) -> dict:
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     save_model(ema, schedule, out / "model", result)
     if args.ship:
-        ship = save_model(ema, schedule, Path(args.ship), result)
-        write_card(ship, result, args.argv)
+        def write(folder: Path) -> None:
+            save_model(ema, schedule, folder, result)
+            write_card(folder, result, args.argv)
+
+        ship = cli.ship(args.ship, "ldm", write, overwrite=args.overwrite)
         print(f"shipped to {ship}")
     return result
 
@@ -480,4 +497,4 @@ or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler confi
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import cli
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,29 +230,26 @@ def figure(examples: list[dict], path: Path, n: int = N_EXAMPLES) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="auto",
                    help="'auto' (checkpoints/course_t2i; the tiny pipeline under COURSE_FAST), 'tiny', or a folder")
-    p.add_argument("--prompts", type=int, default=None, help="two-object prompts (default: 2 fast, 48 cpu, 256 gpu)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 2 fast, 30 otherwise)")
-    p.add_argument("--guidance", type=float, default=3.0,
+    p.add_argument("--prompts", type=cli.positive_int, default=None, help="two-object prompts (default: 2 fast, 48 cpu, 256 gpu)")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="DDIM steps (default: 2 fast, 30 otherwise)")
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0,
                    help="classifier-free guidance scale (3.0: train_text_to_image.py evaluates at it)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prompt-seed", type=int, default=1234, help="picks the held-out prompts")
-    p.add_argument("--seed", type=int, default=0, help="the starting noise (batch i uses seed + i * batch size)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--prompt-seed", type=cli.nonnegative_int, default=1234, help="picks the held-out prompts")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="the starting noise (batch i uses seed + i * batch size)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: what common.runtime picks)")
     p.add_argument("--out", default=str(ROOT / "runs" / "04_attention_maps"), help="folder for the JSON and figure")
     args = p.parse_args(argv)
-    for name in ("prompts", "steps", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    out = cli.writable_dir(args.out, "--out")  # checked before the measurement
 
     seed_everything(args.seed)
     device = get_device(args.device)
     print(describe(device))
-    n = args.prompts or budget(fast=2, cpu=48, gpu=256, device=device)
-    steps = args.steps or budget(fast=2, cpu=30, gpu=30, device=device)
+    n = args.prompts if args.prompts is not None else budget(fast=2, cpu=48, gpu=256, device=device)
+    steps = args.steps if args.steps is not None else budget(fast=2, cpu=30, gpu=30, device=device)
     pipe, model_name = load_pipeline(args.model, device)
     size = 32 if model_name == "tiny random pipeline" else None  # the course model's own 64 px otherwise
     prompts = two_object_prompts(n, args.prompt_seed)
@@ -265,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{seconds:.1f} s")
     print(report(summary))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"model": model_name, "prompts": prompts, "steps": steps, "guidance": args.guidance, "seed": args.seed,
               "seconds": seconds, "device": str(device), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
               "summary": summary, "rows": rows}
@@ -279,4 +275,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -19,10 +19,12 @@ in common/text_to_image.py (shared with chapter 06's train_text_to_image.py).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from common import cli
 from common.judge import JUDGE_DIR, Judge
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.shapes import Shapes
@@ -32,25 +34,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1200; fast: 4)")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 1200; fast: 4)")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
     p.add_argument("--judge", default=str(JUDGE_DIR), help="the Shapes judge's folder")
-    p.add_argument("--n", type=int, default=None, help="held-out prompts per object count (default 32; fast 2)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--sampling-steps", type=int, default=None, help="DDIM steps (default 25; fast 4)")
+    p.add_argument("--n", type=cli.positive_int, default=None, help="held-out prompts per object count (default 32; fast 2)")
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--sampling-steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; fast 4)")
     p.add_argument("--out", default=str(ROOT / "runs" / "04_t2i"))
     p.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/latent_diffusion_course)")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--no-resume", action="store_true")
     args = p.parse_args(argv)
 
+    cli.writable_dir(args.out, "--out")  # checked before the training
     device = get_device(args.device)
     seed_everything(args.seed)
     print(describe(device))
     config = (TextToImageConfig.tiny() if is_fast() else TextToImageConfig.cpu()).with_overrides(
-        steps=args.steps or budget(fast=4, cpu=1200))
+        steps=args.steps if args.steps is not None else budget(fast=4, cpu=1200))
     vae = load_vae(args.vae, device)
     trainer, tokenizer = train(config, vae, args.out, seed=args.seed, device=device, resume=not args.no_resume,
                                cache_dir=args.cache_dir)
@@ -60,8 +63,8 @@ def main(argv=None) -> dict:
           f"{config.batch_size}")
     pipe = build_pipeline(model, tokenizer, vae, config, device=device)
     judge = Judge.load(args.judge)
-    n = args.n or budget(fast=2, cpu=32)
-    steps = args.sampling_steps or budget(fast=4, cpu=25)
+    n = args.n if args.n is not None else budget(fast=2, cpu=32)
+    steps = args.sampling_steps if args.sampling_steps is not None else budget(fast=4, cpu=25)
     results = {}
     for objects in (1, 2):
         prompts = Shapes.prompts("test", n, n_objects=(objects,))
@@ -83,4 +86,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run by path: make `common` importable without installing
     sys.path.insert(0, str(ROOT))
 
+from common import cli
 from common.memory import flatten_output, format_table, measure, measure_isolated, write_table  # noqa: E402
 from common.runtime import get_device, is_fast  # noqa: E402
 
@@ -313,7 +314,7 @@ def run(args) -> list[dict]:
     if args.rows:
         unknown = sorted(set(args.rows) - {r.name for r in all_rows})
         if unknown:
-            raise SystemExit(f"unknown rows {unknown}; choose from {[r.name for r in all_rows]}")
+            raise cli.UsageError(f"unknown rows {unknown}; choose from {[r.name for r in all_rows]}")
         order = {name: i for i, name in enumerate(args.rows)}
         all_rows = sorted((r for r in all_rows if r.name in order), key=lambda r: order[r.name])  # as asked
     repeats = args.repeats if args.repeats is not None else (3 if quick or device.type == "cuda" else 1)
@@ -401,28 +402,26 @@ def targets(table: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small configs, seconds per row (also under COURSE_FAST=1)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench05"), help="folder for table.md/.csv, targets.md")
     p.add_argument("--rows", nargs="*", help="run only these rows, in this order (a row's baseline row first)")
-    p.add_argument("--repeats", type=int, help="timed calls per measurement (default: 3 quick/GPU, 1 CPU full)")
-    p.add_argument("--warmup", type=int, help="untimed calls first (default: 1 quick/GPU, 0 CPU full)")
+    p.add_argument("--repeats", type=cli.positive_int, help="timed calls per measurement (default: 3 quick/GPU, 1 CPU full)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, help="untimed calls first (default: 1 quick/GPU, 0 CPU full)")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to compile on a CPU)")
     p.add_argument("--isolation", choices=("process", "none"),
                    help="process: each side of each row in a fresh process (default for the full table); none: "
                         "all in this process, peaks still reset per call (default for --quick: no 20 s start-ups)")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
-    if args.seed < 0:
-        p.error("--seed must be >= 0")
-    if args.repeats is not None and args.repeats < 1 or args.warmup is not None and args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    get_device(args.device)  # an unknown or absent device is a one-line error before anything runs
     if args.list:
         for r in rows(sizes(args.quick or is_fast()), args.compile):
             print(f"{r.name:<24} {r.what}")
         return 0
+    cli.writable_dir(args.out, "--out")
     t0 = time.perf_counter()
     table = run(args)
     md, csv_path = write_table(table, args.out, "table", COLUMNS)
@@ -438,4 +437,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -3,7 +3,8 @@
     python 06_stable_diffusion_architecture/evaluate.py                          # the shipped course model
     python 06_stable_diffusion_architecture/evaluate.py --model runs/ship --samplers ddim --steps 25
     python 06_stable_diffusion_architecture/evaluate.py --update-card            # write the metrics into its card
-    python 06_stable_diffusion_architecture/evaluate.py --train-judge            # (re)train checkpoints/shapes_judge
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge            # train a judge into runs/06_eval
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge checkpoints/shapes_judge  # replace it
     COURSE_FAST=1 python 06_stable_diffusion_architecture/evaluate.py --out /tmp/eval   # seconds
 
 Prompt sets (fixed seeds, so every run grades the same prompts):
@@ -30,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from common import cli
 from common.judge import JUDGE_DIR, Judge, real_renders, train_judge
 from common.metrics import frechet_distance
-from common.runtime import budget, describe, get_device, seed_everything
+from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.samplers import SAMPLERS
 from common.shapes import N_PARAPHRASES, Shapes
 
@@ -56,12 +58,23 @@ def headline(scores: dict) -> dict[str, float]:
     return {"all": p["all"], "objects": p["objects"], "count": p["count"]}
 
 
-def train_and_ship_judge(path: Path, args) -> Judge:
+def train_and_ship_judge(dest: Path, args) -> Judge:
+    """Train the judge and ship it to ``dest`` (with its card) through ``common.cli.ship``."""
     n_images, steps = budget(fast=200, cpu=3000), budget(fast=60, cpu=600)
     t0 = time.perf_counter()
     judge = train_judge(n_images, steps, seed=args.seed)
     seconds = time.perf_counter() - t0
-    judge.save(path)
+
+    def write(path: Path) -> None:
+        judge.save(path)
+        write_judge_card(judge, path, args, n_images, steps, seconds)
+
+    cli.ship(dest, "judge", write, overwrite=args.overwrite, what="--judge")
+    print(f"judge shipped to {dest}")
+    return judge
+
+
+def write_judge_card(judge: Judge, path: Path, args, n_images: int, steps: int, seconds: float) -> None:
     lines = []
     for name, prompts in prompt_sets(budget(fast=8, cpu=200)).items():
         sc = judge.score(real_renders(prompts, seed=args.seed), prompts)
@@ -70,8 +83,8 @@ def train_and_ship_judge(path: Path, args) -> Judge:
             f"(`ShapeNet`, {sum(p.numel() for p in judge.net.parameters()):,} parameters): it reads an object's "
             f"mask crop ({CROP_TXT}) and names its shape; segmentation, colour, size, position and relation are "
             f"read without learning (see the module docstring).\n\n## Training\n\n- command: `python "
-            f"06_stable_diffusion_architecture/evaluate.py --train-judge`\n- data: crops of {n_images:,} Shapes "
-            f"training renders (split=\"train\"), blurred and noised at random\n- steps: {steps} x batch 128, AdamW "
+            f"06_stable_diffusion_architecture/evaluate.py --train-judge --judge {args.judge_shown}`\n"
+            f"- data: crops of {n_images:,} Shapes training renders (split=\"train\"), blurred and noised at random\n- steps: {steps} x batch 128, AdamW "
             f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
             f"Real renders of the evaluation prompts (held-out colour/shape pairs and paraphrases), random layouts:\n\n"
             f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n")
@@ -81,7 +94,6 @@ def train_and_ship_judge(path: Path, args) -> Judge:
                                          sorted(path.glob("*")) if f.suffix in (".json", ".safetensors")) + "\n"
     (path / "README.md").write_text(card)
     print(card)
-    return judge
 
 
 CROP_TXT = "24 x 24"
@@ -92,21 +104,25 @@ def fmt(d: dict[str, float]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "course_t2i"), help="a diffusers-format folder")
-    p.add_argument("--judge", default=str(JUDGE_DIR), help="the judge's folder")
-    p.add_argument("--train-judge", action="store_true", help="train the judge, ship it to --judge, and stop")
+    p.add_argument("--judge", default=None,
+                   help="the judge's folder (default: checkpoints/shapes_judge); with --train-judge, where to ship the "
+                        "new judge (default: --out/shapes_judge, so the shipped judge changes only when named here)")
+    p.add_argument("--train-judge", action="store_true", help="train the judge, ship it (see --judge), and stop")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --train-judge write over same-named files in a folder the course did not write")
     p.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp_2m", "ddpm"], help=f"of {', '.join(SAMPLERS)}")
-    p.add_argument("--steps", nargs="+", type=int, default=None, help="step counts (default: 10 25; fast: 4)")
+    p.add_argument("--steps", nargs="+", type=cli.positive_int, default=None, help="step counts (default: 10 25; fast: 4)")
     p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER:STEPS",
                    help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps")
-    p.add_argument("--n", type=int, default=None, help="prompts per set (default 32; fast 2)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 32; fast 2)")
+    p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per pipeline call")
     p.add_argument("--out", default=str(ROOT / "runs" / "06_eval"))
     p.add_argument("--update-card", action="store_true", help="write the results into the model's README.md")
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     return p.parse_args(argv)
 
 
@@ -148,28 +164,39 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.runs:
         try:
-            runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs]
-        except (IndexError, ValueError):
-            raise ValueError(f"--runs takes SAMPLER:STEPS pairs such as ddim:25, got {args.runs}") from None
+            runs = [(r.split(":")[0], cli.positive_int(r.split(":")[1])) for r in args.runs]
+        except (IndexError, ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"--runs takes SAMPLER:STEPS pairs such as ddim:25 (steps >= 1), got {args.runs}") \
+                from None
     else:
         runs = [(s, k) for s in args.samplers for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
     for s, _ in runs:
         if s not in SAMPLERS:
             raise ValueError(f"unknown sampler {s!r}; expected one of {', '.join(SAMPLERS)}")
     device = get_device(args.device)
+    # every output place is checked before the work
+    out = cli.writable_dir(args.out, "--out")
+    if args.train_judge:
+        dest = Path(args.judge) if args.judge is not None else out / "shapes_judge"
+        args.judge_shown = os.path.relpath(dest, ROOT) if dest.resolve().is_relative_to(ROOT) else str(dest)
+        cli.check_ship(dest, "judge", overwrite=args.overwrite, what="--judge")
+    elif args.update_card:
+        if is_fast() and cli.in_checkpoints(Path(args.model)):
+            raise cli.UsageError(f"--update-card would write COURSE_FAST=1 numbers (a few prompts) into the card of "
+                                 f"{args.model}; unset COURSE_FAST to measure the shipped model")
+        if not (Path(args.model) / "model_index.json").is_file():
+            raise cli.UsageError(f"--model {args.model}: no diffusers pipeline there (no model_index.json)")
     seed_everything(args.seed)
     print(describe(device))
     if args.train_judge:
-        train_and_ship_judge(Path(args.judge), args)
+        train_and_ship_judge(dest, args)
         return []
     from common.pipeline import StableDiffusion
 
-    judge = Judge.load(args.judge)
+    judge = Judge.load(args.judge or JUDGE_DIR)
     pipe = StableDiffusion.from_pretrained(args.model, device=device)
-    n = args.n or budget(fast=2, cpu=32)
+    n = args.n if args.n is not None else budget(fast=2, cpu=32)
     sets = prompt_sets(n)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows, real_feats, grid = [], {}, []
     for name, prompts in sets.items():  # the judge on real renders: its own accuracy, and the FID's reference
         real = real_renders(prompts, seed=args.seed)
@@ -241,4 +268,4 @@ def results_markdown(rows: list[dict], args, n: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common import cli
+from common.pipeline_io import write_pipeline
 from common.runtime import describe, get_device, is_fast, seed_everything
 from common.text_to_image import (CONFIG_NAMES, TextToImageConfig, build_pipeline, count_parameters, load_vae, train,
                                   write_model_card)
@@ -34,31 +36,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help=f"one of {', '.join(CONFIG_NAMES)} (default: tiny under "
                    "COURSE_FAST, gpu on CUDA, else cpu)")
-    p.add_argument("--steps", type=int, default=None, help="override the config's optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
-    p.add_argument("--lr", type=float, default=None, help="override the config's learning rate")
-    p.add_argument("--train-size", type=int, default=None, help="override the number of cached training items")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="override the config's optimizer steps")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="override the config's batch size")
+    p.add_argument("--lr", type=cli.positive_float, default=None, help="override the config's learning rate")
+    p.add_argument("--train-size", type=cli.positive_int, default=None,
+                   help="override the number of cached training items")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
                    help="override the config's mixed precision (no = fp32)")
-    p.add_argument("--ema-decay", type=float, default=None, help="override the config's EMA decay")
-    p.add_argument("--warmup", type=int, default=None, help="override the config's LR warm-up steps")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="override how often (steps) a checkpoint is written")
+    p.add_argument("--ema-decay", type=cli.fraction, default=None, help="override the config's EMA decay")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=None, help="override the config's LR warm-up steps")
+    p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
+                   help="override how often (steps) a checkpoint is written")
     p.add_argument("--init-from", default=None,
                    help="start from a shipped course pipeline folder of the same config (fine-tuning), "
                         "e.g. checkpoints/course_t2i")
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--minutes", type=cli.positive_float, default=None,
                    help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
                         "fit, and the LR schedule with it")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
     p.add_argument("--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png")
     p.add_argument("--cache-dir", default=None, help="where the latent cache goes (default ~/.cache/latent_diffusion_course)")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if --out holds checkpoints")
     p.add_argument("--ship", default=None, help="write the trained pipeline (EMA weights) here, with a model card")
+    p.add_argument("--overwrite", action="store_true",
+                   help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -71,12 +77,15 @@ def main(argv=None) -> dict:
                                                           train_size=args.train_size, mixed_precision=args.precision,
                                                           ema_decay=args.ema_decay, warmup_steps=args.warmup,
                                                           checkpoint_every=args.checkpoint_every)
-    if args.minutes is not None and args.minutes <= 0:
-        raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
+    out = cli.writable_dir(args.out, "--out")  # every output place is checked before the training
+    if args.ship:
+        cli.check_ship(args.ship, "pipeline", overwrite=args.overwrite)
+    if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
+        raise cli.UsageError(f"--init-from {args.init_from}: no course pipeline there (no model_index.json); give a "
+                             "folder that --ship wrote, e.g. checkpoints/course_t2i")
     seed_everything(args.seed)
     print(describe(device))
     vae = load_vae(args.vae, device)
-    out = Path(args.out)
     timing_path = out / "timing.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() and not args.no_resume else {}
     t0 = time.perf_counter()
@@ -110,8 +119,6 @@ def main(argv=None) -> dict:
     result = {"config": name, "steps": config.steps, "seconds": timing["seconds"], "unet_params": n_unet,
               "text_params": n_text, "final_loss": final_loss}
     if args.ship:
-        ship = Path(args.ship)
-        pipe.save_pretrained(ship)
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
         hardware = (f"{describe(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
                     f"(shared with other jobs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
@@ -129,10 +136,15 @@ def main(argv=None) -> dict:
                     f"{final_loss}\n"
                     f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
                     f"- hardware: {hardware}\n- weights: the EMA weights, stored in fp32\n")
-        write_model_card(ship, training)
+
+        def write(folder: Path) -> None:
+            write_pipeline(pipe, folder)
+            write_model_card(folder, training)
+
+        ship = cli.ship(args.ship, "pipeline", write, overwrite=args.overwrite)
         print(f"shipped to {ship}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -161,8 +161,8 @@ class Judge:
 
         path = Path(path)
         if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no judge at {path} (expected model.safetensors and config.json): train it "
-                                    "with `python 06_stable_diffusion_architecture/evaluate.py --train-judge`")
+            raise FileNotFoundError(f"no judge at {path} (expected model.safetensors and config.json): train it with "
+                                    f"`python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge {path}`")
         config = json.loads((path / "config.json").read_text())
         net = ShapeNet(widths=tuple(config["widths"]))
         net.load_state_dict(load_file(path / "model.safetensors"))

@@ -306,11 +306,15 @@ class StableDiffusion:
         return load_pipeline(cls, path, device=device, dtype=dtype, sampler=sampler, tokenizer_path=tokenizer_path,
                              config_dir=config_dir)
 
-    def save_pretrained(self, path) -> Path:
-        """Write a diffusers-format folder that this class and diffusers' StableDiffusionPipeline both load."""
+    def save_pretrained(self, path, overwrite: bool = False) -> Path:
+        """Write a diffusers-format folder that this class and diffusers' StableDiffusionPipeline both load.
+
+        A folder that holds files the course did not write is refused unless ``overwrite`` (which writes over
+        same-named files only); a previous ``save_pretrained`` folder is replaced file by file.
+        """
         from common.pipeline_io import save_pipeline
 
-        return save_pipeline(self, path)
+        return save_pipeline(self, path, overwrite=overwrite)
 
     def __repr__(self) -> str:
         from common.text_encoder import count_parameters

@@ -17,7 +17,6 @@ SD 1.5 loads without the seconds of random initialisation its 1.07 B parameters 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -76,12 +75,34 @@ def build_on_meta(cls, config, big: bool = True):
         return cls(config)
 
 
-def load_part_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with a truncated or foreign file reported as a ValueError naming it."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a bad header or a short file
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}); it may be truncated: "
+                         "download or save it again") from None
+
+
+def load_part_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
     names = ("model.safetensors",) if part == "text_encoder" else \
         ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-    return load_file(str(weights_file(folder, names, part)))
+    return read_safetensors(weights_file(folder, names, part))
+
+
+def sampler_of(scheduler_config: dict, where: Path) -> str:
+    """The course sampler for a folder's scheduler class; a class the course does not implement is an error
+    (never a silent swap for another sampler)."""
+    from common.samplers import SAMPLERS
+
+    name = scheduler_config.get("_class_name")
+    if name not in SAMPLER_OF_SCHEDULER:
+        raise ValueError(f"{where} names the scheduler {name!r}, which the course does not implement (it has "
+                         f"{', '.join(SAMPLER_OF_SCHEDULER)}); pick a sampler explicitly: sampler= / --sampler, one "
+                         f"of {', '.join(SAMPLERS)}")
+    return SAMPLER_OF_SCHEDULER[name]
 
 
 def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer_path=None, config_dir=None):
@@ -96,13 +117,15 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         parts = load_single_file(path, tokenizer_path=tokenizer_path, config_dir=config_dir)
     elif path.is_dir():
         parts = load_folder(path)
+        if tokenizer_path is not None:  # a tokenizer asked for by name replaces the folder's own
+            parts = (*parts[:3], load_tokenizer(Path(tokenizer_path)), parts[4])
     else:
         raise FileNotFoundError(f"no model at {path}: expected a diffusers folder (with model_index.json) or a "
                                 ".safetensors file")
     unet, vae, text_encoder, tokenizer, scheduler_config = parts
     schedule = NoiseSchedule.from_diffusers(scheduler_config)
     options = {k: v for k, v in scheduler_config.items() if k not in SCHEDULE_KEYS and not k.startswith("_")}
-    sampler = sampler or SAMPLER_OF_SCHEDULER.get(scheduler_config.get("_class_name"), "ddim")
+    sampler = sampler or sampler_of(scheduler_config, path if path.is_file() else path / "scheduler")
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, schedule=schedule,
                sampler=sampler, device=device, dtype=dtype, sampler_options=options)
 
@@ -158,16 +181,20 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
     return ["transformers", "PreTrainedTokenizerFast"]
 
 
-def save_pipeline(pipe, path) -> Path:
-    """Write into ``path.tmp`` and move it into place, so an interrupted save never leaves half a model."""
+def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
+    """Write the folder through ``common.cli.ship``: a non-empty folder the course did not write is refused
+    (``overwrite=True`` writes over same-named files), a user's files in it are kept, and only a previous ship's
+    files are replaced."""
+    from common.cli import ship
+
+    return ship(path, "pipeline", lambda tmp: write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained")
+
+
+def write_pipeline(pipe, tmp: Path) -> None:
+    """The diffusers folder's files, written into the empty folder ``tmp`` (``save_pipeline`` ships them)."""
     from common.convert import to_transformers
     from common.pipeline import DIFFUSERS_SCHEDULERS
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     _save_diffusers_part(pipe.unet, tmp / "unet", "UNet2DConditionModel", pipe.unet.config.to_diffusers())
     _save_diffusers_part(pipe.vae, tmp / "vae", "AutoencoderKL", pipe.vae.config.to_diffusers())
     text_encoder = to_transformers(pipe.text_encoder.float().cpu())
@@ -185,7 +212,3 @@ def save_pipeline(pipe, path) -> Path:
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": tokenizer_entry,
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-    return path

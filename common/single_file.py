@@ -145,6 +145,14 @@ def load_single_file(path: Path, *, tokenizer_path=None, config_dir=None):
     from common.pipeline_io import build_on_meta, load_weights, read_json
     from common.tokenizer import SD_TOKENIZER_HINT, ClipTokenizer, load_tokenizer
 
+    try:  # the header first: a file that is not a CompVis checkpoint is refused before any model is built
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors' own error type: a bad header or a short file
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}); it may be truncated") from None
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ValueError(f"{path} holds no SD 1.x UNet weights (no 'model.diffusion_model.*' keys among its "
+                         f"{len(keys)}); expected a single-file Stable Diffusion 1.x checkpoint")
     if config_dir is None:
         unet_cfg, vae_cfg, text_cfg, scheduler_config = sd15_configs()
     else:  # the configs of a diffusers folder (e.g. a small model's, or SD 1.x fine-tunes with another config)
@@ -161,7 +169,8 @@ def load_single_file(path: Path, *, tokenizer_path=None, config_dir=None):
                          f"CLIP tokenizer (vocab.json, merges.txt). Get it with: {SD_TOKENIZER_HINT}")
     tokenizer = load_tokenizer(tokenizer_path) if config_dir is not None else ClipTokenizer.load(tokenizer_path)
 
-    big = Path(path).stat().st_size > 200_000_000  # SD-sized: build on meta, nothing allocated twice
+    # SD-sized (or SD 1.5's configs): build on meta, so nothing is allocated before the weights are read
+    big = config_dir is None or Path(path).stat().st_size > 200_000_000
     unet, vae = build_on_meta(UNet, unet_cfg, big), build_on_meta(AutoencoderKL, vae_cfg, big)
     text_encoder = build_on_meta(CLIPTextModel, text_cfg, big)
     names = compvis_names(unet, vae, text_encoder)

@@ -21,8 +21,11 @@ Checkpoint layout (``out_dir/checkpoints/step_000100/``)::
     done                written last; a folder without it is an interrupted write and is ignored
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write never leaves a
-half checkpoint under a real name; the previous checkpoints are kept (``keep``), and a corrupt newest one
-is skipped with a warning in favour of the one before it.
+half checkpoint under a real name (the temporary folders of killed runs are removed by the next save); the
+previous checkpoints are kept (``keep``), and a corrupt newest one is skipped with a warning in favour of the
+one before it. A resume whose plan differs from the checkpoint's (``PLAN_FIELDS``: lr, batch size, schedule,
+seed, ...) is refused with the differences named: the run's record would otherwise claim values it did not
+use. ``steps`` may grow: an extended run is the same run.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ from common.runtime import get_device
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+# what a run is: a resume with any of these changed would train a different run and record it as this one
+# (steps may grow: a resumed run can be extended; the time budget only lowers it)
+PLAN_FIELDS = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "grad_clip", "grad_accum",
+               "ema_decay", "ema_start", "seed")
 
 
 @dataclass
@@ -87,6 +94,19 @@ class TrainConfig:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s must be > 0 seconds, got {self.time_budget_s}")
+
+
+def plan_changes(saved: dict, cfg: TrainConfig, step: int = 0) -> list[str]:
+    """The plan fields of ``cfg`` that differ from a checkpoint's saved config, as ``name old -> new``.
+    A warm-up length that changes after both warm-ups ended (a run extended with more steps) changes nothing."""
+    def norm(v):
+        return tuple(v) if isinstance(v, (list, tuple)) else v
+
+    now = asdict(cfg)
+    changed = [k for k in PLAN_FIELDS if k in saved and norm(saved[k]) != norm(now[k])]
+    if "warmup_steps" in changed and step >= max(saved["warmup_steps"], now["warmup_steps"]):
+        changed.remove("warmup_steps")
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -165,6 +185,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, ema: EMA |
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    from common.cli import remove_stale_tmp
+
+    remove_stale_tmp(root, "step_*.tmp")  # the half-written checkpoints of killed runs
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, tmp / "model.safetensors")
@@ -266,6 +289,11 @@ class Trainer:
             state = load_checkpoint(self.resumed_from, model, self.ema, optimizer)
             self.step = int(state["step"])
             saved = state.get("extra", {}).get("config", {})
+            changed = plan_changes(saved, cfg, self.step)
+            if changed:
+                raise ValueError(f"cannot resume from {self.resumed_from}: this command changes the run's "
+                                 f"{'; '.join(changed)}. Run it with the values the run used, or start a fresh run "
+                                 "(another output folder, or the script's no-resume option)")
             if cfg.time_budget_s is not None and saved.get("time_budget_s") is not None:
                 # the budgeted run being resumed already chose its step count (and its LR schedule)
                 self.cfg = replace(cfg, steps=min(cfg.steps, int(saved["steps"])))

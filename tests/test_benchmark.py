@@ -28,9 +28,11 @@ def test_list_and_bad_inputs():
     listed = _run("--list").stdout
     assert "unet_sliced" in listed and "vae_decode_large_tiled" in listed and "train_checkpointing" in listed
     bad = _run("--rows", "no_such_row", check=False)
-    assert bad.returncode != 0 and "unknown rows" in bad.stderr + bad.stdout
+    assert bad.returncode == 2 and "unknown rows" in bad.stderr and "Traceback" not in bad.stderr
     bad = _run("--seed", "-1", "--repeats", "0", check=False)
-    assert bad.returncode != 0 and "--seed must be >= 0" in bad.stderr
+    assert bad.returncode == 2 and "argument --seed: expected an integer >= 0" in bad.stderr
+    bad = _run("--device", "tpu", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "unknown device 'tpu'" in bad.stderr
 
 
 @pytest.mark.slow

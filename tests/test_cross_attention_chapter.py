@@ -55,9 +55,10 @@ def test_attention_maps_fast_run(tmp_path):
 
 def test_attention_maps_bad_arguments(tmp_path):
     proc = run("--prompts", "0", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "--prompts must be >= 1" in proc.stderr
+    assert proc.returncode == 2 and "argument --prompts: expected an integer >= 1" in proc.stderr
     proc = run("--model", str(tmp_path / "nowhere"), "--out", str(tmp_path))
-    assert proc.returncode != 0 and "no model at" in proc.stderr and "--model tiny" in proc.stderr
+    assert proc.returncode == 2 and "no model at" in proc.stderr and "--model tiny" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_generated_masks_find_rendered_objects(am):

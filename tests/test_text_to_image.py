@@ -192,6 +192,6 @@ def test_scripts_refuse_bad_input(tmp_path, vae_dir):
     proc = _run(TRAIN06, "--vae", tmp_path / "nowhere", "--out", tmp_path / "x", check=False)
     assert proc.returncode != 0 and "no VAE at" in proc.stderr
     proc = _run(TRAIN06, "--minutes", "0", "--vae", vae_dir, "--out", tmp_path / "x", check=False)
-    assert proc.returncode != 0 and "--minutes must be > 0" in proc.stderr
+    assert proc.returncode == 2 and "argument --minutes: expected a number > 0" in proc.stderr
     proc = _run(EVALUATE, "--samplers", "euler", "--out", tmp_path / "y", check=False)
     assert proc.returncode != 0 and "unknown sampler 'euler'" in proc.stderr
