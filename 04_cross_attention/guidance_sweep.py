@@ -1,8 +1,8 @@
 """What does the guidance scale s buy, and what does it cost? Prompt adherence and sample diversity against s.
 
-    python 04_cross_attention/guidance_sweep.py                      # the course model (checkpoints/course_t2i)
-    python 04_cross_attention/guidance_sweep.py --seeds 50 --out DIR  # more seeds per prompt, tighter intervals
-    COURSE_FAST=1 python 04_cross_attention/guidance_sweep.py --out /tmp/guidance_sweep   # seconds (the tests)
+    python 04_cross_attention/guidance_sweep.py                  # the course model (checkpoints/course_t2i)
+    python 04_cross_attention/guidance_sweep.py --seeds 50        # more seeds per prompt, tighter intervals
+    COURSE_FAST=1 python 04_cross_attention/guidance_sweep.py --out /tmp/gs   # seconds (the tests)
 
 Classifier-free guidance (Ho & Salimans 2022, eq. 6), eps_u = eps(z_t, t, ""), eps_c = eps(z_t, t, c):
 
@@ -17,8 +17,8 @@ Classifier-free guidance (Ho & Salimans 2022, eq. 6), eps_u = eps(z_t, t, ""), e
    attribute right, and for two objects the relation too); 95% Wilson interval over the images;
 4. diversity: for each prompt, the mean pairwise RMS pixel distance (images in [0, 1]) between its seeds'
    images; the curve is the mean over prompts with a 95% bootstrap interval over prompts;
-5. the figure: the grid shows, for the one-object and the two-object prompt whose adherence rises the most from
-   s = 1 to s = 3 (ties: the larger pixel change), four seeds at every s, each image marked by the judge;
+5. the figure: the grid shows, for the one-object and the two-object prompt whose adherence rises the most
+   from s = 1 to s = 3 (ties: the larger pixel change), four seeds at every s, each image marked by the judge;
    beside it the two curves.
 
 Writes ``guidance_sweep.json`` (every number, per prompt and per image) and ``guidance_sweep.png``.
@@ -56,7 +56,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> float:
-    """Mean RMS pixel distance over all pairs of (N, 3, H, W) images in [0, 1]: 0 when every seed gives the same."""
+    """Mean RMS pixel distance over all pairs of (N, 3, H, W) images in [0, 1]: 0 when all seeds agree."""
     x = images.flatten(1).double()  # (N, 3*H*W)
     d = torch.cdist(x, x) / math.sqrt(x.shape[1])  # (N, N) RMS distances
     N = x.shape[0]
@@ -74,11 +74,13 @@ def sweep_prompts(n: int, seed: int = 1234) -> list[str]:
     """n held-out prompts: the first n // 2 one-object and n - n // 2 two-object prompts of the test split."""
     from common.shapes import Shapes
 
-    return Shapes.prompts("test", n // 2, seed, n_objects=(1,)) + Shapes.prompts("test", n - n // 2, seed, n_objects=(2,))
+    one = Shapes.prompts("test", n // 2, seed, n_objects=(1,))
+    return one + Shapes.prompts("test", n - n // 2, seed, n_objects=(2,))
 
 
-def generate(pipe, prompt: str, s: float, *, seeds: int, steps: int, seed: int, size: int | None) -> torch.Tensor:
-    """(seeds, 3, H, W) images in [0, 1] for one prompt at guidance scale s; the same z_T batch for every s."""
+def generate(pipe, prompt: str, s: float, *, seeds: int, steps: int, seed: int,
+             size: int | None) -> torch.Tensor:
+    """(seeds, 3, H, W) images in [0, 1] for one prompt at guidance scale s; the same z_T batch at every s."""
     if s == 0.0:  # eps_hat = eps_u: the empty prompt, one pass (the pipeline guides only for s > 1)
         prompts, s = [""] * seeds, 1.0
     else:
@@ -103,15 +105,16 @@ def run(pipe, judge, prompts: list[str], scales, *, seeds: int, steps: int, seed
             "all": [[bool(r["all"]) for r in judge.score(x[k], [prompt] * seeds)["records"]]
                     for k in range(len(scales))],  # (S, seeds)
             "diversity": [mean_pairwise_distance(x[k]) for k in range(len(scales))],  # (S,)
-            "change_from_s1": [float((x[k] - x[list(scales).index(1.0)]).abs().mean()) for k in range(len(scales))],
+            "change_from_s1": [float((x[k] - x[list(scales).index(1.0)]).abs().mean())
+                               for k in range(len(scales))],  # mean |x_s - x_1| per s
         }
-        print(f"  {i + 1}/{len(prompts)} prompts, {time.perf_counter() - t0:.0f} s: {prompt!r} all-right per s: "
+        print(f"  {i + 1}/{len(prompts)} prompts, {time.perf_counter() - t0:.0f} s: {prompt!r} right per s: "
               + " ".join(f"{np.mean(a):.2f}" for a in per_prompt[prompt]["all"]), flush=True)
     return per_prompt, images
 
 
 def curves(per_prompt: dict, scales) -> dict:
-    """Per s: adherence (all prompts, one-object, two-object) with Wilson intervals; diversity with bootstrap."""
+    """Per s: adherence (all, one-object, two-object prompts) with Wilson intervals; diversity, bootstrap."""
     out = {"scales": list(scales)}
     for group, sel in (("all prompts", None), ("one object", 1), ("two objects", 2)):
         rows = [r for r in per_prompt.values() if sel in (None, r["objects"])]
@@ -144,7 +147,7 @@ def pick_for_grid(per_prompt: dict, scales) -> list[str]:
 
 
 def figure(result: dict, images: dict, path: Path) -> None:
-    """Left: the grid (rows: prompt x seed, columns: s), each image framed green/red by the judge. Right: curves."""
+    """Left: the grid (rows: prompt x seed, columns: s), framed green/red by the judge. Right: the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,10 +203,12 @@ def figure(result: dict, images: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     ax_a.set_ylim(-0.02, 1.02)
     ax_a.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{result['model']}: {len(result['per_prompt'])} held-out prompts x {result['seeds']} seeds, "
-                 f"DDIM {result['steps']} steps; frame: green = the judge finds the prompt right, red = wrong",
+    fig.suptitle(f"{result['model']}: {len(result['per_prompt'])} held-out prompts x {result['seeds']} "
+                 f"seeds, DDIM {result['steps']} steps; frame: green = the judge finds the prompt right, "
+                 "red = wrong",
                  fontsize=9)
-    fig.subplots_adjust(left=0.03, right=0.99, top=1 - 0.7 / fig.get_figheight(), bottom=0.7 / fig.get_figheight())
+    margin = 0.7 / fig.get_figheight()  # 0.7 inch above and below
+    fig.subplots_adjust(left=0.03, right=0.99, top=1 - margin, bottom=margin)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=80)
     os.replace(tmp, path)
@@ -228,18 +233,22 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="auto",
-                   help="'auto' (checkpoints/course_t2i; the tiny random pipeline under COURSE_FAST), 'tiny', or a "
-                        "diffusers folder")
-    p.add_argument("--prompts", type=int, default=None, help="held-out prompts, half one-object (default 2 fast, 8)")
-    p.add_argument("--seeds", type=int, default=None, help="images per prompt and scale (default 2 fast, 24 cpu, 50 gpu)")
+                   help="'auto' (checkpoints/course_t2i; the tiny random pipeline under COURSE_FAST), "
+                        "'tiny', or a diffusers folder")
+    p.add_argument("--prompts", type=int, default=None,
+                   help="held-out prompts, half with one object (default 2 fast, 8 otherwise)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="images per prompt and scale (default 2 fast, 24 cpu, 50 gpu)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 2 fast, 20 otherwise)")
     p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
                    help="guidance scales; must include 1 and 3 (the grid's choice); 0 means unconditional")
     p.add_argument("--seed", type=int, default=0, help="the generator seed of the starting noises")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: what common.runtime picks)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "04_guidance_sweep"), help="folder for the JSON and figure")
+    p.add_argument("--out", default=str(ROOT / "runs" / "04_guidance_sweep"),
+                   help="folder for the JSON and the figure")
     args = p.parse_args(argv)
     for name in ("prompts", "seeds", "steps"):
         value = getattr(args, name)
@@ -267,15 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     prompts = sweep_prompts(n_prompts)
 
     t0 = time.perf_counter()
-    per_prompt, images = run(pipe, judge, prompts, args.scales, seeds=seeds, steps=steps, seed=args.seed, size=size)
+    per_prompt, images = run(pipe, judge, prompts, args.scales, seeds=seeds, steps=steps, seed=args.seed,
+                             size=size)
     seconds = time.perf_counter() - t0
     result = {"model": model_name, "steps": steps, "seeds": seeds, "seed": args.seed, "scales": args.scales,
               "seconds": seconds, "device": str(device),
               "command": " ".join(["python 04_cross_attention/guidance_sweep.py", *(argv or sys.argv[1:])]),
-              "curves": curves(per_prompt, args.scales), "grid_prompts": pick_for_grid(per_prompt, args.scales),
+              "curves": curves(per_prompt, args.scales),
+              "grid_prompts": pick_for_grid(per_prompt, args.scales),
               "per_prompt": per_prompt}
-    print(f"model: {model_name}; {len(prompts)} prompts x {seeds} seeds x {len(args.scales)} scales, DDIM {steps} "
-          f"steps, {seconds:.1f} s")
+    print(f"model: {model_name}; {len(prompts)} prompts x {seeds} seeds x {len(args.scales)} scales, "
+          f"DDIM {steps} steps, {seconds:.1f} s")
     print(report(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_pipeline(model: str, device=None):
-    """``"tiny"``, ``"auto"`` (the course model; the tiny pipeline under COURSE_FAST) or a diffusers folder."""
+    """``"tiny"``, ``"auto"`` (the course model; the tiny pipeline under COURSE_FAST) or a folder."""
     from common.pipeline import StableDiffusion, tiny_random_pipeline
     from common.runtime import is_fast
 
@@ -297,9 +308,10 @@ def load_pipeline(model: str, device=None):
         return tiny_random_pipeline(0).to(get_device(device)), "tiny random pipeline"
     path = COURSE_MODEL if model == "auto" else Path(model)
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"--model: no model at {path} (no model_index.json): pass --model PATH to a diffusers folder, or "
-                         "--model tiny for the untrained baseline")
-    return StableDiffusion.from_pretrained(path, device=device), str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        raise ValueError(f"--model: no model at {path} (no model_index.json): pass --model PATH to a "
+                         "diffusers folder, or --model tiny for the untrained baseline")
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return StableDiffusion.from_pretrained(path, device=device), str(name)
 
 
 if __name__ == "__main__":

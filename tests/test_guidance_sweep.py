@@ -1,5 +1,5 @@
-"""Chapter 04's guidance_sweep.py: its statistics on inputs with known answers, s = 0 as the unconditional model,
-the grid's choice rule, a fast run end to end, and its bad arguments."""
+"""Chapter 04's guidance_sweep.py: its statistics on inputs with known answers, s = 0 as the unconditional
+model, the grid's choice rule, a fast run end to end, and its bad arguments."""
 
 import json
 import os
@@ -24,8 +24,8 @@ def gs():
 
 def run(*args, timeout=600):
     env = {**os.environ, "COURSE_FAST": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_wilson_interval_against_scipy(gs):
@@ -33,7 +33,8 @@ def test_wilson_interval_against_scipy(gs):
 
     for k, n in ((5, 10), (0, 10), (48, 48), (30, 96), (1, 3)):
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-        assert gs.wilson(k, n) == pytest.approx((ref.low, ref.high), abs=2e-4)  # z = 1.96 against the exact quantile
+        # our z = 1.96 against scipy's exact normal quantile 1.95996...
+        assert gs.wilson(k, n) == pytest.approx((ref.low, ref.high), abs=2e-4)
 
 
 def test_mean_pairwise_distance(gs):
@@ -56,8 +57,10 @@ def test_bootstrap_interval_brackets_the_mean(gs):
 def test_grid_picks_the_largest_rise_from_s1_to_s3(gs):
     scales = [0.0, 1.0, 3.0]
     per_prompt = {
-        "one flat": {"objects": 1, "all": [[False] * 4, [True] * 4, [True] * 4], "change_from_s1": [0, 0, 0.1]},
-        "one rising": {"objects": 1, "all": [[False] * 4, [False] * 4, [True] * 4], "change_from_s1": [0, 0, 0.1]},
+        "one flat": {"objects": 1, "all": [[False] * 4, [True] * 4, [True] * 4],
+                     "change_from_s1": [0, 0, 0.1]},
+        "one rising": {"objects": 1, "all": [[False] * 4, [False] * 4, [True] * 4],
+                       "change_from_s1": [0, 0, 0.1]},
         "two rising": {"objects": 2, "all": [[False] * 4, [False] * 4, [True, True, False, False]],
                        "change_from_s1": [0, 0, 0.2]},
     }
@@ -75,7 +78,7 @@ def test_scale_zero_ignores_the_prompt(gs):
     a1 = gs.generate(pipe, "a small red circle at the top", 1.0, **kw)
     b1 = gs.generate(pipe, "a large blue square on the left", 1.0, **kw)
     assert not torch.equal(a1, b1)
-    assert torch.equal(a1, gs.generate(pipe, "a small red circle at the top", 1.0, **kw))  # same seed, same image
+    assert torch.equal(a1, gs.generate(pipe, "a small red circle at the top", 1.0, **kw))  # same seed, same z_T
 
 
 @pytest.mark.slow
