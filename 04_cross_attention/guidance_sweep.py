@@ -146,6 +146,16 @@ def pick_for_grid(per_prompt: dict, scales) -> list[str]:
     return picked
 
 
+def seeds_for_grid(per_prompt: dict, scales, n: int = GRID_SEEDS) -> list[int]:
+    """The seeds a grid row shows: up to n // 2 whose verdict goes from wrong at s = 1 to right at s = 3 (where
+    guidance changes the outcome), then the lowest-numbered others, in seed order."""
+    k1, k3 = list(scales).index(1.0), list(scales).index(3.0)
+    verdicts = per_prompt["all"]
+    flipped = [j for j in range(len(verdicts[k1])) if not verdicts[k1][j] and verdicts[k3][j]][:n // 2]
+    rest = [j for j in range(len(verdicts[k1])) if j not in flipped][:n - len(flipped)]
+    return sorted(flipped + rest)
+
+
 def figure(result: dict, images: dict, path: Path) -> None:
     """Left: the grid (rows: prompt x seed, columns: s), framed green/red by the judge. Right: the curves."""
     import matplotlib
@@ -154,7 +164,7 @@ def figure(result: dict, images: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     scales, picked = result["scales"], result["grid_prompts"]
-    n_seeds = min(GRID_SEEDS, result["seeds"])
+    n_seeds = len(next(iter(result["grid_seeds"].values())))
     # rows: per picked prompt, a thin header row holding the prompt, then one row per seed
     ratios = [r for i in range(len(picked)) for r in [0.5 if i == 0 else 0.3] + [1.0] * n_seeds]
     fig = Figure(figsize=(13.0, 0.95 * sum(ratios) + 1.2))
@@ -165,7 +175,7 @@ def figure(result: dict, images: dict, path: Path) -> None:
         header.axis("off")
         header.text(0.0, 1.0, f'"{prompt}"', fontsize=9, ha="left", va="top", transform=header.transAxes)
         row += 1
-        for j in range(n_seeds):
+        for j in result["grid_seeds"][prompt]:
             for k, s in enumerate(scales):
                 ax = fig.add_subplot(grid_spec[row, k])
                 ax.imshow(images[prompt][k, j].permute(1, 2, 0).numpy())
@@ -279,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     per_prompt, images = run(pipe, judge, prompts, args.scales, seeds=seeds, steps=steps, seed=args.seed,
                              size=size)
     seconds = time.perf_counter() - t0
+    grid_prompts = pick_for_grid(per_prompt, args.scales)
     result = {"model": model_name, "steps": steps, "seeds": seeds, "seed": args.seed, "scales": args.scales,
               "seconds": seconds, "device": str(device),
               "command": " ".join(["python 04_cross_attention/guidance_sweep.py", *(argv or sys.argv[1:])]),
               "curves": curves(per_prompt, args.scales),
-              "grid_prompts": pick_for_grid(per_prompt, args.scales),
+              "grid_prompts": grid_prompts,
+              "grid_seeds": {p: seeds_for_grid(per_prompt[p], args.scales, min(GRID_SEEDS, seeds))
+                             for p in grid_prompts},
               "per_prompt": per_prompt}
     print(f"model: {model_name}; {len(prompts)} prompts x {seeds} seeds x {len(args.scales)} scales, "
           f"DDIM {steps} steps, {seconds:.1f} s")
@@ -293,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out / "guidance_sweep.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "guidance_sweep.json")
-    torch.save({p: images[p][:, :GRID_SEEDS].clone() for p in result["grid_prompts"]}, out / "grid_images.pt")
+    torch.save({p: images[p][:, result["grid_seeds"][p]].clone() for p in result["grid_prompts"]},
+               out / "grid_images.pt")  # (S, seeds shown, 3, H, W) per grid prompt
     figure(result, images, out / "guidance_sweep.png")
     print(f"wrote {out / 'guidance_sweep.json'} and {out / 'guidance_sweep.png'}")
     return 0
