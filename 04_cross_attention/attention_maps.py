@@ -4,7 +4,7 @@
     python 04_cross_attention/attention_maps.py --model tiny        # a tiny random pipeline: the no-learning baseline
     COURSE_FAST=1 python 04_cross_attention/attention_maps.py --out /tmp/attention_maps   # seconds (the tests)
 
-The original outline's "analyse cross-attention maps to see word-region associations", made measurable
+Cross-attention maps read as word-to-region associations, made measurable
 (attention maps as in Hertz et al. 2022, "Prompt-to-Prompt", sec. 3.1):
 
 1. prompts: two-object Shapes scenes from the held-out test split whose objects differ in colour, captioned
