@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -504,14 +505,68 @@ print(f"f = 2^(levels - 1) = 2^{levels - 1} = {2 ** (levels - 1)}; measured: 64 
 assert f_measured == 2 ** (levels - 1) == course_config.downsample_factor
 
 # %% [markdown]
-# The decoder's forward pass, `conv_in`, the mid block, the levels, the head, is **exercise 2**, `decode(vae,
-# z)`: the mirror of the encoder's forward above, starting with `post_quant_conv`. The notebook calls yours
-# once it runs (else the reference). Now load the Photos VAE's weights (trained in chapter 01 on crops of
-# photographs) into these classes and compare with `common.autoencoder.AutoencoderKL` and diffusers'
-# `AutoencoderKL`, both loading the same folder:
+# The decoder's forward pass (post_quant_conv, conv_in, the mid block, the levels, the head) is **exercise
+# 2**, `decode(vae, z)`: the mirror of the encoder's forward above. The notebook calls yours once it runs
+# (else the reference) and records the shape after each stage with forward hooks, which see the blocks whoever
+# calls them. Both traces, drawn:
 
 # %%
 decode = yours_or_reference("decode", lambda fn: fn(vae, torch.zeros(1, 4, 2, 2)))
+decoder_trace = []
+watched = {"conv_in": vae.decoder.conv_in, "mid block": vae.decoder.mid_block.resnets[1]}
+for i, level in enumerate(vae.decoder.up_blocks):
+    watched[f"level {i}: {len(level.resnets)} ResNet"] = level.resnets[-1]
+    if hasattr(level, "upsamplers"):
+        watched[f"level {i}: Upsample"] = level.upsamplers[0]
+watched["norm, SiLU, conv_out"] = vae.decoder.conv_out
+hooks = []
+for name, module in watched.items():
+    record = (lambda module, args, out, name=name: decoder_trace.append((name, out.shape)))
+    hooks.append(module.register_forward_hook(record))
+with torch.no_grad():
+    decode(vae, torch.randn(1, 4, 16, 16))
+for hook in hooks:
+    hook.remove()
+
+
+def draw_column(ax, stages, x, title, top_down):
+    """One box per stage, its shape (C, H, W) under the name; arrows in the direction the data flows."""
+    ys = [len(stages) - k for k in range(len(stages))] if top_down else list(range(1, len(stages) + 1))
+    for (name, shape), y in zip(stages, ys):
+        C, H, W = tuple(shape)[1:]
+        box = FancyBboxPatch((x - 1.3, y - 0.32), 2.6, 0.64, boxstyle="round,pad=0.02",
+                             fc="#e8eef7", ec="#4a6fa5")
+        ax.add_patch(box)
+        ax.text(x, y + 0.1, name, ha="center", va="center", fontsize=8)
+        ax.text(x, y - 0.17, f"{C} x {H} x {W}", ha="center", va="center", fontsize=8, color="#333333")
+    gap = 0.34 if top_down else -0.34  # arrows run between the boxes' edges
+    for y0, y1 in zip(ys[:-1], ys[1:]):
+        ax.annotate("", xy=(x, y1 + gap), xytext=(x, y0 - gap),
+                    arrowprops=dict(arrowstyle="->", color="#4a6fa5"))
+    ax.text(x, len(stages) + 0.75, title, ha="center", fontsize=10, weight="bold")
+
+
+fig = Figure(figsize=(8.0, 5.6))
+ax = fig.subplots()
+draw_column(ax, [("image", (1, 3, 64, 64))] + trace, 0.0, "encoder", top_down=True)
+draw_column(ax, [("latent z", (1, 4, 16, 16))] + decoder_trace, 4.0, "decoder", top_down=False)
+ax.annotate("", xy=(2.7, 1.0), xytext=(1.3, 1.0), arrowprops=dict(arrowstyle="->", color="#a54a4a"))
+ax.text(2.0, 1.35, "mu, log sigma^2\n-> sample z", ha="center", fontsize=8, color="#a54a4a")
+ax.set_xlim(-1.6, 5.6)
+ax.set_ylim(0.4, max(len(trace), len(decoder_trace)) + 2.2)
+ax.axis("off")
+show(fig)
+
+# %% [markdown]
+# *Figure: the course VAE's encoder (left, top to bottom) and decoder (right, bottom to top) with the shape (C
+# x H x W) after each stage, traced from the modules above.* The image loses a factor 2 of side at each
+# Downsample and gains channels; the decoder retraces the path with one more ResNet per level.
+#
+# Now load the Photos VAE's weights (trained in chapter 01 on crops of photographs) into these classes and
+# compare with `common.autoencoder.AutoencoderKL` and diffusers' `AutoencoderKL`, both loading the same
+# folder:
+
+# %%
 state = load_file(str(PHOTOS_VAE / "diffusion_pytorch_model.safetensors"))
 vae.load_state_dict(state, strict=True)  # every name and shape matches: nothing missing, nothing left over
 course_vae = AutoencoderKL.load(PHOTOS_VAE).eval()
@@ -821,8 +876,8 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 # ## Summary
 #
 # * The ResNet block `x + F(x)` keeps an identity path in the gradient, `prod (I + J_l)`: through 32 blocks at
-#   initialisation the gradient stays of order one with the skip and drifts by two orders of magnitude
-#   without it.
+#   initialisation the gradient stays of order one with the skip and drifts by two orders of magnitude without
+#   it.
 # * GroupNorm normalises each sample over groups of channels and all positions, so a sample's output does not
 #   depend on its batch: what a VAE trained on small batches of large images and run one image at a time
 #   needs.
@@ -830,9 +885,9 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 #   which cannot print the checkerboard of a stride-2 transposed conv.
 # * The convolutions give one SD latent a 217 px field; a single-head attention over the N = h*w positions at
 #   the bottleneck, where N is smallest, lets every latent read the whole image.
-# * The encoder outputs the mean and log-variance of a diagonal Gaussian, and per dimension
-#   `KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)`; quant_conv and post_quant_conv are 1x1 convs inherited from
-#   VQGAN, foldable into their neighbours.
+# * The encoder outputs the mean and log-variance of a diagonal Gaussian, and per dimension `KL = 1/2 (mu^2 +
+#   sigma^2 - 1 - log sigma^2)`; quant_conv and post_quant_conv are 1x1 convs inherited from VQGAN, foldable
+#   into their neighbours.
 # * f = 2^(levels - 1): 4 for the course's VAE, 8 for SD's. Your classes load the course's and SD's
 #   checkpoints unchanged and count SD's 34,163,592 + 49,490,179 parameters.
 #
