@@ -66,8 +66,8 @@ def max_diff(a, b) -> float:
 # %% [markdown]
 # ## 1. The ResNet block
 #
-# **Question.** The encoder stacks about a dozen blocks of 3x3 convolutions (SD: 27 convolutions between the
-# image and the latent). Why does a deep stack like that train at all?
+# **Question.** SD's encoder stacks ten ResNet blocks, 25 3x3 convolutions between the image and the latent,
+# and the decoder more. Why does a deep stack like that train at all?
 #
 # **Intuition.** Each block computes a *correction* F(x) that it adds to its input, `y = x + F(x)`. A block
 # that has learned nothing yet passes its input through unchanged, and so does its gradient.
@@ -188,9 +188,9 @@ print(f"std of one block's F(x) for unit-variance x: {min(output_std):.2f} to {m
 # BatchNorm's statistics mix the images of a batch, so an image's output depends on what it is batched with,
 # and at inference (one image, maybe 1024 px) it has to fall back on running averages collected during
 # training. GroupNorm's statistics belong to one sample: the output is the same alone or in any batch, in
-# training and in inference, at any batch size. Autoencoders for large images train with small batches (a few
-# 256 px crops per GPU for SD's VAE), exactly where BatchNorm's batch statistics are noisiest. SD uses G = 32
-# groups; the course's small VAE uses 16.
+# training and in inference, at any batch size. Autoencoders for large images are trained with small batches
+# of large crops (memory goes to the pixels), exactly where BatchNorm's batch statistics are noisiest. SD uses
+# G = 32 groups; the course's small VAE uses 16.
 #
 # GroupNorm in four lines, checked against `nn.GroupNorm`:
 
@@ -297,7 +297,7 @@ show(fig)
 # against diffusers' `Upsample2D`. The notebook uses yours once it runs, else the reference:
 
 # %%
-Upsample = yours_or_reference("Upsample", lambda cls: cls(channels=4))
+Upsample = yours_or_reference("Upsample", lambda cls: cls(channels=4)(torch.zeros(1, 4, 2, 2)))
 torch.manual_seed(0)
 up = Upsample(channels=16)
 reference_up = course_ae.Upsample(channels=16)
@@ -350,7 +350,7 @@ class SelfAttention(nn.Module):
         return self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, N, C): one token per position
 
     def weights(self, x):
-        """A = softmax(Q K^T / sqrt(C)), (B, N, N): row n says how much position n reads from each other."""
+        """A = softmax(Q K^T / sqrt(C)), (B, N, N): row n: how much position n reads from each."""
         tokens = self.tokens(x)
         q, k = self.to_q(tokens), self.to_k(tokens)  # (B, N, C) each
         scores = q @ k.transpose(1, 2) / math.sqrt(x.shape[1])  # (B, N, N): one head of dimension C
@@ -601,9 +601,9 @@ show(side_by_side({"held-out crop": x, "reconstruction": x_hat.clamp(-1, 1)}, si
 # *Figure: crops of the held-out photograph (the cat, never seen in training), top, and their reconstructions
 # through the notebook's encoder and decoder, bottom.* Each 64 x 64 x 3 crop passes through a 4 x 16 x 16
 # latent, 12 times fewer numbers. The reconstructions keep the shapes, the edges and the fur's colours; they
-# smooth the finest fur texture, and the green of the eyes comes back brownish: a small VAE trained on 14
-# photographs, none of them green-eyed. Your classes, the course module and diffusers agree to float rounding
-# (the max |diff| lines), because all three run the same arithmetic on the same weights.
+# smooth the finest fur texture, and the green of the eyes comes back brownish: this is a small VAE trained on
+# 14 photographs. Your classes, the course module and diffusers agree to float rounding (the max |diff|
+# lines), because all three run the same arithmetic on the same weights.
 #
 # **What the attention does, on real features.** Capture the features that enter the encoder's mid-block
 # attention for the first crop and look at its weights A: for a query position, the row of A is a 16 x 16 map
@@ -656,8 +656,9 @@ for name, layer in attention_layers.items():
 # what the attention adds is small next to its input (the printed ratios): this VAE leans on it little. That
 # fits section 6: at 64 px the course VAE's convolutions already see 77 px, more than the whole crop, so
 # little is left for the attention to bring in. In SD's VAE at 512 px (a 217 px field) the attention is the
-# only path across the image.
+# strong path across the image.
 
+# %% [markdown]
 # ## 6. The receptive field
 #
 # **Question.** Without the attention and the GroupNorm statistics, how many input pixels does one latent see?
@@ -778,8 +779,9 @@ print(f"decoding a sample z instead of the mean: PSNR {psnr(x_sampled.clamp(-1, 
 #
 #     Q (W * h + b) + q = (Q W) * h + (Q b + q),     (Q W)[o] = sum_k Q[o, k] W[k]
 #
-# one 3x3 conv with folded weights. They stay because SD's checkpoint has them (72 + 20 parameters). Check the
-# fold on the loaded encoder:
+# one 3x3 conv with folded weights. (post_quant_conv folds into the decoder's conv_in the same way, except at
+# the border, where conv_in's zero padding meets post_quant_conv's bias.) They stay because SD's checkpoint
+# has them (72 + 20 parameters). Check the fold on the loaded encoder:
 
 # %%
 Q = vae.quant_conv.weight[:, :, 0, 0]  # (8, 8)
@@ -860,7 +862,11 @@ if vae_dir is None:
 else:
     real_config = AutoencoderConfig.from_diffusers(json.loads((vae_dir / "config.json").read_text()))
     real_vae = VAE(real_config).eval()
-    real_vae.load_state_dict(load_file(str(vae_dir / "diffusion_pytorch_model.safetensors")), strict=True)
+    real_state = load_file(str(vae_dir / "diffusion_pytorch_model.safetensors"))
+    old_names = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    for old, new in old_names.items():  # files written by older diffusers use these names for the attention
+        real_state = {name.replace(old, new): tensor for name, tensor in real_state.items()}
+    real_vae.load_state_dict(real_state, strict=True)
     size = budget(fast=128, cpu=256)
     photo = np.asarray(load_photo("chelsea").resize((size, size)), dtype=np.float32)  # (H, W, 3) in [0, 255]
     x_photo = torch.from_numpy(photo).permute(2, 0, 1)[None] / 127.5 - 1  # (1, 3, H, W) in [-1, 1]
@@ -885,9 +891,9 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 #   which cannot print the checkerboard of a stride-2 transposed conv.
 # * The convolutions give one SD latent a 217 px field; a single-head attention over the N = h*w positions at
 #   the bottleneck, where N is smallest, lets every latent read the whole image.
-# * The encoder outputs the mean and log-variance of a diagonal Gaussian, and per dimension `KL = 1/2 (mu^2 +
-#   sigma^2 - 1 - log sigma^2)`; quant_conv and post_quant_conv are 1x1 convs inherited from VQGAN, foldable
-#   into their neighbours.
+# * The encoder outputs the mean and log-variance of a diagonal Gaussian, and per dimension
+#   `KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)`; quant_conv and post_quant_conv are 1x1 convs inherited from
+#   VQGAN that add no expressive power (quant_conv folds exactly into the conv before it).
 # * f = 2^(levels - 1): 4 for the course's VAE, 8 for SD's. Your classes load the course's and SD's
 #   checkpoints unchanged and count SD's 34,163,592 + 49,490,179 parameters.
 #
