@@ -15,9 +15,9 @@
 # %%
 import math
 import time
+import warnings
 from pathlib import Path
 
-import diffusers
 import matplotlib
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from common.metrics import psnr
 from common.runtime import budget, describe, is_fast, seed_everything
 from common.viz import show, side_by_side
 
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without ipywidgets
 matplotlib.rcParams["figure.dpi"] = 72
 seed_everything(0)
 if is_fast():  # tests share a few busy cores: one thread avoids OpenMP threads spinning against each other
@@ -390,6 +391,8 @@ with torch.no_grad():
     gap = max_diff(mid(x), reference_mid(x))
 print(f"MidBlock {tuple(x.shape)}: vs common.autoencoder.MidBlock max |diff| = {gap:.1e}")
 assert gap < 1e-5
+
+import diffusers  # noqa: E402
 
 sd = AutoencoderConfig.sd15()
 with torch.device("meta"):  # shapes only, no memory: SD's configuration costs nothing to build here
