@@ -323,7 +323,8 @@ assert gap < 1e-5
 #     A = softmax(Q K^T / sqrt(C))                                             (B, N, N), rows sum to 1
 #     out = x + (A V) W_o                                                      (B, N, C), back to (B, C, H, W)
 #
-# (chapter 04 derives the 1/sqrt(d) scaling from the variance of q.k; here d = C).
+# The 1/sqrt(C) keeps the scores at unit scale: for a query q and key k with independent unit-variance
+# entries, q.k is a sum of C independent products of variance 1, so its variance is C.
 #
 # **Why at the bottleneck.** A is N x N. At SD's bottleneck (64 x 64 latents for 512 px) N = 4,096 and A takes
 # 4,096^2 x 4 bytes = 64 MiB per image; at full resolution N = 262,144 and A would take 256 GiB.
@@ -769,9 +770,10 @@ print(f"decoding a sample z instead of the mean: PSNR {psnr(x_sampled.clamp(-1, 
 
 # %% [markdown]
 # The Photos VAE was trained with a tiny KL weight (chapter 01), so its posterior is almost a point: sigma is
-# small next to the spread of the means, and decoding a sample instead of the mean changes the PSNR only
-# slightly. The KL term keeps the latents' scale bounded; it does not make them noisy. (SD's VAE was trained
-# the same way, with KL weight 1e-6.)
+# small next to the spread of the means, and decoding a sample instead of the mean leaves the PSNR the same at
+# the printed precision. With so small a weight the KL term barely pulls q(z | x) towards N(0, I): the spread
+# of the means (printed) is not 1, and that is why chapter 01 measures a `scaling_factor` before diffusion.
+# (SD's VAE was trained the same way, with KL weight 1e-6.)
 #
 # **quant_conv and post_quant_conv.** They are 1x1 convolutions on the moments (8 -> 8 channels) and on the
 # latent (4 -> 4): a linear map applied at each position. They come from VQGAN, the same codebase's
@@ -894,9 +896,9 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 #   which cannot print the checkerboard of a stride-2 transposed conv.
 # * The convolutions give one SD latent a 217 px field; a single-head attention over the N = h*w positions at
 #   the bottleneck, where N is smallest, lets every latent read the whole image.
-# * The encoder outputs the mean and log-variance of a diagonal Gaussian, and per dimension
-#   `KL = 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)`; quant_conv and post_quant_conv are 1x1 convs inherited from
-#   VQGAN that add no expressive power (quant_conv folds exactly into the conv before it).
+# * The encoder outputs the mean and log-variance of a diagonal Gaussian, and per dimension `KL = 1/2 (mu^2 +
+#   sigma^2 - 1 - log sigma^2)`; quant_conv and post_quant_conv are 1x1 convs inherited from VQGAN that add no
+#   expressive power (quant_conv folds exactly into the conv before it).
 # * f = 2^(levels - 1): 4 for the course's VAE, 8 for SD's. Your classes load the course's and SD's
 #   checkpoints unchanged and count SD's 34,163,592 + 49,490,179 parameters.
 #
