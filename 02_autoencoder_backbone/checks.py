@@ -22,12 +22,13 @@ def check_upsample(m):
         try:
             ours.load_state_dict(ref.state_dict(), strict=True)
         except RuntimeError as e:
-            raise AssertionError(f"diffusers' Upsample2D({channels}) weights should load unchanged: one 3x3 conv "
-                                 f"named conv ({channels} -> {channels}, padding 1). {e}") from None
+            raise AssertionError(f"diffusers' Upsample2D({channels}) weights should load unchanged: one 3x3 "
+                                 f"conv named conv ({channels} -> {channels}, padding 1). {e}") from None
         x = torch.randn(*shape)
         with torch.no_grad():
             out, expected = ours(x), ref(x)
-        assert out.shape == expected.shape, f"input {shape}: expected shape {tuple(expected.shape)}, got {tuple(out.shape)}"
+        assert out.shape == expected.shape, (f"input {shape}: expected shape {tuple(expected.shape)}, "
+                                             f"got {tuple(out.shape)}")
         _close(out, expected, f"Upsample of {shape}")
 
 
@@ -45,7 +46,8 @@ def check_decode(m):
     torch.manual_seed(0)
     for config, side in ((AutoencoderConfig.tiny(), (6, 5)), (AutoencoderConfig.course(), (8, 8))):
         ref = diffusers.AutoencoderKL(**config.to_diffusers()).eval()
-        state = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}  # norms away from (1, 0)
+        # random perturbations move the norms away from (1, 0), so a missing norm shows
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}
         ref.load_state_dict(state)
         vae = AutoencoderKL(config).eval()
         vae.load_state_dict(state)
@@ -58,13 +60,14 @@ def check_decode(m):
         with torch.no_grad():
             out = m.decode(vae, z)
             expected = ref.decode(z).sample
-        assert out.shape == expected.shape, (f"config {config.block_out_channels}, z {tuple(z.shape)}: expected "
-                                             f"shape {tuple(expected.shape)}, got {tuple(out.shape)}")
+        assert out.shape == expected.shape, (f"config {config.block_out_channels}, z {tuple(z.shape)}: "
+                                             f"expected shape {tuple(expected.shape)}, "
+                                             f"got {tuple(out.shape)}")
         _close(out, expected, f"decode at config {config.block_out_channels}")
 
 
 def _measured_field(config, side):
-    """Backpropagate from the centre latent through the encoder (attention and GroupNorm off): the input extent it touches."""
+    """The input extent the centre latent touches, by backpropagation (attention and GroupNorm off)."""
     from common.autoencoder import AutoencoderKL
 
     torch.manual_seed(0)
@@ -87,12 +90,15 @@ def check_receptive_field(m):
     from common.autoencoder import AutoencoderConfig
 
     configs = [(AutoencoderConfig.tiny(), 64), (AutoencoderConfig.course(), 128),
-               (AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4), 256)]
+               (AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4),
+                256)]
     for config, side in configs:
         rows, cols = _measured_field(config, side)
         got = m.receptive_field(config)
-        assert got == rows == cols, (f"config {config.block_out_channels} x {config.layers_per_block} ResNets: "
-                                     f"one latent sees {rows} x {cols} input pixels (measured by backpropagation), got {got}")
+        assert got == rows == cols, (f"config {config.block_out_channels} x {config.layers_per_block} "
+                                     f"ResNets: "
+                                     f"one latent sees {rows} x {cols} input pixels (measured by "
+                                     f"backpropagation), got {got}")
 
 
 def check_count_parameters(m):

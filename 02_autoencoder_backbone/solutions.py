@@ -30,7 +30,7 @@ class Upsample(nn.Module):
 
 # ---------------------------------------------------------------------------- 2. the decoder's forward pass
 def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The decoder walked block by block: post_quant_conv, conv_in, mid block, up levels, norm, SiLU, conv_out."""
+    """The decoder walked block by block: post_quant_conv, conv_in, mid block, levels, head."""
     decoder = vae.decoder
     z = vae.post_quant_conv(z)  # (B, 4, h, w): a per-position linear map of the latent
     h = decoder.conv_in(z)  # (B, C_widest, h, w)
@@ -52,10 +52,11 @@ def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
 def receptive_field(config) -> int:
     """The side, in input pixels, that one latent sees through the encoder's convolutions.
 
-    Ignores the mid-block attention and GroupNorm's statistics (both see every position): the convolutions' field. Walk the layers with r (field) and j (jump,
-    the input-pixel distance between neighbouring positions): a k x k conv adds (k - 1) * j to r; a stride-2
-    conv then doubles j. conv_in; per level, layers_per_block ResNets of two 3x3 convs, then a Downsample
-    (but at the last level); the mid block's two ResNets; conv_out (quant_conv is 1x1 and adds nothing).
+    Ignores the mid-block attention and GroupNorm's statistics (both see every position): the convolutions'
+    field. Walk the layers with r (field) and j (jump, the input-pixel distance between neighbouring
+    positions): a k x k conv adds (k - 1) * j to r; a stride-2 conv then doubles j. conv_in; per level,
+    layers_per_block ResNets of two 3x3 convs, then a Downsample (but at the last level); the mid block's two
+    ResNets; conv_out (quant_conv is 1x1 and adds nothing).
     """
     r, j = 1, 1
     r += 2 * j  # conv_in
@@ -72,7 +73,7 @@ def receptive_field(config) -> int:
 
 # ---------------------------------------------------------------------------- 4. parameters from the config
 def count_parameters(config) -> dict:
-    """The parameters of AutoencoderKL's encoder and decoder (``vae.encoder``, ``vae.decoder``), from the config.
+    """The parameter counts of ``vae.encoder`` and ``vae.decoder``, from the config alone.
 
     conv k x k from a to b: a*b*k*k + b; GroupNorm(c): 2c; Linear(c, c): c*c + c.
     """
