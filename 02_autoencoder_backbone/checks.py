@@ -12,41 +12,62 @@ def _close(ours, ref, what):
     assert diff <= tol, f"{what}: max |yours - diffusers| = {diff:.2e}, expected <= {tol:.1e}"
 
 
-def check_resnet_block(m):
-    from diffusers.models.resnet import ResnetBlock2D
+def check_upsample(m):
+    from diffusers.models.upsampling import Upsample2D
 
     torch.manual_seed(0)
-    for c_in, c_out in ((32, 64), (64, 64)):
-        ref = ResnetBlock2D(in_channels=c_in, out_channels=c_out, temb_channels=None, groups=16, eps=1e-6).eval()
-        for p in ref.parameters():  # GroupNorm starts at (1, 0): randomise it so a missing norm shows
-            nn.init.normal_(p, 0.0, 0.1) if p.ndim == 1 else None
-        ours = m.ResnetBlock(in_channels=c_in, out_channels=c_out, groups=16).eval()
+    for channels, shape in ((16, (2, 16, 8, 8)), (8, (1, 8, 5, 7))):
+        ref = Upsample2D(channels, use_conv=True).eval()
+        ours = m.Upsample(channels=channels).eval()
         try:
             ours.load_state_dict(ref.state_dict(), strict=True)
         except RuntimeError as e:
-            raise AssertionError(f"the state dict should load from diffusers' ResnetBlock2D ({c_in}->{c_out}) "
-                                 f"unchanged: names norm1, conv1, norm2, conv2, conv_shortcut. {e}") from None
-        x = torch.randn(2, c_in, 8, 12)
-        with torch.no_grad():
-            _close(ours(x), ref(x, None), f"ResnetBlock {c_in}->{c_out}")
-
-
-def check_downsample(m):
-    from diffusers.models.downsampling import Downsample2D
-
-    torch.manual_seed(0)
-    ref = Downsample2D(16, use_conv=True, padding=0, name="op").eval()
-    for shape in ((2, 16, 8, 8), (1, 16, 6, 10)):
+            raise AssertionError(f"diffusers' Upsample2D({channels}) weights should load unchanged: one 3x3 "
+                                 f"conv named conv ({channels} -> {channels}, padding 1). {e}") from None
         x = torch.randn(*shape)
         with torch.no_grad():
-            out = m.downsample(x, ref.conv)
-            expected = ref(x)
-        assert out.shape == expected.shape, f"input {shape}: expected shape {tuple(expected.shape)}, got {tuple(out.shape)}"
-        _close(out, expected, f"downsample of {shape}")
+            out, expected = ours(x), ref(x)
+        assert out.shape == expected.shape, (f"input {shape}: expected shape {tuple(expected.shape)}, "
+                                             f"got {tuple(out.shape)}")
+        _close(out, expected, f"Upsample of {shape}")
+
+
+def _refuse(what):
+    def forward(*args, **kwargs):
+        raise AssertionError(f"decode called {what} whole; walk its blocks yourself (see the docstring)")
+    return forward
+
+
+def check_decode(m):
+    import diffusers
+
+    from common.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    torch.manual_seed(0)
+    for config, side in ((AutoencoderConfig.tiny(), (6, 5)), (AutoencoderConfig.course(), (8, 8))):
+        ref = diffusers.AutoencoderKL(**config.to_diffusers()).eval()
+        # random perturbations move the norms away from (1, 0), so a missing norm shows
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}
+        ref.load_state_dict(state)
+        vae = AutoencoderKL(config).eval()
+        vae.load_state_dict(state)
+        vae.decode = _refuse("vae.decode")  # the shortcuts raise: the exercise is the walk through the blocks
+        vae.decoder.forward = _refuse("vae.decoder")
+        vae.decoder.mid_block.forward = _refuse("vae.decoder.mid_block")
+        for i, level in enumerate(vae.decoder.up_blocks):
+            level.forward = _refuse(f"vae.decoder.up_blocks[{i}]")
+        z = torch.randn(2, config.latent_channels, *side)
+        with torch.no_grad():
+            out = m.decode(vae, z)
+            expected = ref.decode(z).sample
+        assert out.shape == expected.shape, (f"config {config.block_out_channels}, z {tuple(z.shape)}: "
+                                             f"expected shape {tuple(expected.shape)}, "
+                                             f"got {tuple(out.shape)}")
+        _close(out, expected, f"decode at config {config.block_out_channels}")
 
 
 def _measured_field(config, side):
-    """Backpropagate from the centre latent through the encoder (attention and GroupNorm off): the input extent it touches."""
+    """The input extent the centre latent touches, by backpropagation (attention and GroupNorm off)."""
     from common.autoencoder import AutoencoderKL
 
     torch.manual_seed(0)
@@ -69,12 +90,15 @@ def check_receptive_field(m):
     from common.autoencoder import AutoencoderConfig
 
     configs = [(AutoencoderConfig.tiny(), 64), (AutoencoderConfig.course(), 128),
-               (AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4), 256)]
+               (AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4),
+                256)]
     for config, side in configs:
         rows, cols = _measured_field(config, side)
         got = m.receptive_field(config)
-        assert got == rows == cols, (f"config {config.block_out_channels} x {config.layers_per_block} ResNets: "
-                                     f"one latent sees {rows} x {cols} input pixels (measured by backpropagation), got {got}")
+        assert got == rows == cols, (f"config {config.block_out_channels} x {config.layers_per_block} "
+                                     f"ResNets: "
+                                     f"one latent sees {rows} x {cols} input pixels (measured by "
+                                     f"backpropagation), got {got}")
 
 
 def check_count_parameters(m):
@@ -92,8 +116,8 @@ def check_count_parameters(m):
 
 
 CHECKS = [
-    ("downsample", check_downsample),
-    ("ResnetBlock", check_resnet_block),
+    ("Upsample", check_upsample),
+    ("decode", check_decode),
     ("receptive_field", check_receptive_field),
     ("count_parameters", check_count_parameters),
 ]

@@ -1,9 +1,12 @@
-"""Chapter 02 exercises: SD's ResNet block and downsample, checked against diffusers with the same weights;
-the encoder's receptive field; the VAE's parameter count from its configuration alone.
+"""Chapter 02 exercises: the decoder's upsample, the decoder's forward pass walked block by block with loaded
+weights, the encoder's receptive field, and the VAE's parameter count from its configuration alone.
 
 Fill in each one, then grade your file:
 
     python -m common.grade 02
+
+The notebook calls your ``Upsample``, ``decode`` and ``receptive_field`` once they are solved (until then it
+uses the reference in ``solutions.py``).
 """
 
 from __future__ import annotations
@@ -12,19 +15,17 @@ import torch
 from torch import nn
 
 
-# ---------------------------------------------------------------------------- 1. the ResNet block
-class ResnetBlock(nn.Module):
-    """SD's VAE ResNet block: out = skip(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x)))))).
+# ---------------------------------------------------------------------------- 1. the decoder's upsample
+class Upsample(nn.Module):
+    """SD's decoder upsample: (B, C, H, W) -> (B, C, 2H, 2W).
 
-    Build, with exactly these attribute names (diffusers' ResnetBlock2D's, so its state dict loads here):
-      norm1: GroupNorm(groups, in_channels, eps=1e-6)     conv1: 3x3 conv in_channels -> out_channels, padding 1
-      norm2: GroupNorm(groups, out_channels, eps=1e-6)    conv2: 3x3 conv out_channels -> out_channels, padding 1
-      conv_shortcut: a 1x1 conv in_channels -> out_channels when they differ, else None (skip = x)
-    Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W). The check loads diffusers' weights with
-    ``load_state_dict(strict=True)`` and compares outputs (max abs diff <= 1e-4).
+    Nearest-neighbour upsampling by 2 (``F.interpolate(..., scale_factor=2.0, mode="nearest")``), then a 3x3
+    convolution with padding 1 that keeps the C channels. Name the convolution ``conv`` (diffusers'
+    ``Upsample2D`` name), so diffusers' weights load here with ``load_state_dict(strict=True)``.
+    The check loads ``Upsample2D(C, use_conv=True)``'s weights and compares outputs (max abs diff <= 1e-4).
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, groups: int = 32):
+    def __init__(self, *, channels: int):
         super().__init__()
         raise NotImplementedError
 
@@ -32,13 +33,20 @@ class ResnetBlock(nn.Module):
         raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 2. the downsample
-def downsample(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """SD's Downsample: (B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 ``conv`` that has padding 0.
+# ---------------------------------------------------------------------------- 2. the decoder's forward pass
+def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """z (B, latent_channels, h, w) -> image (B, out_channels, h * f, w * f), walking the blocks yourself.
 
-    Pad first, but only one pixel on the right and one at the bottom (``F.pad`` takes
-    (left, right, top, bottom)), so the conv over H + 1 rows gives exactly H/2. This asymmetric pad is one of
-    the details a re-implementation must copy to load SD's weights and get SD's numbers.
+    ``vae`` has diffusers' AutoencoderKL names (``common.autoencoder.AutoencoderKL``, or the notebook's VAE):
+      vae.post_quant_conv                           1x1 conv, latent_channels -> latent_channels
+      vae.decoder.conv_in                           3x3 conv, latent_channels -> widest
+      vae.decoder.mid_block.resnets[0], .attentions[0], .resnets[1]     in that order
+      vae.decoder.up_blocks[i].resnets[j]           every ResNet block of level i, in order
+      vae.decoder.up_blocks[i].upsamplers[0]        after level i's ResNets, at every level that has one
+      vae.decoder.conv_norm_out, SiLU, vae.decoder.conv_out
+    Call these leaf blocks: the check makes ``vae.decode``, ``vae.decoder``, ``mid_block`` and each level
+    raise when called whole. It loads random weights into the course's AutoencoderKL and compares your image
+    with diffusers' ``AutoencoderKL.decode`` holding the same weights (max abs diff <= 1e-4).
     """
     raise NotImplementedError
 

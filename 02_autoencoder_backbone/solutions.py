@@ -1,5 +1,5 @@
-"""Chapter 02 reference solutions: SD's ResNet block and asymmetric-pad downsample, the encoder's receptive
-field, and the parameter count of the VAE from its configuration alone.
+"""Chapter 02 reference solutions: the decoder's upsample, the decoder's forward pass walked block by block,
+the encoder's receptive field, and the parameter count of the VAE from its configuration alone.
 
     python 02_autoencoder_backbone/solutions.py        # prints each answer at the SD 1.x config
 """
@@ -11,46 +11,52 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# ---------------------------------------------------------------------------- 1. the ResNet block
-class ResnetBlock(nn.Module):
-    """x + conv2(SiLU(GN(conv1(SiLU(GN(x)))))), a 1x1 ``conv_shortcut`` on the skip when the width changes.
+# ---------------------------------------------------------------------------- 1. the decoder's upsample
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W). ``conv`` is diffusers' name.
 
-    Parameter names are diffusers' ResnetBlock2D's (norm1, conv1, norm2, conv2, conv_shortcut), so its
-    state dict loads here unchanged. GroupNorm eps is 1e-6, as in SD.
+    Nearest-neighbour copies give every output pixel the same number of contributions, so a constant input
+    stays constant (a stride-2 transposed conv would print a checkerboard on it).
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, groups: int = 32):
+    def __init__(self, *, channels: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W), each pixel copied 2 x 2
+        return self.conv(x)
 
 
-# ---------------------------------------------------------------------------- 2. the downsample
-def downsample(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """SD's Downsample: pad one pixel on the right and bottom only, then the stride-2 3x3 ``conv`` (padding 0).
-
-    (B, C, H, W) -> (B, C, H/2, W/2). The pad is asymmetric because a stride-2 3x3 conv over H + 1 rows gives H/2.
-    """
-    return conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H+1, W+1) -> (B, C, H/2, W/2)
+# ---------------------------------------------------------------------------- 2. the decoder's forward pass
+def decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The decoder walked block by block: post_quant_conv, conv_in, mid block, levels, head."""
+    decoder = vae.decoder
+    z = vae.post_quant_conv(z)  # (B, 4, h, w): a per-position linear map of the latent
+    h = decoder.conv_in(z)  # (B, C_widest, h, w)
+    mid = decoder.mid_block
+    h = mid.resnets[0](h)
+    h = mid.attentions[0](h)  # every position looks at every other one
+    h = mid.resnets[1](h)
+    for level in decoder.up_blocks:
+        for resnet in level.resnets:
+            h = resnet(h)  # (B, C_level, H_level, W_level)
+        upsamplers = getattr(level, "upsamplers", None)
+        if upsamplers is not None:
+            h = upsamplers[0](h)  # doubles H and W
+    h = F.silu(decoder.conv_norm_out(h))
+    return decoder.conv_out(h)  # (B, 3, h * f, w * f)
 
 
 # ---------------------------------------------------------------------------- 3. the receptive field
 def receptive_field(config) -> int:
     """The side, in input pixels, that one latent sees through the encoder's convolutions.
 
-    Ignores the mid-block attention and GroupNorm's statistics (both see every position): the convolutions' field. Walk the layers with r (field) and j (jump,
-    the input-pixel distance between neighbouring positions): a k x k conv adds (k - 1) * j to r; a stride-2
-    conv then doubles j. conv_in; per level, layers_per_block ResNets of two 3x3 convs, then a Downsample
-    (but at the last level); the mid block's two ResNets; conv_out (quant_conv is 1x1 and adds nothing).
+    Ignores the mid-block attention and GroupNorm's statistics (both see every position): the convolutions'
+    field. Walk the layers with r (field) and j (jump, the input-pixel distance between neighbouring
+    positions): a k x k conv adds (k - 1) * j to r; a stride-2 conv then doubles j. conv_in; per level,
+    layers_per_block ResNets of two 3x3 convs, then a Downsample (but at the last level); the mid block's two
+    ResNets; conv_out (quant_conv is 1x1 and adds nothing).
     """
     r, j = 1, 1
     r += 2 * j  # conv_in
@@ -67,7 +73,7 @@ def receptive_field(config) -> int:
 
 # ---------------------------------------------------------------------------- 4. parameters from the config
 def count_parameters(config) -> dict:
-    """The parameters of AutoencoderKL's encoder and decoder (``vae.encoder``, ``vae.decoder``), from the config.
+    """The parameter counts of ``vae.encoder`` and ``vae.decoder``, from the config alone.
 
     conv k x k from a to b: a*b*k*k + b; GroupNorm(c): 2c; Linear(c, c): c*c + c.
     """
@@ -104,12 +110,17 @@ def count_parameters(config) -> dict:
 
 
 if __name__ == "__main__":
-    from common.autoencoder import AutoencoderConfig
+    from common.autoencoder import AutoencoderConfig, AutoencoderKL
 
     sd = AutoencoderConfig.sd15()
     for name, cfg in (("SD 1.x", sd), ("course", AutoencoderConfig.course())):
         print(f"{name}: receptive field {receptive_field(cfg)} px, parameters {count_parameters(cfg)}")
-    block = ResnetBlock(in_channels=64, out_channels=128, groups=32)
+    up = Upsample(channels=64)
     x = torch.randn(1, 64, 16, 16)
-    print("ResnetBlock", tuple(x.shape), "->", tuple(block(x).shape))
-    print("downsample", tuple(x.shape), "->", tuple(downsample(x, nn.Conv2d(64, 64, 3, stride=2)).shape))
+    print("Upsample", tuple(x.shape), "->", tuple(up(x).shape))
+    vae = AutoencoderKL(AutoencoderConfig.course()).eval()
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        image = decode(vae, z)
+        gap = (image - vae.decode(z)).abs().max().item()
+    print(f"decode {tuple(z.shape)} -> {tuple(image.shape)}; max |decode - AutoencoderKL.decode| = {gap:.1e}")
