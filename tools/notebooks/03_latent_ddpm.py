@@ -2,11 +2,12 @@
 # # 03. Latent DDPM
 #
 # Stage two of latent diffusion (Rombach et al. 2022): freeze the autoencoder of chapters 01-02 and train a
-# denoising diffusion model (Ho et al. 2020) on its **latents**. This chapter derives every equation it computes
-# and builds, in order:
+# denoising diffusion model (Ho et al. 2020) on its **latents**. This chapter derives every equation it
+# computes and builds, in order:
 #
 # 1. the latents of the frozen VAE;
-# 2. the forward process q(z_t | z_0) in closed form (derived by induction), and what it does to decoded images;
+# 2. the forward process q(z_t | z_0) in closed form (derived by induction), and what it does to decoded
+#    images;
 # 3. the reverse posterior q(z_{t-1} | z_t, z_0) (derived by completing the square), the epsilon
 #    parameterisation and the simplified loss;
 # 4. the network: a UNet built here from its parts (timestep embedding, ResBlock, down and up paths with skip
@@ -80,28 +81,30 @@ show(show_latent_channels(z0[:3], size=1.0, title="scaled latents of three digit
 # %% [markdown]
 # ## 2. The forward process on latents, in closed form
 #
-# DDPM destroys data gradually. One step adds a little Gaussian noise and shrinks what was there, so the variance
-# stays 1 for unit-variance data:
+# DDPM destroys data gradually. One step adds a little Gaussian noise and shrinks what was there, so the
+# variance stays 1 for unit-variance data:
 #
 # $$q(z_t \mid z_{t-1}) = \mathcal N\big(\sqrt{1-\beta_t}\, z_{t-1},\ \beta_t I\big),
 # \qquad \alpha_t = 1 - \beta_t, \qquad \bar\alpha_t = \prod_{s=1}^{t} \alpha_s .$$
 #
-# Training needs z_t for a random t in one draw, not t draws. **Claim:** $z_t = \sqrt{\bar\alpha_t}\, z_0 +
-# \sqrt{1-\bar\alpha_t}\,\varepsilon$ with $\varepsilon \sim \mathcal N(0, I)$. It holds at t = 1 (there
-# $\bar\alpha_1 = \alpha_1$). Suppose it holds at t - 1, with noise $\varepsilon'$; draw the step's own noise
-# $\varepsilon''$, independent of $\varepsilon'$. Then
+# Training needs z_t for a random t in one draw, not t draws. **Claim:**
+# $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon$ with
+# $\varepsilon \sim \mathcal N(0, I)$. It holds at t = 1 (there $\bar\alpha_1 = \alpha_1$). Suppose it holds
+# at t - 1, with noise $\varepsilon'$; draw the step's own noise $\varepsilon''$, independent of
+# $\varepsilon'$. Then
 #
 # $$\begin{aligned}
-# z_t &= \sqrt{\alpha_t}\, z_{t-1} + \sqrt{1-\alpha_t}\,\varepsilon'' && \text{one step, by the reparameterisation} \\
+# z_t &= \sqrt{\alpha_t}\, z_{t-1} + \sqrt{1-\alpha_t}\,\varepsilon''
+#        && \text{one step, by the reparameterisation} \\
 #     &= \sqrt{\alpha_t \bar\alpha_{t-1}}\, z_0 + \big[\sqrt{\alpha_t(1-\bar\alpha_{t-1})}\,\varepsilon'
 #        + \sqrt{1-\alpha_t}\,\varepsilon''\big] && \text{the claim at } t-1 \\
 #     &= \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon
 #        && \text{a sum of independent Gaussians: variance } \alpha_t - \bar\alpha_t + 1 - \alpha_t
 # \end{aligned}$$
 #
-# so by induction $q(z_t \mid z_0) = \mathcal N\big(\sqrt{\bar\alpha_t}\, z_0, (1-\bar\alpha_t) I\big)$ for every t.
-# The code is one line. Built with Stable Diffusion's "scaled linear" betas (the code counts t from 0, as
-# diffusers does: `alpha_bar[0]` is $\bar\alpha_1$), then checked against `common.schedules`:
+# so by induction $q(z_t \mid z_0) = \mathcal N\big(\sqrt{\bar\alpha_t}\, z_0, (1-\bar\alpha_t) I\big)$ for
+# every t. The code is one line. Built with Stable Diffusion's "scaled linear" betas (the code counts t from
+# 0, as diffusers does: `alpha_bar[0]` is $\bar\alpha_1$), then checked against `common.schedules`:
 
 # %%
 T = 1000
@@ -121,8 +124,8 @@ diff = (q_sample(z0[:4], eps, t) - schedule.add_noise(z0[:4], eps, t)).abs().max
 print(f"max |ours - common.schedules| = {float(diff):.1e}")
 
 # %% [markdown]
-# The induction can also be run: take one latent value, walk the one-step chain t times for many noise draws, and
-# compare the mean and standard deviation of what comes out with the closed form.
+# The induction can also be run: take one latent value, walk the one-step chain t times for many noise draws,
+# and compare the mean and standard deviation of what comes out with the closed form.
 
 # %%
 g = torch.Generator().manual_seed(0)
@@ -170,17 +173,17 @@ show(fig)
 # %% [markdown]
 # ## 3. The reverse process: the posterior, the noise parameterisation, the loss
 #
-# Sampling runs the chain backwards: from $z_T \sim \mathcal N(0, I)$, draw $z_{t-1}$ given $z_t$, down to $z_0$.
-# The true reverse step $q(z_{t-1} \mid z_t)$ needs the whole data distribution, but **given $z_0$** it is a
-# Gaussian we can write down. By Bayes, and because the forward chain is Markov,
+# Sampling runs the chain backwards: from $z_T \sim \mathcal N(0, I)$, draw $z_{t-1}$ given $z_t$, down to
+# $z_0$. The true reverse step $q(z_{t-1} \mid z_t)$ needs the whole data distribution, but **given $z_0$** it
+# is a Gaussian we can write down. By Bayes, and because the forward chain is Markov,
 #
 # $$q(z_{t-1} \mid z_t, z_0) = \frac{q(z_t \mid z_{t-1})\, q(z_{t-1} \mid z_0)}{q(z_t \mid z_0)}
 # \ \propto\ \exp\Big(-\frac{(z_t - \sqrt{\alpha_t}\, z_{t-1})^2}{2\beta_t}
 # - \frac{(z_{t-1} - \sqrt{\bar\alpha_{t-1}}\, z_0)^2}{2(1-\bar\alpha_{t-1})}\Big)$$
 #
-# (per coordinate; the denominator does not depend on $z_{t-1}$). **Complete the square** in $x = z_{t-1}$: the
-# exponent is $-\tfrac12 (a x^2 - 2 b x) + \text{const} = -\tfrac{a}{2}(x - b/a)^2 + \text{const}$, a Gaussian
-# with variance $1/a$ and mean $b/a$, where
+# (per coordinate; the denominator does not depend on $z_{t-1}$). **Complete the square** in $x = z_{t-1}$:
+# the exponent is $-\tfrac12 (a x^2 - 2 b x) + \text{const} = -\tfrac{a}{2}(x - b/a)^2 + \text{const}$, a
+# Gaussian with variance $1/a$ and mean $b/a$, where
 #
 # $$\begin{aligned}
 # a &= \frac{\alpha_t}{\beta_t} + \frac{1}{1-\bar\alpha_{t-1}}
@@ -206,8 +209,8 @@ beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas  # (T,): the posteri
 
 # %% [markdown]
 # A toy first, with numbers you could check by hand: one coordinate, $z_0 = 1.2$, $z_t = 0.3$ at t = 500.
-# Multiply the two Gaussian densities on a fine grid of $z_{t-1}$, normalise, and measure the mean and variance
-# of the product, against the completed square:
+# Multiply the two Gaussian densities on a fine grid of $z_{t-1}$, normalise, and measure the mean and
+# variance of the product, against the completed square:
 
 # %%
 t_toy, z0_toy, zt_toy = 500, 1.2, 0.3
@@ -224,9 +227,9 @@ print(f"grid:    mean {grid_mean:.6f}, variance {grid_var:.6e}")
 print(f"formula: mean {formula_mean:.6f}, variance {float(beta_tilde[t_toy]):.6e}")
 
 # %% [markdown]
-# **Where the network comes in.** At sampling time $z_0$ is unknown: a network guesses it. Ho et al. let it guess
-# the noise instead. Substitute $z_0 = (z_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$ (the
-# forward closed form, solved for $z_0$) into $\tilde\mu_t$:
+# **Where the network comes in.** At sampling time $z_0$ is unknown: a network guesses it. Ho et al. let it
+# guess the noise instead. Substitute $z_0 = (z_t - \sqrt{1-\bar\alpha_t}\,\varepsilon)/\sqrt{\bar\alpha_t}$
+# (the forward closed form, solved for $z_0$) into $\tilde\mu_t$:
 #
 # $$\begin{aligned}
 # \tilde\mu_t &= \frac{\beta_t}{\sqrt{\alpha_t}(1-\bar\alpha_t)} \big(z_t - \sqrt{1-\bar\alpha_t}\,\varepsilon\big)
@@ -239,8 +242,8 @@ print(f"formula: mean {formula_mean:.6f}, variance {float(beta_tilde[t_toy]):.6e
 #   && \beta_t + \alpha_t = 1 \quad\text{(Ho et al. eq. 11)}
 # \end{aligned}$$
 #
-# So a network $\varepsilon_\theta(z_t, t)$ gives the reverse mean $\mu_\theta$ by the same formula. Both forms,
-# numerically, for every t:
+# So a network $\varepsilon_\theta(z_t, t)$ gives the reverse mean $\mu_\theta$ by the same formula. Both
+# forms, numerically, for every t:
 
 # %%
 g = torch.Generator().manual_seed(0)
@@ -254,10 +257,11 @@ for t in range(1, T):
 print(f"max |tilde-mu from z0 - tilde-mu from eps| over t = 1..{T - 1}: {worst:.1e}")
 
 # %% [markdown]
-# Now the check against the references: one ancestral step $z_{t-1} = \tilde\mu_t + \sqrt{\tilde\beta_t}\,\xi$,
-# with $z_0$ estimated from a noise prediction and $\xi$ drawn from a fixed generator, beside the course's
-# `DDPMSampler.step` and diffusers' `DDPMScheduler.step` (with `clip_sample=False`: latents are not in [-1, 1]),
-# given the same prediction and the same generator seed.
+# Now the check against the references: one ancestral step
+# $z_{t-1} = \tilde\mu_t + \sqrt{\tilde\beta_t}\,\xi$, with $z_0$ estimated from a noise prediction and $\xi$
+# drawn from a fixed generator, beside the course's `DDPMSampler.step` and diffusers' `DDPMScheduler.step`
+# (with `clip_sample=False`: latents are not in [-1, 1]), given the same prediction and the same generator
+# seed.
 
 # %%
 from diffusers import DDPMScheduler
@@ -275,13 +279,15 @@ for t in (999, 500, 20):
           f"max |ours - diffusers| = {float((ours - theirs).abs().max()):.1e}")
 
 # %% [markdown]
-# **The loss.** The model's reverse step is $p_\theta(z_{t-1} \mid z_t) = \mathcal N(\mu_\theta, \sigma_t^2 I)$ with
-# $\sigma_t^2 = \tilde\beta_t$ fixed. Its term of the variational bound is a KL divergence between two Gaussians of
-# the same variance, which is a squared distance between their means:
+# **The loss.** The model's reverse step is
+# $p_\theta(z_{t-1} \mid z_t) = \mathcal N(\mu_\theta, \sigma_t^2 I)$ with $\sigma_t^2 = \tilde\beta_t$ fixed.
+# Its term of the variational bound is a KL divergence between two Gaussians of the same variance, which is a
+# squared distance between their means:
 #
 # $$\begin{aligned}
 # D_{KL}\big(q(z_{t-1} \mid z_t, z_0)\,\|\,p_\theta(z_{t-1} \mid z_t)\big)
-# &= \frac{1}{2\sigma_t^2}\, \| \tilde\mu_t - \mu_\theta \|^2 && \text{equal covariances: only the means differ} \\
+# &= \frac{1}{2\sigma_t^2}\, \| \tilde\mu_t - \mu_\theta \|^2
+#   && \text{equal covariances: only the means differ} \\
 # &= \frac{\beta_t^2}{2\sigma_t^2\, \alpha_t (1-\bar\alpha_t)}\, \| \varepsilon - \varepsilon_\theta(z_t, t) \|^2
 #   && \text{both means in the } \varepsilon \text{ form above}
 # \end{aligned}$$
@@ -291,7 +297,8 @@ for t in (999, 500, 20):
 # trained better than the bound itself. The weight they dropped, at a few t:
 
 # %%
-weight = betas**2 / (2 * beta_tilde * (1 - betas) * (1 - alpha_bar))  # (T,), the bound's weight on ||eps - eps_theta||^2
+# (T,): the bound's weight on ||eps - eps_theta||^2 (inf at t = 0, where tilde-beta is 0)
+weight = betas**2 / (2 * beta_tilde * (1 - betas) * (1 - alpha_bar))
 for t in (1, 10, 100, 500, 999):
     print(f"t = {t:3d}: weight {float(weight[t]):.4f}")
 
@@ -308,15 +315,15 @@ for t in (1, 10, 100, 500, 999):
 # $\varepsilon_\theta(z_t, t, y)$ maps a noisy latent to a noise estimate of the same shape, so it is an
 # image-to-image network: a UNet (Ronneberger et al. 2015) as DDPM uses it (Ho et al., appendix B), with
 # Stable Diffusion's block layout so the same classes scale up to SD 1.5. Four pieces, each built here: the
-# timestep embedding, a ResBlock that reads it, the down and up paths joined by skip connections, and the places
-# where attention sits. (The attention block itself, `SpatialTransformer`, is chapter 04's subject; here it is
-# imported.)
+# timestep embedding, a ResBlock that reads it, the down and up paths joined by skip connections, and the
+# places where attention sits. (The attention block itself, `SpatialTransformer`, is chapter 04's subject;
+# here it is imported.)
 #
 # ### The timestep embedding
 #
 # The network must know how noisy its input is. The integer t becomes a vector by the Transformer's sinusoidal
-# code (Vaswani et al. 2017, sec. 3.5): for d channels, half of them cosines and half sines of t at geometrically
-# spaced frequencies
+# code (Vaswani et al. 2017, sec. 3.5): for d channels, half of them cosines and half sines of t at
+# geometrically spaced frequencies
 #
 # $$\omega_k = 10000^{-k/(d/2)},\quad k = 0, \dots, d/2 - 1, \qquad
 # \text{emb}(t) = \big[\cos(\omega_0 t), \dots, \cos(\omega_{d/2-1} t),\ \sin(\omega_0 t), \dots,
@@ -346,7 +353,8 @@ print(f"max |ours - diffusers' get_timestep_embedding| over t = 0..{T - 1}, d = 
 
 fig = Figure(figsize=(7, 2.4))
 ax = fig.subplots()
-image = ax.imshow(sinusoidal_embedding(t_all, 64).T.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest")
+codes = sinusoidal_embedding(t_all, 64).T  # (64, T): one column per timestep
+image = ax.imshow(codes.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest")
 ax.set_xlabel("timestep t")
 ax.set_ylabel("channel (cos 0-31, sin 32-63)")
 ax.set_title("sinusoidal embedding, d = 64", fontsize=10)
@@ -355,17 +363,17 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: each column is one timestep's 64 numbers. The first channels of each half oscillate fast (they change
-# between t and t + 1); the last ones change slowly across the whole range: together they pin t down.*
+# *Figure: each column is one timestep's 64 numbers. The first channels of each half oscillate fast (they
+# change between t and t + 1); the last ones change slowly across the whole range: together they pin t down.*
 #
 # An MLP (`linear_1`, SiLU, `linear_2`) widens the code to 4x the base width, the vector every ResBlock reads.
 # A class-conditional model adds a learned embedding of the label y to it.
 #
 # ### A ResBlock with time injection
 #
-# Two 3x3 convolutions, each after GroupNorm and SiLU, with a residual connection (a 1x1 conv on it when the width
-# changes). Between the convolutions the time embedding, projected to one number per channel, is **added to every
-# position**: a per-channel shift that tells each feature map the noise level.
+# Two 3x3 convolutions, each after GroupNorm and SiLU, with a residual connection (a 1x1 conv on it when the
+# width changes). Between the convolutions the time embedding, projected to one number per channel, is **added
+# to every position**: a per-channel shift that tells each feature map the noise level.
 
 # %%
 class TimeMLP(nn.Module):
@@ -424,20 +432,20 @@ class Resample(nn.Module):
 # ### The down and up paths, with skip connections
 #
 # The down path is a few **levels**: at each, `n` ResBlocks at one resolution, then a stride-2 conv halves it
-# (not after the last level). Every intermediate output is kept as a **skip**. A bottleneck (mid block) works at
-# the lowest resolution. The up path mirrors the down path with one more ResBlock per level, each first
-# concatenating a skip of the same resolution (last in, first out) to its input: the decoder gets back the fine
-# detail that the bottleneck squeezed out.
+# (not after the last level). Every intermediate output is kept as a **skip**. A bottleneck (mid block) works
+# at the lowest resolution. The up path mirrors the down path with one more ResBlock per level, each first
+# concatenating a skip of the same resolution (last in, first out) to its input: the decoder gets back the
+# fine detail that the bottleneck squeezed out.
 #
-# **Where attention sits.** At the levels marked for attention, each ResBlock is followed by a transformer block
-# on the feature map's positions: self-attention (every position looks at every other: global layout), then
-# cross-attention (every position looks at the text tokens: that is how a prompt steers the image), then an MLP.
-# The mid block is ResBlock, transformer, ResBlock. The Digits model here has no attention (8x8 latents and a
-# class label added to the time embedding); Stable Diffusion has it at its three highest resolutions and in the
-# middle.
+# **Where attention sits.** At the levels marked for attention, each ResBlock is followed by a transformer
+# block on the feature map's positions: self-attention (every position looks at every other: global layout),
+# then cross-attention (every position looks at the text tokens: that is how a prompt steers the image), then
+# an MLP. The mid block is ResBlock, transformer, ResBlock. The Digits model here has no attention (8x8
+# latents and a class label added to the time embedding); Stable Diffusion has it at its three highest
+# resolutions and in the middle.
 
 # %%
-from common.attention import SpatialTransformer  # chapter 04 builds it: self-attn, cross-attn, MLP on positions
+from common.attention import SpatialTransformer  # chapter 04 builds it: self-attn, cross-attn, MLP
 
 
 def attention_layer(channels, heads, context_dim, groups):
@@ -480,7 +488,8 @@ class MidLevel(nn.Module):
 
     def __init__(self, *, channels, time_dim, groups, heads=None, context_dim=None):
         super().__init__()
-        self.resnets = nn.ModuleList([ResBlock(c_in=channels, c_out=channels, time_dim=time_dim, groups=groups)])
+        first = ResBlock(c_in=channels, c_out=channels, time_dim=time_dim, groups=groups)
+        self.resnets = nn.ModuleList([first])
         self.attentions = None
         if heads is not None:
             self.attentions = nn.ModuleList([attention_layer(channels, heads, context_dim, groups)])
@@ -502,7 +511,8 @@ class UpLevel(nn.Module):
         self.resnets = nn.ModuleList()
         for i, skip_width in enumerate(skip_widths):
             width_in = c_in if i == 0 else c_out
-            self.resnets.append(ResBlock(c_in=width_in + skip_width, c_out=c_out, time_dim=time_dim, groups=groups))
+            resnet = ResBlock(c_in=width_in + skip_width, c_out=c_out, time_dim=time_dim, groups=groups)
+            self.resnets.append(resnet)
         self.attentions = None
         if heads is not None:
             self.attentions = nn.ModuleList()
@@ -547,9 +557,9 @@ class ScratchUNet(nn.Module):
         skip_widths = [widths[0]]  # the widths of the skips, in the order the down path pushes them
         for i, width in enumerate(widths):
             is_last = i == len(widths) - 1
-            level = DownLevel(c_in=widths[max(i - 1, 0)], c_out=width, n_layers=layers_per_block, time_dim=time_dim,
-                              groups=groups, downsample=not is_last, heads=heads if attention[i] else None,
-                              context_dim=context_dim)
+            level = DownLevel(c_in=widths[max(i - 1, 0)], c_out=width, n_layers=layers_per_block,
+                              time_dim=time_dim, groups=groups, downsample=not is_last,
+                              heads=heads if attention[i] else None, context_dim=context_dim)
             self.down_blocks.append(level)
             skip_widths += [width] * layers_per_block
             if not is_last:
@@ -589,14 +599,16 @@ class ScratchUNet(nn.Module):
 
 
 # %% [markdown]
-# The shipped Digits model (`checkpoints/ldm_digits`, trained by `train_ldm.py`) is this UNet at widths (32, 64),
-# two ResBlocks per level, no attention, and 11 class embeddings (the digits and a "null" class, used below for
-# guidance). Load its weights into the scratch UNet and into `common.unet.UNet`, and feed both the same inputs:
+# The shipped Digits model (`checkpoints/ldm_digits`, trained by `train_ldm.py`) is this UNet at widths (32,
+# 64), two ResBlocks per level, no attention, and 11 class embeddings (the digits and a "null" class, used
+# below for guidance). Load its weights into the scratch UNet and into `common.unet.UNet`, and feed both the
+# same inputs:
 
 # %%
 LDM = CKPT / "ldm_digits"
 ldm_weights = load_file(str(LDM / "diffusion_pytorch_model.safetensors"))
-scratch = ScratchUNet(widths=(32, 64), layers_per_block=2, attention=(False, False), groups=32, num_classes=11)
+scratch = ScratchUNet(widths=(32, 64), layers_per_block=2, attention=(False, False), groups=32,
+                      num_classes=11)
 print(scratch.load_state_dict(ldm_weights))  # strict: every name and shape must match
 library_unet = UNet(UNetConfig.from_diffusers(json.loads((LDM / "config.json").read_text())))
 library_unet.load_state_dict(ldm_weights)
@@ -613,78 +625,85 @@ print(f"{sum(p.numel() for p in scratch.parameters()):,} parameters; output {tup
 # %% [markdown]
 # ### Scaled up: Stable Diffusion 1.5's UNet
 #
-# The same classes at SD 1.5's settings: widths (320, 640, 1280, 1280), two ResBlocks per level, attention at the
-# first three levels and in the middle, 8 heads, a 768-wide text context (CLIP ViT-L/14's), 64 x 64 x 4 latents
-# for 512 px images. The drawing shows where everything sits, with the tensor shapes on the arrows (B the batch).
+# The same classes at SD 1.5's settings: widths (320, 640, 1280, 1280), two ResBlocks per level, attention at
+# the first three levels and in the middle, 8 heads, a 768-wide text context (CLIP ViT-L/14's), 64 x 64 x 4
+# latents for 512 px images. The drawing shows where everything sits, with the tensor shapes on the arrows (B
+# the batch).
 
 # %%
 def draw_sd15_unet():
-    """Boxes for conv_in, the four down levels, the mid block, the four up levels and conv_out; shapes on arrows."""
-    fig = Figure(figsize=(11, 6.6))
+    """conv_in, the four down levels, the mid block, the four up levels and conv_out; shapes on the arrows."""
+    fig = Figure(figsize=(10, 7))
     ax = fig.subplots()
-    ax.set_xlim(0, 11)
-    ax.set_ylim(0, 7.2)
+    ax.set_xlim(0, 10)
+    ax.set_ylim(-0.4, 7.6)
     ax.axis("off")
-    box = dict(boxstyle="round,pad=0.3", fc="#eef3fb", ec="#4a6fa5")
-    attn_box = dict(boxstyle="round,pad=0.3", fc="#fdf1e2", ec="#c07a2c")
+    plain = dict(boxstyle="round,pad=0.3", fc="#eef3fb", ec="#4a6fa5")
+    with_attention = dict(boxstyle="round,pad=0.3", fc="#fdf1e2", ec="#c07a2c")
     arrow = dict(arrowstyle="-|>", color="#333333", lw=1.0)
-    levels = [(320, 64, True), (640, 32, True), (1280, 16, True), (1280, 8, False)]
-    y_of = [5.6, 4.4, 3.2, 2.0]  # one row per resolution
-    ax.text(1.9, 6.75, "conv_in", ha="center", va="center", fontsize=9, bbox=box)
-    ax.annotate("", xy=(1.9, 6.0), xytext=(1.9, 6.55), arrowprops=arrow)
-    ax.text(2.0, 6.3, "(B, 320, 64, 64)", fontsize=7.5, va="center")
-    ax.text(0.2, 6.75, "z_t (B, 4, 64, 64)", fontsize=8, va="center")
-    for i, (width, side, attn) in enumerate(levels):
-        blocks = "2 x (ResBlock + Transformer)" if attn else "2 x ResBlock"
-        down = ", then stride-2 conv" if i < 3 else ""
-        ax.text(1.9, y_of[i], f"down {i}: {blocks}{down}\n{width} ch, {side} x {side}", ha="center",
-                va="center", fontsize=8, bbox=attn_box if attn else box)
-        up_blocks = "3 x (ResBlock + Transformer)" if attn else "3 x ResBlock"
-        up = ", then x2 upsample" if i > 0 else ""
-        ax.text(9.1, y_of[i], f"up {3 - i}: {up_blocks}{up}\n{width} ch, {side} x {side}", ha="center",
-                va="center", fontsize=8, bbox=attn_box if attn else box)
-        ax.annotate("", xy=(7.55, y_of[i]), xytext=(3.45, y_of[i]),
-                    arrowprops=dict(arrowstyle="-|>", color="#888888", lw=0.8, ls="--"))
-        n_skips = 3
-        ax.text(5.5, y_of[i] + 0.13, f"{n_skips} skips, concatenated on channels", ha="center", fontsize=7,
-                color="#666666")
+    skip_arrow = dict(arrowstyle="-|>", color="#888888", lw=0.8, ls="--")
+    levels = [(320, 64, True), (640, 32, True), (1280, 16, True), (1280, 8, False)]  # width, side, attention
+    row_y = [5.3, 4.0, 2.7, 1.4]  # one row per resolution
+    x_down, x_up = 1.8, 8.2
+    # the input and output convolutions
+    ax.text(x_down, 6.6, "conv_in", ha="center", va="center", fontsize=9, bbox=plain)
+    ax.text(x_down, 7.3, "z_t  (B, 4, 64, 64)", ha="center", va="center", fontsize=9)
+    ax.annotate("", xy=(x_down, 5.8), xytext=(x_down, 6.35), arrowprops=arrow)
+    ax.text(x_down + 0.1, 6.08, "(B, 320, 64, 64)", fontsize=8, va="center")
+    ax.text(x_up, 6.6, "GroupNorm, SiLU, conv_out", ha="center", va="center", fontsize=9, bbox=plain)
+    ax.text(x_up, 7.3, "eps_theta  (B, 4, 64, 64)", ha="center", va="center", fontsize=9)
+    ax.annotate("", xy=(x_up, 6.35), xytext=(x_up, 5.8), arrowprops=arrow)
+    ax.text(x_up + 0.1, 6.08, "(B, 320, 64, 64)", fontsize=8, va="center")
+    # what every block reads besides the feature map
+    time_text = "t -> sinusoid (B, 320) -> MLP -> temb (B, 1280):\nadded inside every ResBlock"
+    context_text = "text context (B, 77, 768): keys and values\nof the cross-attention in every Transformer"
+    ax.text(5.0, 7.1, time_text, ha="center", va="center", fontsize=8.5,
+            bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#999999"))
+    ax.text(5.0, 6.2, context_text, ha="center", va="center", fontsize=8.5,
+            bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#c07a2c"))
+    for i, (width, side, attention) in enumerate(levels):
+        style = with_attention if attention else plain
+        down_blocks = "2 x (ResBlock + Transformer)" if attention else "2 x ResBlock"
+        down_then = "\nthen a stride-2 conv" if i < 3 else ""
+        ax.text(x_down, row_y[i], f"down {i}: {down_blocks}{down_then}\n{width} ch at {side} x {side}",
+                ha="center", va="center", fontsize=8.5, bbox=style)
+        up_blocks = "3 x (ResBlock + Transformer)" if attention else "3 x ResBlock"
+        up_then = "\nthen x2 upsample" if i > 0 else ""
+        ax.text(x_up, row_y[i], f"up {3 - i}: {up_blocks}{up_then}\n{width} ch at {side} x {side}",
+                ha="center", va="center", fontsize=8.5, bbox=style)
+        ax.annotate("", xy=(x_up - 1.75, row_y[i]), xytext=(x_down + 1.75, row_y[i]), arrowprops=skip_arrow)
+        ax.text(5.0, row_y[i] + 0.12, f"3 skips at {side} x {side}", ha="center", fontsize=8, color="#555555")
         if i < 3:
-            ax.annotate("", xy=(1.9, y_of[i + 1] + 0.45), xytext=(1.9, y_of[i] - 0.45), arrowprops=arrow)
-            next_side = side // 2
-            ax.text(2.0, (y_of[i] + y_of[i + 1]) / 2, f"(B, {width}, {next_side}, {next_side})", fontsize=7.5,
+            half = side // 2
+            below, above = row_y[i + 1] + 0.5, row_y[i] - 0.5
+            ax.annotate("", xy=(x_down, below), xytext=(x_down, above), arrowprops=arrow)
+            ax.text(x_down + 0.1, (row_y[i] + row_y[i + 1]) / 2, f"(B, {width}, {half}, {half})", fontsize=8,
                     va="center")
-            ax.annotate("", xy=(9.1, y_of[i] - 0.45), xytext=(9.1, y_of[i + 1] + 0.45), arrowprops=arrow)
-            up_width = levels[i + 1][0]
-            ax.text(9.2, (y_of[i] + y_of[i + 1]) / 2, f"(B, {up_width}, {side}, {side})", fontsize=7.5,
-                    va="center")
-    ax.text(5.5, 0.8, "mid: ResBlock, Transformer, ResBlock\n1280 ch, 8 x 8", ha="center", va="center", fontsize=8,
-            bbox=attn_box)
-    ax.annotate("", xy=(4.2, 0.8), xytext=(1.9, 1.55), arrowprops=arrow)
-    ax.text(1.0, 1.05, "(B, 1280, 8, 8)", fontsize=7.5)
-    ax.annotate("", xy=(9.1, 1.55), xytext=(6.8, 0.8), arrowprops=arrow)
-    ax.text(8.9, 1.05, "(B, 1280, 8, 8)", fontsize=7.5)
-    ax.text(9.1, 6.75, "GroupNorm, SiLU, conv_out", ha="center", va="center", fontsize=9, bbox=box)
-    ax.annotate("", xy=(9.1, 6.55), xytext=(9.1, 6.0), arrowprops=arrow)
-    ax.text(9.2, 6.3, "(B, 320, 64, 64)", fontsize=7.5, va="center")
-    ax.text(9.1, 7.15, "eps_theta (B, 4, 64, 64)", ha="center", fontsize=8)
-    ax.text(5.5, 6.75, "t -> sinusoid (B, 320) -> MLP -> temb (B, 1280)\nadded inside every ResBlock",
-            ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#999999"))
-    ax.text(5.5, 5.9, "text context (B, 77, 768): keys and values\nof the cross-attention in every Transformer",
-            ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#c07a2c"))
-    ax.set_title("Stable Diffusion 1.5's UNet (orange: levels with self- and cross-attention)", fontsize=10)
+            ax.annotate("", xy=(x_up, above), xytext=(x_up, below), arrowprops=arrow)
+            next_width = levels[i + 1][0]
+            ax.text(x_up + 0.1, (row_y[i] + row_y[i + 1]) / 2, f"(B, {next_width}, {side}, {side})",
+                    fontsize=8, va="center")
+    ax.text(5.0, 0.1, "mid: ResBlock, Transformer, ResBlock\n1280 ch at 8 x 8", ha="center", va="center",
+            fontsize=8.5, bbox=with_attention)
+    ax.annotate("", xy=(3.3, 0.1), xytext=(x_down, 1.0), arrowprops=arrow)
+    ax.text(0.3, 0.45, "(B, 1280, 8, 8)", fontsize=8)
+    ax.annotate("", xy=(x_up, 1.0), xytext=(6.7, 0.1), arrowprops=arrow)
+    ax.text(8.5, 0.45, "(B, 1280, 8, 8)", fontsize=8)
+    ax.set_title("Stable Diffusion 1.5's UNet at 512 px "
+                 "(orange: self- and cross-attention after each ResBlock)", fontsize=10)
     return fig
 
 
-show(draw_sd15_unet())
+show(draw_sd15_unet(), dpi=90)
 
 # %% [markdown]
-# *Figure: the down path (left) halves the resolution three times, the up path (right) doubles it back, and each
-# level of the up path concatenates the three skips of its resolution. Attention sits at 64, 32 and 16 and in
-# the 8 x 8 middle; the 8 x 8 outer level is ResBlocks only.*
+# *Figure: the down path (left) halves the resolution three times, the up path (right) doubles it back, and
+# each level of the up path concatenates the three skips of its resolution. Attention sits at 64, 32 and 16
+# and in the 8 x 8 middle; the 8 x 8 outer level is ResBlocks only.*
 #
 # Count its parameters without allocating them: modules built under `torch.device("meta")` have shapes but no
-# storage, so the 3.4 GB of fp32 weights never exist. The same count from `UNetConfig.sd15()` and from diffusers'
-# `UNet2DConditionModel` built from the same configuration:
+# storage, so the 3.4 GB of fp32 weights never exist. The same count from `UNetConfig.sd15()` and from
+# diffusers' `UNet2DConditionModel` built from the same configuration:
 
 # %%
 from diffusers import UNet2DConditionModel
@@ -695,8 +714,8 @@ def count(module):
 
 
 with torch.device("meta"):
-    sd15_scratch = ScratchUNet(widths=(320, 640, 1280, 1280), layers_per_block=2, attention=(True, True, True, False),
-                               heads=8, context_dim=768, groups=32)
+    sd15_scratch = ScratchUNet(widths=(320, 640, 1280, 1280), layers_per_block=2,
+                               attention=(True, True, True, False), heads=8, context_dim=768, groups=32)
     sd15_course = UNet(UNetConfig.sd15())
     sd15_diffusers = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers())
 print(f"scratch UNet:          {count(sd15_scratch):,} parameters")
@@ -704,33 +723,31 @@ print(f"common.unet.UNet:      {count(sd15_course):,}")
 print(f"UNet2DConditionModel:  {count(sd15_diffusers):,}")
 same_names = sorted(sd15_scratch.state_dict()) == sorted(sd15_diffusers.state_dict())
 print(f"same parameter names as diffusers: {same_names}\n")
-print(f"{'part':<14}{'resolution':>11}{'width':>7}{'attention':>10}{'parameters':>14}")
+rows = []  # (part, side, width, attention, module)
 for i, level in enumerate(sd15_scratch.down_blocks):
-    side = 64 // 2**i
-    print(f"{'down ' + str(i):<14}{side:>8} px{sd15_scratch.widths[i]:>7}{str(level.attentions is not None):>10}"
-          f"{count(level):>14,}")
-print(f"{'mid':<14}{8:>8} px{1280:>7}{'True':>10}{count(sd15_scratch.mid_block):>14,}")
+    rows.append((f"down {i}", 64 // 2**i, sd15_scratch.widths[i], level.attentions is not None, level))
+rows.append(("mid", 8, 1280, True, sd15_scratch.mid_block))
 for j, level in enumerate(sd15_scratch.up_blocks):
-    i = 3 - j
-    side = 64 // 2**i
-    print(f"{'up ' + str(j):<14}{side:>8} px{sd15_scratch.widths[i]:>7}{str(level.attentions is not None):>10}"
-          f"{count(level):>14,}")
-rest = count(sd15_scratch) - sum(count(m) for m in [*sd15_scratch.down_blocks, sd15_scratch.mid_block,
-                                                      *sd15_scratch.up_blocks])
+    i = 3 - j  # up level j works at the resolution of down level 3 - j
+    rows.append((f"up {j}", 64 // 2**i, sd15_scratch.widths[i], level.attentions is not None, level))
+print(f"{'part':<14}{'resolution':>11}{'width':>7}{'attention':>10}{'parameters':>14}")
+for part, side, width, has_attention, module in rows:
+    print(f"{part:<14}{side:>8} px{width:>7}{str(has_attention):>10}{count(module):>14,}")
+rest = count(sd15_scratch) - sum(count(row[-1]) for row in rows)
 print(f"{'in, out, time':<14}{'':>11}{'':>7}{'':>10}{rest:>14,}")
 
 # %% [markdown]
-# Most of the 860 M parameters sit at the two 1280-wide levels with 16 x 16 and 8 x 8 maps, where positions are few
-# and channels many; the 64 x 64 level, where most of the compute goes, holds a small share. The Digits model is
-# the same design a thousand times smaller.
+# Most of the 860 M parameters sit at the two 1280-wide levels with 16 x 16 and 8 x 8 maps, where positions
+# are few and channels many; the 64 x 64 level, where most of the compute goes, holds a small share. The
+# Digits model is the same design a thousand times smaller.
 
 # %% [markdown]
 # ## 5. A short training run
 #
 # The loss of section 3 on the Digits latents, with chapter 03's class-conditional preset
-# (`UNetConfig.digits()`: two levels, 8x8 -> 4x4, ResBlocks, a class embedding added to the time embedding), here
-# at base width 32 as `train_ldm.py` uses on a CPU. A few steps with the course's `Trainer` show the loop;
-# `train_ldm.py` runs the same loss for real.
+# (`UNetConfig.digits()`: two levels, 8x8 -> 4x4, ResBlocks, a class embedding added to the time embedding),
+# here at base width 32 as `train_ldm.py` uses on a CPU. A few steps with the course's `Trainer` show the
+# loop; `train_ldm.py` runs the same loss for real.
 
 # %%
 import dataclasses
@@ -807,12 +824,14 @@ def guided(y, w=W):
 # The naive sampler: the network's noise estimate gives an estimate of the clean latent in one jump,
 # $\hat z_0 = (z_t - \sqrt{1-\bar\alpha_t}\,\hat\varepsilon)/\sqrt{\bar\alpha_t}$ (the forward closed form
 # solved for $z_0$). Why not stop there? Noise real latents to each t, ask the shipped model, and measure both
-# errors, beside the error of the best guess that ignores $z_t$ and knows only the class (the class's mean latent).
+# errors, beside the error of the best guess that ignores $z_t$ and knows only the class (the class's mean
+# latent).
 
 # %%
 n_probe = budget(fast=64, cpu=512)
 z0_eval, y_eval = z0[:n_probe], labels[:n_probe]
-print(f"latents scaled by {vae.config.scaling_factor:.5f} (the VAE's factor), the model was trained with {scale:.5f}")
+print(f"latents scaled by {vae.config.scaling_factor:.5f} (the VAE's factor); the model was trained with "
+      f"{scale:.5f}")
 class_means = torch.stack([z0_eval[y_eval == c].mean(0) for c in range(10)])  # (10, 4, 8, 8)
 within_class = float(((z0_eval - class_means[y_eval]) ** 2).mean())  # MSE of guessing the class mean
 t_grid = torch.linspace(0, T - 1, budget(fast=6, cpu=25)).round().long()
@@ -842,17 +861,18 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: the one-jump estimate of the clean latent is good at small t and, as t grows, climbs to the error of
-# the class mean: at high noise the model cannot know which "3" it is looking at, so its best answer is the average
-# "3", a blur. The noise error stays small where the latent error is large.* The two are tied exactly: from the
-# forward closed form, $z_0 - \hat z_0 = -\sqrt{(1-\bar\alpha_t)/\bar\alpha_t}\,(\varepsilon - \hat\varepsilon)$, so
+# *Figure: the one-jump estimate of the clean latent is good at small t and, as t grows, climbs to the error
+# of the class mean: at high noise the model cannot know which "3" it is looking at, so its best answer is the
+# average "3", a blur. The noise error stays small where the latent error is large.* The two are tied exactly:
+# from the forward closed form,
+# $z_0 - \hat z_0 = -\sqrt{(1-\bar\alpha_t)/\bar\alpha_t}\,(\varepsilon - \hat\varepsilon)$, so
 #
 # $$\|\varepsilon - \hat\varepsilon\|^2 = \mathrm{SNR}(t)\ \|z_0 - \hat z_0\|^2 ,\qquad
 # \mathrm{SNR}(t) = \frac{\bar\alpha_t}{1-\bar\alpha_t} .$$
 #
-# Training on the noise is training on the clean latent with each t weighted by its SNR: heavily where $z_0$ is
-# recoverable, lightly where it is not (a network asked to predict $z_0$ directly spends its capacity on the
-# noisiest steps, where the best answer is a blur). Decoded, the one-jump estimates look like this:
+# Training on the noise is training on the clean latent with each t weighted by its SNR: heavily where $z_0$
+# is recoverable, lightly where it is not (a network asked to predict $z_0$ directly spends its capacity on
+# the noisiest steps, where the best answer is a blur). Decoded, the one-jump estimates look like this:
 
 # %%
 ts_jump = [999, 800, 600, 400, 200, 50]
@@ -865,50 +885,55 @@ with torch.no_grad():
         z_t = schedule.add_noise(z0_show, eps_show, t)
         z0_hat = schedule.eps_to_x0(unet(z_t, t, class_labels=y_show), z_t, t)
         jumps.append(vae.decode(z0_hat / scale).clamp(-1, 1).mean(1, keepdim=True))
-show(plot_trajectory(jumps, ts_jump, size=1.0, title="one jump from z_t to the predicted clean latent, decoded"))
+show(plot_trajectory(jumps, ts_jump, size=1.0, title="one jump from z_t to the predicted clean latent"))
 
 # %% [markdown]
-# *Figure: rows are four real digits (0, 3, 5, 8), noised to the t of each column and sent back in one jump. At
-# t = 999 and 800 the rows show the model's idea of an average digit of that class, not the digit that was noised;
-# from t = 400 down the jump lands on the digit itself.* This is why samplers take many small steps: each step
-# moves only part of the way towards $\hat z_0$, re-noises, and asks again with a sharper $z_t$. The posterior step
-# of section 3 does exactly that (DDPM, 1000 steps). The next two samplers take larger steps.
+# *Figure: rows are four real digits (0, 3, 5, 8), noised to the t of each column and sent back in one jump.
+# At t = 999 and 800 the rows show the model's idea of an average digit of that class, not the digit that was
+# noised; from t = 400 down the jump lands on the digit itself.* This is why samplers take many small steps:
+# each step moves only part of the way towards $\hat z_0$, re-noises, and asks again with a sharper $z_t$. The
+# posterior step of section 3 does exactly that (DDPM, 1000 steps). The next two samplers take larger steps.
 #
 # ### DDIM: a non-Markovian process with the same marginals
 #
-# $L_\text{simple}$ only ever sees the marginals $q(z_t \mid z_0)$, never the chain that links them. Song et al.
-# (2021) exploit that: any process with those marginals is trained by the same loss. Their family, for a free
-# $\sigma_t \ge 0$,
+# $L_\text{simple}$ only ever sees the marginals $q(z_t \mid z_0)$, never the chain that links them. Song et
+# al. (2021) exploit that: any process with those marginals is trained by the same loss. Their family, for a
+# free $\sigma_t \ge 0$,
 #
 # $$q_\sigma(z_{t-1} \mid z_t, z_0) = \mathcal N\Big(\sqrt{\bar\alpha_{t-1}}\, z_0 + \sqrt{1-\bar\alpha_{t-1}
 # - \sigma_t^2}\ \frac{z_t - \sqrt{\bar\alpha_t}\, z_0}{\sqrt{1-\bar\alpha_t}},\ \sigma_t^2 I\Big).$$
 #
-# **It keeps the marginals.** If $z_t \sim q(z_t \mid z_0)$, the fraction is $\varepsilon \sim \mathcal N(0, I)$,
-# so $z_{t-1} = \sqrt{\bar\alpha_{t-1}}\, z_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\,\varepsilon + \sigma_t \xi$:
-# a Gaussian with mean $\sqrt{\bar\alpha_{t-1}}\, z_0$ and variance $(1-\bar\alpha_{t-1}-\sigma_t^2) + \sigma_t^2 =
-# 1-\bar\alpha_{t-1}$, which is $q(z_{t-1} \mid z_0)$; by induction downwards from T, every marginal is right. The
-# forward process this defines is not Markov ($z_t$ depends on $z_0$ as well as $z_{t-1}$). Sampling puts the
-# model's estimates in place of $z_0$ and $\varepsilon$ (Song et al., eq. 12):
+# **It keeps the marginals.** If $z_t \sim q(z_t \mid z_0)$, the fraction is
+# $\varepsilon \sim \mathcal N(0, I)$, so
+# $z_{t-1} = \sqrt{\bar\alpha_{t-1}}\, z_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\,\varepsilon + \sigma_t \xi$:
+# a Gaussian with mean $\sqrt{\bar\alpha_{t-1}}\, z_0$ and variance
+# $(1-\bar\alpha_{t-1}-\sigma_t^2) + \sigma_t^2 = 1-\bar\alpha_{t-1}$, which is $q(z_{t-1} \mid z_0)$; by
+# induction downwards from T, every marginal is right. The forward process this defines is not Markov ($z_t$
+# depends on $z_0$ as well as $z_{t-1}$). Sampling puts the model's estimates in place of $z_0$ and
+# $\varepsilon$ (Song et al., eq. 12):
 #
 # $$z_{t-1} = \sqrt{\bar\alpha_{t-1}}\,\hat z_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\ \hat\varepsilon
 # + \sigma_t\,\xi, \qquad
-# \sigma_t(\eta) = \eta\,\sqrt{\frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}}\ \sqrt{1-\frac{\bar\alpha_t}{\bar\alpha_{t-1}}}
+# \sigma_t(\eta) = \eta\,\sqrt{\frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}}\
+# \sqrt{1-\frac{\bar\alpha_t}{\bar\alpha_{t-1}}}
 # \quad\text{(eq. 16)} .$$
 #
 # - **eta = 0:** no noise is ever added: $z_T$ fixes $z_0$, a deterministic map (and an ODE solver, below).
 # - **eta = 1:** $\sigma_t^2 = \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}(1-\alpha_t) = \tilde\beta_t$, DDPM's
-#   posterior variance. The mean is DDPM's too: with $1-\bar\alpha_{t-1}-\tilde\beta_t =
-#   \alpha_t(1-\bar\alpha_{t-1})^2/(1-\bar\alpha_t)$ (because $1-\bar\alpha_t-\beta_t = \alpha_t(1-\bar\alpha_{t-1})$)
-#   the $\hat\varepsilon$ term becomes $\frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}(z_t -
-#   \sqrt{\bar\alpha_t}\hat z_0)$, and collecting $\hat z_0$ gives $\sqrt{\bar\alpha_{t-1}}\,\beta_t/(1-\bar\alpha_t)$:
-#   $\tilde\mu_t$ exactly. DDIM at eta = 1 *is* DDPM.
+#   posterior variance. The mean is DDPM's too: with
+#   $1-\bar\alpha_{t-1}-\tilde\beta_t = \alpha_t(1-\bar\alpha_{t-1})^2/(1-\bar\alpha_t)$ (because
+#   $1-\bar\alpha_t-\beta_t = \alpha_t(1-\bar\alpha_{t-1})$) the $\hat\varepsilon$ term becomes
+#   $\frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}(z_t - \sqrt{\bar\alpha_t}\hat z_0)$, and
+#   collecting $\hat z_0$ gives $\sqrt{\bar\alpha_{t-1}}\,\beta_t/(1-\bar\alpha_t)$: $\tilde\mu_t$ exactly.
+#   DDIM at eta = 1 *is* DDPM.
 #
-# On a chain that skips timesteps (t' = t - 50 for 20 steps), the same formulas hold with $\bar\alpha_{t-1}$ read as
-# $\bar\alpha_{t'}$ and $\alpha_t = \bar\alpha_t/\bar\alpha_{t'}$. All three claims, measured:
+# On a chain that skips timesteps (t' = t - 50 for 20 steps), the same formulas hold with $\bar\alpha_{t-1}$
+# read as $\bar\alpha_{t'}$ and $\alpha_t = \bar\alpha_t/\bar\alpha_{t'}$. All three claims, measured:
 
 # %%
 t_range = torch.arange(1, T)
-sigma_eta1_sq = (1 - alpha_bar[t_range - 1]) / (1 - alpha_bar[t_range]) * (1 - alpha_bar[t_range] / alpha_bar[t_range - 1])
+a_t, a_prev = alpha_bar[t_range], alpha_bar[t_range - 1]  # (T - 1,) each
+sigma_eta1_sq = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)  # eq. 16 squared, eta = 1
 rel = float(((sigma_eta1_sq - beta_tilde[t_range]) / beta_tilde[t_range]).abs().max())
 print(f"sigma_t(eta = 1)^2 against tilde-beta_t, t = 1..{T - 1}: max relative difference {rel:.1e}")
 
@@ -927,11 +952,12 @@ run_a = sample_loop(denoise, z_T, ddim_eta0, generator=5)
 run_b = sample_loop(denoise, z_T, ddim_eta0, generator=6)
 run_c = sample_loop(denoise, z_T, ddim_eta1, generator=6)
 print(f"eta = 0, generators 5 and 6: max |diff| = {float((run_a - run_b).abs().max()):.1e} (deterministic)")
-print(f"eta = 1, generators 5 and 6: max |diff| = {float((run_ddim_eta1 - run_c).abs().max()):.2f} (stochastic)")
+print(f"eta = 1, generators 5 and 6: max |diff| = {float((run_ddim_eta1 - run_c).abs().max()):.2f} "
+      "(stochastic)")
 
 # %% [markdown]
-# The eta = 0 step by hand (eq. 12 with $\sigma_t = 0$): turn the noise prediction into $\hat z_0$, then step to
-# the previous noise level along the same direction. A 20-step loop written out, against the course's
+# The eta = 0 step by hand (eq. 12 with $\sigma_t = 0$): turn the noise prediction into $\hat z_0$, then step
+# to the previous noise level along the same direction. A 20-step loop written out, against the course's
 # `DDIMSampler` from the same noise:
 
 # %%
@@ -954,36 +980,39 @@ print(f"max |hand-written DDIM - common.samplers| = {float((ours - theirs).abs()
 # %% [markdown]
 # ### DPM-Solver++: an exponential integrator in log-SNR
 #
-# With eta = 0 the sampler follows an ODE, the probability-flow ODE of the diffusion (Song et al. 2021b). Lu et
-# al. (2022) solve it in better coordinates. Write $\alpha_t = \sqrt{\bar\alpha_t}$ and $\sigma_t =
-# \sqrt{1-\bar\alpha_t}$ (so $z_t = \alpha_t z_0 + \sigma_t\varepsilon$) and the half log-SNR
+# With eta = 0 the sampler follows an ODE, the probability-flow ODE of the diffusion (Song et al. 2021b). Lu
+# et al. (2022) solve it in better coordinates. Write $\alpha_t = \sqrt{\bar\alpha_t}$ and
+# $\sigma_t = \sqrt{1-\bar\alpha_t}$ (so $z_t = \alpha_t z_0 + \sigma_t\varepsilon$) and the half log-SNR
 # $\lambda_t = \log(\alpha_t/\sigma_t)$, which grows as the noise shrinks. In terms of the data prediction
 # $x_\theta(z_t, t) = \hat z_0$ the ODE is (DPM-Solver++, eq. 8, after simplifying its drift and diffusion
-# coefficients $f = \tfrac{d\log\alpha}{dt}$, $g^2 = \tfrac{d\sigma^2}{dt} - 2\tfrac{d\log\alpha}{dt}\sigma^2$)
+# coefficients $f = \tfrac{d\log\alpha}{dt}$,
+# $g^2 = \tfrac{d\sigma^2}{dt} - 2\tfrac{d\log\alpha}{dt}\sigma^2$)
 #
 # $$\frac{dz}{dt} = \frac{d\log\sigma_t}{dt}\, z + \alpha_t \frac{d\lambda_t}{dt}\, x_\theta(z_t, t).$$
 #
-# **Remove the linear part exactly.** Divide by $\sigma_t$: $\frac{d}{dt}\frac{z}{\sigma_t} = \frac{1}{\sigma_t}
-# \frac{dz}{dt} - \frac{z}{\sigma_t}\frac{d\log\sigma_t}{dt} = \frac{\alpha_t}{\sigma_t}\frac{d\lambda_t}{dt}
-# x_\theta$, and change the variable from t to $\lambda$ ($\alpha/\sigma = e^\lambda$):
+# **Remove the linear part exactly.** Divide by $\sigma_t$:
+# $\frac{d}{dt}\frac{z}{\sigma_t} = \frac{1}{\sigma_t} \frac{dz}{dt} - \frac{z}{\sigma_t}\frac{d\log\sigma_t}{dt} = \frac{\alpha_t}{\sigma_t}\frac{d\lambda_t}{dt} x_\theta$,
+# and change the variable from t to $\lambda$ ($\alpha/\sigma = e^\lambda$):
 #
 # $$\frac{d}{d\lambda}\Big(\frac{z}{\sigma}\Big) = e^{\lambda}\, x_\theta(z_\lambda, \lambda)
 # \quad\Longrightarrow\quad
-# z_s = \frac{\sigma_s}{\sigma_t}\, z_t + \sigma_s \int_{\lambda_t}^{\lambda_s} e^{\lambda}\, x_\theta(z_\lambda,
+# z_s = \frac{\sigma_s}{\sigma_t}\, z_t + \sigma_s \int_{\lambda_t}^{\lambda_s} e^{\lambda}\,
+# x_\theta(z_\lambda,
 # \lambda)\, d\lambda .$$
 #
 # Only the network's output is approximated; the rest is integrated exactly (an *exponential integrator*).
 #
 # **First order:** hold $x_\theta$ at its value $\hat z_0$ at t. With $h = \lambda_s - \lambda_t$ and
-# $\sigma_s e^{\lambda_s} = \alpha_s$, the integral is $\sigma_s(e^{\lambda_s} - e^{\lambda_t})\,\hat z_0 =
-# \alpha_s(1 - e^{-h})\,\hat z_0$:
+# $\sigma_s e^{\lambda_s} = \alpha_s$, the integral is
+# $\sigma_s(e^{\lambda_s} - e^{\lambda_t})\,\hat z_0 = \alpha_s(1 - e^{-h})\,\hat z_0$:
 #
 # $$z_s = \frac{\sigma_s}{\sigma_t}\, z_t - \alpha_s\,(e^{-h} - 1)\,\hat z_0 \qquad \text{(DPM-Solver++1)}.$$
 #
-# This is DDIM: put $\hat\varepsilon = (z_t - \alpha_t\hat z_0)/\sigma_t$ into DDIM's $z_s = \alpha_s\hat z_0 +
-# \sigma_s\hat\varepsilon$ and you get $\frac{\sigma_s}{\sigma_t}z_t + (\alpha_s - \sigma_s\frac{\alpha_t}{\sigma_t})
-# \hat z_0$, and $\sigma_s\alpha_t/\sigma_t = \alpha_s e^{\lambda_t - \lambda_s} = \alpha_s e^{-h}$. The first step
-# of the course's DPM-Solver++ sampler is first order (it has no history yet); against a DDIM step on the same
+# This is DDIM: put $\hat\varepsilon = (z_t - \alpha_t\hat z_0)/\sigma_t$ into DDIM's
+# $z_s = \alpha_s\hat z_0 + \sigma_s\hat\varepsilon$ and you get
+# $\frac{\sigma_s}{\sigma_t}z_t + (\alpha_s - \sigma_s\frac{\alpha_t}{\sigma_t}) \hat z_0$, and
+# $\sigma_s\alpha_t/\sigma_t = \alpha_s e^{\lambda_t - \lambda_s} = \alpha_s e^{-h}$. The first step of the
+# course's DPM-Solver++ sampler is first order (it has no history yet); against a DDIM step on the same
 # timesteps:
 
 # %%
@@ -999,15 +1028,17 @@ print(f"t = {int(t_first)} -> {int(dpm.timesteps[1])}: max |DPM-Solver++ first-o
       f"{float((step_dpm - step_ddim).abs().max()):.1e}")
 
 # %% [markdown]
-# **Second order, multistep (2M).** Use the previous step's prediction too: let $x_\theta$ be linear in $\lambda$
-# through the last two estimates, $x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\,
-# \frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}}$ with $h_\text{last} = \lambda_t - \lambda_\text{last}$.
-# The extra integral is $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda =
-# \alpha_s(h - 1 + e^{-h})$; DPM-Solver++ replaces $h - 1 + e^{-h}$ by $(1 - e^{-h})\,h/2$ (both are
-# $h^2/2 + O(h^3)$), which folds the correction into the first-order formula with
+# **Second order, multistep (2M).** Use the previous step's prediction too: let $x_\theta$ be linear in
+# $\lambda$ through the last two estimates,
+# $x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\, \frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}}$
+# with $h_\text{last} = \lambda_t - \lambda_\text{last}$. The extra integral is
+# $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
+# DPM-Solver++ replaces $h - 1 + e^{-h}$ by $(1 - e^{-h})\,h/2$ (both are $h^2/2 + O(h^3)$), which folds the
+# correction into the first-order formula with
 #
 # $$D = \hat z_0 + \frac{1}{2r}\big(\hat z_0 - \hat z_0^{\text{last}}\big), \quad r = \frac{h_\text{last}}{h},
-# \qquad z_s = \frac{\sigma_s}{\sigma_t}\, z_t - \alpha_s\,(e^{-h} - 1)\, D \qquad \text{(Lu et al. 2022, Alg. 2)}.$$
+# \qquad z_s = \frac{\sigma_s}{\sigma_t}\, z_t - \alpha_s\,(e^{-h} - 1)\, D \qquad \text{(Lu et al. 2022,
+# Alg. 2)}.$$
 #
 # The first step has no history and uses first order; the last lands on $\sigma = 0$ ($h = \infty$), where the
 # formula reduces to $z = \hat z_0$. Written out, with the order as a switch:
@@ -1043,28 +1074,32 @@ with torch.no_grad():
     ours_2 = dpm_solver_pp(denoise, z_T, dpm.timesteps, order=2)
     course_ddim = sample_loop(denoise, z_T, ddim)
     course_2m = sample_loop(denoise, z_T, dpm)
-    reference = DPMSolverMultistepScheduler(**schedule.to_diffusers(), solver_order=2, timestep_spacing="trailing")
+    reference = DPMSolverMultistepScheduler(**schedule.to_diffusers(), solver_order=2,
+                                            timestep_spacing="trailing")
     reference.set_timesteps(n_steps)
     z = z_T.clone()
     for t in reference.timesteps:
         z = reference.step(denoise(z, t), t, z).prev_sample
-print(f"order 1 against DDIM (common.samplers):              max |diff| = {float((ours_1 - course_ddim).abs().max()):.1e}")
-print(f"order 2 against DPMSolverPP2MSampler (common):        max |diff| = {float((ours_2 - course_2m).abs().max()):.1e}")
-print(f"order 2 against diffusers' DPMSolverMultistepScheduler: max |diff| = {float((ours_2 - z).abs().max()):.1e}")
+for name, ours, theirs in [("order 1 against DDIM (common.samplers)", ours_1, course_ddim),
+                           ("order 2 against DPMSolverPP2MSampler (common)", ours_2, course_2m),
+                           ("order 2 against diffusers' DPMSolverMultistepScheduler", ours_2, z)]:
+    print(f"{name:<56} max |diff| = {float((ours - theirs).abs().max()):.1e}")
 
 # %% [markdown]
-# What the second order buys: run both orders with few steps and measure how far each ends from a run with many
-# steps (the same ODE solved finely). A first-order method's error should fall like 1/n, a second-order one's
-# like 1/n^2.
+# What the second order buys: run both orders with few steps and measure how far each ends from a run with
+# many steps (the same ODE solved finely). A first-order method's error should fall like 1/n, a second-order
+# one's like 1/n^2.
 
 # %%
 from common.samplers import spaced_timesteps
 
 n_fine = budget(fast=100, cpu=1000)
 with torch.no_grad():
-    z_ref = dpm_solver_pp(denoise, z_T, torch.from_numpy(spaced_timesteps(T, n_fine, "trailing", 0)), order=2)
-    z_ref_1 = dpm_solver_pp(denoise, z_T, torch.from_numpy(spaced_timesteps(T, n_fine, "trailing", 0)), order=1)
-print(f"{n_fine} steps, order 1 against order 2: RMS diff {float((z_ref - z_ref_1).pow(2).mean().sqrt()):.1e} "
+    fine_timesteps = torch.from_numpy(spaced_timesteps(T, n_fine, "trailing", 0))
+    z_ref = dpm_solver_pp(denoise, z_T, fine_timesteps, order=2)
+    z_ref_1 = dpm_solver_pp(denoise, z_T, fine_timesteps, order=1)
+reference_spread = float((z_ref - z_ref_1).pow(2).mean().sqrt())
+print(f"{n_fine} steps, order 1 against order 2: RMS diff {reference_spread:.1e} "
       "(how well the reference itself is pinned down)")
 step_counts = budget(fast=[5, 10], cpu=[5, 10, 20, 50, 100])
 errors = {1: [], 2: []}
@@ -1088,8 +1123,9 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: the distance of each sampler's final latent from the finely solved ODE, against the number of steps.*
-# The table beside the figure gives the numbers; the slopes of the two lines are the orders of the two methods.
+# *Figure: the distance of each sampler's final latent from the finely solved ODE, against the number of
+# steps.* The table beside the figure gives the numbers; the slopes of the two lines are the orders of the two
+# methods.
 #
 # ### The trajectory of a sampler
 #
@@ -1169,20 +1205,23 @@ print(pvl.table(table_rows))
 #
 # ## Summary
 #
-# - The forward process has a closed form, $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon$
-#   (by induction: independent Gaussian noises add their variances); it runs on the VAE's scaled latents, and
-#   decoded, noisy latents look like smudged digits, not pixel noise.
-# - Given $z_0$, the reverse step is a Gaussian, found by completing the square: variance $\tilde\beta_t$, mean
-#   $\tilde\mu_t$. Written with the noise instead of $z_0$, the bound's KL terms become a weighted noise regression;
-#   dropping the weights gives the simplified loss, which weights the clean-latent error by SNR(t).
-# - The network is a UNet: a sinusoidal timestep embedding read by every ResBlock as a per-channel shift, a down
-#   path whose outputs return as skips to the up path, attention at the lower-resolution levels. The classes built
-#   here load the shipped Digits weights and match `common.unet.UNet`; at SD 1.5's widths they count its
-#   859,520,964 parameters.
+# - The forward process has a closed form,
+#   $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon$ (by induction: independent Gaussian
+#   noises add their variances); it runs on the VAE's scaled latents, and decoded, noisy latents look like
+#   smudged digits, not pixel noise.
+# - Given $z_0$, the reverse step is a Gaussian, found by completing the square: variance $\tilde\beta_t$,
+#   mean $\tilde\mu_t$. Written with the noise instead of $z_0$, the bound's KL terms become a weighted noise
+#   regression; dropping the weights gives the simplified loss, which weights the clean-latent error by
+#   SNR(t).
+# - The network is a UNet: a sinusoidal timestep embedding read by every ResBlock as a per-channel shift, a
+#   down path whose outputs return as skips to the up path, attention at the lower-resolution levels. The
+#   classes built here load the shipped Digits weights and match `common.unet.UNet`; at SD 1.5's widths they
+#   count its 859,520,964 parameters.
 # - DDIM keeps DDPM's marginals with a free noise level: eta = 0 is deterministic, eta = 1 is DDPM.
 #   DPM-Solver++ integrates the same ODE exactly in its linear part, in log-SNR: first order is DDIM, the
 #   multistep second order reaches a given accuracy in fewer steps.
-# - Classifier-free guidance (a null class seen 10% of the time in training) trades diversity for class fidelity.
+# - Classifier-free guidance (a null class seen 10% of the time in training) trades diversity for class
+#   fidelity.
 # - Diffusing in latent space cuts time and activation memory per step by the factors in the last table.
 #
 # ## Exercises (`python -m common.grade 03`)
@@ -1196,11 +1235,12 @@ print(pvl.table(table_rows))
 #    frequency shift, a scale), graded against `get_timestep_embedding`.
 # 6. `dpmpp_first_order_step`: one DPM-Solver++1 step in log-SNR, graded against DDIM's step and diffusers'
 #    `DPMSolverMultistepScheduler` with `solver_order=1`.
-# 7. `ldm_loss`: the class-conditional latent diffusion loss for 8x8 Digits latents (checked against a reference
-#    computation with a fixed generator, then by training on it).
+# 7. `ldm_loss`: the class-conditional latent diffusion loss for 8x8 Digits latents (checked against a
+#    reference computation with a fixed generator, then by training on it).
 # 8. `latent_snr`: the SNR of latents of a given scale.
-# 9. `scaling_factor_experiment` (open-ended): train with factor 1.0, the computed 1/std and SD's 0.18215; compare
-#    loss curves, samples and SNR. For a longer version: `train_ldm.py --scaling-factor 1.0` (and `computed`, `0.18215`).
+# 9. `scaling_factor_experiment` (open-ended): train with factor 1.0, the computed 1/std and SD's 0.18215;
+#    compare loss curves, samples and SNR. For a longer version: `train_ldm.py --scaling-factor 1.0` (and
+#    `computed`, `0.18215`).
 
 # %%
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
