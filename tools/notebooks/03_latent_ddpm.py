@@ -294,7 +294,7 @@ for t in (999, 500, 20):
 #
 # Ho et al. (sec. 3.4) drop the weight in front and sample t uniformly: the **simplified loss**
 # $L_\text{simple} = \mathbb E_{z_0, \varepsilon, t}\, \|\varepsilon - \varepsilon_\theta(z_t, t)\|^2$, which
-# trained better than the bound itself. The weight they dropped, at a few t:
+# gave better samples than the bound itself (their table 2). The weight they dropped, at a few t:
 
 # %%
 # (T,): the bound's weight on ||eps - eps_theta||^2 (inf at t = 0, where tilde-beta is 0)
@@ -303,8 +303,9 @@ for t in (1, 10, 100, 500, 999):
     print(f"t = {t:3d}: weight {float(weight[t]):.4f}")
 
 # %% [markdown]
-# The bound weights the nearly clean timesteps hundreds of times more than the noisy ones, where the image's
-# content is decided; $L_\text{simple}$ weights them all alike. Rombach et al. (eq. 2) use the same loss on
+# The bound puts about 150 times more weight on t = 1 than on the middle of the chain: it spends its effort on
+# nearly clean steps, where only invisible detail is left, and little on the noisy ones, where the image's
+# content is decided. $L_\text{simple}$ weights them all alike. Rombach et al. (eq. 2) use the same loss on
 # latents, with the conditioning y (here the digit's class) as an extra input:
 #
 # $$L = \mathbb E_{z_0, y, \varepsilon, t}\ \big\| \varepsilon - \varepsilon_\theta(z_t, t, y) \big\|^2 .$$
