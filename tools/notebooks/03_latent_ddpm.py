@@ -736,11 +736,16 @@ for part, side, width, has_attention, module in rows:
     print(f"{part:<14}{side:>8} px{width:>7}{str(has_attention):>10}{count(module):>14,}")
 rest = count(sd15_scratch) - sum(count(row[-1]) for row in rows)
 print(f"{'in, out, time':<14}{'':>11}{'':>7}{'':>10}{rest:>14,}")
+wide = sum(count(row[-1]) for row in rows if row[2] == 1280)
+finest = sum(count(row[-1]) for row in rows if row[1] == 64)
+print(f"\nat width 1280: {wide / count(sd15_scratch):.0%} of the parameters; at 64 x 64: "
+      f"{finest / count(sd15_scratch):.1%}")
 
 # %% [markdown]
-# Most of the 860 M parameters sit at the two 1280-wide levels with 16 x 16 and 8 x 8 maps, where positions
-# are few and channels many; the 64 x 64 level, where most of the compute goes, holds a small share. The
-# Digits model is the same design a thousand times smaller.
+# Most of the 860 M parameters sit in the 1280-wide levels at 16 x 16 and 8 x 8, where positions are few and
+# channels many; the two 64 x 64 levels hold a few percent, though they see 16 times as many positions as the
+# 16 x 16 ones (their self-attention over 4,096 positions is what chapter 05 makes fit in memory). The Digits
+# model is the same design a thousand times smaller.
 
 # %% [markdown]
 # ## 5. A short training run
@@ -849,6 +854,12 @@ with torch.no_grad():
         snr_grid.append(float(schedule.snr(t)))
 ratio_error = max(abs(e / (x * s) - 1) for e, x, s in zip(mse_eps, mse_z0, snr_grid))
 print(f"MSE(eps) / (SNR(t) MSE(z0)) - 1: at most {ratio_error:.1e} over the grid (the identity below)")
+print(f"guessing the class's mean latent: MSE {within_class:.3f}")
+for k in (0, len(t_grid) // 2, len(t_grid) - 1):
+    print(f"t = {int(t_grid[k]):3d}: MSE of the one-jump z0 {mse_z0[k]:.4f}, of eps {mse_eps[k]:.4f}, "
+          f"SNR {snr_grid[k]:.4f}")
+crossing = next((int(t) for t, e in zip(t_grid, mse_z0) if e > within_class), None)
+print(f"the one-jump z0 is worse than the class mean from t = {crossing} of the grid on")
 
 fig = Figure(figsize=(6.5, 3.0))
 ax = fig.subplots()
@@ -862,18 +873,21 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: the one-jump estimate of the clean latent is good at small t and, as t grows, climbs to the error
-# of the class mean: at high noise the model cannot know which "3" it is looking at, so its best answer is the
-# average "3", a blur. The noise error stays small where the latent error is large.* The two are tied exactly:
-# from the forward closed form,
+# *Figure: at small t the one-jump estimate of the clean latent is nearly exact while the noise estimate is poor
+# (at t = 0 the noise is a ripple of a few percent on the latent, hard to make out); at large t it is the other
+# way round. At the noisiest steps the one-jump latent is even worse than guessing the class's mean latent (the
+# dashed line; the printout gives the numbers and where the curves cross), yet the training loss there is tiny.*
+# The two errors are tied exactly: from the forward closed form,
 # $z_0 - \hat z_0 = -\sqrt{(1-\bar\alpha_t)/\bar\alpha_t}\,(\varepsilon - \hat\varepsilon)$, so
 #
 # $$\|\varepsilon - \hat\varepsilon\|^2 = \mathrm{SNR}(t)\ \|z_0 - \hat z_0\|^2 ,\qquad
 # \mathrm{SNR}(t) = \frac{\bar\alpha_t}{1-\bar\alpha_t} .$$
 #
-# Training on the noise is training on the clean latent with each t weighted by its SNR: heavily where $z_0$
-# is recoverable, lightly where it is not (a network asked to predict $z_0$ directly spends its capacity on
-# the noisiest steps, where the best answer is a blur). Decoded, the one-jump estimates look like this:
+# Training on the noise is training on the clean latent with each t weighted by its SNR: heavily where $z_0$ is
+# recoverable, hardly at all at the noisiest steps (at t = 999 the SNR is about 0.005, so a clean-latent error
+# of 1.7 costs under 0.01 of loss). A network trained to predict $z_0$ directly with an unweighted loss spends its
+# capacity the other way, on the noisiest steps, where even the best possible answer is a blur. Decoded, the
+# one-jump estimates look like this:
 
 # %%
 ts_jump = [999, 800, 600, 400, 200, 50]
@@ -889,9 +903,9 @@ with torch.no_grad():
 show(plot_trajectory(jumps, ts_jump, size=1.0, title="one jump from z_t to the predicted clean latent"))
 
 # %% [markdown]
-# *Figure: rows are four real digits (0, 3, 5, 8), noised to the t of each column and sent back in one jump.
-# At t = 999 and 800 the rows show the model's idea of an average digit of that class, not the digit that was
-# noised; from t = 400 down the jump lands on the digit itself.* This is why samplers take many small steps:
+# *Figure: rows are four real digits (0, 3, 5, 8), noised to the t of each column and sent back in one jump. At
+# t = 999 the jump lands on a smudge, at t = 800 on a rough digit of the right class; from t = 600 down the
+# digit is sharp and hardly changes with t.* This is why samplers take many small steps:
 # each step moves only part of the way towards $\hat z_0$, re-noises, and asks again with a sharper $z_t$. The
 # posterior step of section 3 does exactly that (DDPM, 1000 steps). The next two samplers take larger steps.
 #
@@ -1087,46 +1101,60 @@ for name, ours, theirs in [("order 1 against DDIM (common.samplers)", ours_1, co
     print(f"{name:<56} max |diff| = {float((ours - theirs).abs().max()):.1e}")
 
 # %% [markdown]
-# What the second order buys: run both orders with few steps and measure how far each ends from a run with
-# many steps (the same ODE solved finely). A first-order method's error should fall like 1/n, a second-order
-# one's like 1/n^2.
+# What the second order buys: run both orders with n steps from t = 999 down to t = 0 (then the same final jump
+# to sigma = 0) and measure how far each ends from the ODE solved with all 1000 timesteps. Two spacings of the n
+# steps: uniform in t, and uniform in lambda, the variable the solver integrates in. A first-order method's error
+# should fall like 1/n, a second-order one's like 1/n^2.
 
 # %%
-from common.samplers import spaced_timesteps
+def t_uniform(n):
+    """n + 1 timesteps from T - 1 down to 0, evenly spaced in t."""
+    return torch.linspace(T - 1, 0, n + 1).round().long()
 
-n_fine = budget(fast=100, cpu=1000)
+
+def lambda_uniform(n):
+    """n + 1 timesteps from T - 1 down to 0, evenly spaced in lambda (nearest trained t; repeats dropped)."""
+    targets = torch.linspace(float(lambda_t_all[T - 1]), float(lambda_t_all[0]), n + 1)  # (n + 1,)
+    nearest = (lambda_t_all[None, :] - targets[:, None]).abs().argmin(dim=1)  # (n + 1,) timesteps
+    return torch.unique_consecutive(nearest)
+
+
+every_t = t_uniform(budget(fast=100, cpu=T - 1))  # on a CPU: all T timesteps, 999 .. 0
 with torch.no_grad():
-    fine_timesteps = torch.from_numpy(spaced_timesteps(T, n_fine, "trailing", 0))
-    z_ref = dpm_solver_pp(denoise, z_T, fine_timesteps, order=2)
-    z_ref_1 = dpm_solver_pp(denoise, z_T, fine_timesteps, order=1)
+    z_ref = dpm_solver_pp(denoise, z_T, every_t, order=2)
+    z_ref_1 = dpm_solver_pp(denoise, z_T, every_t, order=1)
 reference_spread = float((z_ref - z_ref_1).pow(2).mean().sqrt())
-print(f"{n_fine} steps, order 1 against order 2: RMS diff {reference_spread:.1e} "
+print(f"{len(every_t)} timesteps, order 1 against order 2: RMS diff {reference_spread:.1e} "
       "(how well the reference itself is pinned down)")
-step_counts = budget(fast=[5, 10], cpu=[5, 10, 20, 50, 100])
-errors = {1: [], 2: []}
+
+step_counts = budget(fast=[4, 8], cpu=[4, 8, 16, 32])
+errors = {}  # (spacing, order) -> [RMS distance to the reference, one per step count]
 with torch.no_grad():
-    for n in step_counts:
-        timesteps = torch.from_numpy(spaced_timesteps(T, n, "trailing", 0))
+    for spacing, make_timesteps in [("t", t_uniform), ("lambda", lambda_uniform)]:
         for order in (1, 2):
-            z_n = dpm_solver_pp(denoise, z_T, timesteps, order=order)
-            errors[order].append(float((z_n - z_ref).pow(2).mean().sqrt()))
-print(f"{'steps':>6}{'DDIM = order 1':>16}{'2M':>10}")
-for n, e1, e2 in zip(step_counts, errors[1], errors[2]):
-    print(f"{n:>6}{e1:>16.4f}{e2:>10.4f}")
-fig = Figure(figsize=(4.6, 3.0))
+            errors[spacing, order] = []
+            for n in step_counts:
+                z_n = dpm_solver_pp(denoise, z_T, make_timesteps(n), order=order)
+                errors[spacing, order].append(float((z_n - z_ref).pow(2).mean().sqrt()))
+print(f"{'steps':>6}{'uniform in t: 1':>18}{'2M':>9}{'uniform in lambda: 1':>23}{'2M':>9}")
+for k, n in enumerate(step_counts):
+    row = [errors[key][k] for key in [("t", 1), ("t", 2), ("lambda", 1), ("lambda", 2)]]
+    print(f"{n:>6}{row[0]:>18.4f}{row[1]:>9.4f}{row[2]:>23.4f}{row[3]:>9.4f}")
+
+fig = Figure(figsize=(5.2, 3.4))
 ax = fig.subplots()
-ax.loglog(step_counts, errors[1], "o-", label="DPM-Solver++1 (= DDIM)")
-ax.loglog(step_counts, errors[2], "s-", label="DPM-Solver++(2M)")
-ax.set_xlabel("steps")
-ax.set_ylabel(f"RMS distance to {n_fine}-step solution")
-ax.legend(fontsize=8)
+styles = {("t", 1): "o--", ("t", 2): "s--", ("lambda", 1): "o-", ("lambda", 2): "s-"}
+for (spacing, order), values in errors.items():
+    name = "DPM-Solver++1 (= DDIM)" if order == 1 else "DPM-Solver++(2M)"
+    ax.loglog(step_counts, values, styles[spacing, order], label=f"{name}, uniform in {spacing}")
+ax.set_xlabel("steps n")
+ax.set_ylabel(f"RMS distance to the {len(every_t)}-step solution")
+ax.legend(fontsize=7.5)
 fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: the distance of each sampler's final latent from the finely solved ODE, against the number of
-# steps.* The table beside the figure gives the numbers; the slopes of the two lines are the orders of the two
-# methods.
+# *Figure: CAPTION_PLACEHOLDER*
 #
 # ### The trajectory of a sampler
 #
