@@ -232,7 +232,8 @@ print(f"formula: mean {formula_mean:.6f}, variance {float(beta_tilde[t_toy]):.6e
 # (the forward closed form, solved for $z_0$) into $\tilde\mu_t$:
 #
 # $$\begin{aligned}
-# \tilde\mu_t &= \frac{\beta_t}{\sqrt{\alpha_t}(1-\bar\alpha_t)} \big(z_t - \sqrt{1-\bar\alpha_t}\,\varepsilon\big)
+# \tilde\mu_t &= \frac{\beta_t}{\sqrt{\alpha_t}(1-\bar\alpha_t)}
+#   \big(z_t - \sqrt{1-\bar\alpha_t}\,\varepsilon\big)
 #   + \frac{\sqrt{\alpha_t}(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}\, z_t
 #   && \sqrt{\bar\alpha_{t-1}}/\sqrt{\bar\alpha_t} = 1/\sqrt{\alpha_t} \\
 # &= \frac{\beta_t + \alpha_t - \bar\alpha_t}{\sqrt{\alpha_t}(1-\bar\alpha_t)}\, z_t
@@ -290,7 +291,8 @@ for t in (999, 500, 20):
 # D_{KL}\big(q(z_{t-1} \mid z_t, z_0)\,\|\,p_\theta(z_{t-1} \mid z_t)\big)
 # &= \frac{1}{2\sigma_t^2}\, \| \tilde\mu_t - \mu_\theta \|^2
 #   && \text{equal covariances: only the means differ} \\
-# &= \frac{\beta_t^2}{2\sigma_t^2\, \alpha_t (1-\bar\alpha_t)}\, \| \varepsilon - \varepsilon_\theta(z_t, t) \|^2
+# &= \frac{\beta_t^2}{2\sigma_t^2\, \alpha_t (1-\bar\alpha_t)}\,
+#   \| \varepsilon - \varepsilon_\theta(z_t, t) \|^2
 #   && \text{both means in the } \varepsilon \text{ form above}
 # \end{aligned}$$
 #
@@ -877,21 +879,21 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: at small t the one-jump estimate of the clean latent is nearly exact while the noise estimate is poor
-# (at t = 0 the noise is a ripple of a few percent on the latent, hard to make out); at large t it is the other
-# way round. At the noisiest steps the one-jump latent is even worse than guessing the class's mean latent (the
-# dashed line; the printout gives the numbers and where the curves cross), yet the training loss there is tiny.*
-# The two errors are tied exactly: from the forward closed form,
+# *Figure: at small t the one-jump estimate of the clean latent is nearly exact while the noise estimate is
+# poor (at t = 0 the noise is a ripple of a few percent on the latent, hard to make out); at large t it is the
+# other way round. At the noisiest steps the one-jump latent is even worse than guessing the class's mean
+# latent (the dashed line; the printout gives the numbers and where the curves cross), yet the training loss
+# there is tiny.* The two errors are tied exactly: from the forward closed form,
 # $z_0 - \hat z_0 = -\sqrt{(1-\bar\alpha_t)/\bar\alpha_t}\,(\varepsilon - \hat\varepsilon)$, so
 #
 # $$\|\varepsilon - \hat\varepsilon\|^2 = \mathrm{SNR}(t)\ \|z_0 - \hat z_0\|^2 ,\qquad
 # \mathrm{SNR}(t) = \frac{\bar\alpha_t}{1-\bar\alpha_t} .$$
 #
-# Training on the noise is training on the clean latent with each t weighted by its SNR: heavily where $z_0$ is
-# recoverable, hardly at all at the noisiest steps (at t = 999 the SNR is about 0.005, so a clean-latent error
-# of 1.7 costs under 0.01 of loss). A network trained to predict $z_0$ directly with an unweighted loss spends its
-# capacity the other way, on the noisiest steps, where even the best possible answer is a blur. Decoded, the
-# one-jump estimates look like this:
+# Training on the noise is training on the clean latent with each t weighted by its SNR: heavily where $z_0$
+# is recoverable, hardly at all at the noisiest steps (at t = 999 the SNR is about 0.005, so a clean-latent
+# error of 1.7 costs under 0.01 of loss). A network trained to predict $z_0$ directly with an unweighted loss
+# spends its capacity the other way, on the noisiest steps, where even the best possible answer is a blur.
+# Decoded, the one-jump estimates look like this:
 
 # %%
 ts_jump = [999, 800, 600, 400, 200, 50]
@@ -907,11 +909,11 @@ with torch.no_grad():
 show(plot_trajectory(jumps, ts_jump, size=1.0, title="one jump from z_t to the predicted clean latent"))
 
 # %% [markdown]
-# *Figure: rows are four real digits (0, 3, 5, 8), noised to the t of each column and sent back in one jump. At
-# t = 999 the jump lands on a smudge, at t = 800 on a rough digit of the right class; from t = 600 down the
-# digit is sharp and hardly changes with t.* This is why samplers take many small steps:
-# each step moves only part of the way towards $\hat z_0$, re-noises, and asks again with a sharper $z_t$. The
-# posterior step of section 3 does exactly that (DDPM, 1000 steps). The next two samplers take larger steps.
+# *Figure: rows are four real digits (0, 3, 5, 8), noised to the t of each column and sent back in one jump.
+# At t = 999 the jump lands on a smudge, at t = 800 on a rough digit of the right class; from t = 600 down the
+# digit is sharp and hardly changes with t.* This is why samplers take many small steps: each step moves only
+# part of the way towards $\hat z_0$, re-noises, and asks again with a sharper $z_t$. The posterior step of
+# section 3 does exactly that (DDPM, 1000 steps). The next two samplers take larger steps.
 #
 # ### DDIM: a non-Markovian process with the same marginals
 #
@@ -924,7 +926,7 @@ show(plot_trajectory(jumps, ts_jump, size=1.0, title="one jump from z_t to the p
 #
 # **It keeps the marginals.** If $z_t \sim q(z_t \mid z_0)$, the fraction is
 # $\varepsilon \sim \mathcal N(0, I)$, so
-# $z_{t-1} = \sqrt{\bar\alpha_{t-1}}\, z_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\,\varepsilon + \sigma_t \xi$:
+# $z_{t-1} = \sqrt{\bar\alpha_{t-1}}\, z_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\,\varepsilon + \sigma_t\xi$:
 # a Gaussian with mean $\sqrt{\bar\alpha_{t-1}}\, z_0$ and variance
 # $(1-\bar\alpha_{t-1}-\sigma_t^2) + \sigma_t^2 = 1-\bar\alpha_{t-1}$, which is $q(z_{t-1} \mid z_0)$; by
 # induction downwards from T, every marginal is right. The forward process this defines is not Markov ($z_t$
@@ -1009,15 +1011,17 @@ print(f"max |hand-written DDIM - common.samplers| = {float((ours - theirs).abs()
 #
 # $$\frac{dz}{dt} = \frac{d\log\sigma_t}{dt}\, z + \alpha_t \frac{d\lambda_t}{dt}\, x_\theta(z_t, t).$$
 #
-# **Remove the linear part exactly.** Divide by $\sigma_t$:
-# $\frac{d}{dt}\frac{z}{\sigma_t} = \frac{1}{\sigma_t} \frac{dz}{dt} - \frac{z}{\sigma_t}\frac{d\log\sigma_t}{dt} = \frac{\alpha_t}{\sigma_t}\frac{d\lambda_t}{dt} x_\theta$,
+# **Remove the linear part exactly.** Divide by $\sigma_t$ (the product rule, then the ODE):
+#
+# $$\frac{d}{dt}\frac{z}{\sigma_t} = \frac{1}{\sigma_t} \frac{dz}{dt} - \frac{z}{\sigma_t}\frac{d\log\sigma_t}{dt}
+# = \frac{\alpha_t}{\sigma_t}\frac{d\lambda_t}{dt}\, x_\theta ,$$
+#
 # and change the variable from t to $\lambda$ ($\alpha/\sigma = e^\lambda$):
 #
 # $$\frac{d}{d\lambda}\Big(\frac{z}{\sigma}\Big) = e^{\lambda}\, x_\theta(z_\lambda, \lambda)
 # \quad\Longrightarrow\quad
 # z_s = \frac{\sigma_s}{\sigma_t}\, z_t + \sigma_s \int_{\lambda_t}^{\lambda_s} e^{\lambda}\,
-# x_\theta(z_\lambda,
-# \lambda)\, d\lambda .$$
+# x_\theta(z_\lambda, \lambda)\, d\lambda .$$
 #
 # Only the network's output is approximated; the rest is integrated exactly (an *exponential integrator*).
 #
@@ -1047,12 +1051,12 @@ print(f"t = {int(t_first)} -> {int(dpm.timesteps[1])}: max |DPM-Solver++ first-o
       f"{float((step_dpm - step_ddim).abs().max()):.1e}")
 
 # %% [markdown]
-# Exercise 6 (`dpmpp_first_order_step`) writes this step in its lambda form, graded against DDIM and diffusers.
+# Exercise 6 (`dpmpp_first_order_step`) writes this step in its lambda form, graded against DDIM and
+# diffusers.
 #
 # **Second order, multistep (2M).** Use the previous step's prediction too: let $x_\theta$ be linear in
-# $\lambda$ through the last two estimates,
-# $x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\, \frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}}$
-# with $h_\text{last} = \lambda_t - \lambda_\text{last}$. The extra integral is
+# $\lambda$ through the last two estimates, $x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\,
+# (\hat z_0 - \hat z_0^{\text{last}})/h_\text{last}$ with $h_\text{last} = \lambda_t - \lambda_\text{last}$. The extra integral is
 # $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
 # DPM-Solver++ replaces $h - 1 + e^{-h}$ by $(1 - e^{-h})\,h/2$ (both are $h^2/2 + O(h^3)$), which folds the
 # correction into the first-order formula with
@@ -1107,10 +1111,10 @@ for name, ours, theirs in [("order 1 against DDIM (common.samplers)", ours_1, co
     print(f"{name:<56} max |diff| = {float((ours - theirs).abs().max()):.1e}")
 
 # %% [markdown]
-# What the second order buys: run both orders with n steps from t = 999 down to t = 0 (then the same final jump
-# to sigma = 0) and measure how far each ends from the ODE solved with all 1000 timesteps. Two spacings of the n
-# steps: uniform in t, and uniform in lambda, the variable the solver integrates in. A first-order method's error
-# should fall like 1/n, a second-order one's like 1/n^2.
+# What the second order buys: run both orders with n steps from t = 999 down to t = 0 (then the same final
+# jump to sigma = 0) and measure how far each ends from the ODE solved with all 1000 timesteps. Two spacings
+# of the n steps: uniform in t, and uniform in lambda, the variable the solver integrates in. A first-order
+# method's error should fall like 1/n, a second-order one's like 1/n^2.
 
 # %%
 def t_uniform(n):
@@ -1161,13 +1165,13 @@ show(fig)
 
 # %% [markdown]
 # *Figure: the distance of each run's final latent from the finely solved ODE, against the number of steps
-# (the printed table has the numbers). With steps uniform in lambda (solid lines) the 2M error falls about four
-# times per doubling of the steps, the second order the derivation promises, and at 32 steps it is about ten
-# times below the first-order error. With steps uniform in t (dashed) both orders fall about two times per
-# doubling: lambda changes slowly at high noise and fast at low noise, so the last of 32 t-uniform steps
-# (t = 31 to 0) alone spans 29% of the whole lambda range; with steps this uneven the 2M correction gains a
-# constant factor, not an order.* The samplers' spacings ("leading", "trailing", "linspace") are all
-# uniform in t; spacing the steps by noise level instead is what Karras et al. (2022) and later samplers do.
+# (the printed table has the numbers). With steps uniform in lambda (solid lines) the 2M error falls about
+# four times per doubling of the steps, the second order the derivation promises, and at 32 steps it is about
+# ten times below the first-order error. With steps uniform in t (dashed) both orders fall about two times per
+# doubling: lambda changes slowly at high noise and fast at low noise, so the last of 32 t-uniform steps (t =
+# 31 to 0) alone spans 29% of the whole lambda range; with steps this uneven the 2M correction gains a
+# constant factor, not an order.* The samplers' spacings ("leading", "trailing", "linspace") are all uniform
+# in t; spacing the steps by noise level instead is what Karras et al. (2022) and later samplers do.
 #
 # ### The trajectory of a sampler
 #
