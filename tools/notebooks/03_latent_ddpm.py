@@ -1013,7 +1013,8 @@ print(f"max |hand-written DDIM - common.samplers| = {float((ours - theirs).abs()
 #
 # **Remove the linear part exactly.** Divide by $\sigma_t$ (the product rule, then the ODE):
 #
-# $$\frac{d}{dt}\frac{z}{\sigma_t} = \frac{1}{\sigma_t} \frac{dz}{dt} - \frac{z}{\sigma_t}\frac{d\log\sigma_t}{dt}
+# $$\frac{d}{dt}\frac{z}{\sigma_t} = \frac{1}{\sigma_t} \frac{dz}{dt}
+# - \frac{z}{\sigma_t}\frac{d\log\sigma_t}{dt}
 # = \frac{\alpha_t}{\sigma_t}\frac{d\lambda_t}{dt}\, x_\theta ,$$
 #
 # and change the variable from t to $\lambda$ ($\alpha/\sigma = e^\lambda$):
@@ -1055,9 +1056,12 @@ print(f"t = {int(t_first)} -> {int(dpm.timesteps[1])}: max |DPM-Solver++ first-o
 # diffusers.
 #
 # **Second order, multistep (2M).** Use the previous step's prediction too: let $x_\theta$ be linear in
-# $\lambda$ through the last two estimates, $x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\,
-# (\hat z_0 - \hat z_0^{\text{last}})/h_\text{last}$ with $h_\text{last} = \lambda_t - \lambda_\text{last}$. The extra integral is
-# $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
+# $\lambda$ through the last two estimates,
+#
+# $$x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\,\frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}},
+# \qquad h_\text{last} = \lambda_t - \lambda_\text{last} .$$
+#
+# The extra integral is $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
 # DPM-Solver++ replaces $h - 1 + e^{-h}$ by $(1 - e^{-h})\,h/2$ (both are $h^2/2 + O(h^3)$), which folds the
 # correction into the first-order formula with
 #
