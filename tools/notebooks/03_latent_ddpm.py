@@ -1161,6 +1161,8 @@ styles = {("t", 1): "o--", ("t", 2): "s--", ("lambda", 1): "o-", ("lambda", 2): 
 for (spacing, order), values in errors.items():
     name = "DPM-Solver++1 (= DDIM)" if order == 1 else "DPM-Solver++(2M)"
     ax.loglog(step_counts, values, styles[spacing, order], label=f"{name}, uniform in {spacing}")
+ax.set_xticks(step_counts, [str(n) for n in step_counts])
+ax.set_xticks([], minor=True)
 ax.set_xlabel("steps n")
 ax.set_ylabel(f"RMS distance to the {len(every_t)}-step solution")
 ax.legend(fontsize=7.5)
