@@ -961,7 +961,7 @@ print(f"sigma_t(eta = 1)^2 against tilde-beta_t, t = 1..{T - 1}: max relative di
 y10 = torch.arange(10)
 z_T = torch.randn(10, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 denoise = lambda z, t: unet(z, t, class_labels=y10)  # noqa: E731  (the plain class-conditional model)
-n_chain = 20
+n_chain = budget(fast=5, cpu=20)
 ddim_eta1 = DDIMSampler(schedule, n_chain, eta=1.0, timestep_spacing="trailing", set_alpha_to_one=True)
 ddpm_chain = DDPMSampler(schedule, n_chain, timestep_spacing="trailing")
 run_ddim_eta1 = sample_loop(denoise, z_T, ddim_eta1, generator=5)
@@ -1040,8 +1040,9 @@ print(f"max |hand-written DDIM - common.samplers| = {float((ours - theirs).abs()
 # timesteps:
 
 # %%
-dpm = DPMSolverPP2MSampler(schedule, n_steps, timestep_spacing="trailing")
-ddim = DDIMSampler(schedule, n_steps, timestep_spacing="trailing", set_alpha_to_one=True)
+n_dpm = budget(fast=5, cpu=20)  # T / n_dpm a whole number, so DDIM's t - T // n is the next visited t
+dpm = DPMSolverPP2MSampler(schedule, n_dpm, timestep_spacing="trailing")
+ddim = DDIMSampler(schedule, n_dpm, timestep_spacing="trailing", set_alpha_to_one=True)
 t_first = dpm.timesteps[0]
 with torch.no_grad():
     eps_first = unet(z_T, t_first, class_labels=y10)
@@ -1105,7 +1106,7 @@ with torch.no_grad():
     course_2m = sample_loop(denoise, z_T, dpm)
     reference = DPMSolverMultistepScheduler(**schedule.to_diffusers(), solver_order=2,
                                             timestep_spacing="trailing")
-    reference.set_timesteps(n_steps)
+    reference.set_timesteps(n_dpm)
     z = z_T.clone()
     for t in reference.timesteps:
         z = reference.step(denoise(z, t), t, z).prev_sample
@@ -1133,7 +1134,7 @@ def lambda_uniform(n):
     return torch.unique_consecutive(nearest)
 
 
-every_t = t_uniform(budget(fast=100, cpu=T - 1))  # on a CPU: all T timesteps, 999 .. 0
+every_t = t_uniform(budget(fast=40, cpu=T - 1))  # on a CPU: all T timesteps, 999 .. 0
 with torch.no_grad():
     z_ref = dpm_solver_pp(denoise, z_T, every_t, order=2)
     z_ref_1 = dpm_solver_pp(denoise, z_T, every_t, order=1)
@@ -1141,7 +1142,7 @@ reference_spread = float((z_ref - z_ref_1).pow(2).mean().sqrt())
 print(f"{len(every_t)} timesteps, order 1 against order 2: RMS diff {reference_spread:.1e} "
       "(how well the reference itself is pinned down)")
 
-step_counts = budget(fast=[4, 8], cpu=[4, 8, 16, 32])
+step_counts = budget(fast=[3, 6], cpu=[4, 8, 16, 32])
 errors = {}  # (spacing, order) -> [RMS distance to the reference, one per step count]
 with torch.no_grad():
     for spacing, make_timesteps in [("t", t_uniform), ("lambda", lambda_uniform)]:
