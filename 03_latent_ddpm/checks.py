@@ -82,8 +82,9 @@ def check_ddpm_step(m):
     for t in (999, 500, 37, 1, 0):
         ref = scheduler.step(eps, t, z_t, generator=torch.Generator().manual_seed(t)).prev_sample
         ours = m.ddpm_step(eps, t, z_t, alphas_cumprod, torch.Generator().manual_seed(t))
+        got = getattr(ours, "shape", type(ours))
         assert torch.is_tensor(ours) and ours.shape == ref.shape, \
-            f"ddpm_step should return a tensor of shape {tuple(ref.shape)}, got {getattr(ours, 'shape', type(ours))}"
+            f"ddpm_step should return a tensor of shape {tuple(ref.shape)}, got {got}"
         err = float((ours - ref).abs().max())
         hint = ("at t = 0 return the posterior mean without noise" if t == 0 else
                 "mean tilde-mu_t from x0_pred and z_t, then + sqrt(tilde-beta_t) * torch.randn(z_t.shape, "
@@ -92,7 +93,8 @@ def check_ddpm_step(m):
             f"ddpm_step at t = {t} differs from diffusers' DDPMScheduler.step by {err:.2e}: {hint}")
     other = m.ddpm_step(eps, 500, z_t, alphas_cumprod, torch.Generator().manual_seed(12345))
     first = m.ddpm_step(eps, 500, z_t, alphas_cumprod, torch.Generator().manual_seed(500))
-    assert float((other - first).abs().max()) > 1e-3, "ddpm_step must draw its noise from the generator it is given"
+    assert float((other - first).abs().max()) > 1e-3, \
+        "ddpm_step must draw its noise from the generator it is given"
 
 
 def check_timestep_embedding(m):
@@ -103,7 +105,7 @@ def check_timestep_embedding(m):
         (steps, 320, True, 0.0, 1.0, "Stable Diffusion's setting"),
         (steps, 64, False, 1.0, 1.0, "the DDPM UNet's setting"),
         (steps, 7, True, 0.0, 1.0, "an odd width"),
-        (torch.tensor([0.0, 0.25, 0.5, 0.999]), 32, True, 0.0, 1000.0, "float timesteps in [0, 1), scale 1000"),
+        (torch.tensor([0.0, 0.25, 0.5, 0.999]), 32, True, 0.0, 1000.0, "float t in [0, 1), scale 1000"),
     ]
     for t, dim, flip, shift, scale, what in cases:
         ref = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale)
@@ -112,16 +114,16 @@ def check_timestep_embedding(m):
             f"{what}: expected shape {tuple(ref.shape)}, got {getattr(ours, 'shape', type(ours))}")
         err = float((ours.float() - ref).abs().max())
         assert err <= 1e-3, (
-            f"{what} (dim={dim}, flip_sin_to_cos={flip}, downscale_freq_shift={shift}, scale={scale}): differs "
-            f"from diffusers' get_timestep_embedding by {err:.2e}; first row yours {ours[1, :4].tolist()}, "
+            f"{what} (dim={dim}, flip_sin_to_cos={flip}, downscale_freq_shift={shift}, scale={scale}): "
+            f"differs from diffusers' get_timestep_embedding by {err:.2e}; first row yours {ours[1, :4].tolist()}, "
             f"diffusers {ref[1, :4].tolist()}")
 
 
 def check_dpmpp_first_order_step(m):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    options = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   timestep_spacing="trailing")
+    options = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear", timestep_spacing="trailing")
     dpm = DPMSolverMultistepScheduler(**options, solver_order=1)
     ddim = DDIMScheduler(**options, clip_sample=False, set_alpha_to_one=True)
     n = 10

@@ -7,8 +7,8 @@ Fill in each function, then grade your file:
     python -m common.grade 03
 
 The first six are graded against diffusers (its schedulers and its timestep embedding). Notation (as in
-common/schedules.py): T training timesteps 0 .. T-1; ``alphas_cumprod[t]`` is alpha_bar_t (diffusers' name for it); latents z are
-float tensors (B, C, h, w), here (B, 4, 8, 8) as the Digits VAE makes them.
+common/schedules.py): T training timesteps 0 .. T-1; ``alphas_cumprod[t]`` is alpha_bar_t (diffusers' name for
+it); latents z are float tensors (B, C, h, w), here (B, 4, 8, 8) as the Digits VAE makes them.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alp
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 4. one DDPM step (the posterior)
+# ---------------------------------------------------------------------------- 4. one DDPM step (posterior)
 def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
     """One ancestral DDPM step from z_t to z_{t-1} on the full chain (Ho et al. 2020, eqs. 6-7, Algorithm 2).
@@ -76,15 +76,16 @@ def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod:
        for t = 0: z_prev = mean (draw no noise: the last step returns the mean)
 
     eps_pred, z_t: (B, C, h, w); t: an int in [0, T); alphas_cumprod: (T,). Returns z_{t-1}, (B, C, h, w).
-    The check compares it with diffusers' ``DDPMScheduler.step`` given generators with the same seed, so draw the
-    noise exactly once, with ``torch.randn(z_t.shape, generator=generator)``.
+    The check compares it with diffusers' ``DDPMScheduler.step`` given generators with the same seed, so draw
+    the noise exactly once, with ``torch.randn(z_t.shape, generator=generator)``.
     """
     raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------- 5. the timestep embedding
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0,
-                       scale: float = 1.0, max_period: float = 10_000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10_000.0) -> torch.Tensor:
     """The sinusoidal timestep embedding with all of diffusers' options (``get_timestep_embedding``).
 
     With half = dim // 2 and k = 0 .. half - 1:
@@ -102,18 +103,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
 # ---------------------------------------------------------------------------- 6. one DPM-Solver++ step
 def dpmpp_first_order_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float,
                            alpha_bar_prev: float) -> torch.Tensor:
-    """One first-order DPM-Solver++ step from z_t to z_s, the noise level alpha_bar_prev (Lu et al. 2022, eq. 9).
+    """One first-order DPM-Solver++ step from z_t to z_s, the noise level alpha_bar_prev (Lu et al. 2022,
+    eq. 9).
 
-    In the notation of the notebook: alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), and the half log-SNR
-    lambda = log(alpha / sigma).
+    In the notation of the notebook: alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), and the half
+    log-SNR lambda = log(alpha / sigma).
 
     1. alpha_t, sigma_t, lambda_t at alpha_bar_t; alpha_s, sigma_s, lambda_s at alpha_bar_prev
     2. h = lambda_s - lambda_t (> 0: sampling goes towards less noise)
     3. the data prediction x0_pred = (z_t - sigma_t eps_pred) / alpha_t
     4. z_s = (sigma_s / sigma_t) z_t - alpha_s (exp(-h) - 1) x0_pred
 
-    alpha_bar_prev may be 1.0 (the final step to clean data): then sigma_s = 0, lambda_s = +inf, exp(-h) = 0 and
-    z_s = x0_pred. Work with torch tensors (``torch.as_tensor``) so that log(0) = -inf, or treat that case apart.
+    alpha_bar_prev may be 1.0 (the final step to clean data): then sigma_s = 0, lambda_s = +inf, exp(-h) = 0
+    and z_s = x0_pred. Work with torch tensors (``torch.as_tensor``) so that log(0) = -inf, or treat that case
+    apart.
     The check compares the step with DDIM's (they are the same step) and with diffusers'
     ``DPMSolverMultistepScheduler`` at ``solver_order=1``.
     """

@@ -42,7 +42,7 @@ def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alp
 # ---------------------------------------------------------------------------- 4. one DDPM step
 def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
               generator: torch.Generator) -> torch.Tensor:
-    """Sample q(z_{t-1} | z_t, x0_pred): Ho et al. 2020 eq. 7 for the mean and variance, eq. 15 for x0_pred."""
+    """Sample q(z_{t-1} | z_t, x0_pred): Ho et al. 2020 eq. 7 (mean, variance), eq. 15 (x0_pred)."""
     t = int(t)
     alpha_bar_t = alphas_cumprod[t]
     alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0)
@@ -61,14 +61,16 @@ def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod:
 
 
 # ---------------------------------------------------------------------------- 5. the timestep embedding
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0,
-                       scale: float = 1.0, max_period: float = 10_000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10_000.0) -> torch.Tensor:
     """Vaswani et al. 2017 sec. 3.5 on the timestep, with diffusers' get_timestep_embedding options."""
     half = dim // 2
-    log_freqs = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32) / (half - downscale_freq_shift)
+    k = torch.arange(0, half, dtype=torch.float32)
+    log_freqs = -math.log(max_period) * k / (half - downscale_freq_shift)  # (half,)
     phases = scale * (t.float().unsqueeze(1) * torch.exp(log_freqs).unsqueeze(0))  # (B, half)
-    parts = [torch.cos(phases), torch.sin(phases)] if flip_sin_to_cos else [torch.sin(phases), torch.cos(phases)]
-    emb = torch.cat(parts, dim=1)  # (B, 2 half)
+    sines, cosines = torch.sin(phases), torch.cos(phases)
+    emb = torch.cat([cosines, sines] if flip_sin_to_cos else [sines, cosines], dim=1)  # (B, 2 half)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros(len(emb), 1)], dim=1)
     return emb
@@ -77,7 +79,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
 # ---------------------------------------------------------------------------- 6. one DPM-Solver++ step
 def dpmpp_first_order_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float,
                            alpha_bar_prev: float) -> torch.Tensor:
-    """DPM-Solver++1 (Lu et al. 2022 eq. 9): the exponential integrator in lambda with x_theta held constant."""
+    """DPM-Solver++1 (Lu et al. 2022 eq. 9): the exponential integrator in lambda, x_theta held constant."""
 
     def alpha_sigma_lambda(alpha_bar):
         alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)

@@ -19,7 +19,8 @@ def _posterior(eps_pred, t, z_t, alphas_cumprod):
     alpha_bar_t, alpha_bar_prev = alphas_cumprod[t], alphas_cumprod[t - 1]
     beta_t = 1 - alpha_bar_t / alpha_bar_prev
     x0 = (z_t - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()
-    mean = (alpha_bar_prev.sqrt() * beta_t * x0 + (1 - beta_t).sqrt() * (1 - alpha_bar_prev) * z_t) / (1 - alpha_bar_t)
+    weighted = alpha_bar_prev.sqrt() * beta_t * x0 + (1 - beta_t).sqrt() * (1 - alpha_bar_prev) * z_t
+    mean = weighted / (1 - alpha_bar_t)
     return mean, beta_t, (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
 
 
@@ -46,12 +47,14 @@ def ddpm_global_noise(eps_pred, t, z_t, alphas_cumprod, generator):
     return mean + variance.sqrt() * torch.randn(z_t.shape)
 
 
-def embedding_sin_first(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0, max_period=10_000.0):
+def embedding_sin_first(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0,
+                        max_period=10_000.0):
     """Ignores flip_sin_to_cos."""
     return solutions.timestep_embedding(t, dim, False, downscale_freq_shift, scale, max_period)
 
 
-def embedding_no_shift(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0, max_period=10_000.0):
+def embedding_no_shift(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0,
+                       max_period=10_000.0):
     """Ignores downscale_freq_shift (always divides by dim / 2)."""
     return solutions.timestep_embedding(t, dim, flip_sin_to_cos, 0.0, scale, max_period)
 
