@@ -1,7 +1,7 @@
 """Checks for chapter 03's exercises: ``python -m common.grade 03`` runs them on your exercises.py.
 
-The schedule, forward process and DDIM step are graded against diffusers' own schedulers (the reference
-implementation), never against numbers from this course's code.
+The schedule, forward process, DDIM, DDPM and DPM-Solver++ steps and the timestep embedding are graded against
+diffusers (the reference implementation), never against numbers from this course's code.
 """
 
 from __future__ import annotations
@@ -72,6 +72,84 @@ def check_ddim_step(m):
         err = float((ours - ref).abs().max())
         assert err <= 1e-4 * max(1.0, float(ref.abs().max())), (
             f"ddim_step from t={t} to {t_prev} differs from diffusers' DDIMScheduler.step by {err:.2e}")
+
+
+def check_ddpm_step(m):
+    scheduler, alphas_cumprod = _sd_alphas_cumprod()
+    scheduler.config.clip_sample = False  # latents are not in [-1, 1]: no clipping of x0_pred
+    g = torch.Generator().manual_seed(4)
+    z_t, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for t in (999, 500, 37, 1, 0):
+        ref = scheduler.step(eps, t, z_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        ours = m.ddpm_step(eps, t, z_t, alphas_cumprod, torch.Generator().manual_seed(t))
+        got = getattr(ours, "shape", type(ours))
+        assert torch.is_tensor(ours) and ours.shape == ref.shape, \
+            f"ddpm_step should return a tensor of shape {tuple(ref.shape)}, got {got}"
+        err = float((ours - ref).abs().max())
+        hint = ("at t = 0 return the posterior mean without noise" if t == 0 else
+                "mean tilde-mu_t from x0_pred and z_t, then + sqrt(tilde-beta_t) * torch.randn(z_t.shape, "
+                "generator=generator), drawn once")
+        assert err <= 1e-5 * max(1.0, float(ref.abs().max())), (
+            f"ddpm_step at t = {t} differs from diffusers' DDPMScheduler.step by {err:.2e}: {hint}")
+    other = m.ddpm_step(eps, 500, z_t, alphas_cumprod, torch.Generator().manual_seed(12345))
+    first = m.ddpm_step(eps, 500, z_t, alphas_cumprod, torch.Generator().manual_seed(500))
+    assert float((other - first).abs().max()) > 1e-3, \
+        "ddpm_step must draw its noise from the generator it is given"
+
+
+def check_timestep_embedding(m):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    steps = torch.tensor([0, 1, 17, 250, 999])
+    cases = [  # (timesteps, dim, flip_sin_to_cos, downscale_freq_shift, scale, what it is)
+        (steps, 320, True, 0.0, 1.0, "Stable Diffusion's setting"),
+        (steps, 64, False, 1.0, 1.0, "the DDPM UNet's setting"),
+        (steps, 7, True, 0.0, 1.0, "an odd width"),
+        (torch.tensor([0.0, 0.25, 0.5, 0.999]), 32, True, 0.0, 1000.0, "float t in [0, 1), scale 1000"),
+    ]
+    for t, dim, flip, shift, scale, what in cases:
+        ref = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale)
+        ours = m.timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift, scale=scale)
+        assert torch.is_tensor(ours) and ours.shape == ref.shape, (
+            f"{what}: expected shape {tuple(ref.shape)}, got {getattr(ours, 'shape', type(ours))}")
+        err = float((ours.float() - ref).abs().max())
+        assert err <= 1e-3, (
+            f"{what} (dim={dim}, flip_sin_to_cos={flip}, downscale_freq_shift={shift}, scale={scale}): "
+            f"differs from diffusers' get_timestep_embedding by {err:.2e}; first row yours {ours[1, :4].tolist()}, "
+            f"diffusers {ref[1, :4].tolist()}")
+
+
+def check_dpmpp_first_order_step(m):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    options = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule="scaled_linear", timestep_spacing="trailing")
+    dpm = DPMSolverMultistepScheduler(**options, solver_order=1)
+    ddim = DDIMScheduler(**options, clip_sample=False, set_alpha_to_one=True)
+    n = 10
+    dpm.set_timesteps(n)
+    ddim.set_timesteps(n)
+    alphas_cumprod = dpm.alphas_cumprod
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 4, 8, 8, generator=g)
+    for i, t in enumerate(dpm.timesteps):
+        t = int(t)
+        alpha_bar_prev = float(alphas_cumprod[int(dpm.timesteps[i + 1])]) if i + 1 < n else 1.0
+        eps = torch.randn(z.shape, generator=g)
+        ours = m.dpmpp_first_order_step(eps, z, float(alphas_cumprod[t]), alpha_bar_prev)
+        ref_dpm = dpm.step(eps, t, z).prev_sample
+        ref_ddim = ddim.step(eps, t, z, eta=0.0).prev_sample
+        assert torch.is_tensor(ours) and ours.shape == z.shape, f"expected a tensor of shape {tuple(z.shape)}"
+        assert torch.isfinite(ours).all(), (
+            f"step {i} (t = {t}, alpha_bar_prev = {alpha_bar_prev}) gave non-finite values: at alpha_bar_prev = 1, "
+            "sigma_s = 0, lambda_s = +inf and exp(-h) = 0, so z_s = x0_pred")
+        bound = 1e-4 * max(1.0, float(ref_dpm.abs().max()))
+        err_dpm = float((ours - ref_dpm).abs().max())
+        err_ddim = float((ours - ref_ddim).abs().max())
+        assert err_dpm <= bound, (f"step {i} from t = {t}: differs from diffusers' DPMSolverMultistepScheduler "
+                                  f"(solver_order=1) by {err_dpm:.2e}")
+        assert err_ddim <= bound, f"step {i} from t = {t}: differs from DDIMScheduler.step (eta = 0) by {err_ddim:.2e}"
+        z = ref_dpm
 
 
 def check_ldm_loss(m):
@@ -147,6 +225,9 @@ CHECKS = [
     ("cosine_betas", check_cosine_betas),
     ("add_noise", check_add_noise),
     ("ddim_step", check_ddim_step),
+    ("ddpm_step", check_ddpm_step),
+    ("timestep_embedding", check_timestep_embedding),
+    ("dpmpp_first_order_step", check_dpmpp_first_order_step),
     ("ldm_loss", check_ldm_loss),
     ("latent_snr", check_latent_snr),
     ("scaling_factor_experiment", check_scaling_factor_experiment),

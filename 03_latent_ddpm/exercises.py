@@ -1,13 +1,14 @@
-"""Chapter 03 exercises: a cosine schedule, the forward process, one DDIM step, the latent diffusion loss
-for class-conditional digits (8x8 latents), and the latent scaling-factor experiment.
+"""Chapter 03 exercises: a cosine schedule, the forward process, one DDIM step, one DDPM step, the timestep
+embedding, one DPM-Solver++ step, the latent diffusion loss for class-conditional digits (8x8 latents), the
+latents' SNR and the latent scaling-factor experiment.
 
 Fill in each function, then grade your file:
 
     python -m common.grade 03
 
-The first three are graded against diffusers' own schedulers. Notation (as in common/schedules.py):
-T training timesteps 0 .. T-1; ``alphas_cumprod[t]`` is alpha_bar_t (diffusers' name for it); latents z are
-float tensors (B, C, h, w), here (B, 4, 8, 8) as the Digits VAE makes them.
+The first six are graded against diffusers (its schedulers and its timestep embedding). Notation (as in
+common/schedules.py): T training timesteps 0 .. T-1; ``alphas_cumprod[t]`` is alpha_bar_t (diffusers' name for
+it); latents z are float tensors (B, C, h, w), here (B, 4, 8, 8) as the Digits VAE makes them.
 """
 
 from __future__ import annotations
@@ -57,11 +58,76 @@ def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alp
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 4. the latent diffusion loss
+# ---------------------------------------------------------------------------- 4. one DDPM step (posterior)
+def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+    """One ancestral DDPM step from z_t to z_{t-1} on the full chain (Ho et al. 2020, eqs. 6-7, Algorithm 2).
+
+    The notebook derives the posterior q(z_{t-1} | z_t, z_0) by completing the square; here you sample it with
+    the network's estimate of z_0 in place of z_0:
+
+    1. alpha_bar_t = alphas_cumprod[t]; alpha_bar_prev = alphas_cumprod[t - 1], or 1.0 when t = 0;
+       alpha_t = alpha_bar_t / alpha_bar_prev; beta_t = 1 - alpha_t
+    2. "predicted x0":  x0_pred = (z_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t)   (no clipping)
+    3. posterior mean:  sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) * x0_pred
+                        + sqrt(alpha_t) (1 - alpha_bar_prev) / (1 - alpha_bar_t) * z_t
+    4. posterior variance:  tilde_beta_t = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
+    5. for t > 0: z_prev = mean + sqrt(tilde_beta_t) * torch.randn(z_t.shape, generator=generator);
+       for t = 0: z_prev = mean (draw no noise: the last step returns the mean)
+
+    eps_pred, z_t: (B, C, h, w); t: an int in [0, T); alphas_cumprod: (T,). Returns z_{t-1}, (B, C, h, w).
+    The check compares it with diffusers' ``DDPMScheduler.step`` given generators with the same seed, so draw
+    the noise exactly once, with ``torch.randn(z_t.shape, generator=generator)``.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 5. the timestep embedding
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10_000.0) -> torch.Tensor:
+    """The sinusoidal timestep embedding with all of diffusers' options (``get_timestep_embedding``).
+
+    With half = dim // 2 and k = 0 .. half - 1:
+        freq_k = exp(-log(max_period) * k / (half - downscale_freq_shift))      (compute this in float32)
+        angle  = scale * t[:, None] * freq_k[None, :]                           (B, half)
+        emb    = [sin(angle), cos(angle)]   concatenated on the last dimension  (B, 2 * half)
+    ``flip_sin_to_cos=True`` puts the cosines first (Stable Diffusion: flip_sin_to_cos=True,
+    downscale_freq_shift=0; the DDPM UNet: False and 1). An odd ``dim`` gets one column of zeros at the end.
+
+    t: (B,) timesteps, ints or floats. Returns a float32 tensor (B, dim).
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 6. one DPM-Solver++ step
+def dpmpp_first_order_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float,
+                           alpha_bar_prev: float) -> torch.Tensor:
+    """One first-order DPM-Solver++ step from z_t to z_s, the noise level alpha_bar_prev (Lu et al. 2022,
+    eq. 9).
+
+    In the notation of the notebook: alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), and the half
+    log-SNR lambda = log(alpha / sigma).
+
+    1. alpha_t, sigma_t, lambda_t at alpha_bar_t; alpha_s, sigma_s, lambda_s at alpha_bar_prev
+    2. h = lambda_s - lambda_t (> 0: sampling goes towards less noise)
+    3. the data prediction x0_pred = (z_t - sigma_t eps_pred) / alpha_t
+    4. z_s = (sigma_s / sigma_t) z_t - alpha_s (exp(-h) - 1) x0_pred
+
+    alpha_bar_prev may be 1.0 (the final step to clean data): then sigma_s = 0, lambda_s = +inf, exp(-h) = 0
+    and z_s = x0_pred. Work with torch tensors (``torch.as_tensor``) so that log(0) = -inf, or treat that case
+    apart.
+    The check compares the step with DDIM's (they are the same step) and with diffusers'
+    ``DPMSolverMultistepScheduler`` at ``solver_order=1``.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 7. the latent diffusion loss
 def ldm_loss(unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
-    """The training loss of a class-conditional latent diffusion model (the seed's "simple latent diffusion
-    model on MNIST with an 8x8 latent"; Rombach et al. 2022 eq. 2, Ho et al. 2020 eq. 14):
+    """The training loss of a class-conditional latent diffusion model on 8x8 Digits latents (Rombach et al.
+    2022 eq. 2, Ho et al. 2020 eq. 14):
 
         L = || eps - eps_theta(z_t, t, y) ||^2,   t ~ U{0, ..., T-1},  eps ~ N(0, I)
 
@@ -76,7 +142,7 @@ def ldm_loss(unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 5. the latents' SNR
+# ---------------------------------------------------------------------------- 8. the latents' SNR
 def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The signal-to-noise ratio of z_t for THESE latents, at every timestep:
 
@@ -88,7 +154,7 @@ def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 6. the scaling factor (open-ended)
+# ---------------------------------------------------------------------------- 9. the scaling factor (open-ended)
 def scaling_factor_experiment(latents: torch.Tensor, labels: torch.Tensor, make_unet, alphas_cumprod: torch.Tensor,
                               factors: dict[str, float], *, steps: int = 20, batch_size: int = 32,
                               lr: float = 1e-3, seed: int = 0) -> dict:

@@ -39,7 +39,62 @@ def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alp
     return alpha_bar_prev.sqrt() * x0_pred + dir_z_t
 
 
-# ---------------------------------------------------------------------------- 4. the latent diffusion loss
+# ---------------------------------------------------------------------------- 4. one DDPM step
+def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
+              generator: torch.Generator) -> torch.Tensor:
+    """Sample q(z_{t-1} | z_t, x0_pred): Ho et al. 2020 eq. 7 (mean, variance), eq. 15 (x0_pred)."""
+    t = int(t)
+    alpha_bar_t = alphas_cumprod[t]
+    alpha_bar_prev = alphas_cumprod[t - 1] if t > 0 else torch.tensor(1.0)
+    alpha_t = alpha_bar_t / alpha_bar_prev
+    beta_t = 1 - alpha_t
+    x0_pred = (z_t - (1 - alpha_bar_t).sqrt() * eps_pred) / alpha_bar_t.sqrt()
+    # tilde-mu_t: a weighted average of the clean estimate and the current latent
+    weight_x0 = alpha_bar_prev.sqrt() * beta_t / (1 - alpha_bar_t)
+    weight_zt = alpha_t.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    posterior_mean = weight_x0 * x0_pred + weight_zt * z_t
+    if t == 0:
+        return posterior_mean  # Algorithm 2: no noise on the last step
+    posterior_std = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).sqrt()
+    noise = torch.randn(z_t.shape, generator=generator, dtype=z_t.dtype)
+    return posterior_mean + posterior_std * noise
+
+
+# ---------------------------------------------------------------------------- 5. the timestep embedding
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10_000.0) -> torch.Tensor:
+    """Vaswani et al. 2017 sec. 3.5 on the timestep, with diffusers' get_timestep_embedding options."""
+    half = dim // 2
+    k = torch.arange(0, half, dtype=torch.float32)
+    log_freqs = -math.log(max_period) * k / (half - downscale_freq_shift)  # (half,)
+    phases = scale * (t.float().unsqueeze(1) * torch.exp(log_freqs).unsqueeze(0))  # (B, half)
+    sines, cosines = torch.sin(phases), torch.cos(phases)
+    emb = torch.cat([cosines, sines] if flip_sin_to_cos else [sines, cosines], dim=1)  # (B, 2 half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros(len(emb), 1)], dim=1)
+    return emb
+
+
+# ---------------------------------------------------------------------------- 6. one DPM-Solver++ step
+def dpmpp_first_order_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float,
+                           alpha_bar_prev: float) -> torch.Tensor:
+    """DPM-Solver++1 (Lu et al. 2022 eq. 9): the exponential integrator in lambda, x_theta held constant."""
+
+    def alpha_sigma_lambda(alpha_bar):
+        alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        return alpha, sigma, alpha.log() - sigma.log()  # lambda = +inf where sigma = 0
+
+    alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(alpha_bar_t)
+    alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(alpha_bar_prev)
+    h = lambda_s - lambda_t
+    data_pred = (z_t.double() - sigma_t * eps_pred.double()) / alpha_t
+    z_s = (sigma_s / sigma_t) * z_t.double() - alpha_s * torch.expm1(-h) * data_pred
+    return z_s.to(z_t.dtype)
+
+
+# ---------------------------------------------------------------------------- 7. the latent diffusion loss
 def ldm_loss(unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
     """Class-conditional simple loss: t ~ U{0..T-1} then eps ~ N(0, I) (in that order, from ``generator``);
@@ -52,13 +107,13 @@ def ldm_loss(unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch
     return F.mse_loss(unet(z_t, t, class_labels=labels), eps)
 
 
-# ---------------------------------------------------------------------------- 5. the latents' SNR
+# ---------------------------------------------------------------------------- 8. the latents' SNR
 def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """SNR of z_t for these latents at every t: alpha_bar_t Var(z0) / (1 - alpha_bar_t), (T,) float."""
     return alphas_cumprod * z0.float().var() / (1 - alphas_cumprod)
 
 
-# ---------------------------------------------------------------------------- 6. the scaling-factor experiment
+# ---------------------------------------------------------------------------- 9. the scaling-factor experiment
 def scaling_factor_experiment(latents: torch.Tensor, labels: torch.Tensor, make_unet, alphas_cumprod: torch.Tensor,
                               factors: dict[str, float], *, steps: int = 20, batch_size: int = 32,
                               lr: float = 1e-3, seed: int = 0) -> dict:
@@ -98,6 +153,11 @@ if __name__ == "__main__":
           torch.allclose(add_noise(z0, eps, t, schedule.alpha_bar), schedule.add_noise(z0, eps, t), atol=1e-6))
     a_t, a_prev = schedule.alpha_bar[500], schedule.alpha_bar[480]
     print("DDIM step from t=500 to 480, output std:", float(ddim_step(eps, z0, a_t, a_prev).std()))
+    print("DPM-Solver++1 step from t=500 to 480 equals DDIM's:",
+          torch.allclose(dpmpp_first_order_step(eps, z0, a_t, a_prev), ddim_step(eps, z0, a_t, a_prev), atol=1e-5))
+    print("DDPM step at t=500, output std:", float(ddpm_step(eps, 500, z0, schedule.alpha_bar, torch.Generator()).std()))
+    print("timestep embedding of t = 0 and 999, SD settings:",
+          tuple(timestep_embedding(torch.tensor([0, 999]), 320, flip_sin_to_cos=True, downscale_freq_shift=0).shape))
     small = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
                        mid_block_type="UNetMidBlock2D", cross_attention_dim=None, num_class_embeds=10, norm_num_groups=8)
