@@ -170,9 +170,15 @@ def test_compare_samplers_bad_input(args, expected, tmp_path, compare, capsys):
 
 
 def test_committed_sampler_table_discriminates():
-    """The committed table: each sampler at 50 steps beats itself at 2 steps beyond both intervals."""
+    """The committed table separates samplers and step counts beyond their 95% intervals."""
     result = json.loads((CHAPTER / "results" / "samplers" / "samplers.json").read_text())
     rows = {(r["sampler"], r["steps"]): r for r in result["rows"] if r["steps"] is not None}
-    assert result["samples"] >= 500
-    for name in ("ddpm", "ddim", "dpmpp_2m"):
-        assert rows[(name, 50)]["fd_hi"] < rows[(name, 2)]["fd_lo"], name
+    assert result["samples"] >= 500 and {s for _, s in rows} == {2, 4, 8, 16, 50}
+    accuracies = {r["accuracy"] for r in rows.values()}
+    assert len(accuracies) > 3 and max(accuracies) < 1.0, "a table of identical accuracies compares nothing"
+    for steps in (4, 8, 16, 50):  # the stochastic sampler above both deterministic ones
+        for name in ("ddim", "dpmpp_2m"):
+            assert rows[("ddpm", steps)]["acc_lo"] > rows[(name, steps)]["acc_hi"], (steps, name)
+    # two steps are too few: DDPM at 2 steps is worse than at 4 in accuracy and in FD
+    assert rows[("ddpm", 2)]["acc_hi"] < rows[("ddpm", 4)]["acc_lo"]
+    assert rows[("ddpm", 2)]["fd_lo"] > rows[("ddpm", 4)]["fd_hi"]

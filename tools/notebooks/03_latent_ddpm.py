@@ -280,7 +280,7 @@ ax_grid.imshow(torch.cat(rows_p, dim=0).numpy(), cmap="gray", vmin=-1, vmax=1)  
 ax_grid.set_xticks([32 * k + 16 for k in range(10)], [str(k) for k in range(10)])
 ax_grid.set_yticks([32 * k + 16 for k in range(len(rows_p))],
                    [f"step {s:,}\nacc {accuracy_p[s]:.2f}" for s in snapshots], fontsize=8)
-ax_grid.set_title("samples (DDIM 20, w = 4) from the same noise", fontsize=10)
+ax_grid.set_title(f"samples (DDIM {sampler_p.num_inference_steps}, w = {W}) from the same noise", fontsize=10)
 fig.tight_layout()
 show(fig)
 
@@ -366,7 +366,24 @@ print(compare.table(result))
 show(compare.plot_table(result))
 
 # %% [markdown]
-# SEC5_TEXT
+# *Figure: accuracy (left) and FD (right) against the number of steps, 1,000 samples per point, 95% intervals.*
+# What to read in it:
+#
+# - **Two steps are too few.** From 4 steps to 2, DDPM's accuracy falls from 0.979 to 0.931 and its FD rises from
+#   0.94 to 2.56, both beyond the intervals; DDIM's and DPM-Solver++'s FD rise from about 2 to about 3.
+# - **From 4 steps on, the curves are flat** within their intervals: for this small model on 8x8 latents, 4 steps
+#   already give what 50 give. DPM-Solver++ is ahead of DDIM at 4 steps (0.878 against 0.857), but the intervals
+#   overlap: on this model the second-order solver's advantage is not measurable with 1,000 samples.
+# - **The stochastic sampler wins here.** At every step count from 4 on, DDPM's accuracy interval lies above both
+#   deterministic samplers' (0.95-0.99 against 0.83-0.90) and its FD is about half theirs. DDIM and DPM-Solver++
+#   integrate the same deterministic path from z_T, so they land on nearly the same samples and keep whatever
+#   the model's noise prediction gets wrong early on; DDPM draws fresh noise at each step, which lets later steps
+#   correct earlier errors (Karras et al. 2022, sec. 4, discuss why stochastic sampling helps imperfect models).
+#   With guidance the difference disappears: at w = 4 the shipped model's card reads 97.5-100% for DDIM,
+#   DPM-Solver++ and DDPM alike.
+# - **No sampler reaches the floor**: real digits against real digits give FD 0.29 and the VAE's reconstructions
+#   0.17, below the best sampler's 0.73. The rest of the gap is the diffusion model's own error, not the
+#   sampler's.
 #
 # Now a small version in this notebook: 4 steps of each sampler from the same noise, graded the same way.
 
