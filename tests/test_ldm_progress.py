@@ -151,7 +151,7 @@ def test_compare_samplers_fast(tmp_path, compare):
     assert floors == ["real digits (a second held-out set)", "VAE reconstructions"]
     for figure in ("samplers.png", "samples_4_steps.png"):
         assert (tmp_path / figure).stat().st_size > 0
-    assert "| DDIM | 4 | 8 |" in compare.table(result)
+    assert "| DDIM | 4 | 4 |" in compare.table(result)
 
 
 @pytest.mark.parametrize("args, expected", [

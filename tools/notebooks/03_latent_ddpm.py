@@ -285,7 +285,18 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# PROGRESS_TEXT
+# *Figure: left, the loss of every 25th step of the run that kept the snapshots (dotted: steps 250 and 1,000);
+# right, the first sample of each digit from each snapshot, same noise in every row.* On 200 samples per
+# snapshot the classifier reads 0.105, 0.085, 0.800 and 0.995 of them as the digit asked for: chance (0.1) at
+# steps 0 and 250, most digits at 1,000, nearly all at 6,000.
+#
+# Note the mismatch between the two panels. By step 250 the loss has already fallen from 0.77 to about 0.2,
+# most of the way to where it ends, yet the samples are still blobs. A likely reason: the loss averages over all
+# noise levels, and the easy part, denoising slightly noisy latents, is learned first; the part that makes a
+# digit appear from pure noise, the high-t predictions the sampler relies on in its first steps, comes later and
+# moves the average little. From step 1,000 to 6,000 the loss falls only from about 0.15 (single batches read
+# 0.12-0.20) to 0.11 (the shipped model's card), while the samples go from 80% legible, with broken strokes, to
+# clean. A loss curve alone does not tell you when a diffusion model is done: sample it.
 
 # %% [markdown]
 # ## 4. The reverse process: one DDIM step by hand
@@ -404,7 +415,10 @@ for name in ("ddpm", "ddim", "dpmpp_2m"):
 show(compare.plot_grids(grids))
 
 # %% [markdown]
-# SEC5_GRID_TEXT
+# *Figure: the first sample of each digit from the same noise, 4 steps each.* DDIM and DPM-Solver++ give almost
+# the same images, as two integrators of the same deterministic path should; their 0 looks like an 8 and their 5
+# is a squiggle. DDPM, which adds fresh noise at each step, gives different and cleaner digits. The accuracies
+# printed above rank the samplers as the table does; with 200 samples their intervals are about twice as wide.
 #
 # ## 6. Pixel against latent: the claim, measured
 #
