@@ -182,3 +182,30 @@ def test_committed_sampler_table_discriminates():
     # two steps are too few: DDPM at 2 steps is worse than at 4 in accuracy and in FD
     assert rows[("ddpm", 2)]["acc_hi"] < rows[("ddpm", 4)]["acc_lo"]
     assert rows[("ddpm", 2)]["fd_lo"] > rows[("ddpm", 4)]["fd_hi"]
+
+
+# ------------------------------------------------------------------------------------ exercise 7's fast check
+def test_train_digits_ldm_check_fails_a_loop_that_does_not_learn(tmp_path):
+    """Under COURSE_FAST the check is quick, yet a loop that never steps its optimizer still fails it."""
+    from common.grade import FAILED, chapter_dir, grade
+
+    mutant = tmp_path / "no_step.py"
+    mutant.write_text(
+        "import torch\n"
+        "from common.grade import load_module\n"
+        f"ref = load_module({str(chapter_dir('03') / 'solutions.py')!r}, 'ref03')\n"
+        "def train_digits_ldm(z0, labels, config, alphas_cumprod, *, steps, batch_size=64, **kw):\n"
+        "    from common.unet import UNet\n"
+        "    torch.manual_seed(1)\n"
+        "    unet = UNet(config)\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    losses = []\n"
+        "    for _ in range(steps):\n"
+        "        idx = torch.randint(0, len(z0), (batch_size,), generator=g)\n"
+        "        loss = ref.ldm_loss(unet, z0[idx], labels[idx], alphas_cumprod, g)\n"
+        "        loss.backward()  # but no optimizer step\n"
+        "        losses.append(float(loss.detach()))\n"
+        "    return unet.eval(), losses\n")
+    results = grade("03", mutant, only=["train_digits_ldm"])
+    assert [r.status for r in results] == [FAILED], [(r.status, r.detail) for r in results]
+    assert "held-out loss" in results[0].detail

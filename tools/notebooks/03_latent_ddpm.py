@@ -226,15 +226,16 @@ def guided(y, w=W):
 # %% [markdown]
 # ### Samples over training
 #
-# What does the model know after 250 steps, or 1,000? `train_ldm.py` kept the EMA weights of the UNet at steps 0,
-# 250 and 1,000 of a run with the shipped model's recipe (`checkpoints/ldm_digits_progress`; its card gives the
-# command and how it relates to the shipped run), with the loss it logged. Each snapshot below, and the shipped
-# 6,000-step model, samples from the same noise with the same sampler (DDIM, 20 steps, w = 4) for the digits 0-9;
-# the classifier grades each snapshot on the samples it drew.
+# What does the model know after 250 steps, or 1,000? `train_ldm.py` kept the EMA weights of the UNet at steps
+# 0, 250 and 1,000 of a run with the shipped model's recipe (`checkpoints/ldm_digits_progress`; its card gives
+# the command and how it relates to the shipped run), with the loss it logged. Each snapshot below, and the
+# shipped 6,000-step model, samples from the same noise with the same sampler (DDIM, 20 steps, w = 4) for the
+# digits 0-9; the classifier grades each snapshot on the samples it drew.
 
 # %%
 PROGRESS = CKPT / "ldm_digits_progress"
-snapshots = {int(path.stem.split("_")[1]): load_file(str(path)) for path in sorted(PROGRESS.glob("step_*.safetensors"))}
+snapshots = {int(path.stem.split("_")[1]): load_file(str(path))  # {step: EMA weights}
+             for path in sorted(PROGRESS.glob("step_*.safetensors"))}
 snapshots[6000] = {k: v.clone() for k, v in unet.state_dict().items()}  # the shipped model
 per_digit = budget(fast=2, cpu=20)
 y_p = torch.arange(10).repeat_interleave(per_digit)  # (10 * per_digit,) digits asked for
@@ -247,7 +248,8 @@ def guided_by(model, y, w=W):
     """Classifier-free guidance as in `guided`, for any UNet with a null class."""
 
     def denoise(z, t):
-        eps_c, eps_u = model(torch.cat([z, z]), t, class_labels=torch.cat([y, torch.full_like(y, null)])).chunk(2)
+        y_both = torch.cat([y, torch.full_like(y, null)])  # (2B,): the labels, then the null class
+        eps_c, eps_u = model(torch.cat([z, z]), t, class_labels=y_both).chunk(2)
         return eps_u + w * (eps_c - eps_u)
 
     return denoise
@@ -291,12 +293,12 @@ show(fig)
 # steps 0 and 250, most digits at 1,000, nearly all at 6,000.
 #
 # Note the mismatch between the two panels. By step 250 the loss has already fallen from 0.77 to about 0.2,
-# most of the way to where it ends, yet the samples are still blobs. A likely reason: the loss averages over all
-# noise levels, and the easy part, denoising slightly noisy latents, is learned first; the part that makes a
-# digit appear from pure noise, the high-t predictions the sampler relies on in its first steps, comes later and
-# moves the average little. From step 1,000 to 6,000 the loss falls only from about 0.15 (single batches read
-# 0.12-0.20) to 0.11 (the shipped model's card), while the samples go from 80% legible, with broken strokes, to
-# clean. A loss curve alone does not tell you when a diffusion model is done: sample it.
+# most of the way to where it ends, yet the samples are still blobs. A likely reason: the loss averages over
+# all noise levels, and the easy part, denoising slightly noisy latents, is learned first; the part that makes
+# a digit appear from pure noise, the high-t predictions the sampler relies on in its first steps, comes later
+# and moves the average little. From step 1,000 to 6,000 the loss falls only from about 0.15 (single batches
+# read 0.12-0.20) to 0.11 (the shipped model's card), while the samples go from 80% legible, with broken
+# strokes, to clean. A loss curve alone does not tell you when a diffusion model is done: sample it.
 
 # %% [markdown]
 # ## 4. The reverse process: one DDIM step by hand
@@ -353,20 +355,22 @@ show(plot_trajectory(decoded_frames, frame_t, size=1.0, title=f"decoded x0 predi
 #
 # ## 5. Samplers side by side
 #
-# The same model and the same starting noise, three samplers: DDPM (ancestral: it adds fresh noise at every step,
-# Ho et al. 2020), DDIM (deterministic, eta = 0, the step of section 4) and DPM-Solver++(2M) (a second-order
-# multistep solver of the same deterministic process, Lu et al. 2022). All three match diffusers' schedulers
-# step for step (`tests/test_samplers.py`). The question is how quality falls as the steps shrink, so each sampler
-# runs at 2, 4, 8, 16 and 50 steps, graded two ways, each with a 95% interval:
+# The same model and the same starting noise, three samplers: DDPM (ancestral: it adds fresh noise at every
+# step, Ho et al. 2020), DDIM (deterministic, eta = 0, the step of section 4) and DPM-Solver++(2M) (a
+# second-order multistep solver of the same deterministic process, Lu et al. 2022). All three match diffusers'
+# schedulers step for step (`tests/test_samplers.py`). The question is how quality falls as the steps shrink,
+# so each sampler runs at 2, 4, 8, 16 and 50 steps, graded two ways, each with a 95% interval:
 #
-# - **accuracy**: the fraction of samples the digits classifier reads as the digit asked for (Wilson interval);
-# - **FD**: the Frechet distance (FID's formula) between Gaussians fitted to the classifier's 64-d pooled features
-#   of the samples and of 2,000 held-out real digits (interval: FD +- 1.96 bootstrap standard errors). Two
-#   reference rows give its floor: a second set of real digits, and the VAE's reconstructions of real digits.
+# - **accuracy**: the fraction of samples the digits classifier reads as the digit asked for (Wilson
+#   interval);
+# - **FD**: the Frechet distance (FID's formula) between Gaussians fitted to the classifier's 64-d pooled
+#   features of the samples and of 2,000 held-out real digits (interval: FD +- 1.96 bootstrap standard
+#   errors). Two reference rows give its floor: a second set of real digits, and the VAE's reconstructions of
+#   real digits.
 #
 # The samples are plain class-conditional (w = 1): guidance pushes every sampler towards the classifier's idea
-# of each digit and hides their differences. 1,000 samples per point keep the accuracy intervals about
-# +-2 points wide. Drawing 15,000 samples takes longer than this notebook may, so the table is loaded from the
+# of each digit and hides their differences. 1,000 samples per point keep the accuracy intervals about +-2
+# points wide. Drawing 15,000 samples takes longer than this notebook may, so the table is loaded from the
 # file made by `python 03_latent_ddpm/compare_samplers.py --n 1000 --out 03_latent_ddpm/results/samplers`.
 
 # %%
@@ -377,24 +381,24 @@ print(compare.table(result))
 show(compare.plot_table(result))
 
 # %% [markdown]
-# *Figure: accuracy (left) and FD (right) against the number of steps, 1,000 samples per point, 95% intervals.*
-# What to read in it:
+# *Figure: accuracy (left) and FD (right) against the number of steps, 1,000 samples per point, 95%
+# intervals.* What to read in it:
 #
-# - **Two steps are too few.** From 4 steps to 2, DDPM's accuracy falls from 0.979 to 0.931 and its FD rises from
-#   0.94 to 2.56, both beyond the intervals; DDIM's and DPM-Solver++'s FD rise from about 2 to about 3.
-# - **From 4 steps on, the curves are flat** within their intervals: for this small model on 8x8 latents, 4 steps
-#   already give what 50 give. DPM-Solver++ is ahead of DDIM at 4 steps (0.878 against 0.857), but the intervals
-#   overlap: on this model the second-order solver's advantage is not measurable with 1,000 samples.
-# - **The stochastic sampler wins here.** At every step count from 4 on, DDPM's accuracy interval lies above both
-#   deterministic samplers' (0.95-0.99 against 0.83-0.90) and its FD is about half theirs. DDIM and DPM-Solver++
-#   integrate the same deterministic path from z_T, so they land on nearly the same samples and keep whatever
-#   the model's noise prediction gets wrong early on; DDPM draws fresh noise at each step, which lets later steps
-#   correct earlier errors (Karras et al. 2022, sec. 4, discuss why stochastic sampling helps imperfect models).
-#   With guidance the difference disappears: at w = 4 the shipped model's card reads 97.5-100% for DDIM,
-#   DPM-Solver++ and DDPM alike.
-# - **No sampler reaches the floor**: real digits against real digits give FD 0.29 and the VAE's reconstructions
-#   0.17, below the best sampler's 0.73. The rest of the gap is the diffusion model's own error, not the
-#   sampler's.
+# - **Two steps are too few.** From 4 steps to 2, DDPM's accuracy falls from 0.979 to 0.931 and its FD rises
+#   from 0.94 to 2.56, both beyond the intervals; DDIM's and DPM-Solver++'s FD rise from about 2 to about 3.
+# - **From 4 steps on, the curves are flat** within their intervals: for this small model on 8x8 latents, 4
+#   steps already give what 50 give. DPM-Solver++ is ahead of DDIM at 4 steps (0.878 against 0.857), but the
+#   intervals overlap: on this model the second-order solver's advantage is not measurable with 1,000 samples.
+# - **The stochastic sampler wins here.** At every step count from 4 on, DDPM's accuracy interval lies above
+#   both deterministic samplers' (0.95-0.99 against 0.83-0.90) and its FD is under half theirs. DDIM and
+#   DPM-Solver++ integrate the same deterministic path from z_T, so they land on nearly the same samples and
+#   keep whatever the model's noise prediction gets wrong early on; DDPM draws fresh noise at each step, which
+#   lets later steps correct earlier errors (Karras et al. 2022, sec. 4, discuss why stochastic sampling helps
+#   imperfect models). With guidance the difference disappears: at w = 4 the shipped model's card reads
+#   97.5-100% for DDIM, DPM-Solver++ and DDPM alike.
+# - **No sampler reaches the floor**: real digits against real digits give FD 0.29 and the VAE's
+#   reconstructions 0.17, below the best sampler's 0.73. The rest of the gap is the diffusion model's own
+#   error, not the sampler's.
 #
 # Now a small version in this notebook: 4 steps of each sampler from the same noise, graded the same way.
 
@@ -415,10 +419,11 @@ for name in ("ddpm", "ddim", "dpmpp_2m"):
 show(compare.plot_grids(grids))
 
 # %% [markdown]
-# *Figure: the first sample of each digit from the same noise, 4 steps each.* DDIM and DPM-Solver++ give almost
-# the same images, as two integrators of the same deterministic path should; their 0 looks like an 8 and their 5
-# is a squiggle. DDPM, which adds fresh noise at each step, gives different and cleaner digits. The accuracies
-# printed above rank the samplers as the table does; with 200 samples their intervals are about twice as wide.
+# *Figure: the first sample of each digit from the same noise, 4 steps each.* DDIM and DPM-Solver++ give
+# almost the same images, as two integrators of the same deterministic path should; their 0 looks like an 8
+# and their 5 is a squiggle. DDPM, which adds fresh noise at each step, gives different and cleaner digits.
+# The accuracies printed above rank the samplers as the table does; with 200 samples their intervals are about
+# twice as wide.
 #
 # ## 6. Pixel against latent: the claim, measured
 #
