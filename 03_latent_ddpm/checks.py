@@ -221,6 +221,80 @@ def check_scaling_factor_experiment(m):
         "larger latents keep their signal longer: t_half should fall from factor 1.0 to computed to 0.18215"
 
 
+def _digit_latents(n: int, seed: int = 0):
+    """n training digits through the frozen Digits VAE: (scaled posterior means (n, 4, 8, 8), labels (n,))."""
+    from pathlib import Path
+
+    from common.autoencoder import AutoencoderKL
+    from common.data import Digits
+
+    vae = AutoencoderKL.load(Path(__file__).resolve().parents[1] / "checkpoints" / "vae_digits").eval()
+    ds = Digits(32, "train", length=n, seed=seed)
+    items = [ds[i] for i in range(n)]
+    images = torch.stack([x for x, _ in items]).repeat(1, 3, 1, 1)  # (n, 3, 32, 32): the VAE is RGB
+    with torch.no_grad():
+        means = torch.cat([vae.encode(images[i:i + 500]).mean for i in range(0, n, 500)])
+    return means * vae.config.scaling_factor, torch.tensor([y for _, y in items]), vae
+
+
+def check_train_digits_ldm(m):
+    import dataclasses
+    from pathlib import Path
+
+    from common.classifier import DigitClassifier, conditional_accuracy
+    from common.runtime import is_fast
+    from common.samplers import DDIMSampler, sample_loop
+    from common.schedules import NoiseSchedule
+    from common.unet import UNet, UNetConfig
+
+    fast = is_fast()
+    n, steps, batch_size, width = (512, 60, 32, 16) if fast else (5000, 1500, 64, 32)
+    z0, labels, vae = _digit_latents(n)
+    config = dataclasses.replace(UNetConfig.digits(), num_class_embeds=11,  # 10 digits + the null class
+                                 block_out_channels=(width, 2 * width))
+    schedule = NoiseSchedule.sd15()  # scaled-linear betas, T = 1000, as the shipped digits LDM
+    unet, losses = m.train_digits_ldm(z0, labels, config, schedule.alpha_bar, steps=steps,
+                                      batch_size=batch_size)
+    assert isinstance(unet, torch.nn.Module), "return (the UNet to sample from, the list of losses)"
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), \
+        f"expected {steps} finite losses (one per step); got {len(losses)}"
+    # the loss on held-out digits, fixed t and eps: the trained model against a fresh one
+    z_val, y_val, _ = _digit_latents(256, seed=1)
+    g = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 1000, (len(z_val),), generator=g)
+    eps = torch.randn(z_val.shape, generator=g)
+    z_t = schedule.add_noise(z_val, eps, t)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        trained = float(F.mse_loss(unet.eval()(z_t, t, class_labels=y_val), eps))
+        fresh = float(F.mse_loss(UNet(config).eval()(z_t, t, class_labels=y_val), eps))
+    assert trained < 0.7 * fresh, (f"held-out loss {trained:.3f} against {fresh:.3f} for an untrained UNet: "
+                                   "the loop should lower it (step the optimizer; return the trained or EMA "
+                                   "model)")
+    if fast:
+        return
+    # the real grade: 20 samples per digit, DDIM 20 steps with guidance w = 4, read by the digits classifier
+    y = torch.arange(10).repeat_interleave(20)
+    null = torch.full_like(y, config.num_class_embeds - 1)
+
+    def guided(z, t_step, w=4.0):
+        eps_c, eps_u = unet(torch.cat([z, z]), t_step, class_labels=torch.cat([y, null])).chunk(2)
+        return eps_u + w * (eps_c - eps_u)
+
+    with torch.no_grad():
+        z_T = torch.randn(len(y), 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        z_gen = sample_loop(guided, z_T, DDIMSampler(schedule, 20, timestep_spacing="trailing"))
+        images = vae.decode(z_gen / vae.config.scaling_factor).clamp(-1, 1).mean(1, keepdim=True)
+    root = Path(__file__).resolve().parents[1]
+    classifier = DigitClassifier.load(root / "checkpoints" / "digits_classifier")
+    acc = conditional_accuracy(classifier, images, y)
+    print(f"train_digits_ldm: {steps} steps, held-out loss {trained:.3f}, accuracy {acc:.3f} on 200 samples")
+    assert acc >= ACCURACY_BAR, (f"the classifier reads {acc:.1%} of your samples as the digit asked for; "
+                                 f"expected at least {ACCURACY_BAR:.0%}")
+
+
+ACCURACY_BAR = 0.7  # of 200 guided samples (chance: 0.1); the reference solution scores 1.00
+
 CHECKS = [
     ("cosine_betas", check_cosine_betas),
     ("add_noise", check_add_noise),
@@ -231,4 +305,5 @@ CHECKS = [
     ("ldm_loss", check_ldm_loss),
     ("latent_snr", check_latent_snr),
     ("scaling_factor_experiment", check_scaling_factor_experiment),
+    ("train_digits_ldm", check_train_digits_ldm),
 ]

@@ -175,3 +175,32 @@ def scaling_factor_experiment(latents: torch.Tensor, labels: torch.Tensor, make_
     The check tests the shapes, the SNR values and the ordering of t_half, not the samples.
     """
     raise NotImplementedError
+
+
+# ------------------------------------------------------------------------- 7. train the digits LDM yourself
+def train_digits_ldm(z0: torch.Tensor, labels: torch.Tensor, config, alphas_cumprod: torch.Tensor, *,
+                     steps: int, batch_size: int = 64, lr: float = 1e-3, p_uncond: float = 0.1,
+                     ema_decay: float = 0.995, seed: int = 0):
+    """Train the class-conditional digits UNet on frozen VAE latents: the loop `train_ldm.py` runs, by hand.
+
+    z0: (N, 4, 8, 8) scaled latents of N training digits (the frozen Digits VAE's posterior means times its
+    scaling factor); labels: (N,) digits 0-9; config: a ``common.unet.UNetConfig`` whose last class embedding,
+    index ``config.num_class_embeds - 1``, is the "no label" class; alphas_cumprod: (T,) alpha_bar_t.
+
+    Build ``UNet(config)`` (after ``torch.manual_seed(seed)``), an AdamW optimizer, and for each of the
+    ``steps`` steps:
+    1. draw a random batch of ``batch_size`` latents and their labels (``torch.randint`` with your generator);
+    2. replace each label by the null class with probability ``p_uncond`` (classifier-free guidance, Ho &
+       Salimans 2022: the same network also learns the unconditional prediction);
+    3. the loss: your ``ldm_loss`` above (t ~ U{0..T-1}, eps ~ N(0, I), MSE between eps and the prediction);
+    4. backward, clip the gradient norm to 1.0, step the optimizer; record ``float(loss)``.
+    Recommended, as train_ldm.py does: a linear LR warm-up over the first min(100, steps // 10) steps and a
+    cosine decay to 0 after it; an exponential moving average (EMA) of the weights, with a decay that starts
+    small, ``min(ema_decay, (1 + k) / (10 + k))`` at step k, so a short run still moves its average.
+
+    Returns (the model to sample from, e.g. the EMA copy, in eval mode; the list of ``steps`` losses).
+    The check encodes real digits, trains your loop, samples it with guidance (DDIM, 20 steps, w = 4) and
+    grades the samples with the digits classifier. Under COURSE_FAST=1 it trains a narrow UNet for 60 steps
+    and checks only that the loss went down (on batches your loop never saw).
+    """
+    raise NotImplementedError

@@ -168,3 +168,46 @@ if __name__ == "__main__":
     for name, r in out.items():
         print(f"factor {name:>9}: latent std {r['std']:.3f}, SNR at T/2 {r['snr_mid']:.3f}, SNR < 1 from t = {r['t_half']}, "
               f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
+
+
+# ------------------------------------------------------------------------- 7. train the digits LDM yourself
+def train_digits_ldm(z0: torch.Tensor, labels: torch.Tensor, config, alphas_cumprod: torch.Tensor, *,
+                     steps: int, batch_size: int = 64, lr: float = 1e-3, p_uncond: float = 0.1,
+                     ema_decay: float = 0.995, seed: int = 0):
+    """AdamW on ldm_loss with labels dropped to the null class; LR warm-up, cosine decay; EMA.
+
+    Returns (the EMA UNet, the list of losses)."""
+    import copy
+
+    from common.unet import UNet
+
+    torch.manual_seed(seed)
+    unet = UNet(config)
+    unet_ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    warmup = min(100, steps // 10)
+    null = config.num_class_embeds - 1  # the "no label" class embedding
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for k in range(steps):
+        if k < warmup:
+            lr_k = lr * (k + 1) / warmup
+        else:
+            lr_k = lr * 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr_k
+        idx = torch.randint(0, len(z0), (batch_size,), generator=g)  # (B,)
+        y = labels[idx]
+        dropped = torch.rand(batch_size, generator=g) < p_uncond
+        y = torch.where(dropped, torch.full_like(y, null), y)
+        loss = ldm_loss(unet, z0[idx], y, alphas_cumprod, g)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        decay = min(ema_decay, (1 + k) / (10 + k))
+        with torch.no_grad():
+            for p_ema, p in zip(unet_ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)  # p_ema = decay p_ema + (1 - decay) p
+        losses.append(float(loss.detach()))
+    return unet_ema.eval(), losses

@@ -217,6 +217,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance scale when sampling (1.0 = plain class-conditional)")
     p.add_argument("--preview-t", default="0,250,500,750,999", help="timesteps of the forward-process figure")
     p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "digits_classifier"))
+    p.add_argument("--keep-checkpoints", default="",
+                   help="steps whose EMA UNet weights are kept in --out/progress (e.g. 0,250,1000; 0: init)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop training at this step (the LR schedule still spans --steps); no sampling then")
     p.add_argument("--out", default=None, help="run folder (default: runs/ldm_<data>)")
     p.add_argument("--ship", default=None, help="also write the model folder + README.md card here")
     p.add_argument("--overwrite", action="store_true",
@@ -262,6 +266,16 @@ def run(args) -> dict:
     n_train = args.train_size if args.train_size is not None else budget(fast=256, cpu=10_000, gpu=60_000, device=device)
     out = Path(args.out or f"runs/ldm_{args.data}")
     vae_path = Path(args.vae or ROOT / "checkpoints" / f"vae_{args.data}")
+    try:
+        keep_steps = sorted({int(k) for k in args.keep_checkpoints.split(",") if k.strip()})
+    except ValueError:
+        raise ValueError(f"--keep-checkpoints {args.keep_checkpoints!r}: expected steps like 0,250,1000") \
+            from None
+    if any(not 0 <= k <= steps for k in keep_steps):
+        raise ValueError(f"--keep-checkpoints {args.keep_checkpoints!r}: steps must lie in 0..{steps} "
+                         "(--steps)")
+    if args.stop_at is not None and not 1 <= args.stop_at <= steps:
+        raise ValueError(f"--stop-at {args.stop_at}: expected a step in 1..{steps} (--steps)")
     if args.resume not in ("auto", "no") and not Path(args.resume).exists():
         raise ValueError(f"--resume {args.resume!r}: expected 'auto', 'no' or an existing checkpoint folder")
     if args.scaling_factor not in ("vae", "computed"):
@@ -316,8 +330,22 @@ def run(args) -> dict:
                       seed=args.seed, progress=sys.stderr.isatty())
     resume = {"auto": True, "no": False}.get(args.resume, args.resume)
     t0 = time.perf_counter()
-    trainer = Trainer(unet, Latents(cache), loss_fn, cfg, out, device=device, resume=resume)
-    trainer.fit()
+
+    def keep_progress(trainer, step):  # EMA weights at the kept steps, and the stop of --stop-at
+        if step in keep_steps:
+            save_progress(trainer.ema_model(), out / "progress", step)
+        if step == args.stop_at:
+            raise _StopTraining
+
+    trainer = Trainer(unet, Latents(cache), loss_fn, cfg, out, device=device, resume=resume,
+                      callbacks=[keep_progress], callback_every=1)
+    if trainer.step == 0 and 0 in keep_steps:
+        save_progress(trainer.ema_model(), out / "progress", 0)
+    try:
+        trainer.fit()
+    except _StopTraining:
+        print(f"stopped at step {args.stop_at} (--stop-at); kept {keep_steps} in {out / 'progress'}")
+        return {"stopped_at": args.stop_at, "progress": str(out / "progress")}
     train_seconds = time.perf_counter() - t0
     logged = _log_rows(out / "log.csv")
     if trainer.resumed_from is not None and logged:  # a finished run re-sampled: its training time is in the log
@@ -373,6 +401,23 @@ def run(args) -> dict:
         ship = cli.ship(args.ship, "ldm", write, overwrite=args.overwrite)
         print(f"shipped to {ship}")
     return result
+
+
+class _StopTraining(Exception):
+    """Raised by the --stop-at callback to leave the training loop early."""
+
+
+def save_progress(unet: UNet, folder: Path, step: int) -> Path:
+    """The EMA UNet weights at ``step`` as ``folder/step_{step:06d}.safetensors`` (no optimizer state)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:06d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp),
+              metadata={"format": "pt", "step": str(step)})
+    os.replace(tmp, path)
+    return path
 
 
 def load_classifier(path: str):

@@ -71,14 +71,17 @@ class DigitClassifier(nn.Module):
         self.head = nn.Linear(cfg.widths[-1], cfg.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.embed(x)))  # (B, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features before the head, (B, C_last): the features of a Frechet distance."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W); got {tuple(x.shape)}")
         if x.shape[-1] != cfg.resolution or x.shape[-2] != cfg.resolution:
             x = F.interpolate(x, size=(cfg.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
         h = self.features(x)  # (B, C_last, H / 2**levels, W / 2**levels)
-        h = h.mean(dim=(2, 3))  # (B, C_last)
-        return self.head(self.dropout(h))  # (B, num_classes)
+        return h.mean(dim=(2, 3))  # (B, C_last)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
