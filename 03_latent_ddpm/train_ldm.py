@@ -520,8 +520,8 @@ A {'class-conditional' if result['data'] == 'digits' else 'unconditional'} laten
   labels dropped to a null class (index {result['unet']['num_class_embeds'] - 1 if result['unet']['num_class_embeds'] else 'n/a'}) with probability {result['cfg_dropout']} (classifier-free guidance possible;
   the table's `guidance` column says whether it was used: 1.0 = plain class-conditional).
   Final loss (mean of the last 10 logged values) {result['final_loss']}.
-- Wall time: {result['train_seconds']} s of training on {result['device']} ({platform.machine()}, 2-core CPU shared with
-  ~5 other jobs, load average 9-13, torch threads = {result['torch_threads']}; the time logged by the run that reached the
+- Wall time: {result['train_seconds']} s of training on {result['device']} ({platform.machine()}, {os.cpu_count()} CPU cores,
+  torch threads = {result['torch_threads']}; the time logged by the run that reached the
   last step: after a resume, only its own part).
 - Samples: {result['samplers'][0]['samples']} per sampler from the same noise, trailing timestep spacing; accuracy = fraction
   the digits classifier (`checkpoints/digits_classifier`) reads as the digit asked for; latent FD = Frechet

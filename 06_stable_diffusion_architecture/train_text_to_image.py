@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     if args.ship:
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
         hardware = (f"{describe(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-                    f"(shared with other jobs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+                    f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
         training = (f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py `TextToImageConfig.{name}()`), "
                     f"seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split=\"train\": no "
                     f"held-out colour/shape pair), latents from the frozen VAE `{os.path.relpath(args.vae, ROOT)}`\n"
