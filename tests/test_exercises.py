@@ -1,5 +1,6 @@
 """Every chapter's reference solutions pass its checks, and its untouched stubs do not."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,41 @@ def test_grader_reports_each_outcome(tmp_path, capsys):
             chapter_dir("42")
     finally:
         g.ROOT = old
+
+
+def test_grading_after_torch_ran_parallel_ops_here_does_not_hang(tmp_path):
+    """Forking a process whose OpenMP pool has run leaves the child stuck at its first convolution; the
+    grader's workers come from a clean server instead. Run threaded convolutions here, then grade one."""
+    import torch
+
+    import common.grade as g
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            for _ in range(3):
+                conv(torch.randn(4, 8, 32, 32))
+        folder = tmp_path / "98_conv"
+        folder.mkdir()
+        (folder / "checks.py").write_text(
+            "import os, torch\n"
+            "def c(m):\n"
+            "    torch.set_num_threads(2)\n"
+            "    y = m.f(torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(4, 8, 32, 32))\n"
+            "    assert y.shape == (4, 8, 32, 32)\n"
+            "    assert os.environ.get('GRADER_TEST_VAR') == 'set after the server started'\n"
+            "CHECKS = [('f', c)]\n")
+        (folder / "exercises.py").write_text("def f(conv, x):\n    return conv(x)\n")
+        old = g.ROOT
+        g.ROOT = tmp_path
+        os.environ["GRADER_TEST_VAR"] = "set after the server started"
+        try:
+            results = grade("98", timeout=60)
+        finally:
+            g.ROOT = old
+            del os.environ["GRADER_TEST_VAR"]
+        assert [(r.name, r.status) for r in results] == [("f", PASSED)], results
+    finally:
+        torch.set_num_threads(threads)
