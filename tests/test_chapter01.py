@@ -8,7 +8,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = {"vae_ablation_l1": (0.0, 0.0), "vae_ablation_l1_kl": (1e-6, 0.0), "vae_ablation_l1_kl_gan": (1e-6, 0.5)}
+ABLATIONS = {"vae_ablation_l1": (0.0, 0.0), "vae_ablation_l1_kl": (1e-6, 0.0),
+             "vae_ablation_l1_kl_gan": (1e-6, 0.5)}  # name: (SD-convention KL weight, GAN weight)
 NOTEBOOK = ROOT / "01_latent_space_learning" / "01_latent_space_learning.ipynb"
 
 
@@ -40,7 +41,7 @@ def test_ablations_differ_only_in_the_loss():
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
 def test_ablation_card_psnr_reproduces(name):
-    """The held-out PSNR in the card is recomputed from the shipped weights (same 256 crops, posterior mean)."""
+    """The card's held-out PSNR, recomputed from the shipped weights (the same crops, posterior mean)."""
     from common.autoencoder import AutoencoderKL
     from common.data import Photos
     from common.metrics import psnr
@@ -78,7 +79,7 @@ def test_kl_closed_form_matches_monte_carlo_and_torch():
 
 
 def test_reparameterised_sample_is_differentiable_and_plain_sample_is_not():
-    """Section 5: gradients reach mu and sigma through rsample (= mu + sigma * eps), never through sample()."""
+    """Section 5: gradients reach mu and sigma through rsample (mu + sigma * eps), never through sample()."""
     from torch.distributions import Normal
 
     mu = torch.tensor([0.5, -1.0], requires_grad=True)

@@ -98,8 +98,8 @@ with torch.no_grad():
 side = int(math.sqrt(z[0].numel() / 3))
 x_bic = bicubic_down_up(x, side)
 x_f4 = bicubic_down_up(x, 16)  # the same factor 4, but 3 channels: 768 numbers
-rows = {"input": x[:8], f"VAE ({z[0].numel()})": x_vae[:8], f"bicubic {side}px ({3 * side * side})": x_bic[:8],
-        "bicubic 16px (768)": x_f4[:8]}
+rows = {"input": x[:8], f"VAE ({z[0].numel()})": x_vae[:8],
+        f"bicubic {side}px ({3 * side * side})": x_bic[:8], "bicubic 16px (768)": x_f4[:8]}
 for name, rec in list(rows.items())[1:]:
     print(f"{name:24s} PSNR {psnr(rec, x[:8]):5.2f} dB  SSIM {ssim(rec, x[:8]):.3f}")
 print(f"over {n_show} held-out images: VAE {psnr(x_vae, x):.2f} dB, bicubic {side}px {psnr(x_bic, x):.2f} dB")
@@ -170,7 +170,8 @@ means = torch.linspace(-0.5, 1.5, 21)
 elbos = [elbo_mc(float(m), post_var) for m in means]
 print(f"log p(x) = {float(log_px):.4f} (exact)")
 print(f"ELBO at the true posterior (m = {post_mean:.3f}): {elbo_mc(post_mean, post_var):.4f}")
-print(f"largest ELBO over the grid: {max(elbos):.4f}; every ELBO <= log p(x): {max(elbos) <= float(log_px) + 1e-3}")
+print(f"largest ELBO over the grid: {max(elbos):.4f}; "
+      f"every ELBO <= log p(x): {max(elbos) <= float(log_px) + 1e-3}")
 
 fig = Figure(figsize=(5.5, 2.8))
 ax = fig.subplots()
@@ -425,8 +426,9 @@ vae.zero_grad()
 # %%
 lpips_on = lpips_backbone_available()
 if not lpips_on:
-    print(f"LPIPS is not measured: its AlexNet backbone is not at {lpips_backbone_path()}. Fetch it once with:")
-    print("    python -c \"import torchvision; torchvision.models.get_model('alexnet', weights='IMAGENET1K_V1')\"")
+    fetch = "import torchvision; torchvision.models.get_model('alexnet', weights='IMAGENET1K_V1')"
+    print(f"LPIPS is not measured: its AlexNet backbone is not at {lpips_backbone_path()}. Fetch it with:")
+    print(f'    python -c "{fetch}"')
 else:
     from common.metrics import lpips_distance
 
@@ -444,10 +446,10 @@ else:
 # detail as the input; a blurred image scores less).
 
 # %%
-ABLATIONS = {"start (vae_photos)": "vae_photos", "L1 only": "vae_ablation_l1", "L1 + KL": "vae_ablation_l1_kl",
-             "L1 + KL + GAN": "vae_ablation_l1_kl_gan"}
+ABLATIONS = {"start (vae_photos)": "vae_photos", "L1 only": "vae_ablation_l1",
+             "L1 + KL": "vae_ablation_l1_kl", "L1 + KL + GAN": "vae_ablation_l1_kl_gan"}
 n_eval = budget(fast=16, cpu=256)
-photos_test = Photos(64, "test", n_eval, seed=1)  # crops of the held-out photograph, as train_vae.py evaluates
+photos_test = Photos(64, "test", n_eval, seed=1)  # crops of the held-out photograph, as in train_vae.py
 x_photo = torch.stack([photos_test[i]["image"] for i in range(n_eval)])  # (n_eval, 3, 64, 64)
 
 
@@ -474,8 +476,8 @@ print(f"{n_eval} held-out crops; reconstructions through the posterior mean")
 print(f"{'':20s} {'PSNR':>8s} {'SSIM':>6s} {'edges':>6s} {'KL (nats)':>10s} {'std(mu)':>8s} {'sigma':>7s}"
       + ("  LPIPS" if lpips_on else ""))
 for name, r in stats.items():
-    print(f"{name:20s} {r['psnr']:5.2f} dB {r['ssim']:6.3f} {r['edge']:6.3f} {r['kl']:10.1f} {r['std_mu']:8.3f} "
-          f"{r['sigma']:7.4f}" + (f"  {r['lpips']:.4f}" if lpips_on else ""))
+    print(f"{name:20s} {r['psnr']:5.2f} dB {r['ssim']:6.3f} {r['edge']:6.3f} {r['kl']:10.1f} "
+          f"{r['std_mu']:8.3f} {r['sigma']:7.4f}" + (f"  {r['lpips']:.4f}" if lpips_on else ""))
 picks = [0, 3, 5, 9, 12, 14]  # six of the first 16 crops, chosen to show fur, eyes and background
 show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons.items()}}, size=1.2))
 
@@ -502,7 +504,7 @@ test32 = torch.stack([Shapes(32, "test", 32, seed=1, multiple_of=4)[i]["image"] 
 
 
 def train_small(kl: float, steps: int = STEPS, seed: int = 0) -> tuple[AutoencoderKL, dict]:
-    """``steps`` Adam steps of L1 + kl * KL (VAELoss) on 32 px Shapes; returns the VAE and held-out figures."""
+    """``steps`` Adam steps of L1 + kl * KL (VAELoss) on 32 px Shapes; returns the VAE and held-out stats."""
     torch.manual_seed(seed)
     model = AutoencoderKL(small_config)
     criterion = VAELoss(VAELossWeights(lpips=0.0, kl=kl, gan=0.0))
@@ -531,8 +533,10 @@ for w in kl_weights:
     post = r["post"]
     sweep[w] = {"psnr": r["psnr"], "kl": r["kl"], "std_c": post.mean.std(dim=(0, 2, 3)),
                 "sigma_c": post.std.mean(dim=(0, 2, 3))}
-    print(f"kl weight {w:<8.2g} PSNR {r['psnr']:5.2f} dB  KL {r['kl']:8.1f}  std(mu) per channel "
-          f"{[round(v, 2) for v in sweep[w]['std_c'].tolist()]}  sigma {[round(v, 3) for v in sweep[w]['sigma_c'].tolist()]}")
+    std_c = [round(v, 2) for v in sweep[w]["std_c"].tolist()]
+    sigma_c = [round(v, 3) for v in sweep[w]["sigma_c"].tolist()]
+    print(f"kl weight {w:<8.2g} PSNR {r['psnr']:5.2f} dB  KL {r['kl']:8.1f}  std(mu) per channel {std_c}  "
+          f"sigma {sigma_c}")
 print(f"{len(kl_weights)} runs of {STEPS} steps in {time.perf_counter() - t:.0f} s")
 
 fig = Figure(figsize=(9, 2.6))
@@ -572,7 +576,7 @@ with torch.no_grad():
 for name, images in list(decoded.items())[1:]:
     print(f"{name:14s} MSE {float((images - x_few).pow(2).mean()):.4f}")
 print("std of each channel over these images:", [round(v, 2) for v in z.std(dim=(0, 2, 3)).tolist()])
-images_by_column = torch.stack(list(decoded.values()), dim=1)  # (4, 2 + C, 3, 64, 64): one column per row above
+images_by_column = torch.stack(list(decoded.values()), dim=1)  # (4, 2 + C, 3, 64, 64)
 show(side_by_side({f"image {i}": images_by_column[i] for i in range(len(x_few))}, size=1.0))
 show(show_latent_channels(z[:2], size=1.2))
 
@@ -617,7 +621,8 @@ with torch.no_grad():
                               for b in batches])  # (N, 4, 16, 16)
 for name, model in [("Shapes VAE", vae), ("Photos VAE", vae_photos)]:
     z0 = zs[name]
-    print(f"{name}: std of {len(z0)} latent samples {float(z0.std()):.4f} -> 1 / std = {1 / float(z0.std()):.4f}; "
+    std = float(z0.std())
+    print(f"{name}: std of {len(z0)} latent samples {std:.4f} -> 1 / std = {1 / std:.4f}; "
           f"stored scaling_factor {model.config.scaling_factor}; after scaling std "
           f"{float((z0 * model.config.scaling_factor).std()):.3f}")
 print(f"SD 1.x: scaling_factor 0.18215 -> unscaled std {1 / 0.18215:.2f}, variance {1 / 0.18215**2:.1f}")
@@ -643,14 +648,18 @@ T = schedule.num_train_timesteps - 1
 eps = torch.randn(z0_unscaled.shape, generator=torch.Generator().manual_seed(1))
 for name, z0 in [("scaled", z0_unscaled * vae_photos.config.scaling_factor), ("unscaled", z0_unscaled)]:
     var = float(z0.var())
-    snr_T = float(alpha_bar[T]) * var / (1 - float(alpha_bar[T]))
+    alpha_bar_T = float(alpha_bar[T])
+    snr_T = alpha_bar_T * var / (1 - alpha_bar_T)
     z_T = schedule.add_noise(z0, eps, T)  # (N, 4, 16, 16)
     corr = float(torch.corrcoef(torch.stack([z_T.flatten(), z0.flatten()]))[0, 1])
     print(f"{name:9s} Var(z0) {var:5.2f}  SNR(T) {snr_T:.4f}  std(z_T): predicted "
-          f"{math.sqrt(float(alpha_bar[T]) * var + 1 - float(alpha_bar[T])):.3f} measured {float(z_T.std()):.3f}  "
+          f"{math.sqrt(alpha_bar_T * var + 1 - alpha_bar_T):.3f} measured {float(z_T.std()):.3f}  "
           f"corr(z_T, z0): predicted {math.sqrt(snr_T / (1 + snr_T)):.3f} measured {corr:.3f}")
+snr_T_sd = float(snr_curves["SD VAE unscaled"][T])
+corr_sd = math.sqrt(snr_T_sd / (1 + snr_T_sd))
+print(f"SD VAE unscaled: SNR(T) {snr_T_sd:.4f}, predicted corr(z_T, z0) {corr_sd:.3f}")
 for name, snr in snr_curves.items():
-    print(f"{name:22s} SNR = 1 at t = {int((snr < 1).nonzero()[0])}")
+    print(f"{name:22s} SNR falls below 1 at t = {int((snr < 1).nonzero()[0])}")
 
 fig = Figure(figsize=(6, 3))
 ax = fig.subplots()
