@@ -29,6 +29,53 @@ def _psnr(a, b):
     return float((10 * torch.log10(4.0 / (a - b).pow(2).flatten(1).mean(1))).mean())
 
 
+def check_reparameterised_sample(m):
+    from common.autoencoder import DiagonalGaussian
+
+    g = torch.Generator().manual_seed(0)
+    moments = torch.randn(2, 8, 3, 3, generator=g)  # (B, 2C, h, w): mu, then log sigma^2
+    moments[:, 4:] -= 1.0
+    z = m.reparameterised_sample(moments, torch.Generator().manual_seed(1))
+    ref = DiagonalGaussian(moments).sample(torch.Generator().manual_seed(1))
+    assert torch.is_tensor(z) and z.shape == ref.shape, f"expected z of shape {tuple(ref.shape)}, got {getattr(z, 'shape', z)}"
+    assert torch.allclose(z, ref, atol=1e-5), \
+        "z should be mu + sigma * eps with eps = torch.randn(mu.shape, generator=generator) (as DiagonalGaussian.sample)"
+    leaf = moments.clone().requires_grad_(True)
+    z = m.reparameterised_sample(leaf, torch.Generator().manual_seed(1))
+    assert z.requires_grad, "no gradient reaches the moments: build z from mu and sigma, not with a .sample() " \
+                            "that draws outside autograd"
+    z.sum().backward()
+    mu, logvar = moments.chunk(2, dim=1)
+    eps = (ref - mu) / torch.exp(0.5 * logvar)
+    assert torch.allclose(leaf.grad[:, :4], torch.ones_like(mu)), "d z / d mu should be 1 everywhere"
+    expected = 0.5 * torch.exp(0.5 * logvar) * eps  # d z / d logvar = sigma * eps / 2
+    assert torch.allclose(leaf.grad[:, 4:], expected, atol=1e-5), \
+        "d z / d log sigma^2 should be sigma * eps / 2: sigma = exp(logvar / 2), z = mu + sigma * eps"
+
+
+def check_gaussian_kl(m):
+    from torch.distributions import Independent, Normal, kl_divergence
+
+    from common.autoencoder import DiagonalGaussian
+
+    g = torch.Generator().manual_seed(0)
+    mu_q, mu_p = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    logvar_q, logvar_p = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    kl = m.gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
+    q = Independent(Normal(mu_q, torch.exp(0.5 * logvar_q)), 3)
+    p = Independent(Normal(mu_p, torch.exp(0.5 * logvar_p)), 3)
+    ref = kl_divergence(q, p)  # (B,)
+    assert torch.is_tensor(kl) and kl.shape == (3,), f"expected one KL per sample, shape (3,), got {getattr(kl, 'shape', kl)}"
+    assert torch.allclose(kl, ref, rtol=1e-4, atol=1e-4), f"expected {ref.tolist()} (torch.distributions), got {kl.tolist()}"
+    zeros = torch.zeros_like(mu_q)
+    kl0 = m.gaussian_kl(mu_q, logvar_q, zeros, zeros)
+    ref0 = DiagonalGaussian(torch.cat([mu_q, logvar_q], dim=1)).kl()
+    assert torch.allclose(kl0, ref0, rtol=1e-4, atol=1e-4), \
+        f"against N(0, I) the KL should match posterior.kl() = {ref0.tolist()}, got {kl0.tolist()}"
+    same = m.gaussian_kl(mu_q, logvar_q, mu_q, logvar_q)
+    assert torch.allclose(same, torch.zeros(3), atol=1e-5), "KL(q || q) should be 0"
+
+
 def check_compare_with_downsampling(m):
     vae, x = _vae_and_images()
     out = m.compare_with_downsampling(vae, x)
@@ -89,6 +136,8 @@ def check_kl_weight_sweep(m):
 
 
 CHECKS = [
+    ("reparameterised_sample", check_reparameterised_sample),
+    ("gaussian_kl", check_gaussian_kl),
     ("scaling_factor", check_scaling_factor),
     ("compare_with_downsampling", check_compare_with_downsampling),
     ("channel_ablation", check_channel_ablation),

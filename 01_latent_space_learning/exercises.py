@@ -1,5 +1,5 @@
-"""Chapter 01 exercises: the autoencoder against plain downsampling, what each latent channel encodes,
-the latent scaling factor, and a KL-weight sweep.
+"""Chapter 01 exercises: the reparameterised sample, the KL between two diagonal Gaussians, the autoencoder
+against plain downsampling, what each latent channel encodes, the latent scaling factor, and a KL-weight sweep.
 
 Fill in each function, then grade your file:
 
@@ -12,6 +12,32 @@ Images are float tensors (B, 3, H, W) in [-1, 1]; ``vae`` is a ``common.autoenco
 from __future__ import annotations
 
 import torch
+
+
+# ---------------------------------------------------------------------------- 0a. the reparameterised sample
+def reparameterised_sample(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw z ~ q(z|x) = N(mu, diag sigma^2) so that gradients reach mu and sigma (section 4 of the notebook).
+
+    ``moments`` (B, 2C, h, w) is what the encoder outputs: the first C channels are mu, the last C are
+    log sigma^2. Clamp the log-variance to [-30, 20] (as SD does), draw eps ~ N(0, I) of mu's shape with
+    ``torch.randn(..., generator=generator)``, and return z (B, C, h, w).
+    The check compares z with ``common.autoencoder.DiagonalGaussian(moments).sample(generator)`` for the same
+    generator, and runs autograd through it: d z / d mu must be 1, d z / d log sigma^2 must be sigma * eps / 2.
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+                ) -> torch.Tensor:
+    """KL(q || p) for q = N(mu_q, diag exp(logvar_q)) and p = N(mu_p, diag exp(logvar_p)); shape (B,).
+
+    The notebook derives the case p = N(0, I). Derive the general one the same way, one dimension at a time
+    (E_q[log q(z) - log p(z)], with E_q[(z - mu_p)^2] = var_q + (mu_q - mu_p)^2), then sum over every dim but
+    the batch dim. The check compares it with ``torch.distributions.kl_divergence`` and, at p = N(0, I), with
+    the VAE's own ``posterior.kl()``.
+    """
+    raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------- 1. VAE against down/upsampling

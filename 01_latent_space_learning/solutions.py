@@ -1,5 +1,6 @@
-"""Chapter 01 reference solutions: the autoencoder against plain downsampling, what each latent channel
-encodes, the latent scaling factor, and how the KL weight shapes the latents.
+"""Chapter 01 reference solutions: the reparameterised sample, the KL between diagonal Gaussians, the
+autoencoder against plain downsampling, what each latent channel encodes, the latent scaling factor, and how
+the KL weight shapes the latents.
 
     python 01_latent_space_learning/solutions.py        # prints each answer on the shipped Shapes VAE
 """
@@ -10,6 +11,33 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------- 0a. the reparameterised sample
+def reparameterised_sample(moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z ~ q(z|x) = N(mu, diag sigma^2) from the encoder's moments (B, 2C, h, w), differentiably.
+
+    The first C channels are mu, the last C are log sigma^2 (clamped to [-30, 20] as SD does). Draw
+    eps ~ N(0, I) with ``generator`` and return z = mu + sigma * eps (B, C, h, w): eps carries the randomness,
+    so dz/dmu = 1 and dz/dsigma = eps are ordinary derivatives and gradients reach the encoder.
+    """
+    mu, logvar = moments.chunk(2, dim=1)  # (B, C, h, w) each
+    sigma = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # sigma = sqrt(exp(log sigma^2))
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + sigma * eps
+
+
+# ---------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
+def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+                ) -> torch.Tensor:
+    """KL(N(mu_q, diag var_q) || N(mu_p, diag var_p)), summed over every dim but the first: shape (B,).
+
+    Per dimension, E_q[log q - log p] = 0.5 * (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1);
+    the dimensions are independent, so the log-densities, and the KL, add up.
+    """
+    var_q, var_p = logvar_q.exp(), logvar_p.exp()
+    per_dim = 0.5 * (logvar_p - logvar_q + (var_q + (mu_q - mu_p).pow(2)) / var_p - 1.0)
+    return per_dim.flatten(1).sum(dim=1)
 
 
 # ---------------------------------------------------------------------------- 1. VAE against down/upsampling
@@ -109,6 +137,15 @@ if __name__ == "__main__":
     vae = AutoencoderKL.load(ckpt).eval()
     ds = Shapes(64, "test", 16, seed=1, multiple_of=4)
     x = torch.stack([ds[i]["image"] for i in range(16)])
+    with torch.no_grad():
+        moments = torch.cat([vae.encode(x).mean, vae.encode(x).logvar], dim=1)  # (B, 2C, h, w)
+    moments.requires_grad_(True)
+    reparameterised_sample(moments, torch.Generator().manual_seed(0)).sum().backward()
+    print(f"0a. d(sum z)/d mu = {float(moments.grad[:, :4].mean()):.3f} (1 everywhere), "
+          f"d/d logvar nonzero: {bool(moments.grad[:, 4:].abs().sum() > 0)}")
+    posterior = vae.encode(x)
+    zeros = torch.zeros_like(posterior.mean)
+    print(f"0b. KL(q(z|x) || N(0, I)) per image: {gaussian_kl(posterior.mean, posterior.logvar, zeros, zeros)[:4]}")
     print("1. VAE vs bicubic:", compare_with_downsampling(vae, x))
     print("2. MSE with one latent channel zeroed:", [round(v, 4) for v in channel_ablation(vae, x).tolist()])
     with torch.no_grad():
