@@ -195,14 +195,20 @@ def stand_in_unet(z, t):
     return torch.einsum("dc,bchw->bdhw", w_mix, z) + 0.2 * torch.sin(float(t) / 97.0 + torch.zeros_like(z))
 
 
+def diffusers_loop(scheduler, z_T, model):
+    """The reference: diffusers' own sampling loop (its timesteps, its step), with the same model."""
+    z = z_T.clone()
+    for t in scheduler.timesteps:
+        z = scheduler.step(model(z, t), t, z).prev_sample
+    return z
+
+
 z_T = torch.randn(1, 4, 8, 8, generator=g)
 for name, ref_class in (("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler)):
     ours = sampler_from_diffusers(name, sd2_zero_snr, 25)
     ref = ref_class.from_config(sd2_zero_snr)
     ref.set_timesteps(25)
-    z_ref = z_T.clone()
-    for t in ref.timesteps:
-        z_ref = ref.step(stand_in_unet(z_ref, t), t, z_ref).prev_sample
+    z_ref = diffusers_loop(ref, z_T, stand_in_unet)
     z_ours = sample_loop(stand_in_unet, z_T, ours)
     print(f"{name:9s} 25 zero-SNR steps from t = {int(ours.timesteps[0])}: max |ours - diffusers| = "
           f"{(z_ours - z_ref).abs().max():.1e}")
@@ -295,9 +301,7 @@ for shift in (1.0, 3.0):
     ours = sampler_from_diffusers("flow_euler", config, 28)
     ref = FlowMatchEulerDiscreteScheduler.from_config(config)
     ref.set_timesteps(28)
-    z_ref = z_T.clone()
-    for t in ref.timesteps:
-        z_ref = ref.step(stand_in_unet(z_ref, t), t, z_ref).prev_sample
+    z_ref = diffusers_loop(ref, z_T, stand_in_unet)
     z_ours = sample_loop(stand_in_unet, z_T, ours)
     print(f"shift {shift}: first timesteps {[round(float(t), 1) for t in ours.timesteps[:4]]}, "
           f"max |timesteps - diffusers'| = {(ours.timesteps - ref.timesteps).abs().max():.1e}, "
