@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from common.grade import load_module
+from common.metrics import wilson_interval
 from common.runtime import budget, describe, get_device, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,14 +39,6 @@ LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)"}
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion: it stays inside [0, 1], and is not empty at p_hat = 1."""
-    p_hat = successes / n
-    centre = (p_hat + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def bootstrap_fd(feats: np.ndarray, real: np.ndarray, reps: int, seed: int) -> tuple[float, float, float]:
     """(FD, 95% interval) with the interval FD +- 1.96 bootstrap standard errors (both sets resampled).
 

@@ -37,22 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.metrics import wilson_interval
 from common.runtime import budget, describe, get_device, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE_MODEL = ROOT / "checkpoints" / "course_t2i"
 SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5, 12.0)
 GRID_SEEDS = 4  # seeds per prompt shown in the figure
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion k / n."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> float:
@@ -123,7 +114,7 @@ def curves(per_prompt: dict, scales) -> dict:
         adherence = []
         for k in range(len(scales)):
             hits = [a for r in rows for a in r["all"][k]]
-            lo, hi = wilson(sum(hits), len(hits))
+            lo, hi = wilson_interval(sum(hits), len(hits))
             adherence.append({"mean": float(np.mean(hits)), "lo": lo, "hi": hi, "n": len(hits)})
         diversity = []
         for k in range(len(scales)):

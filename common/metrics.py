@@ -13,6 +13,8 @@ over the batch as a Python float (``per_image=True`` gives the list).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -98,3 +100,14 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a proportion successes / n (Wilson 1927): it stays inside [0, 1]
+    and is not empty at 0 or n successes, unlike the normal approximation. NaN for n = 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p_hat = successes / n
+    centre = (p_hat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -34,7 +34,7 @@ def test_wilson_interval_against_scipy(gs):
     for k, n in ((5, 10), (0, 10), (48, 48), (30, 96), (1, 3)):
         ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
         # our z = 1.96 against scipy's exact normal quantile 1.95996...
-        assert gs.wilson(k, n) == pytest.approx((ref.low, ref.high), abs=2e-4)
+        assert gs.wilson_interval(k, n) == pytest.approx((ref.low, ref.high), abs=2e-4)
 
 
 def test_mean_pairwise_distance(gs):
