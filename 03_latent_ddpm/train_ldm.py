@@ -413,11 +413,9 @@ def save_progress(unet: UNet, folder: Path, step: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp),
-              metadata={"format": "pt", "step": str(step)})
-    os.replace(tmp, path)
-    return path
+    weights = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    metadata = {"format": "pt", "step": str(step)}
+    return cli.atomic_write(path, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
 
 
 def load_classifier(path: str):
@@ -448,12 +446,12 @@ def save_model(unet: UNet, schedule: NoiseSchedule, folder: Path, result: dict) 
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}
-    _atomic_write(folder / "config.json", json.dumps(config, indent=2) + "\n")
-    _atomic_write(folder / "scheduler_config.json",
+    cli.atomic_write(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    cli.atomic_write(folder / "scheduler_config.json",
                   json.dumps({"_class_name": "DDPMScheduler", **schedule.to_diffusers()}, indent=2) + "\n")
     ldm = {"scaling_factor": result["scaling_factor"], "vae": Path(result["vae"]).name, "data": result["data"],
            "null_class": unet.config.num_class_embeds - 1 if result["cfg_dropout"] else None}
-    _atomic_write(folder / "ldm.json", json.dumps(ldm, indent=2) + "\n")
+    cli.atomic_write(folder / "ldm.json", json.dumps(ldm, indent=2) + "\n")
     tmp = folder / "diffusion_pytorch_model.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "diffusion_pytorch_model.safetensors")
@@ -475,12 +473,6 @@ def _env_prefix() -> str:
     """The thread setting the run used, for the card's command (1 thread is far faster on a crowded CPU)."""
     threads = os.environ.get("OMP_NUM_THREADS")
     return f"OMP_NUM_THREADS={threads} " if threads else ""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _log_rows(log: Path) -> list[dict]:
