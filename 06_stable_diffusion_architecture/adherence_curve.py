@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import cli
-from common.judge import Judge
+from common.judge import JUDGE_DIR, Judge
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import SAMPLERS
 from common.text_to_image import TextToImageConfig, build_model, build_pipeline, load_snapshots, load_vae
@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a train_text_to_image.py --out folder with snapshots/")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the VAE the run trained on")
+    p.add_argument("--judge", default=None, help="the judge's folder (default: checkpoints/shapes_judge)")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 100; fast 4)")
     p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=cli.positive_int, default=25, help="sampling steps")
@@ -68,7 +69,7 @@ def relation_error(records: list[dict]) -> float:
 def evaluate_snapshot(path: Path, config: TextToImageConfig, vae, judge: Judge, sets: dict, args) -> dict:
     model = build_model(config)
     model.load_state_dict(load_file(str(path)))
-    pipe = build_pipeline(model, ShapesTokenizer.for_shapes(config.context_length), vae, config,
+    pipe = build_pipeline(model, ShapesTokenizer.for_shapes(config.context_length, echo=config.echo_prompt), vae, config,
                           device=get_device(args.device))
     row = {}
     for name in SETS:
@@ -131,7 +132,7 @@ def main(argv=None) -> list[dict]:
     n = args.n if args.n is not None else budget(fast=4, cpu=100)
     settings = f"{args.sampler} {args.steps} steps, guidance {args.guidance}, n = {n} per set, seed {args.seed}"
     config = TextToImageConfig.named(snapshots[0]["config"])
-    vae, judge, sets = load_vae(args.vae, get_device(args.device)), Judge.load(), prompt_sets(n)
+    vae, judge, sets = load_vae(args.vae, get_device(args.device)), Judge.load(args.judge or JUDGE_DIR), prompt_sets(n)
     curve_path = run / "curve.json"
     old = json.loads(curve_path.read_text()) if curve_path.is_file() else {}
     done = {r["step"]: r for r in old.get("rows", [])} if old.get("settings") == settings else {}

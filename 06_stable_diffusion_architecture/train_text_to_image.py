@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if --out holds checkpoints")
     p.add_argument("--ship", default=None, help="write the trained pipeline (EMA weights) here, with a model card")
+    p.add_argument("--ship-dtype", choices=("fp32", "fp16"), default=None,
+                   help="how --ship stores the weights (default: the config's; fp16 halves the folder)")
     p.add_argument("--overwrite", action="store_true",
                    help="ship into a non-course folder: replace same-named files, keep the others")
     p.add_argument("--no-progress", action="store_true")
@@ -80,7 +82,8 @@ def main(argv=None) -> dict:
     config = TextToImageConfig.named(name).with_overrides(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                                           train_size=args.train_size, mixed_precision=args.precision,
                                                           ema_decay=args.ema_decay, warmup_steps=args.warmup,
-                                                          checkpoint_every=args.checkpoint_every)
+                                                          checkpoint_every=args.checkpoint_every,
+                                                          ship_dtype=args.ship_dtype)
     out = cli.writable_dir(args.out, "--out")  # every output place is checked before the training
     if args.ship:
         cli.check_ship(args.ship, "pipeline", overwrite=args.overwrite)
@@ -140,10 +143,10 @@ def main(argv=None) -> dict:
                     f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; final training loss "
                     f"{final_loss}\n"
                     f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
-                    f"- hardware: {hardware}\n- weights: the EMA weights, stored in fp32\n")
+                    f"- hardware: {hardware}\n- weights: the EMA weights, stored in {config.ship_dtype}\n")
 
         def write(folder: Path) -> None:
-            write_pipeline(pipe, folder)
+            write_pipeline(pipe, folder, torch.float16 if config.ship_dtype == "fp16" else torch.float32)
             write_model_card(folder, training)
 
         ship = cli.ship(args.ship, "pipeline", write, overwrite=args.overwrite)

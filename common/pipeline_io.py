@@ -152,13 +152,15 @@ def load_folder(path: Path):
 
 
 # --- saving ---------------------------------------------------------------------------------------------
-def _save_diffusers_part(module: nn.Module, folder: Path, class_name: str, config: dict) -> None:
+def _save_diffusers_part(module: nn.Module, folder: Path, class_name: str, config: dict,
+                         dtype: torch.dtype = torch.float32) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(
         {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}, indent=2) + "\n")
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
+               for k, v in module.state_dict().items()}
     save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
 
@@ -190,15 +192,21 @@ def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
     return ship(path, "pipeline", lambda tmp: write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained")
 
 
-def write_pipeline(pipe, tmp: Path) -> None:
-    """The diffusers folder's files, written into the empty folder ``tmp`` (``save_pipeline`` ships them)."""
+def write_pipeline(pipe, tmp: Path, dtype: torch.dtype = torch.float32) -> None:
+    """The diffusers folder's files, written into the empty folder ``tmp`` (``save_pipeline`` ships them).
+
+    ``dtype``: how the weights are stored (float16 halves the folder; both loaders cast them back to the
+    dtype they are asked for: ``from_pretrained(..., torch_dtype=torch.float32)`` in diffusers)."""
     from common.convert import to_transformers
     from common.pipeline import DIFFUSERS_SCHEDULERS
 
-    _save_diffusers_part(pipe.unet, tmp / "unet", "UNet2DConditionModel", pipe.unet.config.to_diffusers())
-    _save_diffusers_part(pipe.vae, tmp / "vae", "AutoencoderKL", pipe.vae.config.to_diffusers())
-    text_encoder = to_transformers(pipe.text_encoder.float().cpu())
+    _save_diffusers_part(pipe.unet, tmp / "unet", "UNet2DConditionModel", pipe.unet.config.to_diffusers(), dtype)
+    _save_diffusers_part(pipe.vae, tmp / "vae", "AutoencoderKL", pipe.vae.config.to_diffusers(), dtype)
+    text_encoder = to_transformers(pipe.text_encoder.float().cpu()).to(dtype)
     text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+    if dtype != torch.float32:  # the dtype transformers' "auto" loads in: compute in fp32, as the other parts do
+        config_path = tmp / "text_encoder" / "config.json"
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "dtype": "float32"}, indent=2) + "\n")
     pipe.text_encoder.to(pipe.device, pipe.dtype)
     tokenizer_entry = save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
     scheduler_class = DIFFUSERS_SCHEDULERS[pipe.sampler_name]

@@ -88,14 +88,18 @@ class TextToImageConfig:
     latents: str = "mean"  # "mean": z_0 = s mu(x); "sample": z_0 = s (mu + sigma e)  (see the module docstring)
     train_size: int = 20_000  # Shapes training items encoded into the latent cache (each with one paraphrase)
     context_length: int = 24  # tokens per prompt (the longest Shapes caption has 12 words)
+    echo_prompt: bool = False  # the tokenizer writes the prompt twice (see ShapesTokenizer): relations bind
     resolution: int = 64  # image side; the latent side is resolution / f
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # SD 1.x's scaled-linear, eps target
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023): None = plain eq. 3
     checkpoint_every: int = 200  # Trainer checkpoints, for resume after a kill
+    ship_dtype: str = "fp32"  # how --ship stores the weights: "fp16" halves the folder (loaded back as fp32)
     snapshot_every: int = 0  # EMA snapshots kept for the adherence curve (0 = none; train(snapshot_every=...))
     ema_start: int = 50  # the EMA copies the weights until here (early weights are not worth averaging)
 
     def __post_init__(self):
+        if self.ship_dtype not in ("fp32", "fp16"):
+            raise ValueError(f"ship_dtype must be 'fp32' or 'fp16', got {self.ship_dtype!r}")
         if self.latents not in LATENT_MODES:
             raise ValueError(f"latents must be one of {LATENT_MODES}, got {self.latents!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -340,7 +344,7 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     from common.tokenizer import ShapesTokenizer
     from common.training import Trainer
 
-    tokenizer = ShapesTokenizer.for_shapes(config.context_length)
+    tokenizer = ShapesTokenizer.for_shapes(config.context_length, echo=config.echo_prompt)
     dev = get_device(device)
     state = PartialState(cpu=dev.type == "cpu")
     with state.main_process_first():

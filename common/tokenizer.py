@@ -154,6 +154,12 @@ class ShapesTokenizer(Tokenizer):
 
     Ids: <pad> 0, [UNK] 1, <bos> 2, <eos> 3, then the vocabulary's words in sorted order (so the same
     words always get the same ids). A word outside the vocabulary becomes [UNK], with a warning.
+
+    ``echo=True`` writes the prompt twice, ``<bos> w_1 ... w_n <eos> w_1 ... w_n <eos>`` (echo embeddings,
+    Springer et al. 2024, "Repetition Improves Language Model Embeddings"): under the causal mask of a CLIP text
+    encoder the first copy's token i sees only w_1..w_i, but the second copy's tokens see the whole prompt, so
+    "square" in "a square left of a circle" can carry "left". The template lives in ``tokenizer.json``'s
+    post-processor, so transformers' tokenizer of a saved folder (and diffusers' pipeline) echoes too.
     """
 
     def __init__(self, tokenizer: _HFTokenizer, context_length: int = 24):
@@ -168,11 +174,13 @@ class ShapesTokenizer(Tokenizer):
         self._tk = tokenizer
         self.context_length = context_length
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        template = json.loads(tokenizer.to_str()).get("post_processor") or {}
+        self.echo = sum("Sequence" in piece for piece in template.get("single", [])) == 2
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = ids
 
     @classmethod
-    def from_vocabulary(cls, words, context_length: int = 24) -> ShapesTokenizer:
+    def from_vocabulary(cls, words, context_length: int = 24, echo: bool = False) -> ShapesTokenizer:
         """From the caption grammar's words (strings are lowercased and split like captions are)."""
         vocabulary = sorted({w for item in words for w in _split_words(item)} - set(SPECIAL_TOKENS))
         if not vocabulary:
@@ -183,7 +191,8 @@ class ShapesTokenizer(Tokenizer):
         tk.normalizer = _normalizer()
         tk.pre_tokenizer = _pre_tokenizer()
         tk.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+            single=f"{BOS} $A {EOS} $A {EOS}" if echo else f"{BOS} $A {EOS}",
+            special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])],
         )
         return cls(tk, context_length)
 
@@ -195,12 +204,13 @@ class ShapesTokenizer(Tokenizer):
         return cls.from_vocabulary(captions, context_length)
 
     @classmethod
-    def for_shapes(cls, context_length: int = 24) -> ShapesTokenizer:
+    def for_shapes(cls, context_length: int = 24, echo: bool = False) -> ShapesTokenizer:
         """The tokenizer for ``common.shapes``: every word its caption grammar can produce (42 ids in all;
-        the longest caption is 12 words, so 24 tokens leave room for a learner's longer prompts)."""
+        the longest caption is 12 words, so 24 tokens leave room for a learner's longer prompts; 27 with
+        ``echo``)."""
         from common.shapes import vocabulary
 
-        return cls.from_vocabulary(vocabulary(), context_length)
+        return cls.from_vocabulary(vocabulary(), context_length, echo)
 
     @property
     def vocabulary(self) -> list[str]:

@@ -1,0 +1,129 @@
+"""The laptop course model's machinery: echoed prompts, EMA snapshots and the adherence curve, fp16 shipping."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.judge import train_judge
+from common.text_encoder import CLIPTextModel
+from common.text_to_image import TextToImageConfig, _text_config, build_model, load_snapshots
+from common.tokenizer import ShapesTokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "06_stable_diffusion_architecture" / "train_text_to_image.py"
+CURVE = ROOT / "06_stable_diffusion_architecture" / "adherence_curve.py"
+PROMPT = "a large blue square to the left of a small green triangle"
+
+
+def _run(script, *args, check=True):
+    env = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae")
+    AutoencoderKL(AutoencoderConfig.course()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("judge")
+    train_judge(n_images=16, steps=2, batch_size=8, verbose=False).save(path)
+    return path
+
+
+def test_echo_writes_the_prompt_twice_and_survives_saving(tmp_path):
+    plain, echo = ShapesTokenizer.for_shapes(32), ShapesTokenizer.for_shapes(32, echo=True)
+    words = plain([PROMPT])[0]
+    n = int((words != plain.pad_id).sum())  # bos, 12 words, eos
+    row = echo([PROMPT])[0]
+    assert row[:n].tolist() == words[:n].tolist()
+    assert row[n:2 * n - 1].tolist() == words[1:n].tolist()  # the words again, then eos
+    assert (row[2 * n - 1:] == echo.pad_id).all()
+    assert echo([""])[0, :3].tolist() == [echo.bos_id, echo.eos_id, echo.eos_id]
+    assert echo.echo and not plain.echo
+    echo.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert again.echo and torch.equal(again([PROMPT]), echo([PROMPT]))
+    from transformers import PreTrainedTokenizerFast  # what diffusers' pipeline runs on a saved folder
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert hf([PROMPT], padding="max_length", max_length=32).input_ids[0] == row.tolist()
+
+
+def test_echo_lets_the_first_object_see_the_relation():
+    # under the causal mask, "square" (4th token) cannot see the relation; its echo (after the first eos) can
+    torch.manual_seed(0)
+    tok = ShapesTokenizer.for_shapes(32, echo=True)
+    encoder = CLIPTextModel(_text_config(32, 2, 2, 32)).eval()
+    left, right = PROMPT, PROMPT.replace("left", "right")
+    with torch.no_grad():
+        h = encoder(tok([left, right])).last_hidden_state  # (2, 32, 32)
+    first, echoed = 4, 4 + 13  # "square" in each copy: bos a large blue square ... eos a large blue square
+    assert tok.decode([int(tok([left])[0, first])]) == tok.decode([int(tok([left])[0, echoed])]) == "square"
+    assert torch.allclose(h[0, first], h[1, first], atol=1e-6)  # blind to what follows
+    assert (h[0, echoed] - h[1, echoed]).abs().max() > 1e-3  # sees "left" against "right"
+
+
+def test_snapshots_curve_and_card(tmp_path, vae_dir, judge_dir):
+    run, ship = tmp_path / "run", tmp_path / "ship"
+    _run(TRAIN, "--out", run, "--vae", vae_dir, "--cache-dir", tmp_path / "cache", "--snapshot-every", 2,
+         "--ship", ship, "--ship-dtype", "fp16", "--no-progress")
+    snaps = load_snapshots(run)
+    assert [s["step"] for s in snaps] == [0, 2, 4]  # the untrained model, then every 2 steps to the end (4)
+    assert all(b["seconds"] >= a["seconds"] for a, b in zip(snaps, snaps[1:]))
+    model = build_model(TextToImageConfig.tiny())
+    model.load_state_dict(load_file(str(snaps[-1]["path"])))  # strict: every key of the bundle
+    first, last = load_file(str(snaps[0]["path"])), load_file(str(snaps[-1]["path"]))
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    proc = _run(CURVE, "--run", run, "--vae", vae_dir, "--judge", judge_dir, "--card", ship)
+    curve = json.loads((run / "curve.json").read_text())
+    assert [r["step"] for r in curve["rows"]] == [0, 2, 4]
+    assert {"one_object", "two_objects", "relation_error", "minutes"} <= set(curve["rows"][0])
+    assert (run / "curve.png").is_file() and (ship / "curve.png").is_file()
+    card = (ship / "README.md").read_text()
+    assert "## Adherence during training" in card and "stored in fp16" in card
+    proc = _run(CURVE, "--run", run, "--vae", vae_dir, "--judge", judge_dir)  # nothing left to evaluate
+    assert "step" not in proc.stdout.split("->")[0].split("\n")[-2]
+
+
+def test_fp16_ship_loads_in_both_pipelines_with_the_same_image(tmp_path, vae_dir):
+    import diffusers
+
+    from common.pipeline import StableDiffusion
+
+    run, ship = tmp_path / "run", tmp_path / "ship"
+    _run(TRAIN, "--out", run, "--vae", vae_dir, "--cache-dir", tmp_path / "cache", "--ship", ship, "--ship-dtype",
+         "fp16", "--no-progress")
+    weights = load_file(str(ship / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    ours = StableDiffusion.from_pretrained(ship)
+    assert ours.dtype == torch.float32
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(ship)  # no dtype argument: fp32 throughout
+    theirs.set_progress_bar_config(disable=True)
+    assert {theirs.unet.dtype, theirs.text_encoder.dtype, theirs.vae.dtype} == {torch.float32}
+    a = ours([PROMPT], num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+             output_type="pt", progress=False).images
+    b = theirs(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+               output_type="pt", height=64, width=64).images
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_curve_refuses_a_run_without_snapshots(tmp_path):
+    proc = _run(CURVE, "--run", tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no snapshots there" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
