@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=cli.positive_float, default=None,
                    help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
                         "fit, and the LR schedule with it")
+    p.add_argument("--echo-prompt", action="store_true",
+                   help="write each prompt twice into a 32-token context (ShapesTokenizer echo=True): every "
+                        "word of the second copy sees the whole prompt through the causal text encoder")
     p.add_argument("--snapshot-every", type=cli.nonnegative_int, default=None,
                    help="keep the EMA weights every N steps in OUT/snapshots (0 = never; default: the config's), "
                         "for adherence_curve.py")
@@ -84,6 +87,8 @@ def main(argv=None) -> dict:
                                                           ema_decay=args.ema_decay, warmup_steps=args.warmup,
                                                           checkpoint_every=args.checkpoint_every,
                                                           ship_dtype=args.ship_dtype)
+    if args.echo_prompt:
+        config = config.with_overrides(echo_prompt=True, context_length=max(32, config.context_length))
     out = cli.writable_dir(args.out, "--out")  # every output place is checked before the training
     if args.ship:
         cli.check_ship(args.ship, "pipeline", overwrite=args.overwrite)

@@ -196,7 +196,8 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     s = float(vae.config.scaling_factor)
     key = (f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
-           f"_ctx{tokenizer.context_length}_v{tokenizer.vocab_size}")
+           f"_ctx{tokenizer.context_length}{'_echo' if getattr(tokenizer, 'echo', False) else ''}"
+           f"_v{tokenizer.vocab_size}")
     path = cache_dir / f"{key}.pt"
     if path.is_file():
         try:

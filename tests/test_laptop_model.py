@@ -19,6 +19,7 @@ from common.tokenizer import ShapesTokenizer, load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "06_stable_diffusion_architecture" / "train_text_to_image.py"
 CURVE = ROOT / "06_stable_diffusion_architecture" / "adherence_curve.py"
+RELATIONS = ROOT / "06_stable_diffusion_architecture" / "relation_analysis.py"
 PROMPT = "a large blue square to the left of a small green triangle"
 
 
@@ -44,6 +45,16 @@ def judge_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("judge")
     train_judge(n_images=16, steps=2, batch_size=8, verbose=False).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, vae_dir):
+    """One fast run of the training command: snapshots every 2 steps, shipped in fp16; (run, ship) folders."""
+    root = tmp_path_factory.mktemp("t2i")
+    run, ship = root / "run", root / "ship"
+    _run(TRAIN, "--out", run, "--vae", vae_dir, "--cache-dir", root / "cache", "--snapshot-every", 2,
+         "--ship", ship, "--ship-dtype", "fp16", "--no-progress")
+    return run, ship
 
 
 def test_echo_writes_the_prompt_twice_and_survives_saving(tmp_path):
@@ -79,10 +90,8 @@ def test_echo_lets_the_first_object_see_the_relation():
     assert (h[0, echoed] - h[1, echoed]).abs().max() > 1e-3  # sees "left" against "right"
 
 
-def test_snapshots_curve_and_card(tmp_path, vae_dir, judge_dir):
-    run, ship = tmp_path / "run", tmp_path / "ship"
-    _run(TRAIN, "--out", run, "--vae", vae_dir, "--cache-dir", tmp_path / "cache", "--snapshot-every", 2,
-         "--ship", ship, "--ship-dtype", "fp16", "--no-progress")
+def test_snapshots_curve_and_card(trained, vae_dir, judge_dir):
+    run, ship = trained
     snaps = load_snapshots(run)
     assert [s["step"] for s in snaps] == [0, 2, 4]  # the untrained model, then every 2 steps to the end (4)
     assert all(b["seconds"] >= a["seconds"] for a, b in zip(snaps, snaps[1:]))
@@ -101,14 +110,12 @@ def test_snapshots_curve_and_card(tmp_path, vae_dir, judge_dir):
     assert "step" not in proc.stdout.split("->")[0].split("\n")[-2]
 
 
-def test_fp16_ship_loads_in_both_pipelines_with_the_same_image(tmp_path, vae_dir):
+def test_fp16_ship_loads_in_both_pipelines_with_the_same_image(trained):
     import diffusers
 
     from common.pipeline import StableDiffusion
 
-    run, ship = tmp_path / "run", tmp_path / "ship"
-    _run(TRAIN, "--out", run, "--vae", vae_dir, "--cache-dir", tmp_path / "cache", "--ship", ship, "--ship-dtype",
-         "fp16", "--no-progress")
+    _, ship = trained
     weights = load_file(str(ship / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in weights.values()} == {torch.float16}
     ours = StableDiffusion.from_pretrained(ship)
@@ -127,3 +134,39 @@ def test_curve_refuses_a_run_without_snapshots(tmp_path):
     proc = _run(CURVE, "--run", tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no snapshots there" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_relation_analysis_reads_both_wordings_and_the_blind_first_object(trained, judge_dir, tmp_path):
+    _, ship = trained
+    _run(RELATIONS, "--models", ship, "--judge", judge_dir, "--out", tmp_path)
+    result = json.loads((tmp_path / "relations.json").read_text())["results"][0]
+    assert set(result["wordings"]) == {"A rel B", "B inverse A"}
+    for table in result["wordings"].values():
+        t = table["all"]
+        assert t["n"] == 4 and t["right"] + t["swapped"] + t["other"] == t["objects right"]
+    assert result["blindness"]["first copy"] == 0.0  # the causal mask, exactly
+    assert "relation error" in (tmp_path / "relations.md").read_text()
+
+
+def test_classify_names_a_swap():
+    import importlib.util
+
+    from common.shapes import Scene, ShapeObject, layout
+
+    spec = importlib.util.spec_from_file_location("relation_analysis", RELATIONS)
+    sys.path.insert(0, str(RELATIONS.parent))  # the script imports evaluate.py from its folder
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(RELATIONS.parent))
+    scene = layout(Scene((ShapeObject("square", "blue", "large"), ShapeObject("circle", "red", "small")), "left of"))
+    square = {"shape": "square", "color": "blue", "size": "large"}
+    circle = {"shape": "circle", "color": "red", "size": "small"}
+    base = {"objects": 2, "pair_objects": True, "all": False}
+    # the square is right of the circle although the prompt put it left: the inverse relation holds
+    assert module.classify({**base, "detections": [{**circle, "center": (10, 32)}, {**square, "center": (50, 32)}]},
+                           scene) == "swapped"
+    assert module.classify({**base, "detections": [{**square, "center": (30, 10)}, {**circle, "center": (30, 50)}]},
+                           scene) == "other"
+    assert module.classify({**base, "pair_objects": False, "detections": []}, scene) == "wrong objects"
