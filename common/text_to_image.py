@@ -510,13 +510,21 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
     training = training if training is not None else (_card_section(old, "Training") or "")
     metrics = metrics if metrics is not None else _card_section(old, "Metrics")
     curve = curve if curve is not None else _card_section(old, "Adherence during training")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    flow_note = ""
+    if scheduler.is_file() and "FlowMatchEulerDiscreteScheduler" in scheduler.read_text():
+        flow_note = ("\nA flow-matching model (the UNet predicts the velocity eps - z_0 at timestep 1000 t): sample it "
+                     "with `flow_euler`. diffusers' `StableDiffusionPipeline` loads it, but its `__call__` expects two "
+                     "members that `FlowMatchEulerDiscreteScheduler` lacks: set `pipe.scheduler.init_noise_sigma = "
+                     "1.0` and `pipe.scheduler.scale_model_input = lambda sample, t: sample` first.\n")
     size = sum(p.stat().st_size for p in weight_files(folder))
     rows = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
                      for p in weight_files(folder))
     text = (f"# {folder.name}: the course's own text-to-image model\n\n"
             f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
             f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
-            f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
+            f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n"
+            f"{flow_note}\n"
             f"## Training\n\n{training.strip()}\n\n"
             + (f"## Adherence during training\n\n{curve.strip()}\n\n" if curve else "") +
             f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
