@@ -158,6 +158,10 @@ def table_rows(objective: str, csv_rows: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def eps_weighting(config: TextToImageConfig) -> str:
+    return "plain MSE" if config.snr_gamma is None else f"Min-SNR gamma {config.snr_gamma:g}"
+
+
 def markdown(result: dict) -> str:
     def cell(s: dict) -> str:
         return f"{s['all']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
@@ -167,7 +171,8 @@ def markdown(result: dict) -> str:
 
     trainings = result["trainings"]
     lines = [f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, guidance "
-             f"{result['guidance']}, seed {result['seed']}. A cell is the share of prompts with every attribute right "
+             f"{result['guidance']}, seed {result['seed']}; config `{result['config']}`, eps loss weights: "
+             f"{result['eps_weighting']}, flow: plain MSE, sampled with shift {result['shift']}. A cell is the share of prompts with every attribute right "
              "(two objects: both objects and the relation), with its 95% Wilson interval.", ""]
     for objective in OBJECTIVES:
         t = trainings[objective]
@@ -216,7 +221,8 @@ def main(argv=None) -> dict:
     command = "python " + " ".join(shlex.quote(a) for a in [shown(__file__), *(argv if argv is not None
                                                                                  else sys.argv[1:])])
     result = {"config": config, "seed": args.seed, "n": int(rows[0][SETS[0]]["n"]), "guidance": args.guidance,
-              "sampling_steps": steps, "shift": TextToImageConfig.named(config).flow_shift, "command": command,
+              "sampling_steps": steps, "shift": TextToImageConfig.named(config).flow_shift,
+              "eps_weighting": eps_weighting(TextToImageConfig.named(config)), "command": command,
               "machine": describe(), "trainings": trainings, "rows": rows, "references": references}
     cli.atomic_write(out / "objectives.json", json.dumps(result, indent=2) + "\n")
     md = markdown(result)
