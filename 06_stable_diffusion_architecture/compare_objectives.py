@@ -2,19 +2,20 @@
 
     python 06_stable_diffusion_architecture/compare_objectives.py --config cpu --out runs/objectives
     python 06_stable_diffusion_architecture/compare_objectives.py --eps-model checkpoints/course_t2i_cpu
-    python 06_stable_diffusion_architecture/compare_objectives.py --results 06_stable_diffusion_architecture/results
-    COURSE_FAST=1 python 06_stable_diffusion_architecture/compare_objectives.py --out /tmp/objectives   # seconds
+    python 06_stable_diffusion_architecture/compare_objectives.py \
+        --results 06_stable_diffusion_architecture/results           # and copy the table there
+    COURSE_FAST=1 python 06_stable_diffusion_architecture/compare_objectives.py --out /tmp/o  # a minute
 
-Two trainings of train_text_to_image.py with the same config, seed, data, batch and number of steps: one with
-chapter 06's eps objective, one with SD 3's flow matching (``--objective flow``). The networks are the same, so a
-step costs the same compute. Each is shipped into ``--out`` (``eps/``, ``flow/``) and graded by evaluate.py on its
-four fixed prompt sets: the eps model with DDIM (and DPM-Solver++(2M)), the flow model with Euler steps
-(``flow_euler``, shift 1.0), each at 4, 8 and 25 steps, guidance 3. Writes ``objectives.json`` and
-``objectives.md`` (the table, with 95% Wilson intervals) to ``--out``, and copies them to ``--results`` if given.
+Two trainings of train_text_to_image.py with the same config, seed, data, batch and number of steps: one
+with chapter 06's eps objective, one with SD 3's flow matching (``--objective flow``). The networks are the
+same, so a step costs the same compute. Each is shipped into ``--out`` (``eps/``, ``flow/``) and graded by
+evaluate.py on its four fixed prompt sets: the eps model with DDIM (and DPM-Solver++(2M)), the flow model with
+Euler steps (``flow_euler``, shift 1.0), each at 4, 8 and 25 steps, guidance 3. Writes ``objectives.json`` and
+``objectives.md`` (the table, with 95% Wilson intervals) to ``--out``, and copies them to ``--results``.
 
-A training whose shipped folder already exists is skipped (so a killed comparison resumes: run it again), and
-``--eps-model PATH`` grades an eps model trained elsewhere instead of training one; its steps and wall time are
-read from its model card.
+A training whose shipped folder already exists is skipped (so a killed comparison resumes: run it again),
+and ``--eps-model PATH`` grades an eps model trained elsewhere instead of training one; its steps and wall
+time are read from its model card.
 """
 
 from __future__ import annotations
@@ -43,19 +44,24 @@ SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "para
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, choices=CONFIG_NAMES, help="default: tiny under COURSE_FAST, else cpu")
-    p.add_argument("--steps", type=cli.positive_int, default=None, help="override the config's optimizer steps")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, choices=CONFIG_NAMES,
+                   help="default: tiny under COURSE_FAST, else cpu")
+    p.add_argument("--steps", type=cli.positive_int, default=None,
+                   help="override the config's optimizer steps")
     p.add_argument("--out", default=str(ROOT / "runs" / "objectives"),
-                   help="trainings (train_eps/, train_flow/), shipped models (eps/, flow/), evaluations, the table")
+                   help="trainings (train_eps/, train_flow/), shipped models (eps/, flow/), the table")
     p.add_argument("--eps-model", default=None,
                    help="a shipped eps model of the same config to grade instead of training one")
-    p.add_argument("--results", default=None, help="also copy objectives.json and objectives.md into this folder")
+    p.add_argument("--results", default=None,
+                   help="also copy objectives.json and objectives.md into this folder")
     p.add_argument("--sampling-steps", nargs="+", type=cli.positive_int, default=[4, 8, 25])
     p.add_argument("--no-dpmpp", action="store_true", help="grade the eps model with DDIM only")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 100; fast 2)")
     p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0)
-    p.add_argument("--vae", default=None, help="passed to train_text_to_image.py (default: checkpoints/vae_shapes)")
+    p.add_argument("--vae", default=None,
+                   help="passed to train_text_to_image.py (default: checkpoints/vae_shapes)")
     p.add_argument("--judge", default=None, help="passed to evaluate.py (default: checkpoints/shapes_judge)")
     p.add_argument("--cache-dir", default=None, help="passed to train_text_to_image.py (the latent cache)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
@@ -93,20 +99,20 @@ def card_training(folder: Path) -> dict:
 
 
 def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
-    """Ship ``out/objective`` by training, unless it is there already (or, for eps, ``--eps-model`` names one)."""
+    """Ship ``out/objective`` by training, unless it is there (or, for eps, ``--eps-model`` names one)."""
     if objective == "eps" and args.eps_model:
         folder = Path(args.eps_model)
         if not (folder / "model_index.json").is_file():
-            raise cli.UsageError(f"--eps-model {args.eps_model}: no shipped pipeline there (no model_index.json); "
-                                 "give a folder that train_text_to_image.py --ship wrote")
+            raise cli.UsageError(f"--eps-model {args.eps_model}: no shipped pipeline there (no "
+                                 "model_index.json); give a folder that train_text_to_image.py --ship wrote")
         return {"folder": shown(folder), "reused": True, **card_training(folder)}
     folder, run_dir = out / objective, out / f"train_{objective}"
     command = None
     if (folder / "model_index.json").is_file():
         print(f"{shown(folder)} is already shipped: its training is skipped (delete the folder to retrain)")
     else:
-        train_args = ["--config", config, "--objective", objective, "--out", shown(run_dir), "--ship", shown(folder),
-                      "--seed", str(args.seed), "--no-progress"]
+        train_args = ["--config", config, "--objective", objective, "--out", shown(run_dir),
+                      "--ship", shown(folder), "--seed", str(args.seed), "--no-progress"]
         for flag, value in (("--steps", args.steps), ("--vae", args.vae), ("--cache-dir", args.cache_dir)):
             if value is not None:
                 train_args += [flag, str(value)]
@@ -124,8 +130,8 @@ def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
 def evaluate(objective: str, folder: str, runs: list[str], args, out: Path) -> tuple[str, list[dict]]:
     """evaluate.py on one model; returns its command and the rows of its results.csv."""
     eval_dir = out / f"eval_{objective}"
-    eval_args = ["--model", folder, "--runs", *runs, "--guidance", str(args.guidance), "--out", shown(eval_dir),
-                 "--seed", str(args.seed)]
+    eval_args = ["--model", folder, "--runs", *runs, "--guidance", str(args.guidance),
+                 "--out", shown(eval_dir), "--seed", str(args.seed)]
     if args.n is not None or not is_fast():
         eval_args += ["--n", str(args.n or 100)]
     if args.judge is not None:
@@ -145,7 +151,7 @@ def score(row: dict) -> dict:
 
 
 def table_rows(objective: str, csv_rows: list[dict]) -> list[dict]:
-    """One row per (sampler, steps): the four sets' "all" scores and the sampling time summed over the sets."""
+    """One row per (sampler, steps): the four sets' "all" scores and the sampling time summed over them."""
     rows: dict[tuple, dict] = {}
     for r in csv_rows:
         if not r["steps"]:  # real renders and VAE reconstructions: the references, kept apart
@@ -170,10 +176,11 @@ def markdown(result: dict) -> str:
         return "n/a" if t["seconds"] is None else f"{t['seconds'] / 60:.1f} min"
 
     trainings = result["trainings"]
-    lines = [f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, guidance "
-             f"{result['guidance']}, seed {result['seed']}; config `{result['config']}`, eps loss weights: "
-             f"{result['eps_weighting']}, flow: plain MSE, sampled with shift {result['shift']}. A cell is the share of prompts with every attribute right "
-             "(two objects: both objects and the relation), with its 95% Wilson interval.", ""]
+    lines = [f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, "
+             f"guidance {result['guidance']}, seed {result['seed']}; config `{result['config']}`, eps loss "
+             f"weights: {result['eps_weighting']}; flow: plain MSE, sampled with shift {result['shift']}. "
+             "A cell is the share of prompts with every attribute right (two objects: both objects and the "
+             "relation), with its 95% Wilson interval.", ""]
     for objective in OBJECTIVES:
         t = trainings[objective]
         lines.append(f"- {objective}: `{t['folder']}`, {t['steps']} steps, {minutes(t)} of training"
@@ -201,7 +208,8 @@ def main(argv=None) -> dict:
     print(describe())
     trainings = {o: train_or_reuse(o, config, args, out) for o in OBJECTIVES}
     if trainings["eps"]["config"] != config:
-        print(f"warning: the eps model's config is {trainings['eps']['config']!r}, not {config!r}", flush=True)
+        print(f"warning: the eps model's config is {trainings['eps']['config']!r}, not {config!r}",
+              flush=True)
     if trainings["eps"]["steps"] != trainings["flow"]["steps"]:
         print(f"warning: the eps model trained {trainings['eps']['steps']} steps, the flow model "
               f"{trainings['flow']['steps']}: not equal compute", flush=True)

@@ -114,7 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="let --train-judge write over same-named files in a folder the course did not write")
     p.add_argument("--samplers", nargs="+", default=None,
-                   help=f"of {', '.join(SAMPLER_NAMES)} (default: ddim dpmpp_2m ddpm; flow_euler for a flow model)")
+                   help=f"of {', '.join(SAMPLER_NAMES)} (default: ddim dpmpp_2m ddpm; a flow model: "
+                        "flow_euler)")
     p.add_argument("--steps", nargs="+", type=cli.positive_int, default=None, help="step counts (default: 10 25; fast: 4)")
     p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER:STEPS",
                    help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps")

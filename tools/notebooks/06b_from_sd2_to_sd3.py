@@ -455,7 +455,7 @@ else:
         print(f"{r['objective']:9s} {r['sampler']:10s} {r['steps']:5d} " + " ".join(
             f"{r[s]['all']:>8.2f} [{r[s]['low']:.2f}, {r[s]['high']:.2f}]" for s in HELD_OUT))
 
-    fig = Figure(figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.9))
     axes = fig.subplots(1, 2, sharey=True)
     curves = sorted({(r["objective"], r["sampler"]) for r in objectives["rows"]})
     for ax, name in zip(axes, HELD_OUT):
@@ -472,8 +472,9 @@ else:
         ax.set_xticks(objectives["sampling_steps"], [str(k) for k in objectives["sampling_steps"]])
         ax.minorticks_off()
     axes[0].set_ylabel(f"share of {objectives['n']} prompts (95% interval)")
-    axes[1].legend(fontsize=8, loc="center right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend below the panels
     show(fig)
 
 # %% [markdown]
@@ -495,9 +496,8 @@ if objectives is not None:
     for objective, sampler in (("eps", "ddim"), ("flow", "flow_euler")):
         few = score_of[objective, sampler, fewest][HELD_OUT[0]]["all"]
         many = score_of[objective, sampler, most][HELD_OUT[0]]["all"]
-        kept = f"keep {few / many:.0%} of" if many > 0 else "compare with a zero"
-        print(f"{objective}: {fewest} steps {kept} the {most}-step score on one-object prompts "
-              f"({few:.2f} against {many:.2f})")
+        kept = f"; {fewest} steps keep {few / many:.0%} of the {most}-step score" if many > 0 else ""
+        print(f"{objective} on one-object prompts: {few:.2f} at {fewest} steps, {many:.2f} at {most}{kept}")
 
 # %% [markdown]
 # The same held-out prompts drawn by both models, at the fewest and the most steps, when the trained models are
