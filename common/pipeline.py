@@ -51,7 +51,8 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 # parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
 SD_SAMPLER_OPTIONS = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
                       "clip_sample": False}
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
+                        "dpmpp_2m": "DPMSolverMultistepScheduler",
                         "flow_euler": "FlowMatchEulerDiscreteScheduler"}
 SAMPLER_NAMES = (*SAMPLERS, "flow_euler")  # flow_euler: for flow-matching models (a FlowSchedule) only
 COURSE_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "course_t2i"
@@ -92,8 +93,8 @@ class StableDiffusion:
                              f"max_position_embeddings ({text_encoder.config.max_position_embeddings})")
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.sampler_name = sampler
-        # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a scheduler config holds them;
-        # a flow model has none (its shift lives in the FlowSchedule)
+        # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a scheduler config
+        # holds them; a flow model has none (its shift lives in the FlowSchedule)
         default_options = {} if self.is_flow else SD_SAMPLER_OPTIONS
         self.sampler_options = dict(default_options if sampler_options is None else sampler_options)
         self.to(device, dtype)
@@ -122,12 +123,12 @@ class StableDiffusion:
         return isinstance(self.schedule, FlowSchedule)
 
     def _check_sampler(self, name: str) -> None:
-        """A known sampler that fits the model: flow_euler for a flow model, the others for a diffusion model."""
+        """A known sampler that fits the model: flow_euler for a flow model, the others for diffusion."""
         if name not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
         if self.is_flow and name != "flow_euler":
-            raise ValueError(f"this is a flow-matching model (it predicts a velocity); sampler {name!r} expects a "
-                             "diffusion model: use 'flow_euler'")
+            raise ValueError(f"this is a flow-matching model (it predicts a velocity); sampler {name!r} "
+                             "expects a diffusion model: use 'flow_euler'")
         if not self.is_flow and name == "flow_euler":
             raise ValueError(f"flow_euler samples flow-matching models; this model predicts "
                              f"{self.schedule.prediction_type!r}: use one of {', '.join(SAMPLERS)}")

@@ -32,7 +32,8 @@ from common.unet import UNet, UNetConfig
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m",
+SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
+                        "DPMSolverMultistepScheduler": "dpmpp_2m",
                         "FlowMatchEulerDiscreteScheduler": "flow_euler"}
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # a flow-matching model: common.flow.FlowSchedule
 DIFFUSERS_VERSION = "0.42.1"  # written into the configs; diffusers only reads it to warn about old files
@@ -131,7 +132,8 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         schedule, options = FlowSchedule.from_diffusers(scheduler_config), {}
     else:
         schedule = NoiseSchedule.from_diffusers(scheduler_config)
-        options = {k: v for k, v in scheduler_config.items() if k not in SCHEDULE_KEYS and not k.startswith("_")}
+        options = {k: v for k, v in scheduler_config.items()
+                   if k not in SCHEDULE_KEYS and not k.startswith("_")}
     sampler = sampler or sampler_of(scheduler_config, path if path.is_file() else path / "scheduler")
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, schedule=schedule,
                sampler=sampler, device=device, dtype=dtype, sampler_options=options)

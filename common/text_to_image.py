@@ -103,7 +103,7 @@ class TextToImageConfig:
     echo_prompt: bool = False  # the tokenizer writes the prompt twice (see ShapesTokenizer): relations bind
     resolution: int = 64  # image side; the latent side is resolution / f
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # SD 1.x's scaled-linear, eps target
-    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023): None = plain eq. 3; eps only
+    snr_gamma: float | None = None  # eps only: Min-SNR-gamma loss weights (Hang et al. 2023); None = eq. 3
     objective: str = "eps"  # "eps": eq. 3 on `schedule`; "flow": SD 3's flow matching (module docstring)
     flow_shift: float = 1.0  # the flow sampler's shift (SD 3: 3.0 at 1024 px; 16 x 16 latents need none)
     checkpoint_every: int = 200  # Trainer checkpoints, for resume after a kill
@@ -274,14 +274,14 @@ def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, ge
 
 
 def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
-    """``loss_fn(model, batch, generator)`` for ``Trainer``: the eps-prediction MSE of eq. 3 with caption dropout
-    (``config.objective == "eps"``), or SD 3's flow-matching MSE (``"flow"``) with the same caption dropout.
+    """``loss_fn(model, batch, generator)`` for ``Trainer``: the eps-prediction MSE of eq. 3 with caption
+    dropout (``config.objective == "eps"``), or SD 3's flow-matching MSE (``"flow"``) with the same dropout.
 
     ``empty_ids`` (N_k,) are the token ids of "" (bos, eos, padding): what the pipeline feeds as the
     unconditional prompt, so guidance at sampling time uses exactly the context trained here.
     """
     schedule, p, mode, gamma = config.schedule, config.caption_dropout, config.latents, config.snr_gamma
-    T = FlowSchedule().num_train_timesteps  # the flow UNet's timestep is T t, as diffusers' FlowMatch scheduler
+    T = FlowSchedule().num_train_timesteps  # the flow UNet's timestep is T t, as in diffusers' FlowMatch
 
     def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator):
         z0 = batch["z0_mean"]  # (B, C, h, w), already times s
@@ -513,10 +513,11 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
     scheduler = folder / "scheduler" / "scheduler_config.json"
     flow_note = ""
     if scheduler.is_file() and "FlowMatchEulerDiscreteScheduler" in scheduler.read_text():
-        flow_note = ("\nA flow-matching model (the UNet predicts the velocity eps - z_0 at timestep 1000 t): sample it "
-                     "with `flow_euler`. diffusers' `StableDiffusionPipeline` loads it, but its `__call__` expects two "
-                     "members that `FlowMatchEulerDiscreteScheduler` lacks: set `pipe.scheduler.init_noise_sigma = "
-                     "1.0` and `pipe.scheduler.scale_model_input = lambda sample, t: sample` first.\n")
+        flow_note = ("\nA flow-matching model (the UNet predicts the velocity eps - z_0 at timestep 1000 t): "
+                     "sample it with `flow_euler`. diffusers' `StableDiffusionPipeline` loads it, but its "
+                     "`__call__` expects two members that `FlowMatchEulerDiscreteScheduler` lacks: set "
+                     "`pipe.scheduler.init_noise_sigma = 1.0` and `pipe.scheduler.scale_model_input = "
+                     "lambda sample, t: sample` first.\n")
     size = sum(p.stat().st_size for p in weight_files(folder))
     rows = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
                      for p in weight_files(folder))

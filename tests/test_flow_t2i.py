@@ -15,12 +15,19 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.judge import train_judge
 from common.pipeline import StableDiffusion
-from common.text_to_image import (LatentDataset, TextToImageConfig, build_model, build_pipeline, cache_latents,
-                                  make_loss_fn)
+from common.text_to_image import (
+    LatentDataset,
+    TextToImageConfig,
+    build_model,
+    build_pipeline,
+    cache_latents,
+    make_loss_fn,
+)
 from common.tokenizer import ShapesTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARE = ROOT / "06_stable_diffusion_architecture" / "compare_objectives.py"
+SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "paraphrased 2 objects")
 PROMPTS = ["a small red circle at the top", "a large blue square to the left of a small green star"]
 
 
@@ -35,7 +42,8 @@ def random_flow_pipeline(seed: int = 0) -> StableDiffusion:
     model = build_model(config)
     with torch.no_grad():  # a visible output scale, so guidance and every step change the image measurably
         model["unet"].conv_out.weight.normal_(0, 0.05)
-    return build_pipeline(model, ShapesTokenizer.for_shapes(), AutoencoderKL(AutoencoderConfig.course()), config)
+    vae = AutoencoderKL(AutoencoderConfig.course())
+    return build_pipeline(model, ShapesTokenizer.for_shapes(), vae, config)
 
 
 def test_objective_is_checked():
@@ -44,8 +52,9 @@ def test_objective_is_checked():
 
 
 def test_flow_loss_equals_a_hand_computation(tmp_path):
-    """SD 3's loss written out: logit-normal t (drawn as diffusers' training utilities draw it), the straight path,
-    the UNet at timestep 1000 t, the velocity target eps - z_0, plain MSE; caption dropout as the eps loss has it."""
+    """SD 3's loss written out: logit-normal t (drawn as diffusers' training utilities draw it), the
+    straight path, the UNet at timestep 1000 t, the target eps - z_0, plain MSE; the eps loss's caption
+    dropout."""
     torch.manual_seed(0)
     config = flow_config().with_overrides(caption_dropout=0.5)
     tok = ShapesTokenizer.for_shapes()
@@ -93,8 +102,9 @@ def test_flow_model_ships_with_a_flow_scheduler_and_reloads_the_same(tmp_path):
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_flow_model_samples_the_same_image_in_diffusers(tmp_path, guidance):
-    """diffusers' StableDiffusionPipeline loads the shipped flow model with its FlowMatchEulerDiscreteScheduler;
-    its __call__ needs two members that scheduler lacks (what the model card says), then gives our image."""
+    """diffusers' StableDiffusionPipeline loads the shipped flow model with its
+    FlowMatchEulerDiscreteScheduler; its __call__ needs two members that the scheduler lacks (what the model
+    card says), then gives our image."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
 
     pipe = random_flow_pipeline()
@@ -106,7 +116,7 @@ def test_flow_model_samples_the_same_image_in_diffusers(tmp_path, guidance):
     with pytest.raises(AttributeError, match="init_noise_sigma"):
         ref(PROMPTS, generator=torch.Generator().manual_seed(0), **kw)
     ref.scheduler.init_noise_sigma = 1.0  # z_1 = eps ~ N(0, I)
-    ref.scheduler.scale_model_input = lambda sample, timestep=None: sample  # flow matching does not rescale z_t
+    ref.scheduler.scale_model_input = lambda sample, timestep=None: sample  # flow matching keeps z_t as is
     theirs = ref(PROMPTS, generator=torch.Generator().manual_seed(0), **kw).images
     ours = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), progress=False, **kw).images
     assert (ours - theirs).abs().max() <= 1e-4
@@ -148,8 +158,8 @@ def assets(tmp_path_factory):
 
 def _compare(*args):
     env = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(COMPARE), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run([sys.executable, str(COMPARE), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
@@ -170,7 +180,7 @@ def test_compare_objectives_fast(tmp_path, assets):
     assert runs == {(o, s, k) for o, s in (("eps", "ddim"), ("eps", "dpmpp_2m"), ("flow", "flow_euler"))
                     for k in (4, 8, 25)}
     for row in result["rows"]:
-        for name in ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "paraphrased 2 objects"):
+        for name in SETS:
             s = row[name]
             assert 0 <= s["low"] <= s["all"] <= s["high"] <= 1 and s["n"] == result["n"]
     assert "| flow | flow_euler | 25 |" in (out / "objectives.md").read_text()

@@ -418,15 +418,15 @@ show(fig)
 #
 # ### Flow against eps, trained
 # Does the toy's answer hold for images with text? `compare_objectives.py` trains chapter 06's text-to-image
-# model twice with the same config, seed, data, batch and number of steps: once on chapter 06's $\epsilon$ loss
-# (with the config's loss weights, printed below), once on the flow-matching loss above (logit-normal $t$,
-# target $\epsilon - z_0$, plain MSE, the UNet's timestep input $1000\,t$). The networks are the same, so every training
-# step costs the same compute; only the objective differs. Each model is then graded by chapter 06's
-# `evaluate.py` on prompts it never saw: the share of images where the judge finds every attribute right, at 4,
-# 8 and 25 sampling steps (DDIM and DPM-Solver++(2M) for $\epsilon$, Euler with shift 1.0 for flow: at
-# 64 px the latent is 16 x 16, so there is no resolution to shift for), guidance 3. The cell reads the
-# committed table, `06_stable_diffusion_architecture/results/objectives.json`, and prints the command that
-# makes it when it is missing.
+# model twice with the same config, seed, data, batch and number of steps: once on chapter 06's $\epsilon$
+# loss (with the config's loss weights, printed below), once on the flow-matching loss above (logit-normal
+# $t$, target $\epsilon - z_0$, plain MSE, the UNet's timestep input $1000\,t$). The networks are the same,
+# so every training step costs the same compute; only the objective differs. Each model is then graded by
+# chapter 06's `evaluate.py` on prompts it never saw: the share of images where the judge finds every
+# attribute right, at 4, 8 and 25 sampling steps (DDIM and DPM-Solver++(2M) for $\epsilon$, Euler with
+# shift 1.0 for flow: at 64 px the latent is 16 x 16, so there is no resolution to shift for), guidance 3.
+# The cell reads the committed table, `06_stable_diffusion_architecture/results/objectives.json`, and prints
+# the command that makes it when it is missing.
 
 # %%
 import json  # noqa: E402
@@ -440,8 +440,8 @@ HELD_OUT = ("held-out 1 object", "held-out 2 objects")
 objectives = json.loads(OBJECTIVES_JSON.read_text()) if OBJECTIVES_JSON.is_file() else None
 if objectives is None:
     print(f"{OBJECTIVES_JSON.relative_to(ROOT)} is not there yet. Make it with\n"
-          "    python 06_stable_diffusion_architecture/compare_objectives.py --config cpu --out runs/objectives "
-          "--results 06_stable_diffusion_architecture/results\n"
+          "    python 06_stable_diffusion_architecture/compare_objectives.py --config cpu "
+          "--out runs/objectives --results 06_stable_diffusion_architecture/results\n"
           "(two trainings of the laptop config, then the grading), and run this notebook again.")
 else:
     print(f"config {objectives['config']}; eps loss weights: {objectives['eps_weighting']}")
@@ -460,13 +460,15 @@ else:
     curves = sorted({(r["objective"], r["sampler"]) for r in objectives["rows"]})
     for ax, name in zip(axes, HELD_OUT):
         for k, (objective, sampler) in enumerate(curves):
-            rows = sorted((r for r in objectives["rows"] if (r["objective"], r["sampler"]) == (objective, sampler)),
-                          key=lambda r: r["steps"])
+            rows = [r for r in objectives["rows"] if (r["objective"], r["sampler"]) == (objective, sampler)]
+            rows = sorted(rows, key=lambda r: r["steps"])
             steps = np.array([r["steps"] for r in rows]) * (1 + 0.03 * (k - 1))  # side by side, not on top
             p = np.array([r[name]["all"] for r in rows])
-            err = np.array([[r[name]["all"] - r[name]["low"], r[name]["high"] - r[name]["all"]] for r in rows]).T
+            err = np.array([[r[name]["all"] - r[name]["low"], r[name]["high"] - r[name]["all"]]
+                            for r in rows]).T  # (2, steps): below and above
             ax.errorbar(steps, p, yerr=err, marker="o", capsize=3, label=f"{objective} ({sampler})")
-        ceiling = next(r for r in objectives["references"] if r["sampler"] == "VAE reconstructions")[name]["all"]
+        vae_row = next(r for r in objectives["references"] if r["sampler"] == "VAE reconstructions")
+        ceiling = vae_row[name]["all"]
         ax.axhline(ceiling, color="grey", ls=":", label="VAE reconstructions (ceiling)")
         ax.set(title=f"{name}: every attribute right", xlabel="sampling steps", xscale="log")
         ax.set_xticks(objectives["sampling_steps"], [str(k) for k in objectives["sampling_steps"]])
@@ -500,9 +502,9 @@ if objectives is not None:
         print(f"{objective} on one-object prompts: {few:.2f} at {fewest} steps, {many:.2f} at {most}{kept}")
 
 # %% [markdown]
-# The same held-out prompts drawn by both models, at the fewest and the most steps, when the trained models are
-# still where the comparison shipped them (they are not committed, so on a fresh clone this cell says so):
-# the first four prompts have one object, the last four two.
+# The same held-out prompts drawn by both models, at the fewest and the most steps, when the trained models
+# are still where the comparison shipped them (they are not committed, so on a fresh clone this cell says
+# so): the first four prompts have one object, the last four two.
 
 # %%
 folders = {} if objectives is None else {o: ROOT / t["folder"] for o, t in objectives["trainings"].items()}
