@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 
 from common import cli
+from common.judge import JUDGE_DIR
 from common.metrics import wilson_interval
 from common.runtime import describe, is_fast
-from common.text_to_image import CONFIG_NAMES, TextToImageConfig
+from common.text_to_image import CONFIG_NAMES, TextToImageConfig, file_sha256, weight_files
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -98,6 +99,19 @@ def card_training(folder: Path) -> dict:
             "config": config.group(1) if config else None, "command": command.group(1) if command else None}
 
 
+def loop_seconds(run_dir: Path) -> float | None:
+    """The training loop's own time from the run's log.csv: latent caching and start-up left out, so the two
+    objectives compare whichever of them encoded the shared latent cache. Each invocation's clock starts at
+    0, so a resumed run adds up the last time of every invocation."""
+    log = run_dir / "log.csv"
+    if not log.is_file():
+        return None
+    with open(log, newline="") as f:
+        seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
+    restarts = [i for i in range(1, len(seconds)) if seconds[i] < seconds[i - 1]]  # a new invocation's rows
+    return sum(seconds[i - 1] for i in restarts) + seconds[-1] if seconds else None
+
+
 def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
     """Ship ``out/objective`` by training, unless it is there (or, for eps, ``--eps-model`` names one)."""
     if objective == "eps" and args.eps_model:
@@ -105,7 +119,7 @@ def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
         if not (folder / "model_index.json").is_file():
             raise cli.UsageError(f"--eps-model {args.eps_model}: no shipped pipeline there (no "
                                  "model_index.json); give a folder that train_text_to_image.py --ship wrote")
-        return {"folder": shown(folder), "reused": True, **card_training(folder)}
+        return {"folder": shown(folder), "reused": True, "loop_seconds": None, **card_training(folder)}
     folder, run_dir = out / objective, out / f"train_{objective}"
     command = None
     if (folder / "model_index.json").is_file():
@@ -123,12 +137,21 @@ def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
         info = {"steps": timing["steps"], "seconds": timing["seconds"], "config": config}
     else:
         info = card_training(folder)
-    return {"folder": shown(folder), "reused": command is None, **info,
+    return {"folder": shown(folder), "reused": command is None, **info, "loop_seconds": loop_seconds(run_dir),
             "command": command or card_training(folder)["command"]}
 
 
+def fingerprint(eval_args: list[str], model: Path, judge: Path) -> dict:
+    """What an evaluation's numbers depend on: its arguments and the weights of the model and the judge."""
+    def digest(folder: Path) -> dict:
+        return {str(f.relative_to(folder)): file_sha256(f) for f in weight_files(folder)}
+
+    return {"args": eval_args, "fast": is_fast(), "model": digest(model), "judge": digest(judge)}
+
+
 def evaluate(objective: str, folder: str, runs: list[str], args, out: Path) -> tuple[str, list[dict]]:
-    """evaluate.py on one model; returns its command and the rows of its results.csv."""
+    """evaluate.py on one model; returns its command and the rows of its results.csv. An evaluation already in
+    ``out`` with the same arguments, model and judge is read back instead of run again."""
     eval_dir = out / f"eval_{objective}"
     eval_args = ["--model", folder, "--runs", *runs, "--guidance", str(args.guidance),
                  "--out", shown(eval_dir), "--seed", str(args.seed)]
@@ -136,9 +159,17 @@ def evaluate(objective: str, folder: str, runs: list[str], args, out: Path) -> t
         eval_args += ["--n", str(args.n or 100)]
     if args.judge is not None:
         eval_args += ["--judge", str(args.judge)]
-    t0 = time.perf_counter()
-    command = run_script("evaluate.py", eval_args)
-    print(f"evaluated in {time.perf_counter() - t0:.0f} s")
+    key = fingerprint(eval_args, ROOT / folder, Path(args.judge) if args.judge else JUDGE_DIR)
+    key_path = eval_dir / "fingerprint.json"
+    command = "python " + " ".join(shlex.quote(a) for a in [shown(HERE / "evaluate.py"), *eval_args])
+    done = key_path.is_file() and (eval_dir / "results.csv").is_file()
+    if done and json.loads(key_path.read_text()) == key:
+        print(f"{shown(eval_dir)} already holds this evaluation (same arguments and weights): read back")
+    else:
+        t0 = time.perf_counter()
+        run_script("evaluate.py", eval_args)
+        print(f"evaluated in {time.perf_counter() - t0:.0f} s")
+        cli.atomic_write(key_path, json.dumps(key, indent=2) + "\n")
     with open(eval_dir / "results.csv", newline="") as f:
         return command, list(csv.DictReader(f))
 
@@ -172,8 +203,8 @@ def markdown(result: dict) -> str:
     def cell(s: dict) -> str:
         return f"{s['all']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
 
-    def minutes(t: dict) -> str:
-        return "n/a" if t["seconds"] is None else f"{t['seconds'] / 60:.1f} min"
+    def minutes(seconds: float | None) -> str:
+        return "n/a" if seconds is None else f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
     trainings = result["trainings"]
     lines = [f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, "
@@ -183,14 +214,17 @@ def markdown(result: dict) -> str:
              "relation), with its 95% Wilson interval.", ""]
     for objective in OBJECTIVES:
         t = trainings[objective]
-        lines.append(f"- {objective}: `{t['folder']}`, {t['steps']} steps, {minutes(t)} of training"
+        lines.append(f"- {objective}: `{t['folder']}`, {t['steps']} steps; training loop "
+                     f"{minutes(t['loop_seconds'])}, whole command {minutes(t['seconds'])}"
                      + (f" (`{t['command']}`)" if t.get("command") else ""))
-    lines += ["", "| objective | sampler | steps | " + " | ".join(SETS) + " | sampling s | training |",
+    lines += ["", "The whole command includes start-up and, for the first training, encoding the latent "
+              "cache that both share; the training loop is the equal-compute part.", "",
+              "| objective | sampler | steps | " + " | ".join(SETS) + " | sampling s | training loop |",
               "|---|---|---|" + "---|" * len(SETS) + "---|---|"]
     for r in result["rows"]:
+        loop = minutes(trainings[r["objective"]]["loop_seconds"])
         lines.append(f"| {r['objective']} | {r['sampler']} | {r['steps']} | "
-                     + " | ".join(cell(r[s]) for s in SETS)
-                     + f" | {r['sampling_seconds']:.0f} | {minutes(trainings[r['objective']])} |")
+                     + " | ".join(cell(r[s]) for s in SETS) + f" | {r['sampling_seconds']:.0f} | {loop} |")
     for r in result["references"]:
         lines.append(f"| ({r['sampler']}) | | | " + " | ".join(cell(r[s]) for s in SETS) + " | | |")
     return "\n".join(lines) + "\n"

@@ -173,6 +173,7 @@ def test_compare_objectives_fast(tmp_path, assets):
     assert (tmp_path / "results" / "objectives.md").read_text() == (out / "objectives.md").read_text()
     eps, flow = result["trainings"]["eps"], result["trainings"]["flow"]
     assert eps["steps"] == flow["steps"] == TextToImageConfig.tiny().steps  # equal compute
+    assert 0 < eps["loop_seconds"] <= eps["seconds"] and 0 < flow["loop_seconds"] <= flow["seconds"]
     assert "--objective flow" in flow["command"] and "--objective eps" in eps["command"]
     assert json.loads((out / "flow" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
         "FlowMatchEulerDiscreteScheduler"
@@ -187,11 +188,15 @@ def test_compare_objectives_fast(tmp_path, assets):
     # again, with the eps model given: nothing is retrained, the eps model's steps come from its card
     again = _compare("--out", out, "--eps-model", out / "eps", "--sampling-steps", 4, "--no-dpmpp", *common)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "already shipped" in again.stdout
+    assert "already shipped" in again.stdout and "already holds this evaluation" not in again.stdout
     assert "$ python 06_stable_diffusion_architecture/train_text_to_image.py" not in again.stdout
     result = json.loads((out / "objectives.json").read_text())
     assert result["trainings"]["eps"]["reused"] and result["trainings"]["eps"]["steps"] == eps["steps"]
     assert {(r["sampler"], r["steps"]) for r in result["rows"]} == {("ddim", 4), ("flow_euler", 4)}
+    # and once more: the same evaluations are read back, not run again
+    third = _compare("--out", out, "--eps-model", out / "eps", "--sampling-steps", 4, "--no-dpmpp", *common)
+    assert third.returncode == 0 and third.stdout.count("already holds this evaluation") == 2, third.stdout
+    assert json.loads((out / "objectives.json").read_text())["rows"] == result["rows"]
 
 
 def test_compare_objectives_refuses_a_missing_eps_model(tmp_path):

@@ -446,8 +446,8 @@ if objectives is None:
 else:
     print(f"config {objectives['config']}; eps loss weights: {objectives['eps_weighting']}")
     for name, t in objectives["trainings"].items():
-        minutes = "?" if t["seconds"] is None else f"{t['seconds'] / 60:.1f}"
-        print(f"{name}: {t['steps']} steps, {minutes} min of training ({t['folder']})")
+        loop = "?" if t["loop_seconds"] is None else f"{t['loop_seconds'] / 60:.1f}"
+        print(f"{name}: {t['steps']} steps, a training loop of {loop} min ({t['folder']})")
     print(f"{objectives['n']} prompts per set, guidance {objectives['guidance']}; "
           "share with every attribute right [95% interval]")
     print(f"{'objective':9s} {'sampler':10s} {'steps':>5s} " + " ".join(f"{s:>22s}" for s in HELD_OUT))
