@@ -2,6 +2,7 @@
 
     python 06_stable_diffusion_architecture/compare_objectives.py --config cpu --out runs/objectives
     python 06_stable_diffusion_architecture/compare_objectives.py --eps-model checkpoints/course_t2i_cpu
+    python 06_stable_diffusion_architecture/compare_objectives.py --config gpu --steps 2100 --out runs/obj_gpu
     python 06_stable_diffusion_architecture/compare_objectives.py \
         --results 06_stable_diffusion_architecture/results           # and copy the table there
     COURSE_FAST=1 python 06_stable_diffusion_architecture/compare_objectives.py --out /tmp/o  # a minute
@@ -12,6 +13,9 @@ same, so a step costs the same compute. Each is shipped into ``--out`` (``eps/``
 evaluate.py on its four fixed prompt sets: the eps model with DDIM (and DPM-Solver++(2M)), the flow model with
 Euler steps (``flow_euler``, shift 1.0), each at 4, 8 and 25 steps, guidance 3. Writes ``objectives.json`` and
 ``objectives.md`` (the table, with 95% Wilson intervals) to ``--out``, and copies them to ``--results``.
+
+On a GPU give ``--steps``: the ``gpu`` preset's step count is an upper bound meant for ``--minutes``, and a
+time budget would give the two objectives different step counts (2,100 is what the shipped model trained).
 
 A training whose shipped folder already exists is skipped (so a killed comparison resumes: run it again),
 and ``--eps-model PATH`` grades an eps model trained elsewhere instead of training one; its steps and wall
