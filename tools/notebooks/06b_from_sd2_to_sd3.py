@@ -511,8 +511,9 @@ folders = {} if objectives is None else {o: ROOT / t["folder"] for o, t in objec
 if objectives is None:
     print("nothing to draw yet: run the command printed above")
 elif not all((f / "model_index.json").is_file() for f in folders.values()):
-    print(f"the trained models are not at {', '.join(t['folder'] for t in objectives['trainings'].values())}: "
-          "the table above is all there is (compare_objectives.py ships them into its --out folder)")
+    missing = ", ".join(t["folder"] for t in objectives["trainings"].values())
+    print(f"the trained models are not at {missing}: the table above is all there is "
+          "(compare_objectives.py ships them into its --out folder)")
 else:
     import textwrap  # noqa: E402
 
