@@ -35,10 +35,11 @@ from common import cli
 from common.judge import JUDGE_DIR, Judge, real_renders, train_judge
 from common.metrics import frechet_distance
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
-from common.samplers import SAMPLERS
+from common.pipeline import SAMPLER_NAMES
 from common.shapes import N_PARAPHRASES, Shapes
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
 SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "paraphrased 2 objects")
 
 
@@ -112,7 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-judge", action="store_true", help="train the judge, ship it (see --judge), and stop")
     p.add_argument("--overwrite", action="store_true",
                    help="let --train-judge write over same-named files in a folder the course did not write")
-    p.add_argument("--samplers", nargs="+", default=["ddim", "dpmpp_2m", "ddpm"], help=f"of {', '.join(SAMPLERS)}")
+    p.add_argument("--samplers", nargs="+", default=None,
+                   help=f"of {', '.join(SAMPLER_NAMES)} (default: ddim dpmpp_2m ddpm; a flow model: "
+                        "flow_euler)")
     p.add_argument("--steps", nargs="+", type=cli.positive_int, default=None, help="step counts (default: 10 25; fast: 4)")
     p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER:STEPS",
                    help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps")
@@ -169,10 +172,11 @@ def main(argv=None) -> list[dict]:
             raise ValueError(f"--runs takes SAMPLER:STEPS pairs such as ddim:25 (steps >= 1), got {args.runs}") \
                 from None
     else:
-        runs = [(s, k) for s in args.samplers for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
+        runs = [(s, k) for s in args.samplers or DEFAULT_SAMPLERS
+                for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
     for s, _ in runs:
-        if s not in SAMPLERS:
-            raise ValueError(f"unknown sampler {s!r}; expected one of {', '.join(SAMPLERS)}")
+        if s not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {s!r}; expected one of {', '.join(SAMPLER_NAMES)}")
     device = get_device(args.device)
     # every output place is checked before the work
     out = cli.writable_dir(args.out, "--out")
@@ -195,6 +199,10 @@ def main(argv=None) -> list[dict]:
 
     judge = Judge.load(args.judge or JUDGE_DIR)
     pipe = StableDiffusion.from_pretrained(args.model, device=device)
+    if pipe.is_flow and not args.runs and not args.samplers:  # the diffusion samplers do not apply to it
+        runs = [("flow_euler", k) for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
+    for s, _ in runs:
+        pipe.make_sampler(s, 1)  # a sampler that does not fit the model fails here, before any work
     n = args.n if args.n is not None else budget(fast=2, cpu=32)
     sets = prompt_sets(n)
     rows, real_feats, grid = [], {}, []

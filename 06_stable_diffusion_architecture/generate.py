@@ -23,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path from
 import torch  # noqa: E402
 
 from common import cli  # noqa: E402
-from common.pipeline import StableDiffusion, image_grid, main_model_path  # noqa: E402
+from common.pipeline import SAMPLER_NAMES, StableDiffusion, image_grid, main_model_path  # noqa: E402
 from common.runtime import budget, get_device  # noqa: E402
-from common.samplers import SAMPLERS  # noqa: E402
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # written by PIL in the format the extension names
@@ -49,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="denoising steps (default 25; 2 under COURSE_FAST=1)")
     p.add_argument("--guidance", type=cli.nonnegative_float, default=7.5,
                    help="classifier-free guidance scale s >= 0 (1 = off, 0 = unconditional)")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: the model's scheduler")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
+                   help="default: the model's scheduler (flow_euler: flow-matching models only)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     p.add_argument("--height", type=cli.positive_int, default=None, help="pixels (default: the model's training size)")
     p.add_argument("--width", type=cli.positive_int, default=None, help="pixels (default: the model's training size)")

@@ -29,8 +29,8 @@ import torch
 from common import cli
 from common.pipeline_io import write_pipeline
 from common.runtime import describe, get_device, is_fast, seed_everything
-from common.text_to_image import (CONFIG_NAMES, TextToImageConfig, build_pipeline, count_parameters, load_vae, train,
-                                  write_model_card)
+from common.text_to_image import (CONFIG_NAMES, OBJECTIVES, TextToImageConfig, build_pipeline,
+                                  count_parameters, load_vae, train, write_model_card)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=cli.nonnegative_int, default=None, help="override the config's LR warm-up steps")
     p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
                    help="override how often (steps) a checkpoint is written")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="eps: predict the noise (default); flow: SD 3's flow matching (a velocity, sampled "
+                        "with flow_euler)")
     p.add_argument("--init-from", default=None,
                    help="start from a shipped course pipeline folder of the same config (fine-tuning), "
                         "e.g. checkpoints/course_t2i")
@@ -86,7 +89,7 @@ def main(argv=None) -> dict:
                                                           train_size=args.train_size, mixed_precision=args.precision,
                                                           ema_decay=args.ema_decay, warmup_steps=args.warmup,
                                                           checkpoint_every=args.checkpoint_every,
-                                                          ship_dtype=args.ship_dtype)
+                                                          ship_dtype=args.ship_dtype, objective=args.objective)
     if args.echo_prompt:
         config = config.with_overrides(echo_prompt=True, context_length=max(32, config.context_length))
     out = cli.writable_dir(args.out, "--out")  # every output place is checked before the training
@@ -129,7 +132,11 @@ def main(argv=None) -> dict:
 
         save_image(images, out / "samples.png", nrow=4)
         print(f"samples for {prompts} -> {out / 'samples.png'}")
-    result = {"config": name, "steps": config.steps, "seconds": timing["seconds"], "unet_params": n_unet,
+    weighting = (f"Min-SNR gamma {config.snr_gamma}" if config.objective == "eps" else
+                 "flow matching (SD 3: velocity target, logit-normal t, plain MSE; sampler flow_euler, "
+                 f"shift {config.flow_shift})")
+    result = {"config": name, "objective": config.objective, "steps": config.steps,
+              "seconds": timing["seconds"], "unet_params": n_unet,
               "text_params": n_text, "final_loss": final_loss}
     if args.ship:
         command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
@@ -144,7 +151,8 @@ def main(argv=None) -> dict:
                     f"- model: UNet {n_unet:,} + text encoder {n_text:,} parameters (the VAE is frozen)\n"
                     f"- steps: {config.steps:,} x batch {config.batch_size}, AdamW lr {config.lr} ({config.warmup_steps} "
                     f"warm-up, {config.lr_schedule}), EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "
-                    f"Min-SNR gamma {config.snr_gamma}, latents: posterior {config.latents} x scaling_factor, "
+                    f"objective {config.objective}: {weighting}, latents: posterior {config.latents} x "
+                    "scaling_factor, "
                     f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; final training loss "
                     f"{final_loss}\n"
                     f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"

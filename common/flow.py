@@ -62,8 +62,10 @@ def sample_sigmas_logit_normal(batch: int, mean: float = 0.0, std: float = 1.0,
                                generator: torch.Generator | None = None) -> torch.Tensor:
     """t = sigmoid(u), u ~ N(mean, std^2): SD 3's training timesteps (eq. 19), favouring the middle of [0, 1].
 
-    Draws exactly what diffusers' ``compute_density_for_timestep_sampling("logit_normal", ...)`` draws."""
-    u = torch.normal(mean=mean, std=std, size=(batch,), generator=generator)
+    Draws exactly what diffusers' ``compute_density_for_timestep_sampling("logit_normal", ...)`` draws; on the
+    generator's device (a training loop's CUDA generator draws on the GPU)."""
+    device = generator.device if generator is not None else None
+    u = torch.normal(mean=mean, std=std, size=(batch,), generator=generator, device=device)
     return torch.sigmoid(u)
 
 
@@ -82,6 +84,24 @@ class FlowSchedule:
             raise ValueError(f"shift must be > 0 (1.0: no shift, SD 3: 3.0), got {shift}")
         self.num_train_timesteps = num_train_timesteps  # T: diffusers' timestep is T * sigma
         self.shift = shift
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping) -> FlowSchedule:
+        """A ``FlowMatchEulerDiscreteScheduler`` config; an option that changes the sigmas and that the course
+        does not implement (dynamic shifting, Karras sigmas, ...) is refused, never silently ignored."""
+        for key in _UNSUPPORTED:
+            if config.get(key):
+                raise ValueError(f"flow_euler does not implement {key}={config[key]!r}; "
+                                 "expected it unset or False")
+        return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
+
+    def to_diffusers(self) -> dict:
+        """Keyword arguments of ``FlowMatchEulerDiscreteScheduler`` that give this schedule."""
+        return {"num_train_timesteps": self.num_train_timesteps, "shift": self.shift}
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"  # the network predicts the velocity eps - z_0
 
     def sigma_of(self, t: float | torch.Tensor) -> float:
         """sigma = t / T for one of the sampler's timesteps."""
@@ -126,12 +146,7 @@ class FlowEulerSampler:
     @classmethod
     def from_diffusers(cls, config: Mapping, num_inference_steps: int) -> FlowEulerSampler:
         """What ``FlowMatchEulerDiscreteScheduler.from_config(config)`` is after ``set_timesteps(steps)``."""
-        for key in _UNSUPPORTED:
-            if config.get(key):
-                raise ValueError(f"flow_euler does not implement {key}={config[key]!r}; "
-                                 "expected it unset or False")
-        schedule = FlowSchedule(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
-        return cls(schedule, num_inference_steps)
+        return cls(FlowSchedule.from_diffusers(config), num_inference_steps)
 
     @property
     def prediction_type(self) -> str:

@@ -17,7 +17,10 @@ generator calls, so the same seed gives the same image: tests/test_pipeline.py c
 * inpainting with a base model by latent blending (Lugmayr et al. 2022, "RePaint"; Avrahami et al. 2023,
   "Blended Latent Diffusion"): after every step the known region is replaced by the original latents noised
   to the new noise level, so only the masked region (white in ``mask_image``) is generated;
-* attention-map capture (Hertz et al. 2022, "Prompt-to-Prompt"): which words each pixel looked at.
+* attention-map capture (Hertz et al. 2022, "Prompt-to-Prompt"): which words each pixel looked at;
+* flow-matching models (SD 3's objective, ``common/flow.py``): with a ``FlowSchedule`` the UNet predicts the
+  velocity eps - z_0 at timestep 1000 t, the one sampler is ``flow_euler``, and guidance mixes the two
+  velocities with the same formula (eq. 6 is linear in the network's output, whatever it predicts).
 
 Loading and saving: ``StableDiffusion.from_pretrained`` reads a diffusers folder or a single-file SD 1.x
 checkpoint (``common/single_file.py``); ``save_pretrained`` writes a folder diffusers itself loads.
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 from common.attention import attention_maps_to_image, capture_attention_maps
 from common.autoencoder import AutoencoderKL
+from common.flow import FlowEulerSampler, FlowSchedule
 from common.runtime import get_device
 from common.samplers import SAMPLERS, Sampler, as_generator, randn
 from common.schedules import NoiseSchedule
@@ -47,7 +51,10 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 # parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
 SD_SAMPLER_OPTIONS = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
                       "clip_sample": False}
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
+                        "dpmpp_2m": "DPMSolverMultistepScheduler",
+                        "flow_euler": "FlowMatchEulerDiscreteScheduler"}
+SAMPLER_NAMES = (*SAMPLERS, "flow_euler")  # flow_euler: for flow-matching models (a FlowSchedule) only
 COURSE_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "course_t2i"
 
 
@@ -71,10 +78,10 @@ class StableDiffusion:
     """Tokenizer + text encoder + UNet + VAE + sampler, called like diffusers' pipelines."""
 
     def __init__(self, *, tokenizer, text_encoder: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
-                 schedule: NoiseSchedule | None = None, sampler: str = "ddim", device=None,
+                 schedule: NoiseSchedule | FlowSchedule | None = None, sampler: str = "ddim", device=None,
                  dtype: torch.dtype = torch.float32, sampler_options: dict | None = None):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        self.schedule = schedule or NoiseSchedule.sd15()
+        self._check_sampler(sampler)
         if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
             raise ValueError(f"the UNet's cross_attention_dim ({unet.config.cross_attention_dim}) must equal the text "
                              f"encoder's hidden_size ({text_encoder.config.hidden_size})")
@@ -85,10 +92,11 @@ class StableDiffusion:
             raise ValueError(f"the tokenizer's context_length ({tokenizer.context_length}) exceeds the text encoder's "
                              f"max_position_embeddings ({text_encoder.config.max_position_embeddings})")
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
-        self.schedule = schedule or NoiseSchedule.sd15()
         self.sampler_name = sampler
-        # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a scheduler config holds them
-        self.sampler_options = dict(SD_SAMPLER_OPTIONS if sampler_options is None else sampler_options)
+        # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a scheduler config
+        # holds them; a flow model has none (its shift lives in the FlowSchedule)
+        default_options = {} if self.is_flow else SD_SAMPLER_OPTIONS
+        self.sampler_options = dict(default_options if sampler_options is None else sampler_options)
         self.to(device, dtype)
 
     # --- bookkeeping ----------------------------------------------------------------------------------
@@ -109,11 +117,31 @@ class StableDiffusion:
         """Image sides must be multiples of the VAE's factor f (8 for SD); the UNet takes any latent size."""
         return self.vae_scale_factor
 
-    def make_sampler(self, name: str | None = None, num_inference_steps: int = 50, eta: float = 0.0) -> Sampler:
+    @property
+    def is_flow(self) -> bool:
+        """True for a flow-matching model: the UNet predicts the velocity eps - z_0 (``common/flow.py``)."""
+        return isinstance(self.schedule, FlowSchedule)
+
+    def _check_sampler(self, name: str) -> None:
+        """A known sampler that fits the model: flow_euler for a flow model, the others for diffusion."""
+        if name not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+        if self.is_flow and name != "flow_euler":
+            raise ValueError(f"this is a flow-matching model (it predicts a velocity); sampler {name!r} "
+                             "expects a diffusion model: use 'flow_euler'")
+        if not self.is_flow and name == "flow_euler":
+            raise ValueError(f"flow_euler samples flow-matching models; this model predicts "
+                             f"{self.schedule.prediction_type!r}: use one of {', '.join(SAMPLERS)}")
+
+    def make_sampler(self, name: str | None = None, num_inference_steps: int = 50,
+                     eta: float = 0.0) -> Sampler | FlowEulerSampler:
         """The named sampler (default: the pipeline's) with this pipeline's schedule and options."""
         name = name or self.sampler_name
-        if name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+        self._check_sampler(name)
+        if name == "flow_euler":
+            if eta != 0.0:
+                raise ValueError(f"eta={eta} is an option of the 'ddim' sampler only; got sampler {name!r}")
+            return FlowEulerSampler(self.schedule, num_inference_steps)
         cls = SAMPLERS[name]
         # an option the config leaves out means diffusers' default for that scheduler class, as from_config reads it
         options = {key: default if self.sampler_options.get(key) is None else self.sampler_options[key]

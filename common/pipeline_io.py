@@ -8,7 +8,8 @@ A diffusers folder (what ``diffusers.StableDiffusionPipeline.save_pretrained`` w
     vae/config.json                 AutoencoderKL config           + diffusion_pytorch_model.safetensors
     text_encoder/config.json        transformers CLIPTextConfig    + model.safetensors
     tokenizer/                      CLIP BPE (vocab.json, merges.txt) or the Shapes word-level tokenizer.json
-    scheduler/scheduler_config.json the noise schedule and the sampler's options
+    scheduler/scheduler_config.json the noise schedule and the sampler's options (a flow-matching model:
+                                    FlowMatchEulerDiscreteScheduler, its num_train_timesteps and shift)
 
 The modules are built on the meta device and the weights assigned into them, so nothing is allocated twice and
 SD 1.5 loads without the seconds of random initialisation its 1.07 B parameters would cost.
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.flow import FlowSchedule
 from common.schedules import NoiseSchedule
 from common.text_encoder import CLIPTextConfig, CLIPTextModel, normalize_clip_keys
 from common.tokenizer import ClipTokenizer, ShapesTokenizer, load_tokenizer
@@ -30,7 +32,10 @@ from common.unet import UNet, UNetConfig
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp_2m"}
+SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
+                        "DPMSolverMultistepScheduler": "dpmpp_2m",
+                        "FlowMatchEulerDiscreteScheduler": "flow_euler"}
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # a flow-matching model: common.flow.FlowSchedule
 DIFFUSERS_VERSION = "0.42.1"  # written into the configs; diffusers only reads it to warn about old files
 
 
@@ -123,8 +128,12 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         raise FileNotFoundError(f"no model at {path}: expected a diffusers folder (with model_index.json) or a "
                                 ".safetensors file")
     unet, vae, text_encoder, tokenizer, scheduler_config = parts
-    schedule = NoiseSchedule.from_diffusers(scheduler_config)
-    options = {k: v for k, v in scheduler_config.items() if k not in SCHEDULE_KEYS and not k.startswith("_")}
+    if scheduler_config.get("_class_name") == FLOW_SCHEDULER:  # the velocity eps - z_0, not a noise schedule
+        schedule, options = FlowSchedule.from_diffusers(scheduler_config), {}
+    else:
+        schedule = NoiseSchedule.from_diffusers(scheduler_config)
+        options = {k: v for k, v in scheduler_config.items()
+                   if k not in SCHEDULE_KEYS and not k.startswith("_")}
     sampler = sampler or sampler_of(scheduler_config, path if path.is_file() else path / "scheduler")
     return cls(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, schedule=schedule,
                sampler=sampler, device=device, dtype=dtype, sampler_options=options)

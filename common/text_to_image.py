@@ -27,6 +27,16 @@ from the loss's generator, as the LDM code does).
 The CPU preset weights the loss by Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t, which tempers the nearly noise-free timesteps.
 
+``TextToImageConfig.objective = "flow"`` trains the same networks by flow matching instead, as SD 3 does
+(Esser et al. 2024, eqs. 3 and 19; ``common/flow.py``):
+
+    L_flow = E_{x, c, eps, t ~ logit-normal(0, 1)} || v_theta(z_t, 1000 t, tau_theta(c)) - (eps - z_0) ||^2,
+    z_t = (1 - t) z_0 + t eps
+
+with the UNet's timestep input 1000 t (diffusers' FlowMatchEulerDiscreteScheduler convention) and SD 3's plain
+MSE: the logit-normal density is the weighting, and Min-SNR (``snr_gamma``) does not apply. Everything else
+(data, caption dropout, EMA, steps) is the same, so the two objectives cost the same compute per step.
+
 ``build_pipeline`` wraps the trained parts (usually the EMA weights) in ``common.pipeline.StableDiffusion``.
 """
 
@@ -41,6 +51,7 @@ import torch
 from torch import nn
 
 from common.autoencoder import AutoencoderKL
+from common.flow import FlowSchedule, add_noise, sample_sigmas_logit_normal, velocity_target
 from common.schedules import NoiseSchedule
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
 from common.training import TrainConfig
@@ -48,6 +59,7 @@ from common.unet import UNet, UNetConfig
 
 CONFIG_NAMES = ("cpu", "gpu", "tiny")
 LATENT_MODES = ("mean", "sample")
+OBJECTIVES = ("eps", "flow")  # chapter 06's noise prediction (the schedule's target), or SD 3's flow matching
 DEFAULT_CACHE = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "latent_diffusion_course"))
 
 
@@ -91,7 +103,9 @@ class TextToImageConfig:
     echo_prompt: bool = False  # the tokenizer writes the prompt twice (see ShapesTokenizer): relations bind
     resolution: int = 64  # image side; the latent side is resolution / f
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # SD 1.x's scaled-linear, eps target
-    snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023): None = plain eq. 3
+    snr_gamma: float | None = None  # eps only: Min-SNR-gamma loss weights (Hang et al. 2023); None = eq. 3
+    objective: str = "eps"  # "eps": eq. 3 on `schedule`; "flow": SD 3's flow matching (module docstring)
+    flow_shift: float = 1.0  # the flow sampler's shift (SD 3: 3.0 at 1024 px; 16 x 16 latents need none)
     checkpoint_every: int = 200  # Trainer checkpoints, for resume after a kill
     ship_dtype: str = "fp32"  # how --ship stores the weights: "fp16" halves the folder (loaded back as fp32)
     snapshot_every: int = 0  # EMA snapshots kept for the adherence curve (0 = none; train(snapshot_every=...))
@@ -100,6 +114,8 @@ class TextToImageConfig:
     def __post_init__(self):
         if self.ship_dtype not in ("fp32", "fp16"):
             raise ValueError(f"ship_dtype must be 'fp32' or 'fp16', got {self.ship_dtype!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.latents not in LATENT_MODES:
             raise ValueError(f"latents must be one of {LATENT_MODES}, got {self.latents!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -259,12 +275,14 @@ def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, ge
 
 
 def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
-    """``loss_fn(model, batch, generator)`` for ``Trainer``: the eps-prediction MSE of eq. 3 with caption dropout.
+    """``loss_fn(model, batch, generator)`` for ``Trainer``: the eps-prediction MSE of eq. 3 with caption
+    dropout (``config.objective == "eps"``), or SD 3's flow-matching MSE (``"flow"``) with the same dropout.
 
     ``empty_ids`` (N_k,) are the token ids of "" (bos, eos, padding): what the pipeline feeds as the
     unconditional prompt, so guidance at sampling time uses exactly the context trained here.
     """
     schedule, p, mode, gamma = config.schedule, config.caption_dropout, config.latents, config.snr_gamma
+    T = FlowSchedule().num_train_timesteps  # the flow UNet's timestep is T t, as in diffusers' FlowMatch
 
     def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator):
         z0 = batch["z0_mean"]  # (B, C, h, w), already times s
@@ -273,6 +291,8 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
             e = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0)
             z0 = z0 + batch["z0_std"] * e
         ids, dropped = drop_captions(batch["input_ids"], empty_ids, p, generator)
+        if config.objective == "flow":
+            return flow_loss(model, z0, ids, generator, T), {"dropped": dropped.float().mean()}
         t = schedule.sample_timesteps(B, generator, device=z0.device)  # (B,) uniform in [0, T-1]
         eps = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0)  # (B, C, h, w)
         z_t = schedule.add_noise(z0, eps, t, validate=False)  # t is valid by construction (no GPU stall)
@@ -296,17 +316,43 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
     return loss_fn
 
 
+def flow_loss(model: nn.Module, z0: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
+              T: int = 1000) -> torch.Tensor:
+    """SD 3's flow-matching loss on a batch (Esser et al. 2024):
+
+        t ~ sigmoid(N(0, 1))                       eq. 19, the logit-normal density (m = 0, s = 1)
+        z_t = (1 - t) z_0 + t eps                  eq. 3 with a_t = 1 - t, b_t = t
+        L = mean || v_theta(z_t, T t, c) - (eps - z_0) ||^2
+
+    Plain MSE, as SD 3 trains: the logit-normal density already decides how much each t counts.
+    z0 (B, C, h, w) and the caption ids (B, N_k) (already dropped) in; the loss, a 0-d tensor, out.
+    """
+    B = z0.shape[0]
+    t = sample_sigmas_logit_normal(B, generator=generator).to(z0.device)  # (B,) in (0, 1)
+    eps = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0)  # (B, C, h, w)
+    z_t = add_noise(z0, eps, t)  # (B, C, h, w)
+    context = model["text_encoder"](ids).last_hidden_state  # (B, N_k, D_c)
+    v_pred = model["unet"](z_t, T * t, context)  # (B, C, h, w); the timestep is a float in (0, T)
+    v = velocity_target(z0, eps)  # (B, C, h, w)
+    return (v_pred.float() - v.float()).pow(2).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # From the trained bundle to a pipeline
 def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: TextToImageConfig | None = None, *,
-                   sampler: str = "ddim", device=None):
+                   sampler: str | None = None, device=None):
     """``common.pipeline.StableDiffusion`` around the trained parts (pass ``trainer.ema_model()`` for EMA weights).
 
-    The pipeline holds the modules themselves (no copy) and puts them in eval mode on ``device``.
+    The pipeline holds the modules themselves (no copy) and puts them in eval mode on ``device``. A flow model
+    (``config.objective == "flow"``) gets a ``FlowSchedule`` with ``config.flow_shift`` and samples with
+    ``flow_euler``; a diffusion model with ``sampler`` (default ``ddim``).
     """
     from common.pipeline import StableDiffusion
 
     schedule = config.schedule if config is not None else NoiseSchedule.sd15()
+    if config is not None and config.objective == "flow":
+        schedule = FlowSchedule(shift=config.flow_shift)
+    sampler = sampler or ("flow_euler" if isinstance(schedule, FlowSchedule) else "ddim")
     return StableDiffusion(tokenizer=tokenizer, text_encoder=model["text_encoder"], unet=model["unet"], vae=vae,
                            schedule=schedule, sampler=sampler, device=device)
 
@@ -465,13 +511,22 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
     training = training if training is not None else (_card_section(old, "Training") or "")
     metrics = metrics if metrics is not None else _card_section(old, "Metrics")
     curve = curve if curve is not None else _card_section(old, "Adherence during training")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    flow_note = ""
+    if scheduler.is_file() and "FlowMatchEulerDiscreteScheduler" in scheduler.read_text():
+        flow_note = ("\nA flow-matching model (the UNet predicts the velocity eps - z_0 at timestep 1000 t): "
+                     "sample it with `flow_euler`. diffusers' `StableDiffusionPipeline` loads it, but its "
+                     "`__call__` expects two members that `FlowMatchEulerDiscreteScheduler` lacks: set "
+                     "`pipe.scheduler.init_noise_sigma = 1.0` and `pipe.scheduler.scale_model_input = "
+                     "lambda sample, t: sample` first.\n")
     size = sum(p.stat().st_size for p in weight_files(folder))
     rows = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
                      for p in weight_files(folder))
     text = (f"# {folder.name}: the course's own text-to-image model\n\n"
             f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
             f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
-            f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
+            f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n"
+            f"{flow_note}\n"
             f"## Training\n\n{training.strip()}\n\n"
             + (f"## Adherence during training\n\n{curve.strip()}\n\n" if curve else "") +
             f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
