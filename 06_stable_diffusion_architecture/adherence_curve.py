@@ -36,7 +36,8 @@ from common import cli
 from common.judge import JUDGE_DIR, Judge
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import SAMPLERS
-from common.text_to_image import TextToImageConfig, build_model, build_pipeline, load_snapshots, load_vae
+from common.text_to_image import (TextToImageConfig, build_model, build_pipeline, load_snapshots, load_vae,
+                                  snapshot_config)
 from common.tokenizer import ShapesTokenizer
 from evaluate import generate, prompt_sets
 
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the VAE the run trained on")
     p.add_argument("--judge", default=None, help="the judge's folder (default: checkpoints/shapes_judge)")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 100; fast 4)")
-    p.add_argument("--sampler", default="ddim", help=f"one of {', '.join(SAMPLERS)}")
+    p.add_argument("--sampler", default=None,
+                   help=f"one of {', '.join(SAMPLERS)} (default: ddim; flow_euler for a flow-matching run)")
     p.add_argument("--steps", type=cli.positive_int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0)
     p.add_argument("--card", default=None, help="a shipped model folder whose card gets the curve")
@@ -116,7 +118,7 @@ def card_section(rows: list[dict], settings: str) -> str:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.sampler not in SAMPLERS:
+    if args.sampler is not None and args.sampler not in SAMPLERS:
         raise cli.UsageError(f"--sampler {args.sampler}: expected one of {', '.join(SAMPLERS)}")
     run = Path(args.run)
     snapshots = load_snapshots(run)
@@ -130,8 +132,9 @@ def main(argv=None) -> list[dict]:
     seed_everything(args.seed)
     print(describe(get_device(args.device)))
     n = args.n if args.n is not None else budget(fast=4, cpu=100)
+    config = snapshot_config(snapshots[0])
+    args.sampler = args.sampler or ("flow_euler" if config.objective == "flow" else "ddim")
     settings = f"{args.sampler} {args.steps} steps, guidance {args.guidance}, n = {n} per set, seed {args.seed}"
-    config = TextToImageConfig.named(snapshots[0]["config"])
     vae, judge, sets = load_vae(args.vae, get_device(args.device)), Judge.load(args.judge or JUDGE_DIR), prompt_sets(n)
     curve_path = run / "curve.json"
     old = json.loads(curve_path.read_text()) if curve_path.is_file() else {}

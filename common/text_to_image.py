@@ -43,7 +43,9 @@ MSE: the logit-normal density is the weighting, and Min-SNR (``snr_gamma``) does
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -404,7 +406,7 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     model = build_model(config)
     if init_from is not None:
         init_weights(model, init_from)
-    callbacks = [SnapshotWriter(out_dir, config.name, clock_start)] if snapshot_every else []
+    callbacks = [SnapshotWriter(out_dir, config, clock_start)] if snapshot_every else []
     trainer = Trainer(model, LatentDataset(cache), make_loss_fn(config, empty_ids),
                       config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s), out_dir,
                       device=dev, resume=resume, callbacks=callbacks, callback_every=snapshot_every)
@@ -414,6 +416,14 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     return trainer, tokenizer
 
 
+SNAPSHOT_FIELDS = ("objective", "flow_shift", "echo_prompt", "context_length")
+
+
+def snapshot_config(row: dict) -> TextToImageConfig:
+    """The config a snapshot row (``load_snapshots``) was trained with, as far as sampling needs it."""
+    return TextToImageConfig.named(row["config"]).with_overrides(**row.get("overrides", {}))
+
+
 class SnapshotWriter:
     """Trainer callback: the EMA weights at a step, as ``out_dir/snapshots/step_{step:07d}.safetensors``, and a row
     {step, seconds, config} in ``out_dir/snapshots/index.json``. ``seconds`` counts from ``start`` (a
@@ -421,16 +431,13 @@ class SnapshotWriter:
     resumes); each file is written atomically, so a killed run leaves no half snapshot, and a resumed run adds to
     the same index."""
 
-    def __init__(self, out_dir: str | Path, config_name: str, start: float | None = None):
-        import time
-
-        self.dir, self.config_name = Path(out_dir) / "snapshots", config_name
+    def __init__(self, out_dir: str | Path, config: TextToImageConfig, start: float | None = None):
+        self.dir = Path(out_dir) / "snapshots"
+        # what rebuilds the model and its sampler: the preset's name and the fields that change them
+        self.config = {"config": config.name, "overrides": {k: getattr(config, k) for k in SNAPSHOT_FIELDS}}
         self.start = time.perf_counter() if start is None else start
 
     def __call__(self, trainer, step: int) -> None:
-        import json
-        import time
-
         from safetensors.torch import save_file
 
         from common.cli import atomic_write
@@ -443,14 +450,13 @@ class SnapshotWriter:
         index_path = self.dir / "index.json"
         rows = json.loads(index_path.read_text()) if index_path.is_file() else []
         rows = [r for r in rows if r["step"] != step] + [
-            {"step": step, "seconds": round(time.perf_counter() - self.start, 1), "config": self.config_name}]
+            {"step": step, "seconds": round(time.perf_counter() - self.start, 1), **self.config}]
         atomic_write(index_path, json.dumps(sorted(rows, key=lambda r: r["step"]), indent=1) + "\n")
 
 
 def load_snapshots(run_dir: str | Path) -> list[dict]:
-    """The snapshot rows of a run folder, each with its file: [{step, seconds, config, path}], by step."""
-    import json
-
+    """The snapshot rows of a run folder, each with its file: [{step, seconds, config, overrides, path}], by
+    step."""
     folder = Path(run_dir) / "snapshots"
     if not (folder / "index.json").is_file():
         return []
