@@ -432,15 +432,15 @@ def end_to_end_main(args, device: torch.device) -> int:
     return 0
 
 
-def checkpointing_main(args) -> int:
+def checkpointing_main(args, device: torch.device) -> int:
     import checkpointing  # this folder's checkpointing.py
 
     cli.writable_dir(args.out, "--out")
     repeats = args.repeats or 5
     print(f"checkpointing: {args.ckpt_config} UNet, {args.ckpt_latent}x{args.ckpt_latent} latents, batch "
-          f"{args.ckpt_batch}, {torch.get_num_threads()} threads, {repeats} interleaved repeats", flush=True)
+          f"{args.ckpt_batch}, {device}, {torch.get_num_threads()} threads, {repeats} interleaved repeats", flush=True)
     rows = checkpointing.run_table(config=args.ckpt_config, side_px=args.ckpt_latent, batch=args.ckpt_batch,
-                                   repeats=repeats, log=lambda m: print(m, flush=True))
+                                   repeats=repeats, device=device, log=lambda m: print(m, flush=True))
     md, _ = write_table(rows, args.out, "checkpointing", checkpointing.COLUMNS)
     print(format_table(rows, checkpointing.COLUMNS))
     print(f"wrote {md} (seconds: medians; MiB: peak extra memory of one step; GFLOP: one step's)")
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_argument("--side", type=cli.positive_int, help="image side in px (default: 512; 32 with --quick)")
     e2e.add_argument("--settings", nargs="+", choices=("fp32", "fp16", "compile"),
                      help="default: fp32 on a CPU; fp32 fp16 compile on a GPU (compile: fp16 + channels_last)")
-    ck = p.add_argument_group("gradient checkpointing, ours against diffusers (--checkpointing, CPU)")
+    ck = p.add_argument_group("gradient checkpointing, ours against diffusers (--checkpointing)")
     ck.add_argument("--checkpointing", action="store_true",
                     help="time, peak memory and FLOPs of a training step with and without checkpointing")
     ck.add_argument("--ckpt-config", default="shapes_text", choices=("sd15", "shapes_text", "tiny"),
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.end_to_end:
         return end_to_end_main(args, device)
     if args.checkpointing:
-        return checkpointing_main(args)
+        return checkpointing_main(args, device)
     if args.list:
         for r in rows(sizes(args.quick or is_fast()), args.compile):
             print(f"{r.name:<24} {r.what}")

@@ -2,12 +2,14 @@
 
 One training step (forward, MSE to the noise, backward) of the same UNet with the same weights, on each side
 with and without ``enable_gradient_checkpointing()``; the four cases interleaved ``repeats`` times (ABCD,
-DCBA, ...), so a load that comes and goes falls on all of them alike. Reported per side: the median wall and
-CPU (process) seconds of a step, the peak extra memory of one step (``common.memory.measure``), the FLOPs of
-a step (``torch.utils.flop_counter``: what checkpointing recomputes shows as the difference), and the
-ratios checkpointed / plain.
+DCBA, ...), so a load that comes and goes falls on all of them alike. Reported per side: the median wall
+and CPU (process) seconds of a step; the median peak extra memory of a step (``common.memory.measure``, 3
+steps per case, apart from the timed ones: measuring costs time of its own); the FLOPs of a step
+(``torch.utils.flop_counter``: what checkpointing recomputes shows as the difference); the ratios
+checkpointed / plain.
 
     OMP_NUM_THREADS=1 python 05_memory_efficient_diffusion/benchmark.py --checkpointing --out DIR
+    python 05_memory_efficient_diffusion/benchmark.py --checkpointing --device cuda --repeats 20 --out DIR
 """
 
 from __future__ import annotations
@@ -62,34 +64,48 @@ def set_checkpointing(model, on: bool) -> None:
         model.disable_gradient_checkpointing()
 
 
-def run_table(*, config: str, side_px: int, batch: int, repeats: int, log=print) -> list[dict]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_table(*, config: str, side_px: int, batch: int, repeats: int, device: str | torch.device = "cpu",
+              log=print) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from common.memory import measure
 
-    models = build(config)
+    device = torch.device(device)
+    models = {side: model.to(device) for side, model in build(config).items()}  # the shared tensors stay shared
     cfg = models["ours"].config
-    inputs = batch_of(cfg, batch, side_px)
+    inputs = [x.to(device) for x in batch_of(cfg, batch, side_px)]
     cases = [(s, ck) for s in models for ck in (False, True)]
     wall = {c: [] for c in cases}
     cpu = {c: [] for c in cases}
-    peak, flops = {}, {}
-    for s, ck in cases:  # warm-up, one measured step for memory, one counted step for FLOPs
+    flops = {}
+    peaks = {c: [] for c in cases}
+    for s, ck in cases:  # warm-up, one counted step for the FLOPs
         set_checkpointing(models[s], ck)
         train_step(s, models[s], *inputs)
-        peak[(s, ck)] = measure(lambda: train_step(s, models[s], *inputs), device="cpu")[0].peak_mib
         with FlopCounterMode(display=False) as counter:
             train_step(s, models[s], *inputs)
         flops[(s, ck)] = counter.get_total_flops() / 1e9
     for r in range(repeats):
         for s, ck in (cases if r % 2 == 0 else cases[::-1]):
             set_checkpointing(models[s], ck)
+            _sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
             train_step(s, models[s], *inputs)
+            _sync(device)
             wall[(s, ck)].append(time.perf_counter() - w0)
             cpu[(s, ck)].append(time.process_time() - c0)
         log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{s}{' ckpt' if ck else ''} {wall[(s, ck)][-1]:.2f} s"
                                                       for s, ck in cases))
+    for r in range(3):  # the memory apart: measuring costs time of its own (a collection, a malloc_trim)
+        for s, ck in (cases if r % 2 == 0 else cases[::-1]):
+            set_checkpointing(models[s], ck)
+            peaks[(s, ck)].append(measure(lambda s=s: train_step(s, models[s], *inputs), device=device)[0].peak_mib)
+    peak = {c: statistics.median(p) for c, p in peaks.items()}
     rows = []
     for s in models:
         a, b = (s, False), (s, True)

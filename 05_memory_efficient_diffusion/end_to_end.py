@@ -8,10 +8,12 @@ scheduler settings, draw the same starting noise from the same seed, and must gi
 1/255. Real SD weights change neither time nor memory, so none are needed; the tokenizer is a small local
 CLIP BPE vocabulary (what CLIPTokenizer needs to run), which only changes which ids the prompt gets.
 
-Timing: a warm-up call on each side, then ``repeats`` calls per side, interleaved (ours, diffusers, diffusers,
-ours, ...), so a load that comes and goes on the machine falls on both sides alike; the table reports each
-side's median and the ratio ours / diffusers. Then one more call per side with timers around the text
-encoder, every UNet call and the VAE decode: where the time of one image goes.
+Timing: a warm-up call on each side (its image is the one compared), then ``repeats`` calls per side,
+interleaved (ours, diffusers, diffusers, ours, ...), so a load that comes and goes on the machine falls on
+both sides alike; the table reports each side's median and the ratio ours / diffusers. Timers around the
+text encoder, every UNet call and the VAE decode say where the time of one image goes: on a CPU in the
+timed calls themselves (the breakdown kept is the last one's), on a GPU in one more call per side (there the
+timers synchronise the device, which would slow the timed calls).
 
 Settings: ``fp32`` (both sides fp32), ``fp16`` (both sides' weights and activations in fp16), ``compile``
 (fp16, the UNet in channels_last and compiled with ``torch.compile``; the one-off compile time is reported
@@ -223,11 +225,19 @@ def run_setting(ours, ref, setting: str, *, device: torch.device, steps: int, im
     first, images = {}, {}
     for side, pipe in pipes.items():  # warm-up (and, with compile, the compilation), not timed
         first[side], images[side] = timed_call(side, pipe, device, **kw)
+    # On a CPU the timers cost nothing (no synchronisation), so every timed call is also broken down; on a GPU
+    # they would stop the CPU from queueing the next kernels ahead, so one extra call per side is broken down
+    apart = device.type == "cuda"
     times = {"ours": [], "diffusers": []}
+    parts: dict[str, dict] = {}
     for i in range(repeats):
         order = ("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")
         for side in order:
-            times[side].append(timed_call(side, pipes[side], device, **kw)[0])
+            if apart:
+                times[side].append(timed_call(side, pipes[side], device, **kw)[0])
+            else:
+                parts[side] = breakdown(side, pipes[side], device, **kw)
+                times[side].append(parts[side]["total_s"])
     med = {side: statistics.median(ts) for side, ts in times.items()}
     diff = float((images["ours"].float() - images["diffusers"].float()).abs().max())
     row = {"setting": setting, "steps": steps, "side_px": image_side, "repeats": repeats,
@@ -237,8 +247,8 @@ def run_setting(ours, ref, setting: str, *, device: torch.device, steps: int, im
     if setting == "compile":  # the first call compiled: its excess over a steady call is the compile time
         row["ours_compile_s"] = first["ours"] - med["ours"]
         row["diffusers_compile_s"] = first["diffusers"] - med["diffusers"]
-    row["ours_breakdown"] = breakdown("ours", ours, device, **kw)
-    row["diffusers_breakdown"] = breakdown("diffusers", ref, device, **kw)
+    for side, pipe in pipes.items():  # on a CPU: the last timed call's
+        row[f"{side}_breakdown"] = breakdown(side, pipe, device, **kw) if apart else parts[side]
     return row
 
 

@@ -14,7 +14,8 @@
 # 4. half precision: fp16's overflow made to happen, in attention logits and in a VAE decode, and the fixes;
 # 5. VAE tiling and batch slicing;
 # 6. model CPU offload, channels_last and `torch.compile`;
-# 7. the whole table (`benchmark.py`), every row explained.
+# 7. the whole table (`benchmark.py`), every row explained;
+# 8. one whole image, end to end: the course's pipeline against diffusers', and where its time goes.
 #
 # Every measurement uses `common.memory.measure`: time, and **peak extra memory** (the most memory a call
 # holds at once above what was held just before it). On Linux the CPU figure comes from the kernel's
@@ -26,6 +27,7 @@
 # calls comparable with each other, which is what the ratios below need.
 
 # %%
+import json
 import math
 import os
 import subprocess
@@ -733,6 +735,123 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 # Ours and diffusers' columns agree to a few percent in every other row: the same tensors, the same peaks. The
 # chapter README gives the times of the same rows and the GPU's table.
 #
+# ## 8. One whole image, end to end
+#
+# Every row so far times one module. What you wait for is the whole call: encode the prompt and the empty
+# prompt, run the UNet once per step on the batch [uncond, cond] (classifier-free guidance), step the
+# sampler, decode the latents. `benchmark.py --end-to-end` times that call for the course's
+# `StableDiffusion` and for diffusers' `StableDiffusionPipeline`, built from the same random weights (SD
+# 1.5's configurations), the same DPM-Solver++ scheduler and the same seed, and checks first that both
+# give the same image within 1/255. Here it is on tiny configurations, a few seconds:
+
+# %%
+sys.path.insert(0, str(ROOT / "05_memory_efficient_diffusion"))
+import end_to_end  # noqa: E402  (05_memory_efficient_diffusion/end_to_end.py)
+
+ours_pipe, ref_pipe = end_to_end.build_pipelines(quick=True)
+row = end_to_end.run_setting(ours_pipe, ref_pipe, "fp32", device=torch.device("cpu"), steps=4, image_side=32,
+                             repeats=2)
+print(f"prompt {end_to_end.PROMPT!r}, 4 steps, 32 px: max |ours - diffusers| = {row['max_abs_diff']:.1e} "
+      f"(same image within 1/255: {row['same_image']})")
+print("ours, one image, stage by stage:",
+      ", ".join(f"{s['stage']} {s['s'] * 1e3:.1f} ms" for s in row["ours_breakdown"]["stages"]))
+del ours_pipe, ref_pipe
+
+# %% [markdown]
+# Two text-encoder calls (the prompt and the empty prompt), one UNet call per step, one decode: the
+# stages of the pipeline diagram, in order. At tiny sizes every stage takes milliseconds and the rest
+# (tokenizing, the sampler's arithmetic) is not small beside them. At SD 1.5's sizes the arithmetic
+# decides. The committed CPU run (`OMP_NUM_THREADS=1 python 05_memory_efficient_diffusion/benchmark.py
+# --end-to-end --steps 2 --side 256 --repeats 2 --out 05_memory_efficient_diffusion/results_cpu`: SD 1.5's
+# three models, 256 px, 2 steps; GPU rows, where measured, come from `--device cuda` at 512 px with 50
+# steps), read from the file it wrote:
+
+# %%
+runs = {}
+for device_dir in ("results_cpu", "results_cuda"):
+    path = ROOT / "05_memory_efficient_diffusion" / device_dir / "end_to_end.json"
+    if path.exists():
+        runs[device_dir] = json.loads(path.read_text())
+print(f"{'run':<12} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
+      f"{'ours/diffusers':>15} {'max |diff|':>10}")
+for name, info in runs.items():
+    for r in info["rows"]:
+        print(f"{name:<12} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
+              f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}")
+cpu_row = runs["results_cpu"]["rows"][0]
+
+# %% [markdown]
+# **Predict the shares first.** Count the FLOPs of each stage at that size (on the `meta` device for the
+# UNet and the VAE, where no number is computed and no memory is allocated), then compare each stage's
+# share of the arithmetic with its share of the measured time:
+
+# %%
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from common.text_encoder import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+
+def tflop(fn):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12
+
+
+h = cpu_row["side_px"] // 8  # the latent's side
+def text_encoder_tflop():
+    """One prompt through SD 1.5's text encoder, built on the CPU (it checks its token ids: needs values)."""
+    model = CLIPTextModel(CLIPTextConfig.vit_l14())
+    return tflop(lambda: model(torch.zeros(1, 77, dtype=torch.long)))
+
+
+text_tf = text_encoder_tflop()
+with torch.device("meta"):
+    sd_unet, sd_vae = UNet(UNetConfig.sd15()), AutoencoderKL(AutoencoderConfig.sd15())
+    z_in, c_in, z_0 = torch.zeros(2, 4, h, h), torch.zeros(2, 77, 768), torch.zeros(1, 4, h, h)
+    unet_tf = tflop(lambda: sd_unet(z_in, torch.tensor([500, 500]), c_in))
+    decode_tf = tflop(lambda: sd_vae.decode(z_0))
+n = cpu_row["steps"]
+flops = {"text encoder": 2 * text_tf, "UNet": n * unet_tf, "VAE decode": decode_tf}
+b = end_to_end.summarize_breakdown(cpu_row["ours_breakdown"])
+measured = {"text encoder": b["text_encoder_s"], "UNet": b["unet_s"], "VAE decode": b["decode_s"]}
+print(f"per call: text encoder {text_tf:.3f} TFLOP, UNet (guidance batch of 2) {unet_tf:.3f} TFLOP, "
+      f"VAE decode {decode_tf:.3f} TFLOP")
+print(f"{'stage':<13} {'TFLOP':>7} {'share':>6} | {'ours s':>7} {'share':>6} | {'GFLOP/s':>7}")
+for stage in flops:
+    print(f"{stage:<13} {flops[stage]:7.3f} {flops[stage] / sum(flops.values()):6.1%} | "
+          f"{measured[stage]:7.2f} {measured[stage] / b['total_s']:6.1%} | "
+          f"{flops[stage] / measured[stage] * 1e3:7.1f}")
+print(f"{'other':<13} {'':>7} {'':>6} | {b['other_s']:7.2f} {b['other_s'] / b['total_s']:6.1%} |")
+share_50 = 50 * unet_tf / (50 * unet_tf + decode_tf + 2 * text_tf)
+print(f"with 50 steps instead of {n}, the UNet would be {share_50:.0%} of the arithmetic")
+
+# %%
+fig, ax = plt.subplots(figsize=(9, 3.2))
+for k, side in enumerate(("ours", "diffusers")):
+    bk = end_to_end.summarize_breakdown(cpu_row[f"{side}_breakdown"])
+    parts = [("text encoder x2", bk["text_encoder_s"])]
+    parts += [(f"UNet call {i + 1}", sec) for i, sec in enumerate(bk["unet_calls"])]
+    parts += [("VAE decode", bk["decode_s"]), ("other", bk["other_s"])]
+    left = 0.0
+    for j, (label, sec) in enumerate(parts):
+        ax.barh(k, sec, left=left, color=plt.cm.tab10(j), edgecolor="white", label=label if k == 0 else None)
+        if sec > 0.06 * bk["total_s"]:
+            ax.text(left + sec / 2, k, f"{sec:.1f} s", ha="center", va="center", color="white", fontsize=9)
+        left += sec
+    print(f"{side:<9} total {bk['total_s']:6.2f} s: text encoder {bk['text_encoder_s']:.2f} s, UNet calls "
+          f"{', '.join(f'{sec:.2f}' for sec in bk['unet_calls'])} s, decode {bk['decode_s']:.2f} s, "
+          f"other {bk['other_s']:.2f} s")
+ax.set_yticks([0, 1], ["ours", "diffusers"])
+ax.invert_yaxis()
+ax.set_xlabel(f"seconds (one {cpu_row['side_px']} px image, SD 1.5's models, CPU, one thread)")
+ax.set_title(f"Where one image's time goes: {cpu_row['steps']} DPM-Solver++ steps, guidance 7.5")
+ax.legend(ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
+fig.tight_layout()
+show(fig)
+
+# %% [markdown]
+# PROSE-TO-FILL
+
 # ## Summary
 #
 # - Attention on the math path holds two B x heads x N x N matrices: N = (side / 8)^2 tokens, so its memory
