@@ -730,7 +730,13 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 #   both; checkpointed, ours keeps 58 MiB (-72%), diffusers 70 MiB (-66%). The difference is where each
 #   library draws its checkpoints: ours wraps each whole spatial transformer (its GroupNorm, input
 #   projection, transformer blocks and output projection), diffusers' `Transformer2DModel` checkpoints only
-#   the transformer blocks inside it, so the tensors its norm and projections save stay in memory.
+#   the transformer blocks inside it, so the tensors its norm and projections save stay in memory. Ours
+#   therefore recomputes a little more arithmetic (the norm and projections: one step's FLOPs grow by 28%
+#   with checkpointing against diffusers' 25%, `benchmark.py --checkpointing`), and wins it back on
+#   overhead: a spatial transformer is recomputed whole either way, so its checkpoint uses PyTorch's
+#   reentrant form, whose forward records no autograd graph (no hook on every saved tensor), and no
+#   random-number state is saved (there is no dropout to replay). The result is the same gradients
+#   (`tests/test_end_to_end.py`).
 #
 # Ours and diffusers' columns agree to a few percent in every other row: the same tensors, the same peaks. The
 # chapter README gives the times of the same rows and the GPU's table.
@@ -760,30 +766,9 @@ del ours_pipe, ref_pipe
 # %% [markdown]
 # Two text-encoder calls (the prompt and the empty prompt), one UNet call per step, one decode: the
 # stages of the pipeline diagram, in order. At tiny sizes every stage takes milliseconds and the rest
-# (tokenizing, the sampler's arithmetic) is not small beside them. At SD 1.5's sizes the arithmetic
-# decides. The committed CPU run (`OMP_NUM_THREADS=1 python 05_memory_efficient_diffusion/benchmark.py
-# --end-to-end --steps 2 --side 256 --repeats 2 --out 05_memory_efficient_diffusion/results_cpu`: SD 1.5's
-# three models, 256 px, 2 steps; GPU rows, where measured, come from `--device cuda` at 512 px with 50
-# steps), read from the file it wrote:
-
-# %%
-runs = {}
-for device_dir in ("results_cpu", "results_cuda"):
-    path = ROOT / "05_memory_efficient_diffusion" / device_dir / "end_to_end.json"
-    if path.exists():
-        runs[device_dir] = json.loads(path.read_text())
-print(f"{'run':<12} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
-      f"{'ours/diffusers':>15} {'max |diff|':>10}")
-for name, info in runs.items():
-    for r in info["rows"]:
-        print(f"{name:<12} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
-              f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}")
-cpu_row = runs["results_cpu"]["rows"][0]
-
-# %% [markdown]
-# **Predict the shares first.** Count the FLOPs of each stage at that size (on the `meta` device for the
-# UNet and the VAE, where no number is computed and no memory is allocated), then compare each stage's
-# share of the arithmetic with its share of the measured time:
+# (tokenizing, the sampler's arithmetic, Python) is not small beside them. At SD 1.5's sizes the
+# arithmetic decides, so predict the shares before timing anything: count the FLOPs of each stage at
+# 512 px (on the `meta` device for the UNet and the VAE: shapes only, no numbers, no memory).
 
 # %%
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -797,7 +782,6 @@ def tflop(fn):
     return counter.get_total_flops() / 1e12
 
 
-h = cpu_row["side_px"] // 8  # the latent's side
 def text_encoder_tflop():
     """One prompt through SD 1.5's text encoder, built on the CPU (it checks its token ids: needs values)."""
     model = CLIPTextModel(CLIPTextConfig.vit_l14())
@@ -807,50 +791,83 @@ def text_encoder_tflop():
 text_tf = text_encoder_tflop()
 with torch.device("meta"):
     sd_unet, sd_vae = UNet(UNetConfig.sd15()), AutoencoderKL(AutoencoderConfig.sd15())
-    z_in, c_in, z_0 = torch.zeros(2, 4, h, h), torch.zeros(2, 77, 768), torch.zeros(1, 4, h, h)
+    z_in, c_in, z_0 = torch.zeros(2, 4, 64, 64), torch.zeros(2, 77, 768), torch.zeros(1, 4, 64, 64)
     unet_tf = tflop(lambda: sd_unet(z_in, torch.tensor([500, 500]), c_in))
     decode_tf = tflop(lambda: sd_vae.decode(z_0))
-n = cpu_row["steps"]
-flops = {"text encoder": 2 * text_tf, "UNet": n * unet_tf, "VAE decode": decode_tf}
-b = end_to_end.summarize_breakdown(cpu_row["ours_breakdown"])
-measured = {"text encoder": b["text_encoder_s"], "UNet": b["unet_s"], "VAE decode": b["decode_s"]}
-print(f"per call: text encoder {text_tf:.3f} TFLOP, UNet (guidance batch of 2) {unet_tf:.3f} TFLOP, "
-      f"VAE decode {decode_tf:.3f} TFLOP")
-print(f"{'stage':<13} {'TFLOP':>7} {'share':>6} | {'ours s':>7} {'share':>6} | {'GFLOP/s':>7}")
-for stage in flops:
-    print(f"{stage:<13} {flops[stage]:7.3f} {flops[stage] / sum(flops.values()):6.1%} | "
-          f"{measured[stage]:7.2f} {measured[stage] / b['total_s']:6.1%} | "
-          f"{flops[stage] / measured[stage] * 1e3:7.1f}")
-print(f"{'other':<13} {'':>7} {'':>6} | {b['other_s']:7.2f} {b['other_s'] / b['total_s']:6.1%} |")
-share_50 = 50 * unet_tf / (50 * unet_tf + decode_tf + 2 * text_tf)
-print(f"with 50 steps instead of {n}, the UNet would be {share_50:.0%} of the arithmetic")
+print(f"512 px: text encoder {text_tf:.3f} TFLOP per prompt, UNet {unet_tf:.3f} TFLOP per call "
+      f"(guidance batch of 2), VAE decode {decode_tf:.3f} TFLOP")
+for n in (2, 50):
+    total = 2 * text_tf + n * unet_tf + decode_tf
+    print(f"{n:>2} steps: {total:6.2f} TFLOP; UNet {n * unet_tf / total:.1%}, "
+          f"decode {decode_tf / total:.1%}, text encoder {2 * text_tf / total:.1%}")
+
+# %% [markdown]
+# The two text-encoder calls are negligible (2 x 0.013 TFLOP: 77 tokens through 85 M weights of matrix
+# products). Each step is one UNet call of 1.6 TFLOP (0.8 per image of the guidance batch), and the decode
+# is 2.5 TFLOP, about one and a half UNet calls: the decoder's last levels run 128 and 256 channels on all
+# 512 x 512 pixels, 64 x the latent's positions. With 50 steps the UNet is 97% of the arithmetic; with the
+# 2 steps a CPU run can afford, the decode is 44%.
+#
+# **Then measure.** `benchmark.py --end-to-end` writes `end_to_end.json`: the row (median time of each
+# side, the ratio, the images' difference) and the time of every stage of one call. The cell reads the
+# chapter's committed runs (`results_cpu/`, `results_cuda/`) where they exist, and otherwise uses the tiny
+# run above (commands: the chapter README):
 
 # %%
+runs = {}
+for device_dir in ("results_cpu", "results_cuda"):
+    path = ROOT / "05_memory_efficient_diffusion" / device_dir / "end_to_end.json"
+    if path.exists():
+        runs[device_dir] = json.loads(path.read_text())["rows"]
+if not runs:
+    print("no committed end-to-end run in results_cpu/ or results_cuda/: showing the tiny run above")
+    runs["tiny run above"] = [row]
+print(f"{'run':<14} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
+      f"{'ours/diffusers':>15} {'max |diff|':>10}")
+for name, rows_ in runs.items():
+    for r in rows_:
+        print(f"{name:<14} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
+              f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}")
+shown = next(iter(runs.values()))[0]  # the first run's first row: fp32
+
 fig, ax = plt.subplots(figsize=(9, 3.2))
 for k, side in enumerate(("ours", "diffusers")):
-    bk = end_to_end.summarize_breakdown(cpu_row[f"{side}_breakdown"])
+    bk = end_to_end.summarize_breakdown(shown[f"{side}_breakdown"])
     parts = [("text encoder x2", bk["text_encoder_s"])]
     parts += [(f"UNet call {i + 1}", sec) for i, sec in enumerate(bk["unet_calls"])]
     parts += [("VAE decode", bk["decode_s"]), ("other", bk["other_s"])]
     left = 0.0
     for j, (label, sec) in enumerate(parts):
-        ax.barh(k, sec, left=left, color=plt.cm.tab10(j), edgecolor="white", label=label if k == 0 else None)
-        if sec > 0.06 * bk["total_s"]:
-            ax.text(left + sec / 2, k, f"{sec:.1f} s", ha="center", va="center", color="white", fontsize=9)
+        colors = {"text encoder x2": "tab:orange", "VAE decode": "tab:brown", "other": "tab:gray"}
+        # the UNet calls in alternating blues, so that each call's edge shows
+        color = colors.get(label, "tab:blue" if j % 2 else "lightsteelblue")
+        ax.barh(k, sec, left=left, color=color, edgecolor="white", label=label if k == 0 else None)
+        if sec > 0.08 * bk["total_s"]:
+            ax.text(left + sec / 2, k, f"{sec:.2g} s", ha="center", va="center", fontsize=9)
         left += sec
-    print(f"{side:<9} total {bk['total_s']:6.2f} s: text encoder {bk['text_encoder_s']:.2f} s, UNet calls "
-          f"{', '.join(f'{sec:.2f}' for sec in bk['unet_calls'])} s, decode {bk['decode_s']:.2f} s, "
-          f"other {bk['other_s']:.2f} s")
+    print(f"{side:<9} total {bk['total_s']:7.3f} s: text encoder {bk['text_encoder_s']:.3f} s, UNet "
+          f"{bk['unet_s']:.3f} s ({len(bk['unet_calls'])} calls), decode {bk['decode_s']:.3f} s, "
+          f"other {bk['other_s']:.3f} s")
 ax.set_yticks([0, 1], ["ours", "diffusers"])
 ax.invert_yaxis()
-ax.set_xlabel(f"seconds (one {cpu_row['side_px']} px image, SD 1.5's models, CPU, one thread)")
-ax.set_title(f"Where one image's time goes: {cpu_row['steps']} DPM-Solver++ steps, guidance 7.5")
-ax.legend(ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
+ax.set_xlabel(f"seconds for one {shown['side_px']} px image, {shown['steps']} DPM-Solver++ steps, "
+              "guidance 7.5")
+ax.set_title("Where one image's time goes, stage by stage (same weights, same seed, same image)")
+ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
 fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# PROSE-TO-FILL
+# How to read the row and the chart. **ours/diffusers** is the ratio of the two medians from calls
+# interleaved in one run, so whatever else the machine was doing fell on both sides alike; the two
+# pipelines run the same kernels on the same tensors in the same order, so it sits near 1, and the
+# **max |diff|** column says the images agree far inside 1/255. In the chart each bar is one call split
+# into its stages. The UNet calls are equal to each other (the same work at every step), the two
+# text-encoder calls are slivers, and the decode is the one stage as long as a UNet call or more, as the
+# FLOP count predicted; "other" (tokenizing, the sampler's update, the guidance arithmetic, converting the
+# image) is what remains and is small wherever the models are large. Speeding up an image means, first,
+# fewer or cheaper UNet calls: that is what fp16, `torch.compile` and channels_last do on a GPU (the GPU
+# rows), and what fewer sampler steps do everywhere (chapter 03).
 
 # ## Summary
 #
