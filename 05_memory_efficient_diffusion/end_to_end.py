@@ -31,7 +31,6 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,15 +42,6 @@ TOL = 1 / 255  # one step of an 8-bit image
 # swap it in: the same betas and the "leading" spacing with steps_offset 1
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1, timestep_spacing="leading", algorithm_type="dpmsolver++", solver_order=2)
-
-
-@dataclass(frozen=True)
-class Size:
-    """The configurations and image side of one end-to-end table."""
-
-    name: str
-    side: int  # image side in pixels
-    quick: bool  # tiny configurations (tests, fast mode) instead of SD 1.5's
 
 
 def configs(quick: bool):
