@@ -841,9 +841,12 @@ for k, side in enumerate(("ours", "diffusers")):
         colors = {"text encoder x2": "tab:orange", "VAE decode": "tab:brown", "other": "tab:gray"}
         # the UNet calls in alternating blues, so that each call's edge shows
         color = colors.get(label, "tab:blue" if j % 2 else "lightsteelblue")
-        legend = "UNet calls, one per step" if label == "UNet call 1" else label
-        shown_label = legend if k == 0 and not label.startswith("UNet call ") or label == "UNet call 1" else None
-        ax.barh(k, sec, left=left, color=color, edgecolor="white", label=shown_label if k == 0 else None)
+        entry = None  # the legend names each stage once, and the UNet calls once
+        if k == 0 and label == "UNet call 1":
+            entry = "UNet calls, one per step"
+        elif k == 0 and not label.startswith("UNet call"):
+            entry = label
+        ax.barh(k, sec, left=left, color=color, edgecolor="white", label=entry)
         if sec > 0.08 * bk["total_s"]:
             ax.text(left + sec / 2, k, f"{sec:.2g} s", ha="center", va="center", fontsize=9)
         left += sec
