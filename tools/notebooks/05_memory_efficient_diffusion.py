@@ -810,8 +810,8 @@ for n in (2, 50):
 #
 # **Then measure.** `benchmark.py --end-to-end` writes `end_to_end.json`: the row (median time of each
 # side, the ratio, the images' difference) and the time of every stage of one call. The cell reads the
-# chapter's committed runs (`results_cpu/`, `results_cuda/`) where they exist, and otherwise uses the tiny
-# run above (commands: the chapter README):
+# chapter's committed SD-size runs (`results_cpu/`, `results_cuda/`, commands in the chapter README) where
+# they exist, and otherwise shows the tiny run above:
 
 # %%
 runs = {}
@@ -863,16 +863,19 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# How to read the row and the chart. **ours/diffusers** is the ratio of the two medians from calls
-# interleaved in one run, so whatever else the machine was doing fell on both sides alike; the two
-# pipelines run the same kernels on the same tensors in the same order, so it sits near 1, and the
-# **max |diff|** column says the images agree far inside 1/255. In the chart each bar is one call split
-# into its stages. The UNet calls are equal to each other (the same work at every step), the two
-# text-encoder calls are slivers, and the decode is the one stage as long as a UNet call or more, as the
-# FLOP count predicted; "other" (tokenizing, the sampler's update, the guidance arithmetic, converting the
-# image) is what remains and is small wherever the models are large. Speeding up an image means, first,
-# fewer or cheaper UNet calls: that is what fp16, `torch.compile` and channels_last do on a GPU (the GPU
-# rows), and what fewer sampler steps do everywhere (chapter 03).
+# How to read the row and the chart. **ours/diffusers** is the ratio of the two medians of calls
+# interleaved in one run, so whatever else the computer was doing fell on both sides alike. The two
+# pipelines run the same kernels on the same tensors in the same order, and **max |diff|** says the images
+# agree far inside 1/255. At the tiny sizes of the run above each UNet call takes milliseconds and the
+# libraries' own Python counts: the course's pipeline does a little less of it per call, which puts the
+# ratio somewhat below 1. In the chart each bar is one call, split into its stages: the UNet calls are
+# equal to each other (the same work at every step), the two text-encoder calls are slivers, and "other"
+# (tokenizing, the sampler's update, the guidance arithmetic, converting the image) is what remains. The
+# tiny decoder is a smaller share here than at SD's sizes, where the FLOP count above puts one decode at
+# about 1.6 UNet calls; with 50 steps the UNet calls are almost the whole image there. Speeding up an
+# image therefore means, first, fewer or cheaper UNet calls: that is what fp16, `torch.compile` and
+# channels_last do on a GPU (the GPU rows, where measured), and what fewer sampler steps do everywhere
+# (chapter 03).
 
 # ## Summary
 #
