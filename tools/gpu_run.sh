@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The course's GPU run, as one prepared script (under 10 minutes on one H200):
+# The course's GPU run, as one prepared script (under 10 minutes on one H200 before stage 2 gained the end-to-end
+# row and the checkpointing table, which add up to 9 minutes: two torch.compile runs; BENCH=0 skips stage 2):
 #   1. a smoke test: the tiny config trains, ships and is evaluated on the GPU (stops here if it fails);
 #   2. chapter 05's benchmark table on the GPU (SD 1.5 UNet at 512 px, SD VAE at 512 and 1024 px, training
 #      step with and without checkpointing), ours against diffusers with the same weights; then the
@@ -76,7 +77,7 @@ if [ "$BENCH" = 1 ]; then
   # the whole text-to-image call, ours against diffusers' StableDiffusionPipeline (same weights, seed, image):
   # 50 DPM-Solver++ steps at 512 px in fp32, fp16, and fp16 + channels_last + torch.compile (compile time apart)
   # (a dry run leaves compile out: compiling on a CPU takes minutes)
-  E2E="--steps 50 --settings fp32 fp16 compile"; [ "$FAST" = 1 ] && E2E="--quick --steps 4 --repeats 2 --settings fp32 fp16"
+  E2E="--steps 50 --repeats 3 --settings fp32 fp16 compile"; [ "$FAST" = 1 ] && E2E="--quick --steps 4 --repeats 2 --settings fp32 fp16"
   stage end_to_end 420 $PY 05_memory_efficient_diffusion/benchmark.py --end-to-end --device "$DEVICE" $E2E \
     --out "$W/bench05_$DEVICE"
   # gradient checkpointing: time, memory and FLOPs of the train rows' step, ours and diffusers interleaved
