@@ -861,6 +861,7 @@ ax.set_title("Where one image's time goes, stage by stage (same weights, same se
 ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
 fig.tight_layout()
 show(fig)
+plt.close(fig)
 
 # %% [markdown]
 # How to read the row and the chart. **ours/diffusers** is the ratio of the two medians of calls
