@@ -12,6 +12,13 @@ ours / diffusers. Real SD weights change the numbers of neither time nor memory,
     python 05_memory_efficient_diffusion/benchmark.py --device cuda --out runs/bench05_gpu
 
 Writes ``table.md``, ``table.csv`` and ``targets.md`` (the chapter's targets, met or missed) under --out.
+
+``--end-to-end`` measures instead the whole text-to-image call, the course's pipeline against diffusers'
+``StableDiffusionPipeline`` (``end_to_end.py``: same weights, scheduler and seed, same image within 1/255),
+and where its time goes (text encoder, each UNet call, VAE decode); it writes ``end_to_end.md/.csv/.json``:
+
+    OMP_NUM_THREADS=2 python 05_memory_efficient_diffusion/benchmark.py --end-to-end --steps 2 --out DIR
+    python 05_memory_efficient_diffusion/benchmark.py --end-to-end --device cuda --out DIR   # 50 steps, 3 settings
 """
 
 from __future__ import annotations
@@ -401,6 +408,45 @@ def targets(table: list[dict]) -> list[dict]:
     return out
 
 
+def end_to_end_main(args, device: torch.device) -> int:
+    import end_to_end  # this folder's end_to_end.py (the script's folder is on sys.path when run by path)
+
+    quick = args.quick or is_fast()
+    gpu = device.type == "cuda"
+    side = args.side or (32 if quick else 512)
+    if side % 8:
+        raise cli.UsageError(f"--side must be a multiple of 8 (the VAE's factor), got {side}")
+    steps = args.steps or (4 if quick else 50 if gpu else 2)
+    settings = args.settings or (["fp32", "fp16", "compile"] if gpu else ["fp32"])
+    repeats = args.repeats or (5 if gpu else 3)
+    cli.writable_dir(args.out, "--out")
+    print(f"end to end: {device}, {torch.get_num_threads()} threads, {side} px, {steps} DPM-Solver++ steps, "
+          f"CFG 7.5, settings {settings}, {repeats} timed calls per side (interleaved) after one warm-up",
+          flush=True)
+    t0 = time.perf_counter()
+    end_to_end.run_table(quick=quick, device=device, settings=settings, steps=steps, image_side=side,
+                         repeats=repeats, seed=args.seed, out=args.out, log=lambda m: print(m, flush=True))
+    print((args.out / "end_to_end.md").read_text())
+    print(f"wrote {args.out}/end_to_end.md, .csv and .json in {time.perf_counter() - t0:.0f} s "
+          f"(seconds per image; time_ratio = ours / diffusers, medians)")
+    return 0
+
+
+def checkpointing_main(args, device: torch.device) -> int:
+    import checkpointing  # this folder's checkpointing.py
+
+    cli.writable_dir(args.out, "--out")
+    repeats = args.repeats or 5
+    print(f"checkpointing: {args.ckpt_config} UNet, {args.ckpt_latent}x{args.ckpt_latent} latents, batch "
+          f"{args.ckpt_batch}, {device}, {torch.get_num_threads()} threads, {repeats} interleaved repeats", flush=True)
+    rows = checkpointing.run_table(config=args.ckpt_config, side_px=args.ckpt_latent, batch=args.ckpt_batch,
+                                   repeats=repeats, device=device, log=lambda m: print(m, flush=True))
+    md, _ = write_table(rows, args.out, "checkpointing", checkpointing.COLUMNS)
+    print(format_table(rows, checkpointing.COLUMNS))
+    print(f"wrote {md} (seconds: medians; MiB: peak extra memory of one step; GFLOP: one step's)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small configs, seconds per row (also under COURSE_FAST=1)")
@@ -415,8 +461,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="process: each side of each row in a fresh process (default for the full table); none: "
                         "all in this process, peaks still reset per call (default for --quick: no 20 s start-ups)")
     p.add_argument("--list", action="store_true", help="print the rows and exit")
+    e2e = p.add_argument_group("end to end (--end-to-end)")
+    e2e.add_argument("--end-to-end", action="store_true",
+                     help="time the whole text-to-image call, ours against diffusers (end_to_end.py)")
+    e2e.add_argument("--steps", type=cli.positive_int, help="DPM-Solver++ steps (default: 2 CPU, 50 GPU, 4 quick)")
+    e2e.add_argument("--side", type=cli.positive_int, help="image side in px (default: 512; 32 with --quick)")
+    e2e.add_argument("--settings", nargs="+", choices=("fp32", "fp16", "compile"),
+                     help="default: fp32 on a CPU; fp32 fp16 compile on a GPU (compile: fp16 + channels_last)")
+    ck = p.add_argument_group("gradient checkpointing, ours against diffusers (--checkpointing)")
+    ck.add_argument("--checkpointing", action="store_true",
+                    help="time, peak memory and FLOPs of a training step with and without checkpointing")
+    ck.add_argument("--ckpt-config", default="shapes_text", choices=("sd15", "shapes_text", "tiny"),
+                    help="UNet configuration (default shapes_text: the train rows' model)")
+    ck.add_argument("--ckpt-latent", type=cli.positive_int, default=16, help="latent side (default 16)")
+    ck.add_argument("--ckpt-batch", type=cli.positive_int, default=32, help="batch size (default 32)")
     args = p.parse_args(argv)
-    get_device(args.device)  # an unknown or absent device is a one-line error before anything runs
+    device = get_device(args.device)  # an unknown or absent device is a one-line error before anything runs
+    if args.end_to_end:
+        return end_to_end_main(args, device)
+    if args.checkpointing:
+        return checkpointing_main(args, device)
     if args.list:
         for r in rows(sizes(args.quick or is_fast()), args.compile):
             print(f"{r.name:<24} {r.what}")

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The course's GPU run, as one prepared script (under 10 minutes on one H200):
+# The course's GPU run, as one prepared script (under 10 minutes on one H200 before stage 2 gained the end-to-end
+# row and the checkpointing table, which add up to 9 minutes: two torch.compile runs; BENCH=0 skips stage 2):
 #   1. a smoke test: the tiny config trains, ships and is evaluated on the GPU (stops here if it fails);
 #   2. chapter 05's benchmark table on the GPU (SD 1.5 UNet at 512 px, SD VAE at 512 and 1024 px, training
-#      step with and without checkpointing), ours against diffusers with the same weights;
+#      step with and without checkpointing), ours against diffusers with the same weights; then the
+#      end-to-end row (the whole 512 px text-to-image call, 50 steps, fp32 / fp16 / compiled) and the
+#      checkpointing comparison (time, memory, FLOPs);
 #   3. chapter 06's text-to-image training with a wall-clock budget (MINUTES of training loop):
 #        gpu:     the `gpu` config (the full course model, 5.6 M UNet), bf16, batch 1024, lr 2e-3: the
 #                 shipped checkpoints/course_t2i came from this run (MINUTES=3.5);
@@ -71,6 +74,16 @@ if [ "$BENCH" = 1 ]; then
     --out "$W/bench05_$DEVICE" --rows unet_math unet_sdpa unet_sliced unet_chunked_ff unet_channels_last unet_bf16 \
     unet_offload vae_decode_small vae_decode_large vae_decode_large_tiled vae_decode_batch vae_decode_batch_sliced \
     train train_checkpointing
+  # the whole text-to-image call, ours against diffusers' StableDiffusionPipeline (same weights, seed, image):
+  # 50 DPM-Solver++ steps at 512 px in fp32, fp16, and fp16 + channels_last + torch.compile (compile time apart)
+  # (a dry run leaves compile out: compiling on a CPU takes minutes)
+  E2E="--steps 50 --repeats 3 --settings fp32 fp16 compile"; [ "$FAST" = 1 ] && E2E="--quick --steps 4 --repeats 2 --settings fp32 fp16"
+  stage end_to_end 420 $PY 05_memory_efficient_diffusion/benchmark.py --end-to-end --device "$DEVICE" $E2E \
+    --out "$W/bench05_$DEVICE"
+  # gradient checkpointing: time, memory and FLOPs of the train rows' step, ours and diffusers interleaved
+  CK=""; [ "$FAST" = 1 ] && CK="--ckpt-config tiny --ckpt-latent 8 --ckpt-batch 2 --repeats 2"
+  stage checkpointing 120 $PY 05_memory_efficient_diffusion/benchmark.py --checkpointing --device "$DEVICE" \
+    --repeats 20 $CK --out "$W/bench05_$DEVICE"
   pack
 fi
 

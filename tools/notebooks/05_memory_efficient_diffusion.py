@@ -14,7 +14,8 @@
 # 4. half precision: fp16's overflow made to happen, in attention logits and in a VAE decode, and the fixes;
 # 5. VAE tiling and batch slicing;
 # 6. model CPU offload, channels_last and `torch.compile`;
-# 7. the whole table (`benchmark.py`), every row explained.
+# 7. the whole table (`benchmark.py`), every row explained;
+# 8. one whole image, end to end: the course's pipeline against diffusers', and where its time goes.
 #
 # Every measurement uses `common.memory.measure`: time, and **peak extra memory** (the most memory a call
 # holds at once above what was held just before it). On Linux the CPU figure comes from the kernel's
@@ -26,6 +27,7 @@
 # calls comparable with each other, which is what the ratios below need.
 
 # %%
+import json
 import math
 import os
 import subprocess
@@ -728,11 +730,154 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 #   both; checkpointed, ours keeps 58 MiB (-72%), diffusers 70 MiB (-66%). The difference is where each
 #   library draws its checkpoints: ours wraps each whole spatial transformer (its GroupNorm, input
 #   projection, transformer blocks and output projection), diffusers' `Transformer2DModel` checkpoints only
-#   the transformer blocks inside it, so the tensors its norm and projections save stay in memory.
+#   the transformer blocks inside it, so the tensors its norm and projections save stay in memory. Ours
+#   therefore recomputes a little more arithmetic (the norm and projections: one step's FLOPs grow by 28%
+#   with checkpointing against diffusers' 25%, `benchmark.py --checkpointing`), and wins it back on
+#   overhead: a spatial transformer is recomputed whole either way, so its checkpoint uses PyTorch's
+#   reentrant form, whose forward records no autograd graph (no hook on every saved tensor), and no
+#   random-number state is saved (there is no dropout to replay). The result is the same gradients
+#   (`tests/test_end_to_end.py`).
 #
 # Ours and diffusers' columns agree to a few percent in every other row: the same tensors, the same peaks. The
 # chapter README gives the times of the same rows and the GPU's table.
 #
+# ## 8. One whole image, end to end
+#
+# Every row so far times one module. What you wait for is the whole call: encode the prompt and the empty
+# prompt, run the UNet once per step on the batch [uncond, cond] (classifier-free guidance), step the
+# sampler, decode the latents. `benchmark.py --end-to-end` times that call for the course's
+# `StableDiffusion` and for diffusers' `StableDiffusionPipeline`, built from the same random weights (SD
+# 1.5's configurations), the same DPM-Solver++ scheduler and the same seed, and checks first that both
+# give the same image within 1/255. Here it is on tiny configurations, a few seconds:
+
+# %%
+sys.path.insert(0, str(ROOT / "05_memory_efficient_diffusion"))
+import end_to_end  # noqa: E402  (05_memory_efficient_diffusion/end_to_end.py)
+
+ours_pipe, ref_pipe = end_to_end.build_pipelines(quick=True)
+row = end_to_end.run_setting(ours_pipe, ref_pipe, "fp32", device=torch.device("cpu"), steps=4, image_side=32,
+                             repeats=2)
+print(f"prompt {end_to_end.PROMPT!r}, 4 steps, 32 px: max |ours - diffusers| = {row['max_abs_diff']:.1e} "
+      f"(same image within 1/255: {row['same_image']})")
+print("ours, one image, stage by stage:",
+      ", ".join(f"{s['stage']} {s['s'] * 1e3:.1f} ms" for s in row["ours_breakdown"]["stages"]))
+del ours_pipe, ref_pipe
+
+# %% [markdown]
+# Two text-encoder calls (the prompt and the empty prompt), one UNet call per step, one decode: the
+# stages of the pipeline diagram, in order. At tiny sizes every stage takes milliseconds and the rest
+# (tokenizing, the sampler's arithmetic, Python) is not small beside them. At SD 1.5's sizes the
+# arithmetic decides, so predict the shares before timing anything: count the FLOPs of each stage at
+# 512 px (on the `meta` device for the UNet and the VAE: shapes only, no numbers, no memory).
+
+# %%
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from common.text_encoder import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+
+def tflop(fn):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12
+
+
+def text_encoder_tflop():
+    """One prompt through SD 1.5's text encoder, built on the CPU (it checks its token ids: needs values)."""
+    model = CLIPTextModel(CLIPTextConfig.vit_l14())
+    return tflop(lambda: model(torch.zeros(1, 77, dtype=torch.long)))
+
+
+text_tf = text_encoder_tflop()
+with torch.device("meta"):
+    sd_unet, sd_vae = UNet(UNetConfig.sd15()), AutoencoderKL(AutoencoderConfig.sd15())
+    z_in, c_in, z_0 = torch.zeros(2, 4, 64, 64), torch.zeros(2, 77, 768), torch.zeros(1, 4, 64, 64)
+    unet_tf = tflop(lambda: sd_unet(z_in, torch.tensor([500, 500]), c_in))
+    decode_tf = tflop(lambda: sd_vae.decode(z_0))
+print(f"512 px: text encoder {text_tf:.3f} TFLOP per prompt, UNet {unet_tf:.3f} TFLOP per call "
+      f"(guidance batch of 2), VAE decode {decode_tf:.3f} TFLOP")
+for n in (2, 50):
+    total = 2 * text_tf + n * unet_tf + decode_tf
+    print(f"{n:>2} steps: {total:6.2f} TFLOP; UNet {n * unet_tf / total:.1%}, "
+          f"decode {decode_tf / total:.1%}, text encoder {2 * text_tf / total:.1%}")
+
+# %% [markdown]
+# The two text-encoder calls are negligible (2 x 0.013 TFLOP: 77 tokens through 85 M weights of matrix
+# products). Each step is one UNet call of 1.6 TFLOP (0.8 per image of the guidance batch), and the decode
+# is 2.5 TFLOP, about one and a half UNet calls: the decoder's last levels run 128 and 256 channels on all
+# 512 x 512 pixels, 64 x the latent's positions. With 50 steps the UNet is 97% of the arithmetic; with the
+# 2 steps a CPU run can afford, the decode is 44%.
+#
+# **Then measure.** `benchmark.py --end-to-end` writes `end_to_end.json`: the row (median time of each
+# side, the ratio, the images' difference) and the time of every stage of one call. The cell reads the
+# chapter's committed SD-size runs (`results_cpu/`, `results_cuda/`, commands in the chapter README) where
+# they exist, and otherwise shows the tiny run above:
+
+# %%
+runs = {}
+for device_dir in ("results_cpu", "results_cuda"):
+    path = ROOT / "05_memory_efficient_diffusion" / device_dir / "end_to_end.json"
+    if path.exists():
+        runs[device_dir] = json.loads(path.read_text())["rows"]
+if not runs:
+    print("no committed end-to-end run in results_cpu/ or results_cuda/: showing the tiny run above")
+    runs["tiny run above"] = [row]
+print(f"{'run':<14} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
+      f"{'ours/diffusers':>15} {'max |diff|':>10}")
+for name, rows_ in runs.items():
+    for r in rows_:
+        print(f"{name:<14} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
+              f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}")
+shown = next(iter(runs.values()))[0]  # the first run's first row: fp32
+
+fig, ax = plt.subplots(figsize=(9, 3.2))
+for k, side in enumerate(("ours", "diffusers")):
+    bk = end_to_end.summarize_breakdown(shown[f"{side}_breakdown"])
+    parts = [("text encoder x2", bk["text_encoder_s"])]
+    parts += [(f"UNet call {i + 1}", sec) for i, sec in enumerate(bk["unet_calls"])]
+    parts += [("VAE decode", bk["decode_s"]), ("other", bk["other_s"])]
+    left = 0.0
+    for j, (label, sec) in enumerate(parts):
+        colors = {"text encoder x2": "tab:orange", "VAE decode": "tab:brown", "other": "tab:gray"}
+        # the UNet calls in alternating blues, so that each call's edge shows
+        color = colors.get(label, "tab:blue" if j % 2 else "lightsteelblue")
+        entry = None  # the legend names each stage once, and the UNet calls once
+        if k == 0 and label == "UNet call 1":
+            entry = "UNet calls, one per step"
+        elif k == 0 and not label.startswith("UNet call"):
+            entry = label
+        ax.barh(k, sec, left=left, color=color, edgecolor="white", label=entry)
+        if sec > 0.08 * bk["total_s"]:
+            ax.text(left + sec / 2, k, f"{sec:.2g} s", ha="center", va="center", fontsize=9)
+        left += sec
+    print(f"{side:<9} total {bk['total_s']:7.3f} s: text encoder {bk['text_encoder_s']:.3f} s, UNet "
+          f"{bk['unet_s']:.3f} s ({len(bk['unet_calls'])} calls), decode {bk['decode_s']:.3f} s, "
+          f"other {bk['other_s']:.3f} s")
+ax.set_yticks([0, 1], ["ours", "diffusers"])
+ax.invert_yaxis()
+ax.set_xlabel(f"seconds for one {shown['side_px']} px image, {shown['steps']} DPM-Solver++ steps, "
+              "guidance 7.5")
+ax.set_title("Where one image's time goes, stage by stage (same weights, same seed, same image)")
+ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
+fig.tight_layout()
+show(fig)
+plt.close(fig)
+
+# %% [markdown]
+# How to read the row and the chart. **ours/diffusers** is the ratio of the two medians of calls
+# interleaved in one run, so whatever else the computer was doing fell on both sides alike. The two
+# pipelines run the same kernels on the same tensors in the same order, and **max |diff|** says the images
+# agree far inside 1/255. At the tiny sizes of the run above each UNet call takes milliseconds and the
+# libraries' own Python counts: the course's pipeline does a little less of it per call, which puts the
+# ratio somewhat below 1. In the chart each bar is one call, split into its stages: the UNet calls are
+# equal to each other (the same work at every step), the two text-encoder calls are slivers, and "other"
+# (tokenizing, the sampler's update, the guidance arithmetic, converting the image) is what remains. The
+# tiny decoder is a smaller share here than at SD's sizes, where the FLOP count above puts one decode at
+# about 1.6 UNet calls; with 50 steps the UNet calls are almost the whole image there. Speeding up an
+# image therefore means, first, fewer or cheaper UNet calls: that is what fp16, `torch.compile` and
+# channels_last do on a GPU (the GPU rows, where measured), and what fewer sampler steps do everywhere
+# (chapter 03).
+
 # ## Summary
 #
 # - Attention on the math path holds two B x heads x N x N matrices: N = (side / 8)^2 tokens, so its memory

@@ -1,0 +1,159 @@
+"""Chapter 05's end-to-end row and the UNet's gradient checkpointing.
+
+* end_to_end.py: the course's pipeline and diffusers' StableDiffusionPipeline, built from the same tiny random
+  weights and the same DPM-Solver++ scheduler, give the same image within 1/255; the timed row and its
+  breakdown (text encoder twice, one UNet call per step, one decode) come out of one run.
+* checkpointing: the same gradients with and without (within 1e-5), and the same as diffusers' checkpointed
+  UNet with the same weights; each ResNet and spatial transformer is recomputed once; a model whose first
+  layers are frozen (the reentrant form's fallback) still gets every gradient it should.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.attention import SpatialTransformer
+from common.unet import UNet, UNetConfig
+from common.unet_blocks import ResnetBlock2D
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+CHAPTER = Path(__file__).resolve().parents[1] / "05_memory_efficient_diffusion"
+
+
+def _load(name: str):
+    if str(CHAPTER) not in sys.path:  # end_to_end.py and checkpointing.py import their folder's benchmark.py
+        sys.path.insert(0, str(CHAPTER))
+    spec = importlib.util.spec_from_file_location(f"ch05_{name}", CHAPTER / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    return _load("end_to_end")
+
+
+@pytest.fixture(scope="module")
+def pipelines(e2e, tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield e2e.build_pipelines(quick=True, tmp=tmp_path_factory.mktemp("e2e"))
+    torch.set_num_threads(n)
+
+
+def test_same_image_as_diffusers(e2e, pipelines):
+    ours, ref = pipelines
+    a = e2e.generate("ours", ours, steps=4, image_side=32)
+    b = e2e.generate("diffusers", ref, steps=4, image_side=32)
+    assert a.shape == b.shape == (1, 3, 32, 32)
+    assert (a - b).abs().max().item() <= e2e.TOL
+    assert b.std() > 0.01  # an image, not a constant
+    c = e2e.generate("ours", ours, steps=4, image_side=32, seed=1)
+    assert (a - c).abs().max().item() > 0.05  # another seed, another image: the comparison can fail
+
+
+def test_row_and_breakdown(e2e, pipelines):
+    ours, ref = pipelines
+    row = e2e.run_setting(ours, ref, "fp32", device=torch.device("cpu"), steps=3, image_side=32, repeats=2)
+    assert row["same_image"] and row["max_abs_diff"] <= e2e.TOL
+    assert len(row["ours_times"]) == len(row["diffusers_times"]) == 2
+    assert row["time_ratio"] == pytest.approx(row["ours_s"] / row["diffusers_s"])
+    for side in ("ours", "diffusers"):
+        stages = [s["stage"] for s in row[f"{side}_breakdown"]["stages"]]
+        # the prompt and the empty prompt, one batched UNet call per step (CFG), one decode
+        assert stages == ["text encoder"] * 2 + ["UNet"] * 3 + ["VAE decode"], stages
+        b = e2e.summarize_breakdown(row[f"{side}_breakdown"])
+        parts = b["text_encoder_s"] + b["unet_s"] + b["decode_s"] + b["other_s"]
+        assert parts == pytest.approx(b["total_s"]) and min(b["unet_calls"]) > 0
+    table = e2e.table_row(row)
+    assert set(table) <= set(e2e.COLUMNS) and table["ours_unet_call_s"] > 0
+    with pytest.raises(ValueError, match="unknown setting"):
+        e2e.set_precision(ours, ref, "int8")
+
+
+# ---- gradient checkpointing ------------------------------------------------------------------------------
+
+def _inputs(cfg, batch=2, side=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z_t = torch.randn(batch, cfg.in_channels, side, side, generator=g)
+    context = torch.randn(batch, 7, cfg.cross_attention_dim, generator=g)
+    return z_t, torch.tensor([10, 900]), context
+
+
+def _grads(model, forward):
+    model.zero_grad(set_to_none=True)
+    forward().square().mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def unet_pair():
+    torch.manual_seed(0)
+    ours = UNet(UNetConfig.tiny()).train()
+    ref = diffusers.UNet2DConditionModel(**ours.config.to_diffusers()).train()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def test_checkpointing_same_gradients_as_without_and_as_diffusers(unet_pair):
+    ours, ref = unet_pair
+    z_t, t, context = _inputs(ours.config)
+    plain = _grads(ours, lambda: ours(z_t, t, context))
+    ours.enable_gradient_checkpointing()
+    ref.enable_gradient_checkpointing()
+    checkpointed = _grads(ours, lambda: ours(z_t, t, context))
+    theirs = _grads(ref, lambda: ref(z_t, t, encoder_hidden_states=context).sample)
+    assert set(checkpointed) == set(plain) == set(theirs) == {n for n, _ in ours.named_parameters()}
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(checkpointed[name], theirs[name], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpointing_recomputes_each_resnet_and_transformer_once(unet_pair):
+    ours, _ = unet_pair
+    z_t, t, context = _inputs(ours.config)
+    calls = {"transformer": 0, "resnet": 0}
+    transformer = next(m for m in ours.modules() if isinstance(m, SpatialTransformer))
+    resnet = next(m for m in ours.up_blocks[0].modules() if isinstance(m, ResnetBlock2D))
+    hooks = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__("transformer",
+                                                                                 calls["transformer"] + 1)),
+             resnet.register_forward_pre_hook(lambda *_: calls.__setitem__("resnet", calls["resnet"] + 1))]
+    ours.enable_gradient_checkpointing()
+    _grads(ours, lambda: ours(z_t, t, context))
+    for h in hooks:
+        h.remove()
+    # each region runs twice: the forward, and once more in backward (never more: no nested checkpoints)
+    assert calls == {"transformer": 2, "resnet": 2}
+
+
+def test_checkpointing_with_frozen_first_layers(unet_pair):
+    """Only the attention weights train (as when fine-tuning attention): the first spatial transformer's input
+    then needs no gradient, and its checkpoint must still deliver the gradients of its own weights."""
+    ours, _ = unet_pair
+    for name, p in ours.named_parameters():
+        p.requires_grad_("attentions" in name)
+    z_t, t, context = _inputs(ours.config)
+    plain = _grads(ours, lambda: ours(z_t, t, context))
+    ours.enable_gradient_checkpointing()
+    checkpointed = _grads(ours, lambda: ours(z_t, t, context))
+    assert set(checkpointed) == set(plain) and any(n.startswith("down_blocks.0.attentions") for n in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5)
+
+
+def test_checkpointing_table_runs():
+    ck = _load("checkpointing")
+    rows = ck.run_table(config="tiny", side_px=8, batch=2, repeats=1, log=lambda _: None)
+    by = {r["side"]: r for r in rows}
+    assert set(by) == {"ours", "diffusers"}
+    for r in rows:
+        assert r["ckpt_GFLOP"] > r["plain_GFLOP"] > 0  # the recomputed forward shows in the FLOPs
