@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=cli.positive_int, default=25)
     p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0)
+    p.add_argument("--phrase", type=int, choices=(0, 1, 2), default=0,
+                   help="which phrasing of each relation: 0 'to the left of' / 'above', 1 'left of' / 'over', "
+                        "2 'on the left of' / 'on top of' (common/shapes.py RELATION_PHRASES)")
     p.add_argument("--judge", default=None, help="the judge's folder (default: checkpoints/shapes_judge)")
     p.add_argument("--out", default=str(ROOT / "runs" / "relations"))
     p.add_argument("--device", default=None)
@@ -93,7 +96,7 @@ def analyse(model: str, judge: Judge, scenes: list, args, device) -> dict:
     result = {"model": model, "echo": bool(getattr(pipe.tokenizer, "echo", False)),
               "blindness": first_object_blindness(pipe), "wordings": {}}
     for w, wording in enumerate(WORDINGS):
-        prompts = [caption(s, w) for s in scenes]
+        prompts = [caption(s, w + len(WORDINGS) * args.phrase) for s in scenes]  # template w, phrase variant
         images = generate(pipe, prompts, args.sampler, args.steps, args.guidance, args.seed, 100)
         records = judge.score(images, prompts)["records"]
         kinds = [classify(r, s) for r, s in zip(records, scenes)]
@@ -145,7 +148,7 @@ def main(argv=None) -> list[dict]:
     scenes = Shapes.scenes("test", n, 4321, (2,))
     judge = Judge.load(args.judge or JUDGE_DIR)
     results = [analyse(m, judge, scenes, args, device) for m in args.models]
-    settings = (f"{n} held-out scenes x 2 wordings, {args.sampler} {args.steps} steps, guidance {args.guidance}, "
+    settings = (f"{n} held-out scenes x 2 wordings, phrase variant {args.phrase}, {args.sampler} {args.steps} steps, guidance {args.guidance}, "
                 f"seed {args.seed}")
     md = markdown(results, settings)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
