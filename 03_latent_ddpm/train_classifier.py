@@ -13,7 +13,6 @@ The rendered images are drawn once and cached in ``--out``. Training runs throug
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from common.classifier import ClassifierConfig, DigitClassifier, accuracy
 from common.data import Digits
 from common.runtime import budget, describe, get_device, seed_everything
 from common.training import Trainer, TrainConfig
+from common.weights import file_sha256
 
 
 def cached_digits(split: str, n: int, resolution: int, seed: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -47,10 +47,6 @@ def cached_digits(split: str, n: int, resolution: int, seed: int, cache_dir: Pat
     tmp.replace(path)  # atomic: a killed run never leaves half a cache
     print(f"drew {n} {split} digits in {time.perf_counter() - t0:.1f} s -> {path}")
     return images, labels, ds.source
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,8 +140,8 @@ class-conditional samples: the fraction of samples generated for digit k that it
 
 | file | sha256 |
 |---|---|
-| model.safetensors | `{sha256(path / 'model.safetensors')}` |
-| config.json | `{sha256(path / 'config.json')}` |
+| model.safetensors | `{file_sha256(path / 'model.safetensors')}` |
+| config.json | `{file_sha256(path / 'config.json')}` |
 
 Load: `DigitClassifier.load("{shown or path}")`.
 """

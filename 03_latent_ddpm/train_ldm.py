@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -41,13 +40,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import cli
+from common import cli, weights
 from common.autoencoder import AutoencoderKL
+from common.convert import unet_config_from_diffusers, unet_config_to_diffusers
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import make_sampler, sample_loop
 from common.schedules import NoiseSchedule
 from common.training import Trainer, TrainConfig
 from common.unet import UNet, UNetConfig
+from common.weights import WEIGHTS_NAME, file_sha256, load_weights, read_model
 
 DATASETS = ("digits", "shapes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,7 +295,7 @@ def run(args) -> dict:
 
     # 1-3. the frozen VAE, the cached latents, the scaling factor
     vae = AutoencoderKL.load(vae_path, device=device).eval().requires_grad_(False)
-    vae_id = hashlib.sha256((vae_path / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:12]
+    vae_id = file_sha256(vae_path / WEIGHTS_NAME)[:12]
     cache = encode_cached(vae, vae_id, args.data, n_train, args.seed, out / "cache", device)
     computed = computed_scaling_factor(cache, args.seed)
     if args.scaling_factor == "vae":
@@ -413,9 +414,9 @@ def save_progress(unet: UNet, folder: Path, step: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.safetensors"
-    weights = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
     metadata = {"format": "pt", "step": str(step)}
-    return cli.atomic_write(path, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+    return cli.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_classifier(path: str):
@@ -442,29 +443,20 @@ def save_forward_preview(vae, cache, scale, schedule, ts, path: Path, seed: int)
 
 def save_model(unet: UNet, schedule: NoiseSchedule, folder: Path, result: dict) -> Path:
     """diffusers layout: config.json + diffusion_pytorch_model.safetensors, scheduler_config.json, ldm.json."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}
-    cli.atomic_write(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    weights.save_model(unet, folder, {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)})
     cli.atomic_write(folder / "scheduler_config.json",
                   json.dumps({"_class_name": "DDPMScheduler", **schedule.to_diffusers()}, indent=2) + "\n")
     ldm = {"scaling_factor": result["scaling_factor"], "vae": Path(result["vae"]).name, "data": result["data"],
            "null_class": unet.config.num_class_embeds - 1 if result["cfg_dropout"] else None}
     cli.atomic_write(folder / "ldm.json", json.dumps(ldm, indent=2) + "\n")
-    tmp = folder / "diffusion_pytorch_model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "diffusion_pytorch_model.safetensors")
     return folder
 
 
 def load_model(folder: str | Path, device=None) -> tuple[UNet, NoiseSchedule, dict]:
     """Read a folder written by ``save_model``: (UNet with EMA weights, its NoiseSchedule, ldm.json)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    unet = UNet(UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text())))
-    unet.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
+    config, state = read_model(folder)
+    unet = load_weights(UNet(unet_config_from_diffusers(config)), state, str(folder))
     schedule = NoiseSchedule.from_diffusers(json.loads((folder / "scheduler_config.json").read_text()))
     return unet.to(device or "cpu").eval(), schedule, json.loads((folder / "ldm.json").read_text())
 
@@ -491,7 +483,7 @@ def _last_loss(log: Path) -> float | None:
 
 
 def write_card(folder: Path, result: dict, argv: list[str]) -> None:
-    sha = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
+    sha = {f: file_sha256(folder / f)
            for f in ("diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json", "ldm.json")}
     table = "\n".join(f"| {r['sampler']} | {r['steps']} | {r['samples']} | {r['guidance']} | {r['seconds']} | "
                       f"{r.get('accuracy', 'n/a')} | {r['latent_fd']} |" for r in result["samplers"])
@@ -527,7 +519,7 @@ A {'class-conditional' if result['data'] == 'digits' else 'unconditional'} laten
 |---|---|
 """ + "\n".join(f"| {f} | `{h}` |" for f, h in sha.items()) + """
 
-Load it: `UNet(UNetConfig.from_diffusers(json.load(open("config.json"))))` + `load_state_dict(load_file(...))`,
+Load it: `UNet(unet_config_from_diffusers(json.load(open("config.json"))))` + `load_state_dict(load_file(...))`,
 or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads into any diffusers scheduler.
 """
     (folder / "README.md").write_text(card)

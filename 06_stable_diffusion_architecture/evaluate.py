@@ -37,6 +37,7 @@ from common.metrics import frechet_distance
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.samplers import SAMPLERS
 from common.shapes import N_PARAPHRASES, Shapes
+from common.weights import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "paraphrased 2 objects")
@@ -88,11 +89,9 @@ def write_judge_card(judge: Judge, path: Path, args, n_images: int, steps: int, 
             f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
             f"Real renders of the evaluation prompts (held-out colour/shape pairs and paraphrases), random layouts:\n\n"
             f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n")
-    from common.text_to_image import file_sha256
-
     card += "\n## Files\n\n" + "\n".join(f"- `{f.name}`: sha256 `{file_sha256(f)}`" for f in
                                          sorted(path.glob("*")) if f.suffix in (".json", ".safetensors")) + "\n"
-    (path / "README.md").write_text(card)
+    cli.atomic_write(path / "README.md", card)
     print(card)
 
 

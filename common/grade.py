@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from common import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PASSED, FAILED, ERROR, TODO = "passed", "failed", "error", "not yet attempted"
@@ -204,8 +206,6 @@ def report(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import cli
-
     p = cli.ArgumentParser(prog="python -m common.grade", description=__doc__.split("\n\n")[0])
     p.add_argument("chapter", help="chapter number, e.g. 03")
     p.add_argument("--file", help="the file to grade (default: the chapter's exercises.py)")
@@ -219,6 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from common.cli import run
-
-    sys.exit(run(main, prog="python -m common.grade"))
+    sys.exit(cli.run(main, prog="python -m common.grade"))

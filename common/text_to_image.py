@@ -32,7 +32,6 @@ Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t, which tempers the nearly nois
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,11 +39,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import cli
 from common.autoencoder import AutoencoderKL
+from common.pipeline import StableDiffusion
+from common.runtime import get_device
 from common.schedules import NoiseSchedule
+from common.shapes import Shapes
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
-from common.training import TrainConfig
+from common.tokenizer import ShapesTokenizer
+from common.training import Trainer, TrainConfig
 from common.unet import UNet, UNetConfig
+from common.weights import file_sha256, load_weights, module_sha256, read_safetensors, weights_file
 
 CONFIG_NAMES = ("cpu", "gpu", "tiny")
 LATENT_MODES = ("mean", "sample")
@@ -53,8 +58,6 @@ DEFAULT_CACHE = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "la
 
 def _text_config(width: int, layers: int, heads: int, context_length: int) -> CLIPTextConfig:
     """A CLIP text transformer over the Shapes tokenizer's ids (pad 0, unk 1, bos 2, eos 3: 42 ids in all)."""
-    from common.tokenizer import ShapesTokenizer
-
     tok = ShapesTokenizer.for_shapes(context_length)
     return CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=4 * width,
                           num_hidden_layers=layers, num_attention_heads=heads,
@@ -166,13 +169,6 @@ def build_model(config: TextToImageConfig) -> nn.ModuleDict:
 
 # ----------------------------------------------------------------------------------------------------------
 # The latent cache
-def module_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in key order)."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -186,8 +182,6 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
     changed VAE or dataset never reuses a stale cache. Written atomically (tmp + rename): processes launched by
     ``accelerate`` may race here safely.
     """
-    from common.shapes import Shapes
-
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     s = float(vae.config.scaling_factor)
     key = (f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
@@ -213,9 +207,7 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
             print(f"caching latents {start + len(items)}/{length}", flush=True)
     data = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions), "captions": captions}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    cli.atomic_write(path, lambda tmp: torch.save(data, tmp))
     return {**data, "path": path, "hit": False}
 
 
@@ -298,8 +290,6 @@ def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: 
 
     The pipeline holds the modules themselves (no copy) and puts them in eval mode on ``device``.
     """
-    from common.pipeline import StableDiffusion
-
     schedule = config.schedule if config is not None else NoiseSchedule.sd15()
     return StableDiffusion(tokenizer=tokenizer, text_encoder=model["text_encoder"], unet=model["unet"], vae=vae,
                            schedule=schedule, sampler=sampler, device=device)
@@ -330,10 +320,6 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     """
     from accelerate import PartialState
 
-    from common.runtime import get_device
-    from common.tokenizer import ShapesTokenizer
-    from common.training import Trainer
-
     tokenizer = ShapesTokenizer.for_shapes(config.context_length)
     dev = get_device(device)
     state = PartialState(cpu=dev.type == "cpu")
@@ -360,26 +346,14 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
     Read and checked as ``StableDiffusion.from_pretrained`` reads a part: a missing weights file is a
     FileNotFoundError, a missing or unknown key or a wrong shape a ValueError, each naming it.
     """
-    from safetensors.torch import load_file
-
-    from common.pipeline_io import load_weights, weights_file
-
     folder = Path(folder)
     for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
         path = weights_file(folder / name, (file,), name)
-        load_weights(model[name], load_file(str(path)), f"--init-from {path}: not this config's {name}")
+        load_weights(model[name], read_safetensors(path), f"--init-from {path}: not this config's {name}")
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -410,7 +384,4 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
             f"## Training\n\n{training.strip()}\n\n"
             f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
             f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n")
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card)
-    return card
+    return cli.atomic_write(card, text)

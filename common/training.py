@@ -46,7 +46,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.cli import remove_stale_tmp
 from common.runtime import get_device
+from common.viz import plot_loss_curves
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -185,8 +187,6 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, ema: EMA |
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    from common.cli import remove_stale_tmp
-
     remove_stale_tmp(root, "step_*.tmp")  # the half-written checkpoints of killed runs
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -485,10 +485,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_log(log_path: Path, png_path: Path) -> None:
-    try:
-        from common.viz import plot_loss_curves
-    except ImportError:  # viz is optional for the loop itself
-        return
     import matplotlib.pyplot as plt
 
     fig = plot_loss_curves(log_path)

@@ -8,7 +8,7 @@
         --conv_norm_out, SiLU, conv_out--> eps (B, out_channels, H, W)
 
 Every parameter name and shape equals diffusers' ``UNet2DConditionModel`` built from
-``UNetConfig.to_diffusers()``, so Stable Diffusion 1.5's weights load with ``load_state_dict(strict=True)``.
+``common.convert.unet_config_to_diffusers(config)``, so Stable Diffusion 1.5's weights load with ``load_state_dict(strict=True)``.
 The blocks live in ``common/unet_blocks.py``, attention in ``common/attention.py``.
 
 Shapes use one legend: B batch, C channels, H and W the latent's sides, T the time-embedding width,
@@ -17,8 +17,7 @@ N_k context tokens, D_c the context width (cross_attention_dim).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,31 +29,127 @@ DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
-# diffusers options the course's UNet does not implement, with the only value it accepts (their defaults)
-_FIXED_DIFFUSERS_OPTIONS = {
-    "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
-}
-# diffusers' defaults for the options we do read: a config.json only lists what differs from these
-_DIFFUSERS_DEFAULTS = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 1280, "transformer_layers_per_block": 1, "attention_head_dim": 8,
-    "num_attention_heads": None, "use_linear_projection": False, "num_class_embeds": None,
-}
-_IGNORED_DIFFUSERS_OPTIONS = {"addition_embed_type_num_heads"}  # only read when addition_embed_type is set
+class UNet(nn.Module):
+    """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers' UNet2DConditionModel layout."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        channels = cfg.block_out_channels
+        levels = len(channels)
+        temb_channels = channels[0] * 4  # T: the time embedding is 4x the base width, as in DDPM
+        heads = cfg.heads_per_level
+        depth = _per_block(cfg.transformer_layers_per_block, levels, "transformer_layers_per_block")
+        common = dict(temb_channels=temb_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                      context_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(in_dim=channels[0], time_embed_dim=temb_channels)
+        if cfg.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb_channels)
+        else:
+            self.class_embedding = None
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            attn = kind == "CrossAttnDownBlock2D"
+            self.down_blocks.append(DownBlock(
+                in_channels=channels[max(i - 1, 0)], out_channels=channels[i], num_layers=cfg.layers_per_block,
+                add_downsample=i < levels - 1, heads=heads[i] if attn else None, transformer_depth=depth[i],
+                **common))
+
+        if cfg.mid_block_type is None:
+            self.mid_block = None
+        else:
+            attn = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
+            self.mid_block = MidBlock(channels=channels[-1], heads=heads[-1] if attn else None,
+                                      transformer_depth=depth[-1], **common)
+
+        self.up_blocks = nn.ModuleList()
+        rev_channels, rev_heads, rev_depth = channels[::-1], heads[::-1], depth[::-1]
+        for i, kind in enumerate(cfg.up_block_types):
+            attn = kind == "CrossAttnUpBlock2D"
+            self.up_blocks.append(UpBlock(
+                in_channels=rev_channels[min(i + 1, levels - 1)],
+                prev_output_channels=rev_channels[max(i - 1, 0)],
+                out_channels=rev_channels[i], num_layers=cfg.layers_per_block + 1, add_upsample=i < levels - 1,
+                heads=rev_heads[i] if attn else None, transformer_depth=rev_depth[i], **common))
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each ResNet / transformer block in backward instead of storing its activations."""
+        for module in self.modules():
+            if isinstance(module, _Block):
+                module.gradient_checkpointing = enabled
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.enable_gradient_checkpointing(False)
+
+    def _timesteps(self, t, batch: int, device: torch.device) -> torch.Tensor:
+        """t as an int / float, a 0-d tensor, or a (B,) / (1,) tensor -> (B,)."""
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], dtype=torch.float32 if isinstance(t, float) else torch.int64, device=device)
+        if t.ndim == 0:
+            t = t[None]
+        if t.ndim != 1 or t.shape[0] not in (1, batch):
+            raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({batch},); got shape "
+                             f"{tuple(t.shape)}")
+        return t.to(device).expand(batch)
+
+    def _check_inputs(self, z_t: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None):
+        cfg = self.config
+        if z_t.ndim != 4 or z_t.shape[1] != cfg.in_channels:
+            raise ValueError(f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
+                             f"got {tuple(z_t.shape)}")
+        B, _, H, W = z_t.shape
+        if H < 1 or W < 1:
+            raise ValueError(f"the latent must have H, W >= 1; got {H}x{W}")
+        # any H, W works: a side that does not halve evenly is upsampled back to its skip's size (as diffusers)
+        if cfg.has_cross_attention:
+            if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+                got = None if context is None else tuple(context.shape)
+                raise ValueError(f"context must have shape (B, N_k, {cfg.cross_attention_dim}) "
+                                 f"(cross_attention_dim={cfg.cross_attention_dim}); got {got}")
+            if context.shape[0] != B:
+                raise ValueError(f"context batch {context.shape[0]} differs from the latent's batch {B}")
+        elif context is not None:
+            raise ValueError("this UNet has no cross-attention blocks; pass context=None")
+        if cfg.num_class_embeds is not None:
+            if class_labels is None or class_labels.shape != (B,):
+                got = None if class_labels is None else tuple(class_labels.shape)
+                raise ValueError(f"class_labels must be an int tensor of shape ({B},) with values in "
+                                 f"[0, {cfg.num_class_embeds}) (num_class_embeds={cfg.num_class_embeds}); "
+                                 f"got {got}")
+        elif class_labels is not None:
+            raise ValueError("this UNet is not class-conditional (num_class_embeds=None); pass class_labels=None")
+
+    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels: (B,) -> (B, C_out, H, W)."""
+        self._check_inputs(z_t, context, class_labels)
+        cfg = self.config
+        t = self._timesteps(t, z_t.shape[0], z_t.device)  # (B,)
+        t_code = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                    freq_shift=cfg.freq_shift)  # (B, C_0), always fp32
+        temb = self.time_embedding(t_code.to(z_t.dtype))  # (B, T)
+        if self.class_embedding is not None:
+            temb = temb + self.class_embedding(class_labels).to(temb.dtype)  # (B, T)
+
+        x = self.conv_in(z_t)  # (B, C_0, H, W)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)  # halves H, W at every level but the last
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, temb, context)  # (B, C_last, H/f, W/f)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, context)  # pops layers_per_block + 1 skips; doubles H, W but at the top
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C_out, H, W)
 
 
+# --- the configuration: what the UNet is built from, and the course's presets ---
 def _per_block(value, n: int, name: str) -> tuple:
     """An int (same for every level) or a tuple with one entry per level -> a tuple of n entries."""
     if isinstance(value, int):
@@ -194,171 +289,3 @@ class UNetConfig:
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                    cross_attention_dim=cross_attention_dim, attention_head_dim=8)
-
-    # --- the conversion contract: diffusers.UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
-    def to_diffusers(self) -> dict:
-        """Keyword arguments for ``diffusers.UNet2DConditionModel`` that build the same architecture.
-
-        diffusers refuses ``num_attention_heads``, so head counts travel as ``attention_head_dim`` (its quirk).
-        Without cross-attention diffusers still wants an int ``cross_attention_dim``: its default, unused, goes.
-        """
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return dict(
-            sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
-            down_block_types=self.down_block_types, up_block_types=self.up_block_types,
-            mid_block_type=self.mid_block_type, block_out_channels=self.block_out_channels,
-            layers_per_block=self.layers_per_block,
-            cross_attention_dim=self.cross_attention_dim if self.has_cross_attention
-            else _DIFFUSERS_DEFAULTS["cross_attention_dim"],
-            attention_head_dim=heads, use_linear_projection=self.use_linear_projection,
-            norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, num_class_embeds=self.num_class_embeds,
-            flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-            transformer_layers_per_block=self.transformer_layers_per_block,
-        )
-
-    @classmethod
-    def from_diffusers(cls, mapping: Mapping) -> UNetConfig:
-        """Read a diffusers UNet2DConditionModel config (``unet.config`` or a parsed config.json).
-
-        Keys a config.json leaves out take diffusers' defaults (not ours). Options that change the architecture
-        away from what this UNet implements (another activation, SDXL's added embeddings, ...) are errors.
-        """
-        mapping = {k: v for k, v in dict(mapping).items() if not k.startswith("_")}
-        for key, expected in _FIXED_DIFFUSERS_OPTIONS.items():
-            if key in mapping and mapping[key] != expected:
-                raise ValueError(f"unsupported UNet2DConditionModel option {key}={mapping[key]!r}; "
-                                 f"the course's UNet needs {key}={expected!r}")
-        known = set(_DIFFUSERS_DEFAULTS) | set(_FIXED_DIFFUSERS_OPTIONS) | _IGNORED_DIFFUSERS_OPTIONS
-        unknown = sorted(k for k in mapping if k not in known)
-        if unknown:
-            raise ValueError(f"unknown UNet2DConditionModel config keys {unknown}; "
-                             f"expected keys among {sorted(known)}")
-        values = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in mapping.items() if k in _DIFFUSERS_DEFAULTS}}
-        if not isinstance(values["layers_per_block"], int):
-            raise ValueError(f"layers_per_block must be a single int, got {values['layers_per_block']!r}")
-        if isinstance(values["sample_size"], (list, tuple)):
-            raise ValueError(f"sample_size must be a single int (square latents), got {values['sample_size']!r}")
-        config = cls(**values)
-        if not config.has_cross_attention:  # then cross_attention_dim is diffusers' unused default, not a width
-            config = replace(config, cross_attention_dim=None)
-        return config
-
-
-class UNet(nn.Module):
-    """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers' UNet2DConditionModel layout."""
-
-    def __init__(self, config: UNetConfig):
-        super().__init__()
-        self.config = cfg = config
-        channels = cfg.block_out_channels
-        levels = len(channels)
-        temb_channels = channels[0] * 4  # T: the time embedding is 4x the base width, as in DDPM
-        heads = cfg.heads_per_level
-        depth = _per_block(cfg.transformer_layers_per_block, levels, "transformer_layers_per_block")
-        common = dict(temb_channels=temb_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                      context_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection)
-
-        self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(in_dim=channels[0], time_embed_dim=temb_channels)
-        if cfg.num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb_channels)
-        else:
-            self.class_embedding = None
-
-        self.down_blocks = nn.ModuleList()
-        for i, kind in enumerate(cfg.down_block_types):
-            attn = kind == "CrossAttnDownBlock2D"
-            self.down_blocks.append(DownBlock(
-                in_channels=channels[max(i - 1, 0)], out_channels=channels[i], num_layers=cfg.layers_per_block,
-                add_downsample=i < levels - 1, heads=heads[i] if attn else None, transformer_depth=depth[i],
-                **common))
-
-        if cfg.mid_block_type is None:
-            self.mid_block = None
-        else:
-            attn = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
-            self.mid_block = MidBlock(channels=channels[-1], heads=heads[-1] if attn else None,
-                                      transformer_depth=depth[-1], **common)
-
-        self.up_blocks = nn.ModuleList()
-        rev_channels, rev_heads, rev_depth = channels[::-1], heads[::-1], depth[::-1]
-        for i, kind in enumerate(cfg.up_block_types):
-            attn = kind == "CrossAttnUpBlock2D"
-            self.up_blocks.append(UpBlock(
-                in_channels=rev_channels[min(i + 1, levels - 1)],
-                prev_output_channels=rev_channels[max(i - 1, 0)],
-                out_channels=rev_channels[i], num_layers=cfg.layers_per_block + 1, add_upsample=i < levels - 1,
-                heads=rev_heads[i] if attn else None, transformer_depth=rev_depth[i], **common))
-
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
-
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each ResNet / transformer block in backward instead of storing its activations."""
-        for module in self.modules():
-            if isinstance(module, _Block):
-                module.gradient_checkpointing = enabled
-
-    def disable_gradient_checkpointing(self) -> None:
-        self.enable_gradient_checkpointing(False)
-
-    def _timesteps(self, t, batch: int, device: torch.device) -> torch.Tensor:
-        """t as an int / float, a 0-d tensor, or a (B,) / (1,) tensor -> (B,)."""
-        if not torch.is_tensor(t):
-            t = torch.tensor([t], dtype=torch.float32 if isinstance(t, float) else torch.int64, device=device)
-        if t.ndim == 0:
-            t = t[None]
-        if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({batch},); got shape "
-                             f"{tuple(t.shape)}")
-        return t.to(device).expand(batch)
-
-    def _check_inputs(self, z_t: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None):
-        cfg = self.config
-        if z_t.ndim != 4 or z_t.shape[1] != cfg.in_channels:
-            raise ValueError(f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
-                             f"got {tuple(z_t.shape)}")
-        B, _, H, W = z_t.shape
-        if H < 1 or W < 1:
-            raise ValueError(f"the latent must have H, W >= 1; got {H}x{W}")
-        # any H, W works: a side that does not halve evenly is upsampled back to its skip's size (as diffusers)
-        if cfg.has_cross_attention:
-            if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
-                got = None if context is None else tuple(context.shape)
-                raise ValueError(f"context must have shape (B, N_k, {cfg.cross_attention_dim}) "
-                                 f"(cross_attention_dim={cfg.cross_attention_dim}); got {got}")
-            if context.shape[0] != B:
-                raise ValueError(f"context batch {context.shape[0]} differs from the latent's batch {B}")
-        elif context is not None:
-            raise ValueError("this UNet has no cross-attention blocks; pass context=None")
-        if cfg.num_class_embeds is not None:
-            if class_labels is None or class_labels.shape != (B,):
-                got = None if class_labels is None else tuple(class_labels.shape)
-                raise ValueError(f"class_labels must be an int tensor of shape ({B},) with values in "
-                                 f"[0, {cfg.num_class_embeds}) (num_class_embeds={cfg.num_class_embeds}); "
-                                 f"got {got}")
-        elif class_labels is not None:
-            raise ValueError("this UNet is not class-conditional (num_class_embeds=None); pass class_labels=None")
-
-    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels: (B,) -> (B, C_out, H, W)."""
-        self._check_inputs(z_t, context, class_labels)
-        cfg = self.config
-        t = self._timesteps(t, z_t.shape[0], z_t.device)  # (B,)
-        t_code = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                    freq_shift=cfg.freq_shift)  # (B, C_0), always fp32
-        temb = self.time_embedding(t_code.to(z_t.dtype))  # (B, T)
-        if self.class_embedding is not None:
-            temb = temb + self.class_embedding(class_labels).to(temb.dtype)  # (B, T)
-
-        x = self.conv_in(z_t)  # (B, C_0, H, W)
-        skips = [x]
-        for block in self.down_blocks:
-            x, block_skips = block(x, temb, context)  # halves H, W at every level but the last
-            skips.extend(block_skips)
-        if self.mid_block is not None:
-            x = self.mid_block(x, temb, context)  # (B, C_last, H/f, W/f)
-        for block in self.up_blocks:
-            x = block(x, skips, temb, context)  # pops layers_per_block + 1 skips; doubles H, W but at the top
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C_out, H, W)
