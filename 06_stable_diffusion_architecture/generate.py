@@ -18,15 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path from anywhere: `common` is importable
+import torch
 
-import torch  # noqa: E402
-
-from common import cli  # noqa: E402
-from common.pipeline import StableDiffusion, image_grid, main_model_path  # noqa: E402
-from common.runtime import budget, get_device  # noqa: E402
-from common.samplers import SAMPLERS  # noqa: E402
-
+from common import cli
+from common.pipeline import StableDiffusion, image_grid, main_model_path
+from common.runtime import budget, get_device
+from common.samplers import SAMPLERS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # written by PIL in the format the extension names
 PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

@@ -27,7 +27,6 @@ from common.attention import attention
 from common.weights import WEIGHTS_NAME, check_state, read_model, read_safetensors, save_model
 
 
-
 @dataclass(frozen=True)
 class AutoencoderConfig:
     in_channels: int = 3  # RGB images

@@ -30,8 +30,15 @@ from common.single_file import load_single_file
 from common.text_encoder import CLIPTextConfig, CLIPTextModel, normalize_clip_keys
 from common.tokenizer import BOS, EOS, PAD, UNK, ClipTokenizer, ShapesTokenizer, load_tokenizer
 from common.unet import UNet
-from common.weights import (WEIGHTS_NAME, build_on_meta, load_weights, read_json, read_safetensors, save_model,
-                            weights_file)
+from common.weights import (
+    WEIGHTS_NAME,
+    build_on_meta,
+    load_weights,
+    read_json,
+    read_safetensors,
+    save_model,
+    weights_file,
+)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")

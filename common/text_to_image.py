@@ -47,7 +47,7 @@ from common.schedules import NoiseSchedule
 from common.shapes import Shapes
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
 from common.tokenizer import ShapesTokenizer
-from common.training import Trainer, TrainConfig
+from common.training import TrainConfig, Trainer
 from common.unet import UNet, UNetConfig
 from common.weights import file_sha256, load_weights, module_sha256, read_safetensors, weights_file
 

@@ -84,8 +84,8 @@ def test_keep_checkpoints_bad_input(args, expected, tmp_path, tiny_vae, capsys):
 
 def test_shipped_progress_checkpoints_load_and_learn():
     """The shipped snapshots fit the shipped UNet config, and later ones predict the noise better."""
-    from common.schedules import NoiseSchedule
     from common.convert import unet_config_from_diffusers
+    from common.schedules import NoiseSchedule
     from common.unet import UNet
 
     files = sorted(PROGRESS.glob("step_*.safetensors"))

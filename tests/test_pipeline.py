@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from common.autoencoder import AutoencoderConfig
-from common.pipeline import StableDiffusion, main_model_path
 from common.convert import unet_config_to_diffusers
+from common.pipeline import StableDiffusion, main_model_path
 from common.unet import UNetConfig
 
 diffusers = pytest.importorskip("diffusers")

@@ -11,8 +11,12 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 from common.attention import attention_backend, attention_maps_to_image, capture_attention_maps
-from common.convert import (UNET_DIFFUSERS_DEFAULTS, UNET_FIXED_OPTIONS, unet_config_from_diffusers,
-                            unet_config_to_diffusers)
+from common.convert import (
+    UNET_DIFFUSERS_DEFAULTS,
+    UNET_FIXED_OPTIONS,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+)
 from common.unet import UNet, UNetConfig
 from common.unet_blocks import ResnetBlock2D, timestep_embedding
 
