@@ -201,8 +201,11 @@ class Digits(torch.utils.data.Dataset):
         self.root = Path(root) if root is not None else DATA_ROOT
         if source == "auto":
             source = "mnist" if _mnist_on_disk(self.root) else "rendered"
-            note = f"found under {self.root}" if source == "mnist" else f"not on disk under {self.root}"
-            print(f"Digits: MNIST {note}; using {'it' if source == 'mnist' else 'digits rendered from fonts'}")
+            if source == "mnist":
+                print(f"Digits: MNIST found under {self.root}; using it")
+            else:
+                print(f"Digits: MNIST not on disk under {self.root}; using digits rendered from fonts "
+                      "(`python -m common.weights fetch mnist` gets MNIST)")
         else:
             print(f"Digits: using {'MNIST from ' + str(self.root) if source == 'mnist' else 'rendered digits'}")
         self.source = source

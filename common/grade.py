@@ -67,6 +67,18 @@ def load_module(path: str | Path, name: str | None = None) -> ModuleType:
     return module
 
 
+def yours_or_reference(exercises: ModuleType, solutions: ModuleType, name: str, try_it):
+    """``exercises.<name>`` once ``try_it`` runs it without NotImplementedError, else ``solutions.<name>``: a
+    notebook then uses your solution when you have one, and the reference (never shown) until then."""
+    try:
+        try_it(getattr(exercises, name))
+    except NotImplementedError:
+        print(f"{name}: exercise not solved yet, so the notebook uses the reference in solutions.py")
+        return getattr(solutions, name)
+    print(f"{name}: using yours from exercises.py")
+    return getattr(exercises, name)
+
+
 def grade(chapter: str, file: str | Path | None = None, only: list[str] | None = None,
           timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
     """Run the chapter's checks on ``file`` (default: the chapter's ``exercises.py``).

@@ -58,6 +58,11 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), p
     return vals if per_image else float(np.mean(vals))
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|: how the course reports that two implementations agree (fp32 parity is <= 1e-4)."""
+    return (a - b).abs().max().item()
+
+
 def lpips_available(net: str = "alex") -> bool:
     """Whether the LPIPS backbone weights for ``net`` are on disk (the `lpips` package fetches them otherwise)."""
     return lpips_backbone_available(net)

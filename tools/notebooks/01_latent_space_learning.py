@@ -25,9 +25,7 @@
 import json
 import math
 import time
-from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -37,14 +35,11 @@ from common.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussia
 from common.data import Photos, Shapes
 from common.losses import VAELoss, VAELossWeights, kl_loss, lpips_backbone_available, lpips_backbone_path
 from common.metrics import psnr, ssim
-from common.runtime import budget, describe, seed_everything
+from common.runtime import budget, setup_notebook
 from common.schedules import NoiseSchedule
 from common.viz import show, show_latent_channels, side_by_side
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
-print(describe())
-ROOT = Path.cwd().parent if Path.cwd().name.startswith("01_") else Path.cwd()
+ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 CKPT = ROOT / "checkpoints"
 T0 = time.perf_counter()
 
@@ -426,9 +421,8 @@ vae.zero_grad()
 # %%
 lpips_on = lpips_backbone_available()
 if not lpips_on:
-    fetch = "import torchvision; torchvision.models.get_model('alexnet', weights='IMAGENET1K_V1')"
     print(f"LPIPS is not measured: its AlexNet backbone is not at {lpips_backbone_path()}. Fetch it with:")
-    print(f'    python -c "{fetch}"')
+    print("    python -m common.weights fetch lpips")
 else:
     from common.metrics import lpips_distance
 

@@ -30,7 +30,6 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -42,18 +41,13 @@ from common.classifier import DigitClassifier, conditional_accuracy
 from common.convert import unet_config_from_diffusers, unet_config_to_diffusers
 from common.data import Digits
 from common.grade import load_module
-from common.runtime import budget, describe, is_fast, seed_everything
+from common.runtime import budget, seed_everything, setup_notebook
 from common.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, make_sampler, sample_loop
 from common.schedules import NoiseSchedule
 from common.unet import UNet, UNetConfig
 from common.viz import image_grid, plot_trajectory, show, show_latent_channels
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
-if is_fast():  # the tests share a few busy cores: one thread avoids OpenMP threads spinning against each other
-    torch.set_num_threads(1)
-print(describe())
-ROOT = Path.cwd().parent if Path.cwd().name.startswith("03_") else Path.cwd()
+ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 CKPT = ROOT / "checkpoints"
 T0 = time.perf_counter()
 
