@@ -65,16 +65,6 @@ def _text_config(width: int, layers: int, heads: int, context_length: int) -> CL
                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
 
-def _unet_config(widths: tuple[int, ...], layers: int, heads: int, context_dim: int, groups: int) -> UNetConfig:
-    """Three levels at 16 x 16 x 4 latents: ResNets only at 16 x 16, cross-attention at 8 x 8 and 4 x 4 and
-    in the middle, where a token sees the whole 64 px image through a few latent pixels (positions and
-    relations are decided there); full-resolution attention would cost the most and add the least."""
-    return UNetConfig(sample_size=16, block_out_channels=widths, layers_per_block=layers,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      cross_attention_dim=context_dim, attention_head_dim=heads, norm_num_groups=groups)
-
-
 @dataclass
 class TextToImageConfig:
     name: str  # the preset's name, written into logs and the model card
@@ -117,7 +107,7 @@ class TextToImageConfig:
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
         """
         width = 128
-        return cls(name="cpu", unet=_unet_config((32, 64, 128), 1, 4, width, 16),
+        return cls(name="cpu", unet=UNetConfig.shapes_text(cross_attention_dim=width),
                    text_encoder=_text_config(width, 3, 4, 24), steps=1200, batch_size=32, lr=1e-3,
                    warmup_steps=100, ema_decay=0.995, train_size=4000, checkpoint_every=100, snr_gamma=5.0)
 
@@ -132,7 +122,7 @@ class TextToImageConfig:
         ``--minutes 3.5`` gives the shipped model (2,100 steps; see checkpoints/course_t2i/README.md).
         """
         width = 128
-        return cls(name="gpu", unet=_unet_config((64, 96, 128), 1, 4, width, 16),
+        return cls(name="gpu", unet=UNetConfig.shapes_text_gpu(),
                    text_encoder=_text_config(width, 3, 4, 24), steps=40_000, batch_size=1024, lr=2e-3,
                    warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", train_size=60_000,
                    checkpoint_every=2000, ema_start=500, snr_gamma=5.0)
@@ -141,7 +131,8 @@ class TextToImageConfig:
     def tiny(cls) -> TextToImageConfig:
         """For tests and COURSE_FAST: builds and trains a few steps in seconds."""
         width = 32
-        return cls(name="tiny", unet=_unet_config((16, 32, 32), 1, 2, width, 8),
+        unet = UNetConfig.shapes_text((16, 32, 32), heads=2, cross_attention_dim=width, norm_num_groups=8)
+        return cls(name="tiny", unet=unet,
                    text_encoder=_text_config(width, 1, 2, 24), steps=4, batch_size=8, lr=1e-3,
                    warmup_steps=1, ema_decay=0.9, train_size=32, checkpoint_every=2, ema_start=0)
 

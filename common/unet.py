@@ -270,22 +270,23 @@ class UNetConfig:
                    mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8)
 
     @classmethod
-    def shapes_text(cls, cross_attention_dim: int = 256) -> UNetConfig:
-        """The course's text-to-image UNet at 16x16x4 latents (chapter 04), sized for a CPU: 1.6 M parameters,
-        196 MFLOP per forward (24 context tokens).
+    def shapes_text(cls, block_out_channels: tuple[int, ...] = (32, 64, 128), *, heads: int = 4,
+                    cross_attention_dim: int = 128, norm_num_groups: int = 16) -> UNetConfig:
+        """The course's text-to-image UNet at 16x16x4 latents, as chapters 04 and 06 train it
+        (``TextToImageConfig.cpu()``): 4.2 M parameters at the default widths.
 
-        Cross-attention at 16x16 and 8x8 and in the middle (where words meet positions); plain ResNets at
-        4x4. ``cross_attention_dim`` must equal the text encoder's width (``CLIPTextConfig.shapes()``: 256).
+        ResNets only at 16x16; cross-attention at 8x8 and 4x4 and in the middle, where a token sees the whole
+        64 px image through a few latent pixels (positions and relations are decided there); full-resolution
+        attention would cost the most and add the least. ``cross_attention_dim`` must equal the text encoder's
+        width (``TextToImageConfig``'s: 128).
         """
-        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
+        return cls(sample_size=16, block_out_channels=block_out_channels, layers_per_block=1,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=norm_num_groups)
 
     @classmethod
-    def shapes_text_gpu(cls, cross_attention_dim: int = 256) -> UNetConfig:
-        """A wider, deeper ``shapes_text`` for a GPU run (chapter 06): 34.9 M parameters, 4.6 GFLOP a forward."""
-        return cls(sample_size=16, block_out_channels=(128, 256, 256), layers_per_block=2,
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=8)
+    def shapes_text_gpu(cls) -> UNetConfig:
+        """``shapes_text`` wider at every level (64, 96, 128): the shipped course model's UNet
+        (``TextToImageConfig.gpu()``, ``checkpoints/course_t2i``), 5.6 M parameters."""
+        return cls.shapes_text((64, 96, 128))
