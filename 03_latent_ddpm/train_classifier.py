@@ -28,7 +28,7 @@ from common.classifier import ClassifierConfig, DigitClassifier, accuracy
 from common.data import Digits
 from common.runtime import budget, describe, get_device, seed_everything
 from common.training import Trainer, TrainConfig
-from common.weights import file_sha256
+from common.weights import write_model_card
 
 
 def cached_digits(split: str, n: int, resolution: int, seed: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -138,14 +138,9 @@ class-conditional samples: the fraction of samples generated for digit k that it
 - Caveat: offline, "real digits" means rendered font digits, not handwriting; a sample that looks like a
   handwritten 7 but not like any font's 7 may be misread. Retrain with MNIST on disk for MNIST models.
 
-| file | sha256 |
-|---|---|
-| model.safetensors | `{file_sha256(path / 'model.safetensors')}` |
-| config.json | `{file_sha256(path / 'config.json')}` |
-
 Load: `DigitClassifier.load("{shown or path}")`.
 """
-    (path / "README.md").write_text(card)
+    write_model_card(path, card, ["model.safetensors", "config.json"])
 
 
 if __name__ == "__main__":

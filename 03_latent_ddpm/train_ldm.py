@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from common import cli, weights
 from common.autoencoder import AutoencoderKL
 from common.convert import unet_config_from_diffusers, unet_config_to_diffusers
+from common.data import Digits, LatentDataset, Shapes, cached
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import make_sampler, sample_loop
 from common.schedules import NoiseSchedule
@@ -91,8 +92,6 @@ def parse_samplers(spec: str, schedule: NoiseSchedule) -> list:
 # ----------------------------------------------------------------------------------------------------- data
 def load_images(data: str, split: str, n: int, seed: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, 3, R, R) in [-1, 1], labels (n,)); digits are grey, repeated to RGB as the VAE was trained."""
-    from common.data import Digits, Shapes
-
     if data == "digits":
         ds = Digits(resolution, split, length=n, seed=seed)
         items = [ds[i] for i in range(n)]
@@ -106,23 +105,20 @@ def encode_cached(vae: AutoencoderKL, vae_id: str, data: str, n: int, seed: int,
                   device: torch.device, batch_size: int = 256) -> dict:
     """Posterior mean and std of ``n`` training images, encoded once; {"mean", "std", "labels"} (unscaled)."""
     path = cache_dir / f"latents_{data}_{n}_{seed}_{vae_id}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    t0 = time.perf_counter()
-    images, labels = load_images(data, "train", n, seed, vae.config.sample_size)
-    means, stds = [], []
-    for i in range(0, n, batch_size):
-        posterior = vae.encode(images[i:i + batch_size].to(device))
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
-    cache = {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)  # atomic
-    print(f"encoded {n} {data} images to latents {tuple(cache['mean'].shape[1:])} in "
-          f"{time.perf_counter() - t0:.1f} s -> {path}")
-    return cache
+
+    def encode() -> dict:
+        t0 = time.perf_counter()
+        images, labels = load_images(data, "train", n, seed, vae.config.sample_size)
+        means, stds = [], []
+        for i in range(0, n, batch_size):
+            posterior = vae.encode(images[i:i + batch_size].to(device))
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
+        print(f"encoded {n} {data} images to latents {tuple(means[0].shape[1:])} in "
+              f"{time.perf_counter() - t0:.1f} s -> {path}")
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
+
+    return cached(path, encode)[0]
 
 
 def computed_scaling_factor(cache: dict, seed: int = 0) -> float:
@@ -130,17 +126,6 @@ def computed_scaling_factor(cache: dict, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)
     return float(1.0 / z.std())
-
-
-class Latents(torch.utils.data.Dataset):
-    def __init__(self, cache: dict):
-        self.mean, self.std, self.labels = cache["mean"], cache["std"], cache["labels"]
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __getitem__(self, i: int):
-        return self.mean[i], self.std[i], self.labels[i]
 
 
 def ldm_loss(unet: UNet, schedule: NoiseSchedule, z0: torch.Tensor, labels: torch.Tensor | None,
@@ -317,7 +302,7 @@ def run(args) -> dict:
     print(f"UNet: {n_params:,} parameters")
 
     def loss_fn(model, batch, generator):
-        mean, std, labels = batch
+        mean, std, labels = batch["z0_mean"], batch["z0_std"], batch["labels"]
         noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
         z0 = (mean + std * noise) * scale  # z0 ~ q(z | x), scaled
         if null_class:  # drop labels to the null class, so the model also learns p(z) for guidance
@@ -338,7 +323,7 @@ def run(args) -> dict:
         if step == args.stop_at:
             raise _StopTraining
 
-    trainer = Trainer(unet, Latents(cache), loss_fn, cfg, out, device=device, resume=resume,
+    trainer = Trainer(unet, LatentDataset(cache, "labels"), loss_fn, cfg, out, device=device, resume=resume,
                       callbacks=[keep_progress], callback_every=1)
     if trainer.step == 0 and 0 in keep_steps:
         save_progress(trainer.ema_model(), out / "progress", 0)
@@ -483,8 +468,6 @@ def _last_loss(log: Path) -> float | None:
 
 
 def write_card(folder: Path, result: dict, argv: list[str]) -> None:
-    sha = {f: file_sha256(folder / f)
-           for f in ("diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json", "ldm.json")}
     table = "\n".join(f"| {r['sampler']} | {r['steps']} | {r['samples']} | {r['guidance']} | {r['seconds']} | "
                       f"{r.get('accuracy', 'n/a')} | {r['latent_fd']} |" for r in result["samplers"])
     data = ("Digits (common.data.Digits, split='train'): offline, digits rendered from matplotlib's fonts with random "
@@ -515,14 +498,12 @@ A {'class-conditional' if result['data'] == 'digits' else 'unconditional'} laten
 |---|---|---|---|---|---|---|
 {table}
 
-| file | sha256 |
-|---|---|
-""" + "\n".join(f"| {f} | `{h}` |" for f, h in sha.items()) + """
-
-Load it: `UNet(unet_config_from_diffusers(json.load(open("config.json"))))` + `load_state_dict(load_file(...))`,
+Load it: `UNet(common.convert.unet_config_from_diffusers(json.load(open("config.json"))))`, then
+`load_state_dict(load_file(...))`,
 or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads into any diffusers scheduler.
 """
-    (folder / "README.md").write_text(card)
+    files = [WEIGHTS_NAME, "config.json", "scheduler_config.json", "ldm.json"]
+    weights.write_model_card(folder, card, files)
 
 
 if __name__ == "__main__":

@@ -337,21 +337,6 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arrays]
 
 
-def image_grid(images: list, cols: int | None = None):
-    """PIL images of one size side by side in a grid (``cols`` per row; default all in one row)."""
-    from PIL import Image
-
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    cols = cols or len(images)
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def tiny_random_pipeline(seed: int = 0, sampler: str = "ddim") -> StableDiffusion:
     """A random, untrained pipeline of the course's kind (Shapes tokenizer, tiny CLIP, UNet and VAE): it runs in
     a fraction of a second, so tests and exercise checks can exercise every code path without a trained model."""

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import cli
+from common import weights
 from common.autoencoder import AutoencoderKL
+from common.data import LatentDataset, cached
 from common.pipeline import StableDiffusion
 from common.runtime import get_device
 from common.schedules import NoiseSchedule
@@ -49,7 +50,7 @@ from common.text_encoder import CLIPTextConfig, CLIPTextModel
 from common.tokenizer import ShapesTokenizer
 from common.training import TrainConfig, Trainer
 from common.unet import UNet, UNetConfig
-from common.weights import file_sha256, load_weights, module_sha256, read_safetensors, weights_file
+from common.weights import load_weights, module_sha256, read_safetensors, weights_file
 
 CONFIG_NAMES = ("cpu", "gpu", "tiny")
 LATENT_MODES = ("mean", "sample")
@@ -178,49 +179,25 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
     key = (f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
            f"_ctx{tokenizer.context_length}_v{tokenizer.vocab_size}")
     path = cache_dir / f"{key}.pt"
-    if path.is_file():
-        try:
-            data = torch.load(path, weights_only=True)
-            return {**data, "path": path, "hit": True}
-        except Exception as e:  # a truncated file: rebuild it
-            print(f"latent cache {path} unreadable ({e}); rebuilding")
-    ds = Shapes(resolution, split, length, seed)
-    vae = vae.to(device).eval()
-    means, stds, captions = [], [], []
-    for start in range(0, length, batch_size):
-        items = [ds[i] for i in range(start, min(length, start + batch_size))]
-        x = torch.stack([it["image"] for it in items]).to(device)  # (b, 3, H, W) in [-1, 1]
-        posterior = vae.encode(x)
-        means.append((posterior.mean * s).float().cpu())  # (b, C, h, w)
-        stds.append((posterior.std * s).float().cpu())
-        captions += [it["caption"] for it in items]
-        if verbose and (start // batch_size) % 20 == 0:
-            print(f"caching latents {start + len(items)}/{length}", flush=True)
-    data = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions), "captions": captions}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cli.atomic_write(path, lambda tmp: torch.save(data, tmp))
-    return {**data, "path": path, "hit": False}
 
+    def encode() -> dict:
+        ds = Shapes(resolution, split, length, seed)
+        encoder = vae.to(device).eval()
+        means, stds, captions = [], [], []
+        for start in range(0, length, batch_size):
+            items = [ds[i] for i in range(start, min(length, start + batch_size))]
+            x = torch.stack([it["image"] for it in items]).to(device)  # (b, 3, H, W) in [-1, 1]
+            posterior = encoder.encode(x)
+            means.append((posterior.mean * s).float().cpu())  # (b, C, h, w)
+            stds.append((posterior.std * s).float().cpu())
+            captions += [it["caption"] for it in items]
+            if verbose and (start // batch_size) % 20 == 0:
+                print(f"caching latents {start + len(items)}/{length}", flush=True)
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions),
+                "captions": captions}
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Cached latents with their token ids: item i is {"z0_mean", "z0_std" (C, h, w), "input_ids" (N_k,)}."""
-
-    def __init__(self, cache: dict):
-        self.mean, self.std, self.input_ids = cache["mean"], cache["std"], cache["input_ids"]
-        if not len(self.mean) == len(self.std) == len(self.input_ids):
-            raise ValueError("the cache's mean, std and input_ids must have one row per item")
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"z0_mean": self.mean[i], "z0_std": self.std[i], "input_ids": self.input_ids[i]}
-
-    def get_batch(self, indices: list[int]) -> dict:
-        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256 items
-        one by one costs more than a GPU step of the course model)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"z0_mean": self.mean[idx], "z0_std": self.std[idx], "input_ids": self.input_ids[idx]}
+    data, hit = cached(path, encode)
+    return {**data, "path": path, "hit": hit}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,12 +324,6 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
 
 
 
-def weight_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
-                  and p.name != "README.md")
-
-
 def write_model_card(folder: str | Path, training: str | None, metrics: str | None = None) -> Path:
     """``folder/README.md``: what was trained how (``training``, markdown), the metrics from evaluate.py
     (``metrics``, markdown) and the sha256 of every file; a None section is kept from the existing card."""
@@ -365,14 +336,10 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
     if training is None and card.is_file():
         old = card.read_text()
         training = old.split("## Training", 1)[1].split("\n## ", 1)[0].strip() if "## Training" in old else ""
-    size = sum(p.stat().st_size for p in weight_files(folder))
-    rows = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
-                     for p in weight_files(folder))
     text = (f"# course_t2i: the course's own text-to-image model\n\n"
             f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
             f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
             f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
             f"## Training\n\n{training.strip()}\n\n"
-            f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
-            f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n")
-    return cli.atomic_write(card, text)
+            f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n")
+    return weights.write_model_card(folder, text)

@@ -147,6 +147,24 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def model_files(folder: str | Path) -> list[Path]:
+    """The weights and configs of a model folder (every .safetensors and .json under it), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+
+
+def write_model_card(folder: str | Path, text: str, files: list[str] | None = None) -> Path:
+    """``folder/README.md``: ``text`` (markdown), then a "Files" section with each file's size and sha256 (the
+    names in ``files``, default ``model_files(folder)``), so a reader can check what they downloaded."""
+    folder = Path(folder)
+    paths = [folder / f for f in files] if files is not None else model_files(folder)
+    rows = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
+                     for p in paths)
+    size = sum(p.stat().st_size for p in paths)
+    files_section = (f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n"
+                     f"{rows}\n")
+    return cli.atomic_write(folder / "README.md", text.rstrip() + "\n\n" + files_section)
+
+
 # --- the optional weights, fetched on request ----------------------------------------------------------
 def sd15_path() -> Path | None:
     """Where the course finds Stable Diffusion 1.5: $SD15_PATH (a diffusers folder or a single .safetensors
