@@ -42,9 +42,7 @@ def cached_digits(split: str, n: int, resolution: int, seed: int, cache_dir: Pat
     images = torch.stack([ds[i][0] for i in range(n)])
     labels = torch.tensor([ds[i][1] for i in range(n)])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels}, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves half a cache
+    cli.atomic_write(path, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
     print(f"drew {n} {split} digits in {time.perf_counter() - t0:.1f} s -> {path}")
     return images, labels, ds.source
 

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from common.attention import attention, attention_backend
+from common.cli import atomic_write
 
 MiB = 2**20
 FP16_MAX = torch.finfo(torch.float16).max  # 65,504: anything larger becomes inf in fp16
@@ -450,8 +451,5 @@ def write_table(rows: Sequence[dict], out: str | Path, name: str = "table", colu
     paths = []
     for suffix, text in ((".md", format_table(rows, columns) + "\n"), (".csv", buf.getvalue())):
         path = out / f"{name}{suffix}"
-        tmp = path.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write(path, text))
     return paths[0], paths[1]

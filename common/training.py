@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.cli import remove_stale_tmp
+from common.cli import atomic_write, remove_stale_tmp
 from common.runtime import get_device
 from common.viz import plot_loss_curves
 
@@ -476,12 +476,13 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _plot_log(log_path: Path, png_path: Path) -> None:
