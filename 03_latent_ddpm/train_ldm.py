@@ -428,7 +428,8 @@ def save_forward_preview(vae, cache, scale, schedule, ts, path: Path, seed: int)
 
 def save_model(unet: UNet, schedule: NoiseSchedule, folder: Path, result: dict) -> Path:
     """diffusers layout: config.json + diffusion_pytorch_model.safetensors, scheduler_config.json, ldm.json."""
-    weights.save_model(unet, folder, {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)})
+    config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)}
+    weights.save_model(unet, folder, config)
     cli.atomic_write(folder / "scheduler_config.json",
                   json.dumps({"_class_name": "DDPMScheduler", **schedule.to_diffusers()}, indent=2) + "\n")
     ldm = {"scaling_factor": result["scaling_factor"], "vae": Path(result["vae"]).name, "data": result["data"],

@@ -211,8 +211,9 @@ def main(argv=None) -> list[dict]:
     md = results_markdown(rows, args, n)
     (out / "results.md").write_text(md)
     if grid:
-        save_grid(torch.cat([g[0] for g in grid]), out / "samples.png", captions=[p for g in grid for p in g[1]],
-                  value_range=(0, 1), dpi=110)
+        captions = [p for g in grid for p in g[1]]
+        images = torch.cat([g[0] for g in grid])
+        save_grid(images, out / "samples.png", captions=captions, value_range=(0, 1), dpi=110)
     print(md)
     if args.update_card:
         from common.text_to_image import write_model_card

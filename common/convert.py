@@ -11,8 +11,8 @@ Nothing is renamed, so nothing can be renamed wrongly; a strict load fails loudl
     clip = from_transformers(hf_text_model)    # -> common.text_encoder.CLIPTextModel
 
 The UNet's config translation lives here too (``unet_config_to_diffusers`` / ``unet_config_from_diffusers``,
-with diffusers' option tables), so ``common/unet.py`` holds only the model. The single-file SD checkpoints with
-the original CompVis key names are handled in ``common/single_file.py``.
+with diffusers' option tables), so ``common/unet.py`` holds only the model. The single-file SD checkpoints
+with the original CompVis key names are handled in ``common/single_file.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from common.text_encoder import CLIPTextConfig, CLIPTextModel, normalize_clip_ke
 from common.unet import UNet, UNetConfig
 from common.weights import check_state
 
-# UNet2DConditionModel options the course's UNet does not implement, with the only value it accepts (their defaults)
+# UNet2DConditionModel options the course's UNet does not implement, with the one value it accepts (diffusers'
+# defaults)
 UNET_FIXED_OPTIONS = {
     "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
     "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
@@ -55,12 +56,12 @@ UNET_IGNORED_OPTIONS = {"addition_embed_type_num_heads"}  # only read when addit
 
 
 def unet_config_to_diffusers(config: UNetConfig) -> dict:
-    """Keyword arguments for ``diffusers.UNet2DConditionModel`` that build the same architecture as ``config``.
+    """Keyword arguments for ``diffusers.UNet2DConditionModel`` that build the architecture of ``config``.
 
     diffusers refuses ``num_attention_heads``, so head counts travel as ``attention_head_dim`` (its quirk).
     Without cross-attention diffusers still wants an int ``cross_attention_dim``: its default, unused, goes.
     """
-    heads = config.num_attention_heads if config.num_attention_heads is not None else config.attention_head_dim
+    heads = config.attention_head_dim if config.num_attention_heads is None else config.num_attention_heads
     return dict(
         sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
         down_block_types=config.down_block_types, up_block_types=config.up_block_types,
@@ -69,7 +70,8 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         cross_attention_dim=config.cross_attention_dim if config.has_cross_attention
         else UNET_DIFFUSERS_DEFAULTS["cross_attention_dim"],
         attention_head_dim=heads, use_linear_projection=config.use_linear_projection,
-        norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps, num_class_embeds=config.num_class_embeds,
+        norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps,
+        num_class_embeds=config.num_class_embeds,
         flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift,
         transformer_layers_per_block=config.transformer_layers_per_block,
     )
@@ -140,7 +142,8 @@ def to_diffusers(module: nn.Module) -> nn.Module:
     if isinstance(module, AutoencoderKL):
         return _copy_weights(module, diffusers.AutoencoderKL(**module.config.to_diffusers()))
     if isinstance(module, UNet):
-        return _copy_weights(module, diffusers.UNet2DConditionModel(**unet_config_to_diffusers(module.config)))
+        reference = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(module.config))
+        return _copy_weights(module, reference)
     if isinstance(module, MMDiT):
         return _copy_weights(module, diffusers.SD3Transformer2DModel(**module.config.to_diffusers()))
     raise ValueError(f"to_diffusers converts common.autoencoder.AutoencoderKL, common.unet.UNet or "

@@ -351,7 +351,8 @@ def torchvision_dataset(name: str, root: str | Path | None = None, train: bool =
 # Latents, encoded once
 def cached(path: str | Path, build) -> tuple[dict, bool]:
     """(the dict of tensors in ``path``, True), or (``build()``, False) after writing it there atomically (a
-    killed run, or processes racing under ``accelerate``, never leave half a file). An unreadable file is rebuilt.
+    killed run, or processes racing under ``accelerate``, never leave half a file). An unreadable file is
+    rebuilt.
     """
     path = Path(path)
     if path.is_file():

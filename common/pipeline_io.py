@@ -134,7 +134,8 @@ def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
 def write_pipeline(pipe, tmp: Path) -> None:
     """The diffusers folder's files, written into the empty folder ``tmp`` (``save_pipeline`` ships them)."""
     version = {"_diffusers_version": DIFFUSERS_VERSION}
-    unet_config = {"_class_name": "UNet2DConditionModel", **version, **unet_config_to_diffusers(pipe.unet.config)}
+    unet_config = {"_class_name": "UNet2DConditionModel", **version,
+                   **unet_config_to_diffusers(pipe.unet.config)}
     save_model(pipe.unet, tmp / "unet", unet_config, dtype=torch.float32)
     vae_config = {"_class_name": "AutoencoderKL", **version, **pipe.vae.config.to_diffusers()}
     save_model(pipe.vae, tmp / "vae", vae_config, dtype=torch.float32)

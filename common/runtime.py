@@ -102,10 +102,10 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: common/ sits in it
 def setup_notebook(seed: int = 0, dpi: int = 72) -> Path:
     """What every chapter notebook does first; returns the repository's root folder.
 
-    Seeds every generator, makes inline figures ``dpi`` dots per inch (the stored notebook stays small), keeps
-    tqdm from warning that ipywidgets is missing, and under ``COURSE_FAST=1`` runs torch on one thread (the tests
-    run the notebooks side by side on a few cores, where OpenMP threads would spin against each other). Prints
-    ``describe()``: the mode, device and torch version every figure below came from.
+    Seeds every generator, makes inline figures ``dpi`` dots per inch (the stored notebook stays small),
+    keeps tqdm from warning that ipywidgets is missing, and under ``COURSE_FAST=1`` runs torch on one thread
+    (the tests run the notebooks side by side on a few cores, where OpenMP threads would spin against each
+    other). Prints ``describe()``: the mode, device and torch version every figure below came from.
     """
     import matplotlib
 

@@ -29,8 +29,8 @@ from common.shapes import vocabulary
 
 SD_TOKENIZER_HINT = (
     'huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "tokenizer/*" '
-    "--local-dir <dir>, then pass <dir>/tokenizer (`python -m common.weights fetch sd15` fetches it with the rest of "
-    "SD 1.5)"
+    "--local-dir <dir>, then pass <dir>/tokenizer (`python -m common.weights fetch sd15` fetches it with "
+    "the rest of SD 1.5)"
 )
 
 

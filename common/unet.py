@@ -8,7 +8,8 @@
         --conv_norm_out, SiLU, conv_out--> eps (B, out_channels, H, W)
 
 Every parameter name and shape equals diffusers' ``UNet2DConditionModel`` built from
-``common.convert.unet_config_to_diffusers(config)``, so Stable Diffusion 1.5's weights load with ``load_state_dict(strict=True)``.
+``common.convert.unet_config_to_diffusers(config)``, so Stable Diffusion 1.5's weights load with
+``load_state_dict(strict=True)``.
 The blocks live in ``common/unet_blocks.py``, attention in ``common/attention.py``.
 
 Shapes use one legend: B batch, C channels, H and W the latent's sides, T the time-embedding width,
@@ -283,7 +284,8 @@ class UNetConfig:
         return cls(sample_size=16, block_out_channels=block_out_channels, layers_per_block=1,
                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=heads, norm_num_groups=norm_num_groups)
+                   cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
+                   norm_num_groups=norm_num_groups)
 
     @classmethod
     def shapes_text_gpu(cls) -> UNetConfig:

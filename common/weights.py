@@ -1,4 +1,5 @@
-"""Weights on disk: reading, checking, saving and fetching them, in one place below every module that loads a model.
+"""Weights on disk: reading, checking, saving and fetching them, in one place below every module that loads
+a model.
 
     read_json / weights_file / read_safetensors    a config or weights file, with errors that name the file
     check_state / load_weights / build_on_meta     a state dict checked key by key and shape by shape, then
@@ -11,7 +12,7 @@ The optional weights and data the course can use when you have them live where t
 
     python -m common.weights fetch sd15     Stable Diffusion 1.5 (diffusers folder, fp32 safetensors) into
                                             $SD15_PATH, or the Hugging Face cache when $SD15_PATH is unset
-    python -m common.weights fetch lpips    the AlexNet ImageNet backbone LPIPS needs, into the torch hub cache
+    python -m common.weights fetch lpips    LPIPS's AlexNet ImageNet backbone, into the torch hub cache
     python -m common.weights fetch mnist    torchvision's MNIST, into the course's data folder ($COURSE_DATA)
 
 Without a network each says in one line what failed (exit status 2); nothing else in the course downloads.
@@ -55,12 +56,13 @@ def weights_file(folder: Path, names: tuple[str, ...], part: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    hint = f" (found {other}: only safetensors are read; convert them with safetensors.torch.save_file)" if other else ""
+    hint = (f" (found {other}: only safetensors are read; convert them with safetensors.torch.save_file)"
+            if other else "")
     raise FileNotFoundError(f"the {part} weights are missing: expected {folder / names[0]}{hint}")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file``, with a truncated or foreign file reported as a ValueError naming it."""
+    """``safetensors.torch.load_file``; a truncated or foreign file is a ValueError that names it."""
     from safetensors.torch import load_file
 
     try:
@@ -72,12 +74,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 # --- checking and loading ------------------------------------------------------------------------------
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
-    """A ValueError naming the first keys when a tensor of ``state`` has another shape than in ``expected``, or
-    ``state`` has missing keys or unexpected ones; silent when ``state`` fits ``expected`` exactly."""
+    """A ValueError naming the first keys when a tensor of ``state`` has another shape than in
+    ``expected``, or ``state`` has missing or unexpected keys; silent when it fits ``expected`` exactly."""
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)} in the file but the model expects "
-                             f"{tuple(expected[key].shape)}")
+            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)} in the file but the model "
+                             f"expects {tuple(expected[key].shape)}")
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -94,8 +96,8 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
 
 
 def build_on_meta(cls, config, big: bool = True):
-    """``cls(config)`` without allocating (meta device) when ``big``; small models are simply built on the CPU,
-    where random init costs less than the first meta-device init (which imports torch's reference ops)."""
+    """``cls(config)`` without allocating (meta device) when ``big``; small models are simply built on the
+    CPU, where random init costs less than the first meta-device init (it imports torch's reference ops)."""
     if not big:
         return cls(config)
     with torch.device("meta"):
@@ -103,16 +105,18 @@ def build_on_meta(cls, config, big: bool = True):
 
 
 # --- one model in diffusers' folder layout -------------------------------------------------------------
-def save_model(module: nn.Module, folder: str | Path, config: dict, *, dtype: torch.dtype | None = None) -> Path:
-    """Write ``config`` (diffusers' keys, ``_class_name`` first) as config.json and the weights (cast to ``dtype``
-    when given) as diffusion_pytorch_model.safetensors into ``folder``, each file atomically."""
+def save_model(module: nn.Module, folder: str | Path, config: dict, *,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write ``config`` (diffusers' keys, ``_class_name`` first) as config.json and the weights (cast to
+    ``dtype`` when given) as diffusion_pytorch_model.safetensors into ``folder``, each file atomically."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cli.atomic_write(folder / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in module.state_dict().items()}
-    cli.atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    metadata = {"format": "pt"}
+    cli.atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return folder
 
 
@@ -175,7 +179,7 @@ def sd15_path() -> Path | None:
 
     try:
         folder = Path(snapshot_download(SD15_REPO, allow_patterns=SD15_FILES, local_files_only=True))
-    except (OSError, ValueError):  # not in the cache (huggingface_hub's LocalEntryNotFoundError is an OSError)
+    except (OSError, ValueError):  # not cached (huggingface_hub's LocalEntryNotFoundError is an OSError)
         return None
     return folder if (folder / "model_index.json").is_file() else None
 
@@ -213,8 +217,9 @@ def main(argv=None) -> int:
     try:
         where = FETCHERS[args.what]()
     except (OSError, RuntimeError, ValueError) as e:  # no network, a refused connection, a full disk
+        retry = FETCH_COMMAND.format(args.what)
         raise cli.UsageError(f"could not fetch {args.what} ({type(e).__name__}: {cli.one_line(e)}); it needs "
-                             f"network access: run `{FETCH_COMMAND.format(args.what)}` again when online") from None
+                             f"network access: run `{retry}` again when online") from None
     print(f"{args.what}: {where}")
     return 0
 

@@ -1,7 +1,8 @@
 """The modules of ``common/`` import one way: no cycle, and no import hidden inside a function to dodge one.
 
 The graph counts every ``common.*`` import, at module level and inside functions, so a cycle cannot hide in a
-function body; a function-local ``from common...`` import is allowed only where it is listed below with its reason.
+function body; a function-local ``from common...`` import is allowed only where it is listed below with its
+reason.
 """
 
 import ast
@@ -71,7 +72,7 @@ def test_no_function_local_common_import_without_a_reason():
     hidden = [f"common/{p.name}: {target}" for p in sorted(COMMON.glob("*.py"))
               for target, in_function in common_imports(p)
               if in_function and (f"common.{p.stem}", target) not in LOCAL_IMPORTS_ALLOWED]
-    assert not hidden, f"function-local imports of common modules (move them to the top of the file): {hidden}"
+    assert not hidden, f"function-local imports of common modules (move them to the file's top): {hidden}"
 
 
 def test_the_pipeline_modules_import_one_way():

@@ -96,7 +96,8 @@ def test_config_tables_match_diffusers_signature():
 def test_num_attention_heads_and_to_diffusers():
     cfg = replace(UNetConfig.tiny(), attention_head_dim=99, num_attention_heads=2)
     assert cfg.heads_per_level == (2, 2)  # the explicit field wins
-    assert unet_config_to_diffusers(cfg)["attention_head_dim"] == 2 and "num_attention_heads" not in unet_config_to_diffusers(cfg)
+    kwargs = unet_config_to_diffusers(cfg)
+    assert kwargs["attention_head_dim"] == 2 and "num_attention_heads" not in kwargs
     back = unet_config_from_diffusers({"num_attention_heads": None, **unet_config_to_diffusers(cfg)})
     assert back.heads_per_level == cfg.heads_per_level
 

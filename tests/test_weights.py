@@ -1,5 +1,6 @@
-"""common.weights: the shared checks, and ``python -m common.weights fetch`` offline (one line, exit 2) and with
-local stand-ins for the downloads (the files land where the course looks for them). Nothing here downloads."""
+"""common.weights: the shared checks, and ``python -m common.weights fetch`` offline (one line, exit 2) and
+with local stand-ins for the downloads (the files land where the course looks for them). Nothing here
+downloads."""
 
 import gzip
 import socket
@@ -105,7 +106,7 @@ def test_fetch_mnist_fills_the_course_data_folder(monkeypatch, tmp_path, capsys)
 
 def test_check_state_names_the_key():
     a, b = nn.Linear(2, 3), nn.Linear(2, 4)
-    with pytest.raises(ValueError, match=r"weight has shape \(4, 2\) in the file but the model expects \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"weight has shape \(4, 2\) in the file but the model expects"):
         weights.check_state(a.state_dict(), b.state_dict(), "x")
     with pytest.raises(ValueError, match=r"1 missing keys, e.g. \['bias'\]"):
         weights.check_state(a.state_dict(), {"weight": a.weight}, "x")
@@ -119,6 +120,7 @@ def test_save_model_and_read_model_round_trip(tmp_path):
     weights.save_model(module, tmp_path / "m", {"_class_name": "Linear", "in": 2})
     config, state = weights.read_model(tmp_path / "m")
     assert config == {"_class_name": "Linear", "in": 2}
-    assert weights.module_sha256(weights.load_weights(nn.Linear(2, 3), state, "m")) == weights.module_sha256(module)
+    loaded = weights.load_weights(nn.Linear(2, 3), state, "m")
+    assert weights.module_sha256(loaded) == weights.module_sha256(module)
     assert len(weights.file_sha256(tmp_path / "m" / weights.WEIGHTS_NAME)) == 64
     assert weights.count_parameters(module) == 9

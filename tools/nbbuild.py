@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 
 
 def read_source(src: Path) -> nbformat.NotebookNode:
-    """The notebook jupytext reads from ``src``, without jupytext's own metadata (the .ipynb is not paired)."""
+    """The notebook jupytext reads from ``src``, less jupytext's own metadata (the .ipynb is not paired)."""
     nb = jupytext.read(src, fmt="py:percent")
     nb.metadata.pop("jupytext", None)
     for cell in nb.cells:
