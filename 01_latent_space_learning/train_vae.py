@@ -51,7 +51,7 @@ from common.losses import LPIPS, PatchDiscriminator, VAELoss, VAELossWeights, lp
 from common.metrics import psnr, ssim
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.training import TrainConfig, Trainer
-from common.weights import WEIGHTS_NAME, file_sha256
+from common.weights import WEIGHTS_NAME, file_sha256, write_model_card
 
 DATASETS = ("shapes", "photos", "digits")
 FACTORS = (4, 8)
@@ -184,13 +184,9 @@ as many numbers ({m['bicubic_side']} x {m['bicubic_side']} x 3 = {m['bicubic_num
 | PSNR (dB) | {m['psnr']:.2f} | {m['bicubic_psnr']:.2f} |
 | SSIM | {m['ssim']:.4f} | {m['bicubic_ssim']:.4f} |
 {lp}
-`reconstructions.png`: held-out inputs, VAE reconstructions, bicubic. sha256 of the weights:
-
-    {info['sha256']}  {WEIGHTS_NAME}
+`reconstructions.png`: held-out inputs, VAE reconstructions, bicubic.
 """
-    path = folder / "README.md"
-    path.write_text(text)
-    return path
+    return write_model_card(folder, text)
 
 
 def ship(vae: AutoencoderKL, folder: Path, info: dict, grid: Path | None, *, overwrite: bool = False,
