@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=cli.positive_float, default=None,
                    help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
                         "fit, and the LR schedule with it")
+    p.add_argument("--snapshot-every", type=cli.nonnegative_int, default=None,
+                   help="keep the EMA weights every N steps in OUT/snapshots (0 = never; default: the config's), "
+                        "for adherence_curve.py")
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
     p.add_argument("--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png")
     p.add_argument("--cache-dir", default=None, help="where the latent cache goes (default ~/.cache/latent_diffusion_course)")
@@ -71,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
+    t0 = time.perf_counter()  # the whole command's clock: latent caching included
     args = parse_args(argv)
     device = get_device(args.device)
     name = args.config or ("tiny" if is_fast() else "gpu" if device.type == "cuda" else "cpu")
@@ -89,10 +93,11 @@ def main(argv=None) -> dict:
     vae = load_vae(args.vae, device)
     timing_path = out / "timing.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() and not args.no_resume else {}
-    t0 = time.perf_counter()
+    snapshot_every = config.snapshot_every if args.snapshot_every is None else args.snapshot_every
     trainer, tokenizer = train(config, vae, out, seed=args.seed, device=device, resume=not args.no_resume,
                                cache_dir=args.cache_dir, progress=not args.no_progress,
-                               time_budget_s=args.minutes * 60 if args.minutes else None, init_from=args.init_from)
+                               time_budget_s=args.minutes * 60 if args.minutes else None, init_from=args.init_from,
+                               snapshot_every=snapshot_every, clock_start=t0 - previous.get("seconds", 0.0))
     config = config.with_overrides(steps=trainer.cfg.steps)  # a --minutes budget may have lowered it
     seconds = time.perf_counter() - t0
     if not trainer.accelerator.is_main_process:

@@ -32,15 +32,19 @@ Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t, which tempers the nearly nois
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from common import weights
 from common.autoencoder import AutoencoderKL
+from common.cli import atomic_write
 from common.data import LatentDataset, cached
 from common.pipeline import StableDiffusion
 from common.runtime import get_device
@@ -86,6 +90,7 @@ class TextToImageConfig:
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # SD 1.x's scaled-linear, eps target
     snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023): None = plain eq. 3
     checkpoint_every: int = 200  # Trainer checkpoints, for resume after a kill
+    snapshot_every: int = 0  # EMA snapshots kept for the adherence curve (0 = none; train(snapshot_every=...))
     ema_start: int = 50  # the EMA copies the weights until here (early weights are not worth averaging)
 
     def __post_init__(self):
@@ -278,8 +283,13 @@ def load_vae(path: str | Path, device=None) -> AutoencoderKL:
 # One training run, shared by chapter 04's and chapter 06's scripts
 def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *, seed: int = 0, device=None,
           resume: bool | str = True, cache_dir: str | Path | None = None, progress: bool = True,
-          time_budget_s: float | None = None, init_from: str | Path | None = None):
+          time_budget_s: float | None = None, init_from: str | Path | None = None, snapshot_every: int = 0,
+          clock_start: float | None = None):
     """Cache the latents, train the bundle with ``common.training.Trainer``; returns (trainer, tokenizer).
+
+    ``snapshot_every`` > 0 keeps the EMA weights every that many steps in ``out_dir/snapshots/`` (see
+    ``SnapshotWriter``): the points of a curve of quality against training time, in seconds since
+    ``clock_start`` (a ``time.perf_counter()`` value; default: now, after the latent cache).
 
     Under ``accelerate launch`` the main process fills the cache first and the others then read it.
     ``init_from``: a shipped course pipeline folder (same config) whose UNet and text encoder are the starting
@@ -301,11 +311,48 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     model = build_model(config)
     if init_from is not None:
         init_weights(model, init_from)
+    callbacks = [SnapshotWriter(out_dir, config.name, clock_start)] if snapshot_every else []
     trainer = Trainer(model, LatentDataset(cache), make_loss_fn(config, empty_ids),
                       config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s), out_dir,
-                      device=dev, resume=resume)
+                      device=dev, resume=resume, callbacks=callbacks, callback_every=snapshot_every)
+    if callbacks and state.is_main_process and trainer.step == 0:
+        callbacks[0](trainer, 0)  # the untrained model: the curve's first point
     trainer.fit()
     return trainer, tokenizer
+
+
+class SnapshotWriter:
+    """Trainer callback: the EMA weights at a step, as ``out_dir/snapshots/step_{step:07d}.safetensors``, and a row
+    {step, seconds, config} in ``out_dir/snapshots/index.json``. ``seconds`` counts from ``start`` (a
+    ``time.perf_counter()`` value: the training command's start, minus the time of earlier invocations when it
+    resumes); each file is written atomically, so a killed run leaves no half snapshot, and a resumed run adds to
+    the same index."""
+
+    def __init__(self, out_dir: str | Path, config_name: str, start: float | None = None):
+        self.dir, self.config_name = Path(out_dir) / "snapshots", config_name
+        self.start = time.perf_counter() if start is None else start
+
+    def __call__(self, trainer, step: int) -> None:
+        if not trainer.accelerator.is_main_process:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous().cpu() for k, v in trainer.ema_model().state_dict().items()}
+        atomic_write(self.dir / f"step_{step:07d}.safetensors", lambda tmp: save_file(weights, str(tmp)))
+        index_path = self.dir / "index.json"
+        rows = json.loads(index_path.read_text()) if index_path.is_file() else []
+        rows = [r for r in rows if r["step"] != step] + [
+            {"step": step, "seconds": round(time.perf_counter() - self.start, 1), "config": self.config_name}]
+        atomic_write(index_path, json.dumps(sorted(rows, key=lambda r: r["step"]), indent=1) + "\n")
+
+
+def load_snapshots(run_dir: str | Path) -> list[dict]:
+    """The snapshot rows of a run folder, each with its file: [{step, seconds, config, path}], by step."""
+    folder = Path(run_dir) / "snapshots"
+    if not (folder / "index.json").is_file():
+        return []
+    rows = json.loads((folder / "index.json").read_text())
+    return [{**r, "path": folder / f"step_{r['step']:07d}.safetensors"} for r in rows
+            if (folder / f"step_{r['step']:07d}.safetensors").is_file()]
 
 
 def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
@@ -324,22 +371,29 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
 
 
 
-def write_model_card(folder: str | Path, training: str | None, metrics: str | None = None) -> Path:
+def _card_section(text: str, title: str) -> str | None:
+    """The body of ``## title`` in a model card's text, or None."""
+    if f"## {title}" not in text:
+        return None
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0].strip()
+
+
+def write_model_card(folder: str | Path, training: str | None, metrics: str | None = None,
+                     curve: str | None = None) -> Path:
     """``folder/README.md``: what was trained how (``training``, markdown), the metrics from evaluate.py
-    (``metrics``, markdown) and the sha256 of every file; a None section is kept from the existing card."""
+    (``metrics``), held-out adherence during training from adherence_curve.py (``curve``) and the sha256 of every
+    file; a None section is kept from the existing card."""
     folder = Path(folder)
     card = folder / "README.md"
-    if metrics is None and card.is_file():
-        old = card.read_text()
-        if "## Metrics" in old:
-            metrics = old.split("## Metrics", 1)[1].split("\n## ", 1)[0].strip()
-    if training is None and card.is_file():
-        old = card.read_text()
-        training = old.split("## Training", 1)[1].split("\n## ", 1)[0].strip() if "## Training" in old else ""
-    text = (f"# course_t2i: the course's own text-to-image model\n\n"
+    old = card.read_text() if card.is_file() else ""
+    training = training if training is not None else (_card_section(old, "Training") or "")
+    metrics = metrics if metrics is not None else _card_section(old, "Metrics")
+    curve = curve if curve is not None else _card_section(old, "Adherence during training")
+    text = (f"# {folder.name}: the course's own text-to-image model\n\n"
             f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
             f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
             f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
             f"## Training\n\n{training.strip()}\n\n"
+            + (f"## Adherence during training\n\n{curve.strip()}\n\n" if curve else "") +
             f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n")
     return weights.write_model_card(folder, text)
