@@ -49,6 +49,7 @@ from torch import nn
 from common.cli import atomic_write, remove_stale_tmp
 from common.runtime import get_device
 from common.viz import plot_loss_curves
+from common.weights import check_state
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -221,14 +222,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, ema: EMA | None = None,
         ema_weights = load_file(path / "ema.safetensors") if ema is not None and (path / "ema.safetensors").exists() else None
     except Exception as e:  # a truncated safetensors header or zip archive
         raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from e
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    check_state(model.state_dict(), weights, f"checkpoint {path} does not fit this model")
     model.load_state_dict(weights)
     if ema is not None and ema_weights is not None:
         device = next(iter(ema.shadow.values())).device if ema.shadow else torch.device("cpu")
