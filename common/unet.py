@@ -30,6 +30,7 @@ DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
+
 class UNet(nn.Module):
     """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers' UNet2DConditionModel layout."""
 

@@ -7,6 +7,8 @@ a model.
     save_model / read_model                        one model in diffusers' folder layout: config.json +
                                                    diffusion_pytorch_model.safetensors
     file_sha256 / module_sha256 / count_parameters what a model card records
+    write_model_card                               a card's text, then its files with their sizes and sha256
+    sd15_path                                      where the course finds Stable Diffusion 1.5
 
 The optional weights and data the course can use when you have them live where their libraries look:
 
