@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -47,11 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import cli
-from common.autoencoder import WEIGHTS_NAME, AutoencoderConfig, AutoencoderKL
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.losses import LPIPS, PatchDiscriminator, VAELoss, VAELossWeights, lpips_backbone_available, lpips_backbone_path
 from common.metrics import psnr, ssim
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.training import TrainConfig, Trainer
+from common.weights import WEIGHTS_NAME, file_sha256, write_model_card
 
 DATASETS = ("shapes", "photos", "digits")
 FACTORS = (4, 8)
@@ -153,14 +153,6 @@ def measure_scaling_factor(vae: AutoencoderKL, ds: Images, device, *, batches: i
 
 
 # ----------------------------------------------------------------------------------------------------------- card
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_card(folder: Path, info: dict) -> Path:
     m, c = info["metrics"], info["config"]
     lp = (f"| LPIPS (AlexNet) | {m['lpips']:.4f} | {m['bicubic_lpips']:.4f} |\n" if "lpips" in m
@@ -192,13 +184,9 @@ as many numbers ({m['bicubic_side']} x {m['bicubic_side']} x 3 = {m['bicubic_num
 | PSNR (dB) | {m['psnr']:.2f} | {m['bicubic_psnr']:.2f} |
 | SSIM | {m['ssim']:.4f} | {m['bicubic_ssim']:.4f} |
 {lp}
-`reconstructions.png`: held-out inputs, VAE reconstructions, bicubic. sha256 of the weights:
-
-    {info['sha256']}  {WEIGHTS_NAME}
+`reconstructions.png`: held-out inputs, VAE reconstructions, bicubic.
 """
-    path = folder / "README.md"
-    path.write_text(text)
-    return path
+    return write_model_card(folder, text)
 
 
 def ship(vae: AutoencoderKL, folder: Path, info: dict, grid: Path | None, *, overwrite: bool = False,
@@ -207,7 +195,7 @@ def ship(vae: AutoencoderKL, folder: Path, info: dict, grid: Path | None, *, ove
     folder the course did not write is refused unless ``overwrite``, a previous VAE ship is replaced."""
     def write(tmp: Path) -> None:
         vae.save(tmp)
-        info["sha256"] = sha256(tmp / WEIGHTS_NAME)
+        info["sha256"] = file_sha256(tmp / WEIGHTS_NAME)
         metrics = {k: v for k, v in info.items() if k != "config"}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if grid is not None and grid.exists():

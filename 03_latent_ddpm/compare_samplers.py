@@ -32,6 +32,7 @@ import torch
 from common.grade import load_module
 from common.metrics import wilson_interval
 from common.runtime import budget, describe, get_device, seed_everything
+from common.viz import side_by_side
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
@@ -234,19 +235,8 @@ def plot_table(result: dict):
 
 def plot_grids(grids: dict):
     """One row per sampler: its first sample of each digit 0-9."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 0.85 * len(grids) + 0.4))
-    axes = fig.subplots(len(grids), 10, squeeze=False)
-    for row, (name, images) in zip(axes, grids.items()):
-        for ax, image in zip(row, images):
-            ax.imshow(image[0].numpy(), cmap="gray", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row[0].set_ylabel(LABELS.get(name, name), rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("4 sampling steps, digits 0-9 asked for", fontsize=10)
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.2)
-    return fig
+    rows = {LABELS.get(name, name): images for name, images in grids.items()}
+    return side_by_side(rows, size=0.75, title="4 sampling steps, digits 0-9 asked for")
 
 
 def main(argv=None) -> dict:

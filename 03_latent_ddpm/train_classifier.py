@@ -13,7 +13,6 @@ The rendered images are drawn once and cached in ``--out``. Training runs throug
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from common.classifier import ClassifierConfig, DigitClassifier, accuracy
 from common.data import Digits
 from common.runtime import budget, describe, get_device, seed_everything
 from common.training import Trainer, TrainConfig
+from common.weights import write_model_card
 
 
 def cached_digits(split: str, n: int, resolution: int, seed: int, cache_dir: Path) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -42,15 +42,9 @@ def cached_digits(split: str, n: int, resolution: int, seed: int, cache_dir: Pat
     images = torch.stack([ds[i][0] for i in range(n)])
     labels = torch.tensor([ds[i][1] for i in range(n)])
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "labels": labels}, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves half a cache
+    cli.atomic_write(path, lambda tmp: torch.save({"images": images, "labels": labels}, tmp))
     print(f"drew {n} {split} digits in {time.perf_counter() - t0:.1f} s -> {path}")
     return images, labels, ds.source
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,14 +136,9 @@ class-conditional samples: the fraction of samples generated for digit k that it
 - Caveat: offline, "real digits" means rendered font digits, not handwriting; a sample that looks like a
   handwritten 7 but not like any font's 7 may be misread. Retrain with MNIST on disk for MNIST models.
 
-| file | sha256 |
-|---|---|
-| model.safetensors | `{sha256(path / 'model.safetensors')}` |
-| config.json | `{sha256(path / 'config.json')}` |
-
 Load: `DigitClassifier.load("{shown or path}")`.
 """
-    (path / "README.md").write_text(card)
+    write_model_card(path, card, ["model.safetensors", "config.json"])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -41,13 +40,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import cli
+from common import cli, weights
 from common.autoencoder import AutoencoderKL
+from common.convert import unet_config_from_diffusers, unet_config_to_diffusers
+from common.data import Digits, LatentDataset, Shapes, cached
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import make_sampler, sample_loop
 from common.schedules import NoiseSchedule
 from common.training import Trainer, TrainConfig
 from common.unet import UNet, UNetConfig
+from common.weights import WEIGHTS_NAME, file_sha256, load_weights, read_model
 
 DATASETS = ("digits", "shapes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +92,6 @@ def parse_samplers(spec: str, schedule: NoiseSchedule) -> list:
 # ----------------------------------------------------------------------------------------------------- data
 def load_images(data: str, split: str, n: int, seed: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (n, 3, R, R) in [-1, 1], labels (n,)); digits are grey, repeated to RGB as the VAE was trained."""
-    from common.data import Digits, Shapes
-
     if data == "digits":
         ds = Digits(resolution, split, length=n, seed=seed)
         items = [ds[i] for i in range(n)]
@@ -105,23 +105,20 @@ def encode_cached(vae: AutoencoderKL, vae_id: str, data: str, n: int, seed: int,
                   device: torch.device, batch_size: int = 256) -> dict:
     """Posterior mean and std of ``n`` training images, encoded once; {"mean", "std", "labels"} (unscaled)."""
     path = cache_dir / f"latents_{data}_{n}_{seed}_{vae_id}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    t0 = time.perf_counter()
-    images, labels = load_images(data, "train", n, seed, vae.config.sample_size)
-    means, stds = [], []
-    for i in range(0, n, batch_size):
-        posterior = vae.encode(images[i:i + batch_size].to(device))
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
-    cache = {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(cache, tmp)
-    tmp.replace(path)  # atomic
-    print(f"encoded {n} {data} images to latents {tuple(cache['mean'].shape[1:])} in "
-          f"{time.perf_counter() - t0:.1f} s -> {path}")
-    return cache
+
+    def encode() -> dict:
+        t0 = time.perf_counter()
+        images, labels = load_images(data, "train", n, seed, vae.config.sample_size)
+        means, stds = [], []
+        for i in range(0, n, batch_size):
+            posterior = vae.encode(images[i:i + batch_size].to(device))
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
+        print(f"encoded {n} {data} images to latents {tuple(means[0].shape[1:])} in "
+              f"{time.perf_counter() - t0:.1f} s -> {path}")
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
+
+    return cached(path, encode)[0]
 
 
 def computed_scaling_factor(cache: dict, seed: int = 0) -> float:
@@ -129,17 +126,6 @@ def computed_scaling_factor(cache: dict, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)
     return float(1.0 / z.std())
-
-
-class Latents(torch.utils.data.Dataset):
-    def __init__(self, cache: dict):
-        self.mean, self.std, self.labels = cache["mean"], cache["std"], cache["labels"]
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __getitem__(self, i: int):
-        return self.mean[i], self.std[i], self.labels[i]
 
 
 def ldm_loss(unet: UNet, schedule: NoiseSchedule, z0: torch.Tensor, labels: torch.Tensor | None,
@@ -294,7 +280,7 @@ def run(args) -> dict:
 
     # 1-3. the frozen VAE, the cached latents, the scaling factor
     vae = AutoencoderKL.load(vae_path, device=device).eval().requires_grad_(False)
-    vae_id = hashlib.sha256((vae_path / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:12]
+    vae_id = file_sha256(vae_path / WEIGHTS_NAME)[:12]
     cache = encode_cached(vae, vae_id, args.data, n_train, args.seed, out / "cache", device)
     computed = computed_scaling_factor(cache, args.seed)
     if args.scaling_factor == "vae":
@@ -316,7 +302,7 @@ def run(args) -> dict:
     print(f"UNet: {n_params:,} parameters")
 
     def loss_fn(model, batch, generator):
-        mean, std, labels = batch
+        mean, std, labels = batch["z0_mean"], batch["z0_std"], batch["labels"]
         noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
         z0 = (mean + std * noise) * scale  # z0 ~ q(z | x), scaled
         if null_class:  # drop labels to the null class, so the model also learns p(z) for guidance
@@ -337,7 +323,7 @@ def run(args) -> dict:
         if step == args.stop_at:
             raise _StopTraining
 
-    trainer = Trainer(unet, Latents(cache), loss_fn, cfg, out, device=device, resume=resume,
+    trainer = Trainer(unet, LatentDataset(cache, "labels"), loss_fn, cfg, out, device=device, resume=resume,
                       callbacks=[keep_progress], callback_every=1)
     if trainer.step == 0 and 0 in keep_steps:
         save_progress(trainer.ema_model(), out / "progress", 0)
@@ -413,9 +399,9 @@ def save_progress(unet: UNet, folder: Path, step: int) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:06d}.safetensors"
-    weights = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
     metadata = {"format": "pt", "step": str(step)}
-    return cli.atomic_write(path, lambda tmp: save_file(weights, str(tmp), metadata=metadata))
+    return cli.atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_classifier(path: str):
@@ -442,29 +428,21 @@ def save_forward_preview(vae, cache, scale, schedule, ts, path: Path, seed: int)
 
 def save_model(unet: UNet, schedule: NoiseSchedule, folder: Path, result: dict) -> Path:
     """diffusers layout: config.json + diffusion_pytorch_model.safetensors, scheduler_config.json, ldm.json."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()}
-    cli.atomic_write(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)}
+    weights.save_model(unet, folder, config)
     cli.atomic_write(folder / "scheduler_config.json",
                   json.dumps({"_class_name": "DDPMScheduler", **schedule.to_diffusers()}, indent=2) + "\n")
     ldm = {"scaling_factor": result["scaling_factor"], "vae": Path(result["vae"]).name, "data": result["data"],
            "null_class": unet.config.num_class_embeds - 1 if result["cfg_dropout"] else None}
     cli.atomic_write(folder / "ldm.json", json.dumps(ldm, indent=2) + "\n")
-    tmp = folder / "diffusion_pytorch_model.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "diffusion_pytorch_model.safetensors")
     return folder
 
 
 def load_model(folder: str | Path, device=None) -> tuple[UNet, NoiseSchedule, dict]:
     """Read a folder written by ``save_model``: (UNet with EMA weights, its NoiseSchedule, ldm.json)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    unet = UNet(UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text())))
-    unet.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")))
+    config, state = read_model(folder)
+    unet = load_weights(UNet(unet_config_from_diffusers(config)), state, str(folder))
     schedule = NoiseSchedule.from_diffusers(json.loads((folder / "scheduler_config.json").read_text()))
     return unet.to(device or "cpu").eval(), schedule, json.loads((folder / "ldm.json").read_text())
 
@@ -491,8 +469,6 @@ def _last_loss(log: Path) -> float | None:
 
 
 def write_card(folder: Path, result: dict, argv: list[str]) -> None:
-    sha = {f: hashlib.sha256((folder / f).read_bytes()).hexdigest()
-           for f in ("diffusion_pytorch_model.safetensors", "config.json", "scheduler_config.json", "ldm.json")}
     table = "\n".join(f"| {r['sampler']} | {r['steps']} | {r['samples']} | {r['guidance']} | {r['seconds']} | "
                       f"{r.get('accuracy', 'n/a')} | {r['latent_fd']} |" for r in result["samplers"])
     data = ("Digits (common.data.Digits, split='train'): offline, digits rendered from matplotlib's fonts with random "
@@ -523,14 +499,12 @@ A {'class-conditional' if result['data'] == 'digits' else 'unconditional'} laten
 |---|---|---|---|---|---|---|
 {table}
 
-| file | sha256 |
-|---|---|
-""" + "\n".join(f"| {f} | `{h}` |" for f, h in sha.items()) + """
-
-Load it: `UNet(UNetConfig.from_diffusers(json.load(open("config.json"))))` + `load_state_dict(load_file(...))`,
+Load it: `UNet(common.convert.unet_config_from_diffusers(json.load(open("config.json"))))`, then
+`load_state_dict(load_file(...))`,
 or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads into any diffusers scheduler.
 """
-    (folder / "README.md").write_text(card)
+    files = [WEIGHTS_NAME, "config.json", "scheduler_config.json", "ldm.json"]
+    weights.write_model_card(folder, card, files)
 
 
 if __name__ == "__main__":

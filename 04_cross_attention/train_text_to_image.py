@@ -28,7 +28,8 @@ from common import cli
 from common.judge import JUDGE_DIR, Judge
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.shapes import Shapes
-from common.text_to_image import TextToImageConfig, build_pipeline, count_parameters, load_vae, train
+from common.text_to_image import TextToImageConfig, build_pipeline, load_vae, train
+from common.weights import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 

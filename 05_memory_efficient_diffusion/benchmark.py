@@ -32,13 +32,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run by path: make `common` importable without installing
-    sys.path.insert(0, str(ROOT))
-
 from common import cli
-from common.memory import flatten_output, format_table, measure, measure_isolated, write_table  # noqa: E402
-from common.runtime import get_device, is_fast  # noqa: E402
+from common.convert import diffusers_config
+from common.memory import flatten_output, format_table, measure, measure_isolated, write_table
+from common.runtime import get_device, is_fast
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -135,7 +134,7 @@ def _diffusers_twin(ours: torch.nn.Module) -> torch.nn.Module:
 
     cls = diffusers.AutoencoderKL if isinstance(ours, AutoencoderKL) else diffusers.UNet2DConditionModel
     with init_empty_weights():
-        ref = cls(**ours.config.to_diffusers())
+        ref = cls(**diffusers_config(ours))
     ref.load_state_dict(ours.state_dict(), strict=True, assign=True)
     return ref
 

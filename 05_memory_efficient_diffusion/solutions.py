@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 
@@ -73,7 +71,6 @@ def largest_side(budget_bytes: int, *, batch: int, heads: int, f: int = 8, step:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from common.attention import attention_math
 
     g = torch.Generator().manual_seed(0)

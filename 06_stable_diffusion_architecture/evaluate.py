@@ -26,7 +26,6 @@ import csv
 import os
 import sys
 import time
-import textwrap
 from pathlib import Path
 
 import torch
@@ -37,6 +36,8 @@ from common.metrics import frechet_distance
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.pipeline import SAMPLER_NAMES
 from common.shapes import N_PARAPHRASES, Shapes
+from common.viz import save_grid
+from common.weights import write_model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
@@ -89,11 +90,7 @@ def write_judge_card(judge: Judge, path: Path, args, n_images: int, steps: int, 
             f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
             f"Real renders of the evaluation prompts (held-out colour/shape pairs and paraphrases), random layouts:\n\n"
             f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n")
-    from common.text_to_image import file_sha256
-
-    card += "\n## Files\n\n" + "\n".join(f"- `{f.name}`: sha256 `{file_sha256(f)}`" for f in
-                                         sorted(path.glob("*")) if f.suffix in (".json", ".safetensors")) + "\n"
-    (path / "README.md").write_text(card)
+    write_model_card(path, card)
     print(card)
 
 
@@ -143,24 +140,6 @@ def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
     """x (B, 3, H, W) in [0, 1] -> D(E(x)) through the pipeline's VAE (posterior mean), in [0, 1]."""
     x = (2 * images - 1).to(pipe.device, pipe.dtype)
     return ((pipe.vae.decode(pipe.vae.encode(x).mean) + 1) / 2).clamp(0, 1).float().cpu()
-
-
-def save_grid(images: torch.Tensor, prompts: list[str], path: Path, cols: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = (len(images) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, im, p in zip(axes.flat, images, prompts):
-        ax.imshow(im.permute(1, 2, 0).numpy())
-        ax.set_title("\n".join(textwrap.wrap(p, 22)), fontsize=4.5)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
 
 
 def main(argv=None) -> list[dict]:
@@ -240,7 +219,9 @@ def main(argv=None) -> list[dict]:
     md = results_markdown(rows, args, n)
     (out / "results.md").write_text(md)
     if grid:
-        save_grid(torch.cat([g[0] for g in grid]), [p for g in grid for p in g[1]], out / "samples.png")
+        captions = [p for g in grid for p in g[1]]
+        images = torch.cat([g[0] for g in grid])
+        save_grid(images, out / "samples.png", captions=captions, value_range=(0, 1), dpi=110)
     print(md)
     if args.update_card:
         from common.text_to_image import write_model_card

@@ -18,14 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path from anywhere: `common` is importable
+import torch
 
-import torch  # noqa: E402
-
-from common import cli  # noqa: E402
-from common.pipeline import SAMPLER_NAMES, StableDiffusion, image_grid, main_model_path  # noqa: E402
-from common.runtime import budget, get_device  # noqa: E402
-
+from common import cli
+from common.pipeline import SAMPLER_NAMES, StableDiffusion, main_model_path
+from common.runtime import budget, get_device
+from common.viz import pil_grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # written by PIL in the format the extension names
 PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -153,7 +151,7 @@ def main(argv=None) -> int:
                num_inference_steps=steps, guidance_scale=args.guidance, generator=args.seed, image=image,
                strength=args.strength, mask_image=mask, progress=sys.stderr.isatty())
     t_gen = time.perf_counter() - t0
-    grid = image_grid(out.images)
+    grid = pil_grid(out.images)
     fmt = PIL_FORMATS[out_path.suffix.lower()]
     cli.atomic_write(out_path, lambda tmp: grid.save(tmp, format=fmt))  # a killed run never leaves half a file
     w, h = out.images[0].size

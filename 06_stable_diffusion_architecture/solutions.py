@@ -5,12 +5,7 @@ Run it to see each one on a tiny random pipeline (seconds):  python 06_stable_di
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:

@@ -29,8 +29,9 @@ import torch
 from common import cli
 from common.pipeline_io import write_pipeline
 from common.runtime import describe, get_device, is_fast, seed_everything
-from common.text_to_image import (CONFIG_NAMES, OBJECTIVES, TextToImageConfig, build_pipeline,
-                                  count_parameters, load_vae, train, write_model_card)
+from common.text_to_image import (CONFIG_NAMES, OBJECTIVES, TextToImageConfig, build_pipeline, load_vae, train,
+                                  write_model_card)
+from common.weights import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 

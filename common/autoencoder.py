@@ -15,7 +15,6 @@ Shapes use one legend: B batch, C channels, H and W the image (or feature map) s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,9 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from common.attention import attention
-
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # the file name diffusers' from_pretrained looks for
-CONFIG_NAME = "config.json"
+from common.weights import WEIGHTS_NAME, check_state, read_model, read_safetensors, save_model
 
 
 @dataclass(frozen=True)
@@ -366,47 +363,27 @@ class AutoencoderKL(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As nn.Module's, but a checkpoint of another config fails with a ValueError naming the key and shapes."""
         ours = self.state_dict()
-        for key, value in state_dict.items():
-            if key in ours and tuple(value.shape) != tuple(ours[key].shape):
-                raise ValueError(
-                    f"checkpoint does not fit this config: {key} has shape {tuple(value.shape)} in the checkpoint "
-                    f"but {tuple(ours[key].shape)} here (config {self.config})")
-        if strict:
-            missing = sorted(set(ours) - set(state_dict))
-            unexpected = sorted(set(state_dict) - set(ours))
-            if missing or unexpected:
-                raise ValueError(f"checkpoint does not fit this config {self.config}: missing keys "
-                                 f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                                 f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        if not strict:  # only the keys both sides have must agree in shape
+            ours = {k: v for k, v in ours.items() if k in state_dict}
+            state_dict = {k: v for k, v in state_dict.items() if k in ours}
+        check_state(ours, state_dict, f"checkpoint does not fit this config ({self.config})")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def load_checkpoint(self, path: str | Path) -> AutoencoderKL:
         """Load a safetensors weights file (or a folder holding ``diffusion_pytorch_model.safetensors``) into self."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        self.load_state_dict(load_file(str(path / WEIGHTS_NAME if path.is_dir() else path)))
+        self.load_state_dict(read_safetensors(path / WEIGHTS_NAME if path.is_dir() else path))
         return self
 
     def save(self, path: str | Path) -> Path:
         """Write a diffusers-format folder: config.json and diffusion_pytorch_model.safetensors."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        config = {"_class_name": "AutoencoderKL", **self.config.to_diffusers()}
-        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-        return path
+        return save_model(self, path, {"_class_name": "AutoencoderKL", **self.config.to_diffusers()})
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> AutoencoderKL:
         """Build from a diffusers-format folder (ours, or a diffusers ``vae/`` subfolder) and load its weights."""
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a folder written by save())")
-        config = AutoencoderConfig.from_diffusers(json.loads((path / CONFIG_NAME).read_text()))
-        model = cls(config).load_checkpoint(path)
+        config, weights = read_model(path)
+        model = cls(AutoencoderConfig.from_diffusers(config))
+        model.load_state_dict(weights)
         return model.to(device) if device is not None else model
 

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from common.runtime import is_fast
+
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = ROOT / "checkpoints"
 MANIFEST = ".course_manifest"  # no .json suffix: model cards list a folder's .json files, and this is not one
@@ -235,8 +237,6 @@ def in_checkpoints(path: Path) -> bool:
 
 def check_ship(dest: str | Path, kind: str, *, overwrite: bool = False, what: str = "--ship") -> Path:
     """Whether ``dest`` may receive a ``kind`` ship; a UsageError saying why not. Cheap: call it first."""
-    from common.runtime import is_fast
-
     dest = Path(dest)
     flag = "--overwrite" if what.startswith("--") else "overwrite=True"
     if is_fast() and in_checkpoints(dest):

@@ -11,6 +11,8 @@
   Which source is used is printed and kept in ``ds.source``.
 * ``torchvision_dataset(name, root)``: MNIST, FashionMNIST or CIFAR-10 for learners with a network;
   a clear error (naming the dataset, the folder and the offline alternatives) when the download fails.
+* ``cached`` and ``LatentDataset``: a dataset encoded once by a frozen VAE (posterior mean and std per item,
+  with its condition: class labels or token ids), kept in a file and trained on (chapters 03, 04, 06).
 
 Every image is a float32 tensor (C, H, W) in [-1, 1]. Every random choice of item ``i`` comes from
 ``numpy.random.default_rng([seed, i, ...])``, so items do not depend on the order they are read in, or on
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from common.cli import atomic_write
 from common.shapes import (  # noqa: F401  (re-exported: common.data is where learners look for datasets)
     BACKGROUND,
     COLORS,
@@ -201,8 +204,11 @@ class Digits(torch.utils.data.Dataset):
         self.root = Path(root) if root is not None else DATA_ROOT
         if source == "auto":
             source = "mnist" if _mnist_on_disk(self.root) else "rendered"
-            note = f"found under {self.root}" if source == "mnist" else f"not on disk under {self.root}"
-            print(f"Digits: MNIST {note}; using {'it' if source == 'mnist' else 'digits rendered from fonts'}")
+            if source == "mnist":
+                print(f"Digits: MNIST found under {self.root}; using it")
+            else:
+                print(f"Digits: MNIST not on disk under {self.root}; using digits rendered from fonts "
+                      "(`python -m common.weights fetch mnist` gets MNIST)")
         else:
             print(f"Digits: using {'MNIST from ' + str(self.root) if source == 'mnist' else 'rendered digits'}")
         self.source = source
@@ -339,3 +345,45 @@ def torchvision_dataset(name: str, root: str | Path | None = None, train: bool =
             "Without a network, use the course's offline datasets: common.data.Digits(source='rendered') "
             "for digits, Photos for natural images, Shapes for captioned images."
         ) from err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latents, encoded once
+def cached(path: str | Path, build) -> tuple[dict, bool]:
+    """(the dict of tensors in ``path``, True), or (``build()``, False) after writing it there atomically (a
+    killed run, or processes racing under ``accelerate``, never leave half a file). An unreadable file is
+    rebuilt.
+    """
+    path = Path(path)
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True), True
+        except Exception as e:  # a truncated file: rebuild it
+            print(f"cache {path} unreadable ({e}); rebuilding")
+    data = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return data, False
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Cached latents with their condition: item i is {"z0_mean", "z0_std" (C, h, w), ``condition``: its class
+    label () or token ids (N_k,)}; z_0 is drawn from N(mean, std^2) at each step by the training loss."""
+
+    def __init__(self, cache: dict, condition: str = "input_ids"):
+        self.mean, self.std, self.condition = cache["mean"], cache["std"], cache[condition]
+        self.key = condition
+        if not len(self.mean) == len(self.std) == len(self.condition):
+            raise ValueError(f"the cache's mean, std and {condition} must have one row per item")
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"z0_mean": self.mean[i], "z0_std": self.std[i], self.key: self.condition[i]}
+
+    def get_batch(self, indices: list[int]) -> dict:
+        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256 items
+        one by one costs more than a GPU step of the course model)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"z0_mean": self.mean[idx], "z0_std": self.std[idx], self.key: self.condition[idx]}

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from common import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PASSED, FAILED, ERROR, TODO = "passed", "failed", "error", "not yet attempted"
@@ -63,6 +65,18 @@ def load_module(path: str | Path, name: str | None = None) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
     spec.loader.exec_module(module)
     return module
+
+
+def yours_or_reference(exercises: ModuleType, solutions: ModuleType, name: str, try_it):
+    """``exercises.<name>`` once ``try_it`` runs it without NotImplementedError, else ``solutions.<name>``: a
+    notebook then uses your solution when you have one, and the reference (never shown) until then."""
+    try:
+        try_it(getattr(exercises, name))
+    except NotImplementedError:
+        print(f"{name}: exercise not solved yet, so the notebook uses the reference in solutions.py")
+        return getattr(solutions, name)
+    print(f"{name}: using yours from exercises.py")
+    return getattr(exercises, name)
 
 
 def grade(chapter: str, file: str | Path | None = None, only: list[str] | None = None,
@@ -204,8 +218,6 @@ def report(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import cli
-
     p = cli.ArgumentParser(prog="python -m common.grade", description=__doc__.split("\n\n")[0])
     p.add_argument("chapter", help="chapter number, e.g. 03")
     p.add_argument("--file", help="the file to grade (default: the chapter's exercises.py)")
@@ -219,6 +231,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from common.cli import run
-
-    sys.exit(run(main, prog="python -m common.grade"))
+    sys.exit(cli.run(main, prog="python -m common.grade"))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from common.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, Shapes, parse, render
+from common.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, Shapes, layout, parse, render
 
 JUDGE_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes_judge"
 FOREGROUND = 70.0  # RGB distance (0..255 units) from BACKGROUND above which a pixel belongs to an object
@@ -323,8 +323,6 @@ def train_judge(n_images: int = 3000, steps: int = 600, batch_size: int = 128, l
 
 def real_renders(prompts: list[str], resolution: int = 64, seed: int = 0) -> torch.Tensor:
     """Renders of the prompts' scenes with a random layout within the rules: (B, 3, H, W) in [0, 1]."""
-    from common.shapes import layout
-
     rng = np.random.default_rng(seed)
     images = []
     for p in prompts:

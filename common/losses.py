@@ -81,7 +81,7 @@ LPIPS_NETS = ("alex", "vgg", "squeeze")
 _TORCHVISION_NAMES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}  # lpips net -> torchvision
 
 
-def _backbone_weights(net: str):
+def backbone_weights(net: str):
     import torchvision.models as tvm
 
     if net not in LPIPS_NETS:
@@ -91,7 +91,7 @@ def _backbone_weights(net: str):
 
 def lpips_backbone_path(net: str = "alex") -> Path:
     """Where torchvision caches the ImageNet backbone LPIPS needs: $TORCH_HOME/hub/checkpoints/<file>."""
-    url = _backbone_weights(net).url
+    url = backbone_weights(net).url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
@@ -115,7 +115,7 @@ class LPIPS(nn.Module):
 
         path = lpips_backbone_path(net)
         if pretrained_backbone and not path.is_file():
-            weights = _backbone_weights(net)
+            weights = backbone_weights(net)
             raise FileNotFoundError(
                 f"LPIPS needs the torchvision {net} ImageNet weights at {path}, and they are not there. "
                 f"Get them once with network access:\n"

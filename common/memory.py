@@ -60,6 +60,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.attention import attention, attention_backend
+from common.cli import atomic_write
+
 MiB = 2**20
 FP16_MAX = torch.finfo(torch.float16).max  # 65,504: anything larger becomes inf in fp16
 
@@ -347,14 +350,11 @@ def allocation_case(n_bytes: int) -> Callable[[], int]:
 def attention_case(*, backend: str, batch: int, heads: int, tokens: int, dim_head: int,
                    slice_size: int = 1024, seed: int = 0) -> Callable[[], torch.Tensor]:
     """One self-attention layer's core on random q, k, v of shape (batch, heads, tokens, dim_head)."""
-    from common.attention import attention_backend
-
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, tokens, dim_head, generator=g) for _ in range(3))
 
     def call() -> torch.Tensor:
         with torch.no_grad(), attention_backend(backend, slice_size=slice_size):
-            from common.attention import attention
             return attention(q, k, v)
     return call
 
@@ -451,8 +451,5 @@ def write_table(rows: Sequence[dict], out: str | Path, name: str = "table", colu
     paths = []
     for suffix, text in ((".md", format_table(rows, columns) + "\n"), (".csv", buf.getvalue())):
         path = out / f"{name}{suffix}"
-        tmp = path.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        paths.append(path)
+        paths.append(atomic_write(path, text))
     return paths[0], paths[1]

@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from common.losses import LPIPS, lpips_backbone_available
+
 
 def _to_numpy01(x: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
     lo, hi = value_range
@@ -56,18 +58,19 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), p
     return vals if per_image else float(np.mean(vals))
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|: how the course reports that two implementations agree (fp32 parity is <= 1e-4)."""
+    return (a - b).abs().max().item()
+
+
 def lpips_available(net: str = "alex") -> bool:
     """Whether the LPIPS backbone weights for ``net`` are on disk (the `lpips` package fetches them otherwise)."""
-    from common.losses import lpips_backbone_available
-
     return lpips_backbone_available(net)
 
 
 def lpips_distance(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), net: str = "alex",
                    per_image: bool = False):
     """LPIPS through the `lpips` package; raises a clear error saying how to get the backbone when it is missing."""
-    from common.losses import LPIPS
-
     _check_pair(pred, target)
     lo, hi = value_range
     scale = lambda x: (x.float() - lo) / (hi - lo) * 2 - 1  # noqa: E731  lpips expects [-1, 1]

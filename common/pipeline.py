@@ -38,22 +38,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.attention import attention_maps_to_image, capture_attention_maps
-from common.autoencoder import AutoencoderKL
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.flow import FlowEulerSampler, FlowSchedule
+from common.pipeline_io import load_pipeline, save_pipeline
 from common.runtime import get_device
 from common.samplers import SAMPLERS, Sampler, as_generator, randn
 from common.schedules import NoiseSchedule
-from common.text_encoder import CLIPTextModel
-from common.unet import UNet
+from common.text_encoder import CLIPTextConfig, CLIPTextModel
+from common.tokenizer import ShapesTokenizer
+from common.unet import UNet, UNetConfig
+from common.weights import count_parameters
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
 # SD 1.x's scheduler options (stable-diffusion-v1-5 scheduler/scheduler_config.json): what a pipeline built from
 # parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
 SD_SAMPLER_OPTIONS = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
                       "clip_sample": False}
-DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
-                        "dpmpp_2m": "DPMSolverMultistepScheduler",
-                        "flow_euler": "FlowMatchEulerDiscreteScheduler"}
 SAMPLER_NAMES = (*SAMPLERS, "flow_euler")  # flow_euler: for flow-matching models (a FlowSchedule) only
 COURSE_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "course_t2i"
 
@@ -329,8 +329,6 @@ class StableDiffusion:
         For a single file the CLIP tokenizer comes from ``tokenizer_path`` (a local ``tokenizer/`` folder) and the
         parts' configs are SD 1.5's, or those of the diffusers folder ``config_dir`` when given.
         """
-        from common.pipeline_io import load_pipeline
-
         return load_pipeline(cls, path, device=device, dtype=dtype, sampler=sampler, tokenizer_path=tokenizer_path,
                              config_dir=config_dir)
 
@@ -340,13 +338,9 @@ class StableDiffusion:
         A folder that holds files the course did not write is refused unless ``overwrite`` (which writes over
         same-named files only); a previous ``save_pretrained`` folder is replaced file by file.
         """
-        from common.pipeline_io import save_pipeline
-
         return save_pipeline(self, path, overwrite=overwrite)
 
     def __repr__(self) -> str:
-        from common.text_encoder import count_parameters
-
         parts = ", ".join(f"{name}={count_parameters(m) / 1e6:.2f}M" for name, m in
                           (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae)))
         return (f"StableDiffusion({parts}, tokenizer={type(self.tokenizer).__name__}, sampler={self.sampler_name}, "
@@ -369,29 +363,9 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arrays]
 
 
-def image_grid(images: list, cols: int | None = None):
-    """PIL images of one size side by side in a grid (``cols`` per row; default all in one row)."""
-    from PIL import Image
-
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    cols = cols or len(images)
-    rows = -(-len(images) // cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 def tiny_random_pipeline(seed: int = 0, sampler: str = "ddim") -> StableDiffusion:
     """A random, untrained pipeline of the course's kind (Shapes tokenizer, tiny CLIP, UNet and VAE): it runs in
     a fraction of a second, so tests and exercise checks can exercise every code path without a trained model."""
-    from common.autoencoder import AutoencoderConfig
-    from common.text_encoder import CLIPTextConfig
-    from common.tokenizer import ShapesTokenizer
-    from common.unet import UNetConfig
-
     torch.manual_seed(seed)
     tok = ShapesTokenizer.for_shapes()
     text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,

@@ -21,87 +21,42 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.flow import FlowSchedule
+from common.cli import ship
+from common.convert import to_transformers, unet_config_from_diffusers, unet_config_to_diffusers
+from common.samplers import DIFFUSERS_SCHEDULERS, SAMPLER_OF_SCHEDULER, SAMPLERS
 from common.schedules import NoiseSchedule
+from common.single_file import load_single_file
 from common.text_encoder import CLIPTextConfig, CLIPTextModel, normalize_clip_keys
-from common.tokenizer import ClipTokenizer, ShapesTokenizer, load_tokenizer
-from common.unet import UNet, UNetConfig
+from common.tokenizer import BOS, EOS, PAD, UNK, ClipTokenizer, ShapesTokenizer, load_tokenizer
+from common.unet import UNet
+from common.weights import (
+    WEIGHTS_NAME,
+    build_on_meta,
+    load_weights,
+    read_json,
+    read_safetensors,
+    save_model,
+    weights_file,
+)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
-SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
-                        "DPMSolverMultistepScheduler": "dpmpp_2m",
-                        "FlowMatchEulerDiscreteScheduler": "flow_euler"}
 FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # a flow-matching model: common.flow.FlowSchedule
 DIFFUSERS_VERSION = "0.42.1"  # written into the configs; diffusers only reads it to warn about old files
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} is missing")
-    return json.loads(path.read_text())
-
-
-def weights_file(folder: Path, names: tuple[str, ...], part: str) -> Path:
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    hint = f" (found {other}: only safetensors are read; convert them with safetensors.torch.save_file)" if other else ""
-    raise FileNotFoundError(f"the {part} weights are missing: expected {folder / names[0]}{hint}")
-
-
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Assign ``state`` into ``module`` (built on meta), after checking keys and shapes; errors name the key."""
-    ours = module.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unknown = sorted(set(state) - set(ours))
-    if missing:
-        raise ValueError(f"{where}: {len(missing)} weights missing, e.g. {missing[:5]}")
-    if unknown:
-        raise ValueError(f"{where}: {len(unknown)} unknown keys, e.g. {unknown[:5]}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(ours[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)} in the file but the config gives "
-                             f"{tuple(ours[key].shape)}")
-    module.load_state_dict(state, strict=True, assign=True)
-    return module
-
-
-def build_on_meta(cls, config, big: bool = True):
-    """``cls(config)`` without allocating (meta device) when ``big``; small models are simply built on the CPU,
-    where random init costs less than the first meta-device init (which imports torch's reference ops)."""
-    if not big:
-        return cls(config)
-    with torch.device("meta"):
-        return cls(config)
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file``, with a truncated or foreign file reported as a ValueError naming it."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for a bad header or a short file
-        raise ValueError(f"{path} is not a readable .safetensors file ({e}); it may be truncated: "
-                         "download or save it again") from None
-
-
 def load_part_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
     names = ("model.safetensors",) if part == "text_encoder" else \
-        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+        (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors")
     return read_safetensors(weights_file(folder, names, part))
 
 
 def sampler_of(scheduler_config: dict, where: Path) -> str:
     """The course sampler for a folder's scheduler class; a class the course does not implement is an error
     (never a silent swap for another sampler)."""
-    from common.samplers import SAMPLERS
-
     name = scheduler_config.get("_class_name")
     if name not in SAMPLER_OF_SCHEDULER:
         raise ValueError(f"{where} names the scheduler {name!r}, which the course does not implement (it has "
@@ -117,8 +72,6 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: a single-file checkpoint must be .safetensors (CompVis key names); "
                              "a .ckpt pickle is not read, convert it first")
-        from common.single_file import load_single_file
-
         parts = load_single_file(path, tokenizer_path=tokenizer_path, config_dir=config_dir)
     elif path.is_dir():
         parts = load_folder(path)
@@ -147,7 +100,7 @@ def load_folder(path: Path):
             raise ValueError(f"{path / 'model_index.json'} names no {part!r}; expected all of {PARTS}")
         if not (path / part).is_dir():
             raise FileNotFoundError(f"the {part} folder is missing: {path / part} (model_index.json names it)")
-    unet_cfg = UNetConfig.from_diffusers(read_json(path / "unet/config.json", "the unet config"))
+    unet_cfg = unet_config_from_diffusers(read_json(path / "unet/config.json", "the unet config"))
     unet = load_weights(build_on_meta(UNet, unet_cfg, big), load_part_weights(path / "unet", "unet"), str(path / "unet"))
     vae_cfg = AutoencoderConfig.from_diffusers(read_json(path / "vae/config.json", "the vae config"))
     vae = load_weights(build_on_meta(AutoencoderKL, vae_cfg, big), load_part_weights(path / "vae", "vae"),
@@ -161,18 +114,6 @@ def load_folder(path: Path):
 
 
 # --- saving ---------------------------------------------------------------------------------------------
-def _save_diffusers_part(module: nn.Module, folder: Path, class_name: str, config: dict,
-                         dtype: torch.dtype = torch.float32) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(
-        {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION, **config}, indent=2) + "\n")
-    tensors = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous().cpu()
-               for k, v in module.state_dict().items()}
-    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-
-
 def save_tokenizer(tokenizer, folder: Path) -> list[str]:
     """Write the tokenizer where transformers finds it; returns model_index.json's [library, class] for it."""
     if isinstance(tokenizer, ClipTokenizer):
@@ -181,8 +122,6 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
     if not isinstance(tokenizer, ShapesTokenizer):
         raise ValueError(f"cannot save a {type(tokenizer).__name__}; expected ClipTokenizer or ShapesTokenizer")
     tokenizer.save(folder)  # tokenizer.json, which also pads and truncates to the context by itself
-    from common.tokenizer import BOS, EOS, PAD, UNK
-
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.context_length,
               "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
               "clean_up_tokenization_spaces": False, "padding_side": "right", "truncation_side": "right"}
@@ -196,8 +135,6 @@ def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
     """Write the folder through ``common.cli.ship``: a non-empty folder the course did not write is refused
     (``overwrite=True`` writes over same-named files), a user's files in it are kept, and only a previous ship's
     files are replaced."""
-    from common.cli import ship
-
     return ship(path, "pipeline", lambda tmp: write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained")
 
 
@@ -205,12 +142,13 @@ def write_pipeline(pipe, tmp: Path, dtype: torch.dtype = torch.float32) -> None:
     """The diffusers folder's files, written into the empty folder ``tmp`` (``save_pipeline`` ships them).
 
     ``dtype``: how the weights are stored (float16 halves the folder; both loaders cast them back to the
-    dtype they are asked for: ``from_pretrained(..., torch_dtype=torch.float32)`` in diffusers)."""
-    from common.convert import to_transformers
-    from common.pipeline import DIFFUSERS_SCHEDULERS
-
-    _save_diffusers_part(pipe.unet, tmp / "unet", "UNet2DConditionModel", pipe.unet.config.to_diffusers(), dtype)
-    _save_diffusers_part(pipe.vae, tmp / "vae", "AutoencoderKL", pipe.vae.config.to_diffusers(), dtype)
+    dtype they are asked for, and transformers' "auto" reads float32 from the text encoder's config)."""
+    version = {"_diffusers_version": DIFFUSERS_VERSION}
+    unet_config = {"_class_name": "UNet2DConditionModel", **version,
+                   **unet_config_to_diffusers(pipe.unet.config)}
+    save_model(pipe.unet, tmp / "unet", unet_config, dtype=dtype)
+    vae_config = {"_class_name": "AutoencoderKL", **version, **pipe.vae.config.to_diffusers()}
+    save_model(pipe.vae, tmp / "vae", vae_config, dtype=dtype)
     text_encoder = to_transformers(pipe.text_encoder.float().cpu()).to(dtype)
     text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
     if dtype != torch.float32:  # the dtype transformers' "auto" loads in: compute in fp32, as the other parts do

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -92,3 +94,25 @@ def describe(device: str | torch.device | None = None) -> str:
     dev = get_device(device)
     extra = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({torch.get_num_threads()} threads)"
     return f"mode={mode(dev)} device={dev}{extra} torch={torch.__version__}"
+
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: common/ sits in it
+
+
+def setup_notebook(seed: int = 0, dpi: int = 72) -> Path:
+    """What every chapter notebook does first; returns the repository's root folder.
+
+    Seeds every generator, makes inline figures ``dpi`` dots per inch (the stored notebook stays small),
+    keeps tqdm from warning that ipywidgets is missing, and under ``COURSE_FAST=1`` runs torch on one thread
+    (the tests run the notebooks side by side on a few cores, where OpenMP threads would spin against each
+    other). Prints ``describe()``: the mode, device and torch version every figure below came from.
+    """
+    import matplotlib
+
+    matplotlib.rcParams["figure.dpi"] = dpi
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without ipywidgets
+    if is_fast():
+        torch.set_num_threads(1)
+    seed_everything(seed)
+    print(describe())
+    return ROOT

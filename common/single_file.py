@@ -23,10 +23,14 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.convert import unet_config_from_diffusers
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
+from common.tokenizer import SD_TOKENIZER_HINT, ClipTokenizer, load_tokenizer
 from common.unet import UNet, UNetConfig
+from common.weights import build_on_meta, load_weights, read_json
 
 UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 # what else a CompVis checkpoint holds: the schedule's buffers, EMA copies, the VAE's training loss
@@ -140,11 +144,6 @@ def sd15_configs() -> tuple[UNetConfig, AutoencoderConfig, CLIPTextConfig, dict]
 
 def load_single_file(path: Path, *, tokenizer_path=None, config_dir=None):
     """(unet, vae, text_encoder, tokenizer, scheduler_config) from a CompVis .safetensors file."""
-    from safetensors import safe_open
-
-    from common.pipeline_io import build_on_meta, load_weights, read_json
-    from common.tokenizer import SD_TOKENIZER_HINT, ClipTokenizer, load_tokenizer
-
     try:  # the header first: a file that is not a CompVis checkpoint is refused before any model is built
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -157,7 +156,7 @@ def load_single_file(path: Path, *, tokenizer_path=None, config_dir=None):
         unet_cfg, vae_cfg, text_cfg, scheduler_config = sd15_configs()
     else:  # the configs of a diffusers folder (e.g. a small model's, or SD 1.x fine-tunes with another config)
         config_dir = Path(config_dir)
-        unet_cfg = UNetConfig.from_diffusers(read_json(config_dir / "unet/config.json", "the unet config"))
+        unet_cfg = unet_config_from_diffusers(read_json(config_dir / "unet/config.json", "the unet config"))
         vae_cfg = AutoencoderConfig.from_diffusers(read_json(config_dir / "vae/config.json", "the vae config"))
         text_cfg = CLIPTextConfig.from_transformers(read_json(config_dir / "text_encoder/config.json",
                                                               "the text encoder config"))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.attention import attention
+from common.tokenizer import ShapesTokenizer
 
 HIDDEN_ACTS = ("quick_gelu", "gelu")
 
@@ -84,8 +85,6 @@ class CLIPTextConfig:
         tok.pad_id)``. 32 positions cover the tokenizer's 24-token context with room to spare.
         """
         if vocab_size is None:
-            from common.tokenizer import ShapesTokenizer
-
             vocab_size = ShapesTokenizer.for_shapes().vocab_size
         return cls(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                    num_attention_heads=4, max_position_embeddings=32, bos_token_id=bos_token_id,
@@ -309,5 +308,3 @@ def add_text_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     return {k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k: v for k, v in state_dict.items()}
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -42,7 +42,6 @@ MSE: the logit-normal density is the weighting, and Min-SNR (``snr_gamma``) does
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -50,14 +49,23 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from common import weights
 from common.autoencoder import AutoencoderKL
+from common.cli import atomic_write
+from common.data import LatentDataset, cached
 from common.flow import FlowSchedule, add_noise, sample_sigmas_logit_normal, velocity_target
+from common.pipeline import StableDiffusion
+from common.runtime import get_device
 from common.schedules import NoiseSchedule
+from common.shapes import Shapes
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
-from common.training import TrainConfig
+from common.tokenizer import ShapesTokenizer
+from common.training import TrainConfig, Trainer
 from common.unet import UNet, UNetConfig
+from common.weights import load_weights, module_sha256, read_safetensors, weights_file
 
 CONFIG_NAMES = ("cpu", "gpu", "tiny")
 LATENT_MODES = ("mean", "sample")
@@ -67,23 +75,11 @@ DEFAULT_CACHE = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "la
 
 def _text_config(width: int, layers: int, heads: int, context_length: int) -> CLIPTextConfig:
     """A CLIP text transformer over the Shapes tokenizer's ids (pad 0, unk 1, bos 2, eos 3: 42 ids in all)."""
-    from common.tokenizer import ShapesTokenizer
-
     tok = ShapesTokenizer.for_shapes(context_length)
     return CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=4 * width,
                           num_hidden_layers=layers, num_attention_heads=heads,
                           max_position_embeddings=max(32, context_length), bos_token_id=tok.bos_id,
                           eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-
-
-def _unet_config(widths: tuple[int, ...], layers: int, heads: int, context_dim: int, groups: int) -> UNetConfig:
-    """Three levels at 16 x 16 x 4 latents: ResNets only at 16 x 16, cross-attention at 8 x 8 and 4 x 4 and
-    in the middle, where a token sees the whole 64 px image through a few latent pixels (positions and
-    relations are decided there); full-resolution attention would cost the most and add the least."""
-    return UNetConfig(sample_size=16, block_out_channels=widths, layers_per_block=layers,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      cross_attention_dim=context_dim, attention_head_dim=heads, norm_num_groups=groups)
 
 
 @dataclass
@@ -137,7 +133,7 @@ class TextToImageConfig:
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
         """
         width = 128
-        return cls(name="cpu", unet=_unet_config((32, 64, 128), 1, 4, width, 16),
+        return cls(name="cpu", unet=UNetConfig.shapes_text(cross_attention_dim=width),
                    text_encoder=_text_config(width, 3, 4, 24), steps=1200, batch_size=32, lr=1e-3,
                    warmup_steps=100, ema_decay=0.995, train_size=4000, checkpoint_every=100, snr_gamma=5.0)
 
@@ -152,7 +148,7 @@ class TextToImageConfig:
         ``--minutes 3.5`` gives the shipped model (2,100 steps; see checkpoints/course_t2i/README.md).
         """
         width = 128
-        return cls(name="gpu", unet=_unet_config((64, 96, 128), 1, 4, width, 16),
+        return cls(name="gpu", unet=UNetConfig.shapes_text_gpu(),
                    text_encoder=_text_config(width, 3, 4, 24), steps=40_000, batch_size=1024, lr=2e-3,
                    warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", train_size=60_000,
                    checkpoint_every=2000, ema_start=500, snr_gamma=5.0)
@@ -161,7 +157,8 @@ class TextToImageConfig:
     def tiny(cls) -> TextToImageConfig:
         """For tests and COURSE_FAST: builds and trains a few steps in seconds."""
         width = 32
-        return cls(name="tiny", unet=_unet_config((16, 32, 32), 1, 2, width, 8),
+        unet = UNetConfig.shapes_text((16, 32, 32), heads=2, cross_attention_dim=width, norm_num_groups=8)
+        return cls(name="tiny", unet=unet,
                    text_encoder=_text_config(width, 1, 2, 24), steps=4, batch_size=8, lr=1e-3,
                    warmup_steps=1, ema_decay=0.9, train_size=32, checkpoint_every=2, ema_start=0)
 
@@ -189,13 +186,6 @@ def build_model(config: TextToImageConfig) -> nn.ModuleDict:
 
 # ----------------------------------------------------------------------------------------------------------
 # The latent cache
-def module_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in key order)."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -209,59 +199,31 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
     changed VAE or dataset never reuses a stale cache. Written atomically (tmp + rename): processes launched by
     ``accelerate`` may race here safely.
     """
-    from common.shapes import Shapes
-
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     s = float(vae.config.scaling_factor)
     key = (f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
            f"_ctx{tokenizer.context_length}{'_echo' if getattr(tokenizer, 'echo', False) else ''}"
            f"_v{tokenizer.vocab_size}")
     path = cache_dir / f"{key}.pt"
-    if path.is_file():
-        try:
-            data = torch.load(path, weights_only=True)
-            return {**data, "path": path, "hit": True}
-        except Exception as e:  # a truncated file: rebuild it
-            print(f"latent cache {path} unreadable ({e}); rebuilding")
-    ds = Shapes(resolution, split, length, seed)
-    vae = vae.to(device).eval()
-    means, stds, captions = [], [], []
-    for start in range(0, length, batch_size):
-        items = [ds[i] for i in range(start, min(length, start + batch_size))]
-        x = torch.stack([it["image"] for it in items]).to(device)  # (b, 3, H, W) in [-1, 1]
-        posterior = vae.encode(x)
-        means.append((posterior.mean * s).float().cpu())  # (b, C, h, w)
-        stds.append((posterior.std * s).float().cpu())
-        captions += [it["caption"] for it in items]
-        if verbose and (start // batch_size) % 20 == 0:
-            print(f"caching latents {start + len(items)}/{length}", flush=True)
-    data = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions), "captions": captions}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-    return {**data, "path": path, "hit": False}
 
+    def encode() -> dict:
+        ds = Shapes(resolution, split, length, seed)
+        encoder = vae.to(device).eval()
+        means, stds, captions = [], [], []
+        for start in range(0, length, batch_size):
+            items = [ds[i] for i in range(start, min(length, start + batch_size))]
+            x = torch.stack([it["image"] for it in items]).to(device)  # (b, 3, H, W) in [-1, 1]
+            posterior = encoder.encode(x)
+            means.append((posterior.mean * s).float().cpu())  # (b, C, h, w)
+            stds.append((posterior.std * s).float().cpu())
+            captions += [it["caption"] for it in items]
+            if verbose and (start // batch_size) % 20 == 0:
+                print(f"caching latents {start + len(items)}/{length}", flush=True)
+        return {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions),
+                "captions": captions}
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Cached latents with their token ids: item i is {"z0_mean", "z0_std" (C, h, w), "input_ids" (N_k,)}."""
-
-    def __init__(self, cache: dict):
-        self.mean, self.std, self.input_ids = cache["mean"], cache["std"], cache["input_ids"]
-        if not len(self.mean) == len(self.std) == len(self.input_ids):
-            raise ValueError("the cache's mean, std and input_ids must have one row per item")
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"z0_mean": self.mean[i], "z0_std": self.std[i], "input_ids": self.input_ids[i]}
-
-    def get_batch(self, indices: list[int]) -> dict:
-        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256 items
-        one by one costs more than a GPU step of the course model)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {"z0_mean": self.mean[idx], "z0_std": self.std[idx], "input_ids": self.input_ids[idx]}
+    data, hit = cached(path, encode)
+    return {**data, "path": path, "hit": hit}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,8 +311,6 @@ def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: 
     (``config.objective == "flow"``) gets a ``FlowSchedule`` with ``config.flow_shift`` and samples with
     ``flow_euler``; a diffusion model with ``sampler`` (default ``ddim``).
     """
-    from common.pipeline import StableDiffusion
-
     schedule = config.schedule if config is not None else NoiseSchedule.sd15()
     if config is not None and config.objective == "flow":
         schedule = FlowSchedule(shift=config.flow_shift)
@@ -388,10 +348,6 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     fine-tune continues from its own checkpoint.
     """
     from accelerate import PartialState
-
-    from common.runtime import get_device
-    from common.tokenizer import ShapesTokenizer
-    from common.training import Trainer
 
     tokenizer = ShapesTokenizer.for_shapes(config.context_length, echo=config.echo_prompt)
     dev = get_device(device)
@@ -438,10 +394,6 @@ class SnapshotWriter:
         self.start = time.perf_counter() if start is None else start
 
     def __call__(self, trainer, step: int) -> None:
-        from safetensors.torch import save_file
-
-        from common.cli import atomic_write
-
         if not trainer.accelerator.is_main_process:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -471,32 +423,14 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
     Read and checked as ``StableDiffusion.from_pretrained`` reads a part: a missing weights file is a
     FileNotFoundError, a missing or unknown key or a wrong shape a ValueError, each naming it.
     """
-    from safetensors.torch import load_file
-
-    from common.pipeline_io import load_weights, weights_file
-
     folder = Path(folder)
     for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
         path = weights_file(folder / name, (file,), name)
-        load_weights(model[name], load_file(str(path)), f"--init-from {path}: not this config's {name}")
+        load_weights(model[name], read_safetensors(path), f"--init-from {path}: not this config's {name}")
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weight_files(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
-                  and p.name != "README.md")
 
 
 def _card_section(text: str, title: str) -> str | None:
@@ -525,9 +459,6 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
                      "`__call__` expects two members that `FlowMatchEulerDiscreteScheduler` lacks: set "
                      "`pipe.scheduler.init_noise_sigma = 1.0` and `pipe.scheduler.scale_model_input = "
                      "lambda sample, t: sample` first.\n")
-    size = sum(p.stat().st_size for p in weight_files(folder))
-    rows = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
-                     for p in weight_files(folder))
     text = (f"# {folder.name}: the course's own text-to-image model\n\n"
             f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
             f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
@@ -535,9 +466,5 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
             f"{flow_note}\n"
             f"## Training\n\n{training.strip()}\n\n"
             + (f"## Adherence during training\n\n{curve.strip()}\n\n" if curve else "") +
-            f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
-            f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n")
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card)
-    return card
+            f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n")
+    return weights.write_model_card(folder, text)

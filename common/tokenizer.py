@@ -25,9 +25,12 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 
+from common.shapes import vocabulary
+
 SD_TOKENIZER_HINT = (
     'huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include "tokenizer/*" '
-    "--local-dir <dir>, then pass <dir>/tokenizer"
+    "--local-dir <dir>, then pass <dir>/tokenizer (`python -m common.weights fetch sd15` fetches it with "
+    "the rest of SD 1.5)"
 )
 
 
@@ -208,8 +211,6 @@ class ShapesTokenizer(Tokenizer):
         """The tokenizer for ``common.shapes``: every word its caption grammar can produce (42 ids in all;
         the longest caption is 12 words, so 24 tokens leave room for a learner's longer prompts; 27 with
         ``echo``)."""
-        from common.shapes import vocabulary
-
         return cls.from_vocabulary(vocabulary(), context_length, echo)
 
     @property

@@ -46,7 +46,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.cli import atomic_write, remove_stale_tmp
 from common.runtime import get_device
+from common.viz import plot_loss_curves
+from common.weights import check_state
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -185,8 +188,6 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, ema: EMA |
     final = root / f"step_{step:07d}"
     tmp = root / f"step_{step:07d}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    from common.cli import remove_stale_tmp
-
     remove_stale_tmp(root, "step_*.tmp")  # the half-written checkpoints of killed runs
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -221,14 +222,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, ema: EMA | None = None,
         ema_weights = load_file(path / "ema.safetensors") if ema is not None and (path / "ema.safetensors").exists() else None
     except Exception as e:  # a truncated safetensors header or zip archive
         raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from e
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    check_state(model.state_dict(), weights, f"checkpoint {path} does not fit this model")
     model.load_state_dict(weights)
     if ema is not None and ema_weights is not None:
         device = next(iter(ema.shadow.values())).device if ema.shadow else torch.device("cpu")
@@ -476,19 +470,16 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _plot_log(log_path: Path, png_path: Path) -> None:
-    try:
-        from common.viz import plot_loss_curves
-    except ImportError:  # viz is optional for the loop itself
-        return
     import matplotlib.pyplot as plt
 
     fig = plot_loss_curves(log_path)

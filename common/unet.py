@@ -8,7 +8,8 @@
         --conv_norm_out, SiLU, conv_out--> eps (B, out_channels, H, W)
 
 Every parameter name and shape equals diffusers' ``UNet2DConditionModel`` built from
-``UNetConfig.to_diffusers()``, so Stable Diffusion 1.5's weights load with ``load_state_dict(strict=True)``.
+``common.convert.unet_config_to_diffusers(config)``, so Stable Diffusion 1.5's weights load with
+``load_state_dict(strict=True)``.
 The blocks live in ``common/unet_blocks.py``, attention in ``common/attention.py``.
 
 Shapes use one legend: B batch, C channels, H and W the latent's sides, T the time-embedding width,
@@ -17,8 +18,7 @@ N_k context tokens, D_c the context width (cross_attention_dim).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,219 +29,6 @@ from common.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
-
-# diffusers options the course's UNet does not implement, with the only value it accepts (their defaults)
-_FIXED_DIFFUSERS_OPTIONS = {
-    "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
-}
-# diffusers' defaults for the options we do read: a config.json only lists what differs from these
-_DIFFUSERS_DEFAULTS = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 1280, "transformer_layers_per_block": 1, "attention_head_dim": 8,
-    "num_attention_heads": None, "use_linear_projection": False, "num_class_embeds": None,
-}
-_IGNORED_DIFFUSERS_OPTIONS = {"addition_embed_type_num_heads"}  # only read when addition_embed_type is set
-
-
-def _per_block(value, n: int, name: str) -> tuple:
-    """An int (same for every level) or a tuple with one entry per level -> a tuple of n entries."""
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(value)
-    if len(value) != n:
-        raise ValueError(f"{name} must be an int or have one entry per level ({n}), got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    sample_size: int | None = 64  # latent side trained at (512 px / 8); informative, any multiple works
-    in_channels: int = 4  # channels of z_t: the VAE's latent channels
-    out_channels: int = 4  # channels of the prediction (eps or v), same as z_t
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level; all but the last halve H, W
-    layers_per_block: int = 2  # ResNets per down level (up levels get one more, for the extra skip)
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # attention or not
-    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # lowest resolution first
-    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # bottleneck: with attention, ResNet only, or none
-    cross_attention_dim: int | None = 768  # D_c, the context width (CLIP ViT-L/14: 768); None = no text
-    # diffusers' naming quirk: in UNet2DConditionModel configs `attention_head_dim` is the NUMBER OF HEADS
-    # (SD 1.5: 8 heads, so head width 320/8 = 40 at level 0, 160 at level 3). Kept under diffusers' name so
-    # configs round-trip; `num_attention_heads`, when set, says the same thing under the right name and wins.
-    attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None  # heads per level; None = use attention_head_dim
-    use_linear_projection: bool = False  # Linear instead of 1x1 conv around the transformer (SD 2 uses Linear)
-    norm_num_groups: int = 32  # GroupNorm groups in every ResNet and transformer; divides every width
-    norm_eps: float = 1e-5  # the ResNets' GroupNorm epsilon (the transformers' is fixed at 1e-6, as diffusers)
-    num_class_embeds: int | None = None  # class-conditional: an nn.Embedding added to the time embedding
-    flip_sin_to_cos: bool = True  # timestep code as [cos, sin] (SD) rather than [sin, cos]
-    freq_shift: int = 0  # frequencies max_period ** (-k / (dim/2 - freq_shift)); SD 0, DDPM's UNet 1
-    transformer_layers_per_block: int | tuple[int, ...] = 1  # TransformerBlocks per SpatialTransformer, per level
-
-    def __post_init__(self):
-        levels = len(self.block_out_channels)
-        for name in ("block_out_channels", "down_block_types", "up_block_types"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, int):
-                object.__setattr__(self, name, tuple(value))
-        if levels == 0 or len(self.down_block_types) != levels or len(self.up_block_types) != levels:
-            raise ValueError(f"block_out_channels {self.block_out_channels}, down_block_types and up_block_types "
-                             f"must have one entry per level (the same length, at least 1)")
-        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
-            if any(kind not in allowed for kind in types):
-                raise ValueError(f"{name}={types!r}: every entry must be one of {allowed}")
-        if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ValueError(f"mid_block_type={self.mid_block_type!r}; expected one of {MID_BLOCK_TYPES}")
-        if self.cross_attention_dim is not None and not isinstance(self.cross_attention_dim, int):
-            raise ValueError(f"cross_attention_dim must be one int (the context width) or None, "
-                             f"got {self.cross_attention_dim!r}")
-        if self.has_cross_attention and self.cross_attention_dim is None:
-            raise ValueError("cross-attention blocks need cross_attention_dim (the context width, e.g. 768)")
-        heads = self.heads_per_level
-        _per_block(self.transformer_layers_per_block, levels, "transformer_layers_per_block")
-        for channels, h in zip(self.block_out_channels, heads):
-            if channels % self.norm_num_groups:
-                raise ValueError(f"every width in block_out_channels {self.block_out_channels} must be a "
-                                 f"multiple of norm_num_groups={self.norm_num_groups}")
-            if self.has_cross_attention and channels % h:
-                raise ValueError(f"width {channels} does not split into {h} heads; choose heads that divide "
-                                 f"every entry of block_out_channels {self.block_out_channels}")
-        if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
-
-    @property
-    def has_cross_attention(self) -> bool:
-        """True when any block attends to a context (the UNet then needs ``context`` in forward)."""
-        return ("CrossAttnDownBlock2D" in self.down_block_types or "CrossAttnUpBlock2D" in self.up_block_types
-                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
-
-    @property
-    def heads_per_level(self) -> tuple[int, ...]:
-        """Attention heads per level, resolving diffusers' ``attention_head_dim`` quirk (see the field)."""
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return _per_block(heads, len(self.block_out_channels), "num_attention_heads / attention_head_dim")
-
-    @property
-    def downsample_factor(self) -> int:
-        """H and W of the input must be multiples of this: one stride-2 conv per level but the last."""
-        return 2 ** (len(self.block_out_channels) - 1)
-
-    # --- presets -------------------------------------------------------------------------------------
-    @classmethod
-    def sd15(cls) -> UNetConfig:
-        """Stable Diffusion 1.5's UNet (stable-diffusion-v1-5 unet/config.json): 859,520,964 parameters."""
-        return cls()
-
-    @classmethod
-    def tiny(cls) -> UNetConfig:
-        """Two levels, both block kinds, cross-attention mid block: builds and runs in milliseconds (tests)."""
-        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                   attention_head_dim=4, norm_num_groups=8)
-
-    @classmethod
-    def digits(cls) -> UNetConfig:
-        """Class-conditional Digits at 8x8x4 latents (chapter 03): 0.82 M parameters, 40 MFLOP per forward.
-
-        Two levels (8x8 -> 4x4) of ResNets, no attention: at 8x8 two 3x3 convs already see most of the latent.
-        Sized for about ten CPU minutes of training (a few thousand steps at batch 128).
-        """
-        return cls(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
-                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8,
-                   num_class_embeds=10)
-
-    @classmethod
-    def shapes_uncond(cls) -> UNetConfig:
-        """Unconditional Shapes at 16x16x4 latents (chapter 03): three levels (16 -> 8 -> 4), no attention,
-        0.97 M parameters, 120 MFLOP per forward."""
-        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                   down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
-                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8)
-
-    @classmethod
-    def shapes_text(cls, cross_attention_dim: int = 256) -> UNetConfig:
-        """The course's text-to-image UNet at 16x16x4 latents (chapter 04), sized for a CPU: 1.6 M parameters,
-        196 MFLOP per forward (24 context tokens).
-
-        Cross-attention at 16x16 and 8x8 and in the middle (where words meet positions); plain ResNets at
-        4x4. ``cross_attention_dim`` must equal the text encoder's width (``CLIPTextConfig.shapes()``: 256).
-        """
-        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
-
-    @classmethod
-    def shapes_text_gpu(cls, cross_attention_dim: int = 256) -> UNetConfig:
-        """A wider, deeper ``shapes_text`` for a GPU run (chapter 06): 34.9 M parameters, 4.6 GFLOP a forward."""
-        return cls(sample_size=16, block_out_channels=(128, 256, 256), layers_per_block=2,
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=8)
-
-    # --- the conversion contract: diffusers.UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
-    def to_diffusers(self) -> dict:
-        """Keyword arguments for ``diffusers.UNet2DConditionModel`` that build the same architecture.
-
-        diffusers refuses ``num_attention_heads``, so head counts travel as ``attention_head_dim`` (its quirk).
-        Without cross-attention diffusers still wants an int ``cross_attention_dim``: its default, unused, goes.
-        """
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return dict(
-            sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
-            down_block_types=self.down_block_types, up_block_types=self.up_block_types,
-            mid_block_type=self.mid_block_type, block_out_channels=self.block_out_channels,
-            layers_per_block=self.layers_per_block,
-            cross_attention_dim=self.cross_attention_dim if self.has_cross_attention
-            else _DIFFUSERS_DEFAULTS["cross_attention_dim"],
-            attention_head_dim=heads, use_linear_projection=self.use_linear_projection,
-            norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, num_class_embeds=self.num_class_embeds,
-            flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-            transformer_layers_per_block=self.transformer_layers_per_block,
-        )
-
-    @classmethod
-    def from_diffusers(cls, mapping: Mapping) -> UNetConfig:
-        """Read a diffusers UNet2DConditionModel config (``unet.config`` or a parsed config.json).
-
-        Keys a config.json leaves out take diffusers' defaults (not ours). Options that change the architecture
-        away from what this UNet implements (another activation, SDXL's added embeddings, ...) are errors.
-        """
-        mapping = {k: v for k, v in dict(mapping).items() if not k.startswith("_")}
-        for key, expected in _FIXED_DIFFUSERS_OPTIONS.items():
-            if key in mapping and mapping[key] != expected:
-                raise ValueError(f"unsupported UNet2DConditionModel option {key}={mapping[key]!r}; "
-                                 f"the course's UNet needs {key}={expected!r}")
-        known = set(_DIFFUSERS_DEFAULTS) | set(_FIXED_DIFFUSERS_OPTIONS) | _IGNORED_DIFFUSERS_OPTIONS
-        unknown = sorted(k for k in mapping if k not in known)
-        if unknown:
-            raise ValueError(f"unknown UNet2DConditionModel config keys {unknown}; "
-                             f"expected keys among {sorted(known)}")
-        values = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in mapping.items() if k in _DIFFUSERS_DEFAULTS}}
-        if not isinstance(values["layers_per_block"], int):
-            raise ValueError(f"layers_per_block must be a single int, got {values['layers_per_block']!r}")
-        if isinstance(values["sample_size"], (list, tuple)):
-            raise ValueError(f"sample_size must be a single int (square latents), got {values['sample_size']!r}")
-        config = cls(**values)
-        if not config.has_cross_attention:  # then cross_attention_dim is diffusers' unused default, not a width
-            config = replace(config, cross_attention_dim=None)
-        return config
 
 
 class UNet(nn.Module):
@@ -362,3 +149,147 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             x = block(x, skips, temb, context)  # pops layers_per_block + 1 skips; doubles H, W but at the top
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C_out, H, W)
+
+
+# --- the configuration: what the UNet is built from, and the course's presets ---
+def _per_block(value, n: int, name: str) -> tuple:
+    """An int (same for every level) or a tuple with one entry per level -> a tuple of n entries."""
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be an int or have one entry per level ({n}), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    sample_size: int | None = 64  # latent side trained at (512 px / 8); informative, any multiple works
+    in_channels: int = 4  # channels of z_t: the VAE's latent channels
+    out_channels: int = 4  # channels of the prediction (eps or v), same as z_t
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level; all but the last halve H, W
+    layers_per_block: int = 2  # ResNets per down level (up levels get one more, for the extra skip)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # attention or not
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # lowest resolution first
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # bottleneck: with attention, ResNet only, or none
+    cross_attention_dim: int | None = 768  # D_c, the context width (CLIP ViT-L/14: 768); None = no text
+    # diffusers' naming quirk: in UNet2DConditionModel configs `attention_head_dim` is the NUMBER OF HEADS
+    # (SD 1.5: 8 heads, so head width 320/8 = 40 at level 0, 160 at level 3). Kept under diffusers' name so
+    # configs round-trip; `num_attention_heads`, when set, says the same thing under the right name and wins.
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None  # heads per level; None = use attention_head_dim
+    use_linear_projection: bool = False  # Linear instead of 1x1 conv around the transformer (SD 2 uses Linear)
+    norm_num_groups: int = 32  # GroupNorm groups in every ResNet and transformer; divides every width
+    norm_eps: float = 1e-5  # the ResNets' GroupNorm epsilon (the transformers' is fixed at 1e-6, as diffusers)
+    num_class_embeds: int | None = None  # class-conditional: an nn.Embedding added to the time embedding
+    flip_sin_to_cos: bool = True  # timestep code as [cos, sin] (SD) rather than [sin, cos]
+    freq_shift: int = 0  # frequencies max_period ** (-k / (dim/2 - freq_shift)); SD 0, DDPM's UNet 1
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # TransformerBlocks per SpatialTransformer, per level
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        for name in ("block_out_channels", "down_block_types", "up_block_types"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, int):
+                object.__setattr__(self, name, tuple(value))
+        if levels == 0 or len(self.down_block_types) != levels or len(self.up_block_types) != levels:
+            raise ValueError(f"block_out_channels {self.block_out_channels}, down_block_types and up_block_types "
+                             f"must have one entry per level (the same length, at least 1)")
+        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
+            if any(kind not in allowed for kind in types):
+                raise ValueError(f"{name}={types!r}: every entry must be one of {allowed}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"mid_block_type={self.mid_block_type!r}; expected one of {MID_BLOCK_TYPES}")
+        if self.cross_attention_dim is not None and not isinstance(self.cross_attention_dim, int):
+            raise ValueError(f"cross_attention_dim must be one int (the context width) or None, "
+                             f"got {self.cross_attention_dim!r}")
+        if self.has_cross_attention and self.cross_attention_dim is None:
+            raise ValueError("cross-attention blocks need cross_attention_dim (the context width, e.g. 768)")
+        heads = self.heads_per_level
+        _per_block(self.transformer_layers_per_block, levels, "transformer_layers_per_block")
+        for channels, h in zip(self.block_out_channels, heads):
+            if channels % self.norm_num_groups:
+                raise ValueError(f"every width in block_out_channels {self.block_out_channels} must be a "
+                                 f"multiple of norm_num_groups={self.norm_num_groups}")
+            if self.has_cross_attention and channels % h:
+                raise ValueError(f"width {channels} does not split into {h} heads; choose heads that divide "
+                                 f"every entry of block_out_channels {self.block_out_channels}")
+        if self.layers_per_block < 1:
+            raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """True when any block attends to a context (the UNet then needs ``context`` in forward)."""
+        return ("CrossAttnDownBlock2D" in self.down_block_types or "CrossAttnUpBlock2D" in self.up_block_types
+                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
+
+    @property
+    def heads_per_level(self) -> tuple[int, ...]:
+        """Attention heads per level, resolving diffusers' ``attention_head_dim`` quirk (see the field)."""
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return _per_block(heads, len(self.block_out_channels), "num_attention_heads / attention_head_dim")
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W of the input must be multiples of this: one stride-2 conv per level but the last."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    # --- presets -------------------------------------------------------------------------------------
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        """Stable Diffusion 1.5's UNet (stable-diffusion-v1-5 unet/config.json): 859,520,964 parameters."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> UNetConfig:
+        """Two levels, both block kinds, cross-attention mid block: builds and runs in milliseconds (tests)."""
+        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                   attention_head_dim=4, norm_num_groups=8)
+
+    @classmethod
+    def digits(cls) -> UNetConfig:
+        """Class-conditional Digits at 8x8x4 latents (chapter 03): 0.82 M parameters, 40 MFLOP per forward.
+
+        Two levels (8x8 -> 4x4) of ResNets, no attention: at 8x8 two 3x3 convs already see most of the latent.
+        Sized for about ten CPU minutes of training (a few thousand steps at batch 128).
+        """
+        return cls(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
+                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8,
+                   num_class_embeds=10)
+
+    @classmethod
+    def shapes_uncond(cls) -> UNetConfig:
+        """Unconditional Shapes at 16x16x4 latents (chapter 03): three levels (16 -> 8 -> 4), no attention,
+        0.97 M parameters, 120 MFLOP per forward."""
+        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
+                   down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8)
+
+    @classmethod
+    def shapes_text(cls, block_out_channels: tuple[int, ...] = (32, 64, 128), *, heads: int = 4,
+                    cross_attention_dim: int = 128, norm_num_groups: int = 16) -> UNetConfig:
+        """The course's text-to-image UNet at 16x16x4 latents, as chapters 04 and 06 train it
+        (``TextToImageConfig.cpu()``): 4.2 M parameters at the default widths.
+
+        ResNets only at 16x16; cross-attention at 8x8 and 4x4 and in the middle, where a token sees the whole
+        64 px image through a few latent pixels (positions and relations are decided there); full-resolution
+        attention would cost the most and add the least. ``cross_attention_dim`` must equal the text encoder's
+        width (``TextToImageConfig``'s: 128).
+        """
+        return cls(sample_size=16, block_out_channels=block_out_channels, layers_per_block=1,
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
+                   norm_num_groups=norm_num_groups)
+
+    @classmethod
+    def shapes_text_gpu(cls) -> UNetConfig:
+        """``shapes_text`` wider at every level (64, 96, 128): the shipped course model's UNet
+        (``TextToImageConfig.gpu()``, ``checkpoints/course_t2i``), 5.6 M parameters."""
+        return cls.shapes_text((64, 96, 128))

@@ -100,6 +100,18 @@ def image_grid(images, captions: list[str] | None = None, ncols: int = 8, title:
     return fig
 
 
+def pil_grid(images: list, ncols: int | None = None) -> Image.Image:
+    """PIL images of one size pasted edge to edge, ``ncols`` per row (default: all in one row), white behind a
+    short last row: ``torchvision.utils.make_grid`` without padding, as one picture to save."""
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import make_grid
+
+    if not images:
+        raise ValueError("pil_grid needs at least one image")
+    x = torch.stack([pil_to_tensor(im.convert("RGB")) for im in images])  # (B, 3, H, W) uint8
+    return to_pil_image(make_grid(x, nrow=ncols or len(images), padding=0, pad_value=255))
+
+
 def save_grid(images, path: str | Path, captions: list[str] | None = None, ncols: int = 8,
               title: str | None = None, value_range: ValueRange = (-1.0, 1.0), dpi: int = 100) -> Path:
     """``image_grid(...)`` written to ``path`` (png, pdf, ...); returns the path."""

@@ -379,3 +379,24 @@ def test_import_is_light():
     code = "import sys, common.data; print(sorted(m for m in ('torchvision', 'scipy', 'skimage') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cached_builds_once_and_rebuilds_a_truncated_file(tmp_path):
+    from common.data import LatentDataset, cached
+
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"mean": torch.zeros(3, 4, 2, 2), "std": torch.ones(3, 4, 2, 2), "labels": torch.arange(3)}
+
+    data, hit = cached(tmp_path / "c.pt", build)
+    assert not hit and len(calls) == 1
+    again, hit = cached(tmp_path / "c.pt", build)
+    assert hit and len(calls) == 1 and torch.equal(again["labels"], data["labels"])
+    (tmp_path / "c.pt").write_bytes(b"truncated")
+    _, hit = cached(tmp_path / "c.pt", build)
+    assert not hit and len(calls) == 2
+    ds = LatentDataset(data, "labels")
+    assert len(ds) == 3 and set(ds[1]) == {"z0_mean", "z0_std", "labels"}
+    assert torch.equal(ds.get_batch([2, 0])["labels"], torch.tensor([2, 0]))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from common.autoencoder import AutoencoderConfig
+from common.convert import unet_config_to_diffusers
 from common.pipeline import StableDiffusion, main_model_path
 from common.unet import UNetConfig
 
@@ -43,7 +44,7 @@ def tiny_diffusers_pipeline(folder, tmp):
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1)).eval()
-    unet = diffusers.UNet2DConditionModel(**UNetConfig.tiny().to_diffusers()).eval()
+    unet = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(UNetConfig.tiny())).eval()
     vae = diffusers.AutoencoderKL(**AutoencoderConfig.tiny().to_diffusers()).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing here, but give conv_out a visible scale anyway
         unet.conv_out.weight.mul_(3.0)
@@ -256,7 +257,7 @@ def test_compvis_names_agree_with_diffusers_converter():
     assert len(names) == len(unet.state_dict()) + len(vae.state_dict()) + len(text.state_dict())
     # tag each CompVis key with its own name so the converter's output shows where it put it
     checkpoint = {compvis: compvis for compvis in names}
-    converted = convert_ldm_unet_checkpoint(checkpoint, unet_cfg.to_diffusers())
+    converted = convert_ldm_unet_checkpoint(checkpoint, unet_config_to_diffusers(unet_cfg))
     want = {key: compvis for compvis, (part, key) in names.items() if part == "unet"}
     assert converted == want
     vae_checkpoint = {compvis: torch.zeros(1) for compvis, (part, _) in names.items() if part == "vae"}

@@ -9,9 +9,9 @@ from common.text_encoder import (
     CLIPTextConfig,
     CLIPTextModel,
     add_text_model_prefix,
-    count_parameters,
     normalize_clip_keys,
 )
+from common.weights import count_parameters
 
 # SD 1.5's text_encoder/config.json (written by transformers 4.x), as a learner's folder holds it
 SD15_TEXT_CONFIG = {

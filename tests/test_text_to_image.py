@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.data import LatentDataset
 from common.judge import train_judge
-from common.text_to_image import (CONFIG_NAMES, LatentDataset, TextToImageConfig, build_model, build_pipeline,
+from common.text_to_image import (CONFIG_NAMES, TextToImageConfig, build_model, build_pipeline,
                                   cache_latents, drop_captions, make_loss_fn)
 from common.tokenizer import ShapesTokenizer
 

@@ -11,7 +11,13 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 from common.attention import attention_backend, attention_maps_to_image, capture_attention_maps
-from common.unet import _DIFFUSERS_DEFAULTS, _FIXED_DIFFUSERS_OPTIONS, UNet, UNetConfig
+from common.convert import (
+    UNET_DIFFUSERS_DEFAULTS,
+    UNET_FIXED_OPTIONS,
+    unet_config_from_diffusers,
+    unet_config_to_diffusers,
+)
+from common.unet import UNet, UNetConfig
 from common.unet_blocks import ResnetBlock2D, timestep_embedding
 
 PRESETS = ["tiny", "digits", "shapes_uncond", "shapes_text", "shapes_text_gpu", "sd15"]
@@ -38,7 +44,7 @@ def reference_pair(cfg: UNetConfig, seed: int = 0, scale: float | None = 0.05):
     """diffusers' model with random weights (every tensor redrawn, so no zero-initialised layer hides a
     mistake), and ours holding the same weights."""
     torch.manual_seed(seed)
-    ref = UNet2DConditionModel(**cfg.to_diffusers()).eval()
+    ref = UNet2DConditionModel(**unet_config_to_diffusers(cfg)).eval()
     if scale is not None:
         with torch.no_grad():
             for name, p in ref.named_parameters():
@@ -53,9 +59,9 @@ def reference_pair(cfg: UNetConfig, seed: int = 0, scale: float | None = 0.05):
 def test_parameter_names_and_shapes_equal_diffusers(preset):
     cfg = getattr(UNetConfig, preset)()
     with torch.device("meta"):  # shapes only: no memory, even for SD 1.5
-        ours, ref = UNet(cfg), UNet2DConditionModel(**cfg.to_diffusers())
+        ours, ref = UNet(cfg), UNet2DConditionModel(**unet_config_to_diffusers(cfg))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
-    assert UNetConfig.from_diffusers(ref.config) == cfg  # and the config comes back from diffusers' own
+    assert unet_config_from_diffusers(ref.config) == cfg  # and the config comes back from diffusers' own
 
 
 def test_sd15_parameter_count():
@@ -75,7 +81,7 @@ def test_sd15_config_json_reads_as_the_preset():
         "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     }
-    cfg = UNetConfig.from_diffusers(config_json)
+    cfg = unet_config_from_diffusers(config_json)
     assert cfg == UNetConfig.sd15()
     assert cfg.heads_per_level == (8, 8, 8, 8)  # "attention_head_dim": 8 means 8 heads (diffusers' quirk)
 
@@ -83,15 +89,16 @@ def test_sd15_config_json_reads_as_the_preset():
 def test_config_tables_match_diffusers_signature():
     defaults = {name: p.default for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
                 if name != "self"}
-    for key, value in {**_DIFFUSERS_DEFAULTS, **_FIXED_DIFFUSERS_OPTIONS}.items():
+    for key, value in {**UNET_DIFFUSERS_DEFAULTS, **UNET_FIXED_OPTIONS}.items():
         assert defaults[key] == value, key
 
 
 def test_num_attention_heads_and_to_diffusers():
     cfg = replace(UNetConfig.tiny(), attention_head_dim=99, num_attention_heads=2)
     assert cfg.heads_per_level == (2, 2)  # the explicit field wins
-    assert cfg.to_diffusers()["attention_head_dim"] == 2 and "num_attention_heads" not in cfg.to_diffusers()
-    back = UNetConfig.from_diffusers({"num_attention_heads": None, **cfg.to_diffusers()})
+    kwargs = unet_config_to_diffusers(cfg)
+    assert kwargs["attention_head_dim"] == 2 and "num_attention_heads" not in kwargs
+    back = unet_config_from_diffusers({"num_attention_heads": None, **unet_config_to_diffusers(cfg)})
     assert back.heads_per_level == cfg.heads_per_level
 
 
@@ -103,9 +110,9 @@ def test_config_errors_name_the_choices():
     with pytest.raises(ValueError, match="cross_attention_dim"):
         UNetConfig(cross_attention_dim=None)
     with pytest.raises(ValueError, match="act_fn"):
-        UNetConfig.from_diffusers({"act_fn": "gelu"})
+        unet_config_from_diffusers({"act_fn": "gelu"})
     with pytest.raises(ValueError, match="unknown"):
-        UNetConfig.from_diffusers({"attention_heads": 8})
+        unet_config_from_diffusers({"attention_heads": 8})
 
 
 @pytest.mark.parametrize("flip,shift,dim", [(True, 0, 320), (False, 1, 32), (True, 1, 33)])
@@ -145,7 +152,7 @@ def test_linear_projection_and_deeper_transformers_match_diffusers():
 def test_parity_sd15():
     cfg = UNetConfig.sd15()
     torch.manual_seed(0)
-    ref = UNet2DConditionModel(**cfg.to_diffusers()).eval()
+    ref = UNet2DConditionModel(**unet_config_to_diffusers(cfg)).eval()
     with torch.device("meta"):
         ours = UNet(cfg)
     # assign=True shares diffusers' tensors instead of copying them: one SD-sized model in memory, not two

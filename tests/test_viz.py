@@ -108,3 +108,14 @@ def test_backend_untouched_and_figures_render(tmp_path):
     fig = viz.image_grid(images(2))
     fig.savefig(tmp_path / "x.png")
     assert matplotlib.get_backend() == backend
+
+
+def test_pil_grid_pastes_edge_to_edge():
+    from PIL import Image
+
+    images = [Image.new("RGB", (4, 3), (50 * i, 0, 0)) for i in range(5)]
+    grid = viz.pil_grid(images, ncols=2)  # 3 rows of 2; the last row has one image and white beside it
+    assert grid.size == (8, 9)
+    assert grid.getpixel((0, 0)) == (0, 0, 0) and grid.getpixel((4, 0)) == (50, 0, 0)
+    assert grid.getpixel((0, 6)) == (200, 0, 0) and grid.getpixel((4, 6)) == (255, 255, 255)
+    assert viz.pil_grid(images).size == (20, 3)

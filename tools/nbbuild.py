@@ -2,7 +2,8 @@
 
     python tools/nbbuild.py SRC.py OUT.ipynb [--fast] [--timeout 1800]
 
-SRC.py separates cells with ``# %%`` (code) and ``# %% [markdown]`` (markdown; each line starts with ``# ``).
+SRC.py is a jupytext percent-format script: ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell
+(each line starts with ``# ``), ``# %% tags=["..."]`` a tagged one. jupytext reads it; nbclient executes it.
 Without ``--fast`` the notebook runs the real lesson (as a learner's CPU would); the stored outputs are what
 a reader sees on GitHub. Images are stored as PNG at the figure's dpi: keep figures small so the notebook
 stays under 3 MB.
@@ -12,41 +13,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 from nbclient import NotebookClient
 
 
-def parse_cells(src: str) -> list:
-    cells, kind, lines = [], None, []
-
-    def flush():
-        text = "\n".join(lines).strip("\n")
-        if kind == "markdown":
-            text = "\n".join(re.sub(r"^# ?", "", line) for line in text.splitlines())
-            cells.append(nbformat.v4.new_markdown_cell(text))
-        elif kind == "code" and text.strip():
-            cells.append(nbformat.v4.new_code_cell(text))
-
-    for line in src.splitlines():
-        if line.startswith("# %%"):
-            flush()
-            kind, lines = ("markdown" if "[markdown]" in line else "code"), []
-        else:
-            lines.append(line)
-    flush()
-    return cells
+def read_source(src: Path) -> nbformat.NotebookNode:
+    """The notebook jupytext reads from ``src``, less jupytext's own metadata (the .ipynb is not paired)."""
+    nb = jupytext.read(src, fmt="py:percent")
+    nb.metadata.pop("jupytext", None)
+    for cell in nb.cells:
+        cell.metadata.pop("lines_to_next_cell", None)
+    return nb
 
 
 def build(src: Path, out: Path, fast: bool, timeout: int) -> float:
-    nb = nbformat.v4.new_notebook()
+    nb = read_source(src)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    nb.cells = parse_cells(src.read_text())
     env_fast = os.environ.pop("COURSE_FAST", None)
     if fast:
         os.environ["COURSE_FAST"] = "1"

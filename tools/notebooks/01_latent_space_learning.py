@@ -25,9 +25,7 @@
 import json
 import math
 import time
-from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -37,14 +35,11 @@ from common.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussia
 from common.data import Photos, Shapes
 from common.losses import VAELoss, VAELossWeights, kl_loss, lpips_backbone_available, lpips_backbone_path
 from common.metrics import psnr, ssim
-from common.runtime import budget, describe, seed_everything
+from common.runtime import budget, setup_notebook
 from common.schedules import NoiseSchedule
 from common.viz import show, show_latent_channels, side_by_side
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
-print(describe())
-ROOT = Path.cwd().parent if Path.cwd().name.startswith("01_") else Path.cwd()
+ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 CKPT = ROOT / "checkpoints"
 T0 = time.perf_counter()
 
@@ -426,9 +421,8 @@ vae.zero_grad()
 # %%
 lpips_on = lpips_backbone_available()
 if not lpips_on:
-    fetch = "import torchvision; torchvision.models.get_model('alexnet', weights='IMAGENET1K_V1')"
     print(f"LPIPS is not measured: its AlexNet backbone is not at {lpips_backbone_path()}. Fetch it with:")
-    print(f'    python -c "{fetch}"')
+    print("    python -m common.weights fetch lpips")
 else:
     from common.metrics import lpips_distance
 
@@ -570,11 +564,11 @@ show(fig)
 # *Figure: per-channel latent statistics and held-out PSNR against the KL weight (per-pixel units).*
 #
 # At SD's weight (3.3e-10 in these per-pixel units) and at 1e-6 the latents stay informative: the posterior
-# means spread across images (std 0.6 to 1.7 per channel), sigma stays small (0.13 to 0.52), and PSNR stays
-# within 0.7 dB of the run without a KL (20.65 against 19.97 dB). At 1e-5 sigma climbs towards 1 (0.55 to 0.92)
-# and the means shrink (KL 82 nats). At 1e-4 the posterior has **collapsed**: sigma is 1 and the means barely
-# vary (std at most 0.04), so q(z|x) is N(0, I) whatever x is; the latent carries almost nothing (KL 0.2 nats)
-# and PSNR falls to 16.6 dB, a blurry average image. This is section 3's price b at work: a larger weight says the
+# means spread across images (std 0.6 to 1.7 per channel), sigma stays small (0.17 to 0.61), and PSNR stays
+# within 0.4 dB of the run without a KL (20.82 and 20.44 against 20.77 dB). At 1e-5 sigma climbs towards 1
+# (0.53 to 0.95) and the means shrink (KL 91 nats). At 1e-4 the posterior has **collapsed**: sigma is 1 and the
+# means barely vary (std at most 0.05), so q(z|x) is N(0, I) whatever x is; the latent carries almost nothing
+# (KL 0.3 nats) and PSNR falls to 16.7 dB, a blurry average image. This is section 3's price b at work: a larger weight says the
 # decoder is noisier, so each bit in z costs more than the detail it buys. These small models, trained for 150
 # steps, reach only about 20 dB: long enough to show the collapse, not for a converged comparison.
 #

@@ -15,10 +15,7 @@
 # %%
 import math
 import time
-import warnings
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,39 +27,17 @@ from torch import nn
 import common.autoencoder as course_ae
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.data import Photos
-from common.grade import load_module
-from common.metrics import psnr
-from common.runtime import budget, describe, is_fast, seed_everything
+from common.grade import load_module, yours_or_reference
+from common.metrics import max_abs_diff, psnr
+from common.runtime import budget, setup_notebook
 from common.viz import show, side_by_side
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without ipywidgets
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
-if is_fast():  # tests share a few busy cores: one thread avoids OpenMP threads spinning against each other
-    torch.set_num_threads(1)
-print(describe())
-ROOT = Path.cwd().parent if Path.cwd().name.startswith("02_") else Path.cwd()
+ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 CHAPTER = ROOT / "02_autoencoder_backbone"
 PHOTOS_VAE = ROOT / "checkpoints" / "vae_photos"
 exercises = load_module(CHAPTER / "exercises.py", "_ch02_exercises")
 solutions = load_module(CHAPTER / "solutions.py", "_ch02_solutions")
 T0 = time.perf_counter()
-
-
-def yours_or_reference(name, try_it):
-    """Your exercise from exercises.py once it runs, else the reference in solutions.py (never shown here)."""
-    try:
-        try_it(getattr(exercises, name))
-    except NotImplementedError:
-        print(f"{name}: exercise not solved yet, so the notebook uses the reference in solutions.py")
-        return getattr(solutions, name)
-    print(f"{name}: using yours from exercises.py")
-    return getattr(exercises, name)
-
-
-def max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
-
 
 # %% [markdown]
 # ## 1. The ResNet block
@@ -120,7 +95,7 @@ block = ResnetBlock(in_channels=32, out_channels=64, groups=16)
 block.load_state_dict(reference_block.state_dict(), strict=True)
 x = torch.randn(2, 32, 16, 16)
 with torch.no_grad():
-    gap = max_diff(block(x), reference_block(x))
+    gap = max_abs_diff(block(x), reference_block(x))
 print(f"ResnetBlock {tuple(x.shape)} -> {tuple(block(x).shape)}, "
       f"{sum(p.numel() for p in block.parameters()):,} parameters")
 print(f"same weights as common.autoencoder.ResnetBlock: max |diff| = {gap:.1e}")
@@ -210,15 +185,15 @@ gn = nn.GroupNorm(16, 64, eps=1e-6)
 nn.init.normal_(gn.weight), nn.init.normal_(gn.bias)
 x = torch.randn(2, 64, 8, 8)
 with torch.no_grad():
-    gap = max_diff(group_norm(x, 16, gn.weight, gn.bias), gn(x))
+    gap = max_abs_diff(group_norm(x, 16, gn.weight, gn.bias), gn(x))
 print(f"group_norm vs nn.GroupNorm: max |diff| = {gap:.1e}")
 assert gap < 1e-5
 
 a, others = torch.randn(1, 64, 8, 8), torch.randn(3, 64, 8, 8)  # one image; three it could be batched with
 bn = nn.BatchNorm2d(64).train()
 with torch.no_grad():
-    bn_gap = max_diff(bn(a), bn(torch.cat([a, others]))[:1])
-    gn_gap = max_diff(gn(a), gn(torch.cat([a, others]))[:1])
+    bn_gap = max_abs_diff(bn(a), bn(torch.cat([a, others]))[:1])
+    gn_gap = max_abs_diff(gn(a), gn(torch.cat([a, others]))[:1])
 print(f"BatchNorm: the same image alone vs in a batch of 4: max |diff| = {bn_gap:.3f}")
 print(f"GroupNorm: the same image alone vs in a batch of 4: max |diff| = {gn_gap:.1e}")
 assert gn_gap < 1e-5 < bn_gap
@@ -258,8 +233,8 @@ symmetric.load_state_dict(down.conv.state_dict())
 x = torch.randn(1, 16, 16, 16)
 with torch.no_grad():
     print(f"Downsample {tuple(x.shape)} -> {tuple(down(x).shape)}; "
-          f"vs common.autoencoder.Downsample: max |diff| = {max_diff(down(x), reference_down(x)):.1e}")
-    print(f"same weights, symmetric pad instead: max |diff| = {max_diff(symmetric(x), down(x)):.2f} "
+          f"vs common.autoencoder.Downsample: max |diff| = {max_abs_diff(down(x), reference_down(x)):.1e}")
+    print(f"same weights, symmetric pad instead: max |diff| = {max_abs_diff(symmetric(x), down(x)):.2f} "
           "(a different function)")
 
 # %% [markdown]
@@ -298,13 +273,13 @@ show(fig)
 # against diffusers' `Upsample2D`. The notebook uses yours once it runs, else the reference:
 
 # %%
-Upsample = yours_or_reference("Upsample", lambda cls: cls(channels=4)(torch.zeros(1, 4, 2, 2)))
+Upsample = yours_or_reference(exercises, solutions, "Upsample", lambda cls: cls(channels=4)(torch.zeros(1, 4, 2, 2)))
 torch.manual_seed(0)
 up = Upsample(channels=16)
 reference_up = course_ae.Upsample(channels=16)
 reference_up.load_state_dict(up.state_dict(), strict=True)
 with torch.no_grad():
-    gap = max_diff(up(x), reference_up(x))
+    gap = max_abs_diff(up(x), reference_up(x))
 print(f"Upsample {tuple(x.shape)} -> {tuple(up(x).shape)}; "
       f"vs common.autoencoder.Upsample: max |diff| = {gap:.1e}")
 assert gap < 1e-5
@@ -389,7 +364,7 @@ mid = MidBlock(channels=64, groups=16)
 mid.load_state_dict(reference_mid.state_dict(), strict=True)
 x = torch.randn(2, 64, 16, 16)
 with torch.no_grad():
-    gap = max_diff(mid(x), reference_mid(x))
+    gap = max_abs_diff(mid(x), reference_mid(x))
 print(f"MidBlock {tuple(x.shape)}: vs common.autoencoder.MidBlock max |diff| = {gap:.1e}")
 assert gap < 1e-5
 
@@ -515,7 +490,7 @@ assert f_measured == 2 ** (levels - 1) == course_config.downsample_factor
 # calls them. Both traces, drawn:
 
 # %%
-decode = yours_or_reference("decode", lambda fn: fn(vae, torch.zeros(1, 4, 2, 2)))
+decode = yours_or_reference(exercises, solutions, "decode", lambda fn: fn(vae, torch.zeros(1, 4, 2, 2)))
 decoder_trace = []
 watched = {"conv_in": vae.decoder.conv_in, "mid block": vae.decoder.mid_block.resnets[1]}
 for i, level in enumerate(vae.decoder.up_blocks):
@@ -588,10 +563,10 @@ with torch.no_grad():
     course_posterior = course_vae.encode(x)
     diffusers_posterior = diffusers_vae.encode(x).latent_dist
     checks = {
-        "posterior mean vs common": max_diff(mean, course_posterior.mean),
-        "posterior mean vs diffusers": max_diff(mean, diffusers_posterior.mean),
-        "decoded image vs common": max_diff(x_hat, course_vae.decode(mean)),
-        "decoded image vs diffusers": max_diff(x_hat, diffusers_vae.decode(mean).sample),
+        "posterior mean vs common": max_abs_diff(mean, course_posterior.mean),
+        "posterior mean vs diffusers": max_abs_diff(mean, diffusers_posterior.mean),
+        "decoded image vs common": max_abs_diff(x_hat, course_vae.decode(mean)),
+        "decoded image vs diffusers": max_abs_diff(x_hat, diffusers_vae.decode(mean).sample),
     }
 for what, gap in checks.items():
     print(f"{what:30s} max |diff| = {gap:.1e}")
@@ -685,7 +660,7 @@ for name, layer in attention_layers.items():
 # latent, and see which input pixels get a nonzero gradient.
 
 # %%
-receptive_field = yours_or_reference("receptive_field", lambda fn: fn(course_config))
+receptive_field = yours_or_reference(exercises, solutions, "receptive_field", lambda fn: fn(course_config))
 
 
 def convolutions_only(encoder):
@@ -798,7 +773,7 @@ with torch.no_grad():
     moments = vae.quant_conv(vae.encoder(x))
     moments_folded = F.conv2d(captured["h"], W_folded, b_folded, padding=1)
 hook.remove()
-gap = max_diff(moments_folded, moments)
+gap = max_abs_diff(moments_folded, moments)
 print(f"quant_conv(conv_out(h)) vs one folded 3x3 conv: max |diff| = {gap:.1e}")
 assert gap < 1e-4
 
@@ -843,26 +818,23 @@ assert shapes_ours == shapes_diffusers
 #
 # With SD 1.5's VAE on disk (a diffusers folder holding `config.json` and
 # `diffusion_pytorch_model.safetensors`), your classes load it as they loaded the Photos VAE and reconstruct
-# the held-out photograph. Nothing is downloaded here; the cell looks in `$SD15_PATH` (a pipeline folder or
-# its `vae/`) and `~/models/stable-diffusion-v1-5`.
+# the held-out photograph. Nothing is downloaded here; the cell looks where `python -m common.weights fetch sd15`
+# puts SD 1.5 (`$SD15_PATH`, a pipeline folder or its `vae/`, else the Hugging Face cache).
 
 # %%
 import json  # noqa: E402
-import os  # noqa: E402
 
 from common.data import load_photo  # noqa: E402
+from common.weights import sd15_path  # noqa: E402
 
-places = (os.environ.get("SD15_PATH", ""), "~/models/stable-diffusion-v1-5")
-candidates = [Path(p).expanduser() for p in places if p]
+sd_path = sd15_path()
 vae_dir = None
-for candidate in candidates:
-    for folder in (candidate / "vae", candidate):
-        if (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file():
-            vae_dir = vae_dir or folder
+for folder in ((sd_path / "vae", sd_path) if sd_path is not None else ()):
+    if (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file():
+        vae_dir = vae_dir or folder
 if vae_dir is None:
-    print("SD 1.5's VAE is not on disk; skipping. To run this cell, download it once (about 335 MB):\n"
-          "    huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include 'vae/*' "
-          "--local-dir ~/models/stable-diffusion-v1-5\n"
+    print("SD 1.5's VAE is not on disk; skipping. To run this cell, fetch SD 1.5 once (about 4.3 GB) with\n"
+          "    python -m common.weights fetch sd15\n"
           "or point $SD15_PATH at a diffusers SD 1.x folder.")
 else:
     real_config = AutoencoderConfig.from_diffusers(json.loads((vae_dir / "config.json").read_text()))

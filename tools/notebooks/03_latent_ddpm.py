@@ -30,7 +30,6 @@ import math
 import time
 from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -39,20 +38,16 @@ from torch import nn
 
 from common.autoencoder import AutoencoderKL
 from common.classifier import DigitClassifier, conditional_accuracy
+from common.convert import unet_config_from_diffusers, unet_config_to_diffusers
 from common.data import Digits
 from common.grade import load_module
-from common.runtime import budget, describe, is_fast, seed_everything
+from common.runtime import budget, seed_everything, setup_notebook
 from common.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, make_sampler, sample_loop
 from common.schedules import NoiseSchedule
 from common.unet import UNet, UNetConfig
 from common.viz import image_grid, plot_trajectory, show, show_latent_channels
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
-if is_fast():  # the tests share a few busy cores: one thread avoids OpenMP threads spinning against each other
-    torch.set_num_threads(1)
-print(describe())
-ROOT = Path.cwd().parent if Path.cwd().name.startswith("03_") else Path.cwd()
+ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 CKPT = ROOT / "checkpoints"
 T0 = time.perf_counter()
 
@@ -617,7 +612,7 @@ ldm_weights = load_file(str(LDM / "diffusion_pytorch_model.safetensors"))
 scratch = ScratchUNet(widths=(32, 64), layers_per_block=2, attention=(False, False), groups=32,
                       num_classes=11)
 print(scratch.load_state_dict(ldm_weights))  # strict: every name and shape must match
-library_unet = UNet(UNetConfig.from_diffusers(json.loads((LDM / "config.json").read_text())))
+library_unet = UNet(unet_config_from_diffusers(json.loads((LDM / "config.json").read_text())))
 library_unet.load_state_dict(ldm_weights)
 g = torch.Generator().manual_seed(0)
 z_probe = torch.randn(4, 4, 8, 8, generator=g)
@@ -724,7 +719,7 @@ with torch.device("meta"):
     sd15_scratch = ScratchUNet(widths=(320, 640, 1280, 1280), layers_per_block=2,
                                attention=(True, True, True, False), heads=8, context_dim=768, groups=32)
     sd15_course = UNet(UNetConfig.sd15())
-    sd15_diffusers = UNet2DConditionModel(**UNetConfig.sd15().to_diffusers())
+    sd15_diffusers = UNet2DConditionModel(**unet_config_to_diffusers(UNetConfig.sd15()))
 print(f"scratch UNet:          {count(sd15_scratch):,} parameters")
 print(f"common.unet.UNet:      {count(sd15_course):,}")
 print(f"UNet2DConditionModel:  {count(sd15_diffusers):,}")
@@ -795,7 +790,7 @@ print(f"{steps} steps in {time.perf_counter() - t0:.1f} s; loss {float(log[0]['l
 
 # %%
 LDM = CKPT / "ldm_digits"
-unet = UNet(UNetConfig.from_diffusers(json.loads((LDM / "config.json").read_text())))
+unet = UNet(unet_config_from_diffusers(json.loads((LDM / "config.json").read_text())))
 unet.load_state_dict(load_file(str(LDM / "diffusion_pytorch_model.safetensors")))
 unet.eval()
 schedule = NoiseSchedule.from_diffusers(json.loads((LDM / "scheduler_config.json").read_text()))

@@ -25,28 +25,23 @@
 import json
 import math
 import time
-import warnings
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from IPython.display import Image, display
 
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without ipywidgets
 from common.attention import MultiHeadAttention, attention, attention_backend, cross_attention_layers
 from common.grade import load_module
 from common.judge import Judge
 from common.pipeline import COURSE_MODEL, StableDiffusion
-from common.runtime import budget, describe, seed_everything
+from common.runtime import budget, setup_notebook
 from common.shapes import parse
 from common.tokenizer import ShapesTokenizer
 from common.unet import UNet, UNetConfig
 from common.viz import overlay_attention, show
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
-print(describe())
+setup_notebook()  # seed 0, small inline figures; prints the device
 torch.set_printoptions(precision=3, sci_mode=False)
 T0 = time.perf_counter()
 

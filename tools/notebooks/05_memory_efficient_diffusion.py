@@ -33,22 +33,18 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
-import common
 from common.memory import (FP16_MAX, MiB, RSS_METHOD, attention_case, attention_matrix_bytes, autocast,
                            decode_fp32, max_activations, measure)
-from common.runtime import budget, describe, seed_everything
+from common.runtime import budget, setup_notebook
 from common.viz import show
 
 torch.set_num_threads(1)  # small ops: one thread is faster than two that wait for each other
-seed_everything(0)
-print(describe())
+ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 print("CPU peak memory read with:", RSS_METHOD)
-ROOT = Path(common.__file__).resolve().parents[1]  # the repository, wherever the notebook runs from
 
 # %% [markdown]
 # ## 1. The memory arithmetic of attention

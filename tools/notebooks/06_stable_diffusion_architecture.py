@@ -17,36 +17,24 @@
 # `COURSE_FAST=1` (the tests) every heavy cell shrinks to seconds.
 
 # %%
-import io
 import json
 import os
 import time
-from pathlib import Path
 
-import matplotlib
 import torch
 from IPython.display import Image, display
 
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.pipeline import COURSE_MODEL, StableDiffusion, tiny_random_pipeline
-from common.runtime import budget, describe, is_fast, seed_everything
+from common.runtime import budget, is_fast, setup_notebook
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
 from common.unet import UNet, UNetConfig
-from common.viz import image_grid, overlay_attention
+from common.viz import image_grid, overlay_attention, show
+from common.weights import sd15_path
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
 threads = torch.get_num_threads()
 torch.set_num_threads(1)  # small models run fastest on one thread; section 5 (SD 1.5) gives them back
-print(describe())
-
-
-def show(fig, dpi: int = 72) -> None:
-    """Display a matplotlib Figure as a small PNG (keeps the notebook light)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    display(Image(buffer.getvalue()))
-
+setup_notebook()  # seed 0, small inline figures; prints the device
 
 # %% [markdown]
 # ## 1. How big is Stable Diffusion 1.5?
@@ -325,16 +313,16 @@ print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}."
 #
 # `StableDiffusion.from_pretrained` reads SD 1.5's diffusers folder or its single-file checkpoint
 # (`v1-5-pruned-emaonly.safetensors`, with the original CompVis key names, mapped in `common/single_file.py`;
-# give SD's CLIP tokenizer folder as `tokenizer_path`). Point `$SD15_PATH` at either to run this cell, e.g. after
-# `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir ~/models/stable-diffusion-v1-5`.
+# give SD's CLIP tokenizer folder as `tokenizer_path`). `python -m common.weights fetch sd15` fetches the diffusers
+# folder where this cell looks for it; or point `$SD15_PATH` at either.
 # It needs about 5 GB of RAM and a minute per 512 px image on a laptop CPU (25 steps), so it never runs under
 # `COURSE_FAST=1`.
 
 # %%
-sd_path = Path(os.environ.get("SD15_PATH", Path.home() / "models" / "stable-diffusion-v1-5"))
-if is_fast() or not sd_path.exists():
-    print(f"SKIPPED: {'fast mode' if is_fast() else f'no SD 1.5 at {sd_path}'} "
-          "(set $SD15_PATH to a diffusers folder or a .safetensors file)")
+sd_path = sd15_path()
+if is_fast() or sd_path is None or not sd_path.exists():
+    print(f"SKIPPED: {'fast mode' if is_fast() else 'SD 1.5 is not on disk'}; fetch it once (about 4.3 GB) with "
+          "`python -m common.weights fetch sd15`, or set $SD15_PATH to a diffusers folder or a .safetensors file")
 else:
     del pipe  # at most one big model in memory
     torch.set_num_threads(threads)

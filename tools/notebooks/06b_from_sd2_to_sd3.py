@@ -20,7 +20,6 @@
 # %%
 import time
 
-import matplotlib
 from matplotlib.figure import Figure
 import numpy as np
 import torch
@@ -29,15 +28,13 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 from common.flow import (FlowEulerSampler, FlowSchedule, add_noise, logit_normal_density,
                          sample_sigmas_logit_normal, shift_sigma, velocity_target)
 from common.mmdit import MMDiT, MMDiTConfig, unpatchify
-from common.runtime import budget, describe, seed_everything
+from common.runtime import budget, setup_notebook
 from common.samplers import DDIMSampler, sample_loop, sampler_from_diffusers
 from common.schedules import NoiseSchedule
 from common.viz import show
 
-matplotlib.rcParams["figure.dpi"] = 72
-seed_everything(0)
 torch.set_num_threads(1)  # every model here is tiny: one thread is fastest
-print(describe())
+setup_notebook()  # seed 0, small inline figures; prints the device
 
 # %% [markdown]
 # ## 1. v-prediction (SD 2.x)
