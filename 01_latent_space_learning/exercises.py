@@ -28,8 +28,9 @@ def reparameterised_sample(moments: torch.Tensor, generator: torch.Generator | N
 
 
 # ---------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
-def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
-                ) -> torch.Tensor:
+def gaussian_kl(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """KL(q || p) for q = N(mu_q, diag exp(logvar_q)) and p = N(mu_p, diag exp(logvar_p)); shape (B,).
 
     The notebook derives the case p = N(0, I). Derive the general one the same way, one dimension at a time
@@ -83,8 +84,9 @@ def scaling_factor(latents: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- 4. a KL-weight sweep (open-ended)
-def kl_weight_sweep(kl_weights: list[float], *, steps: int = 30, batch_size: int = 8, resolution: int = 32,
-                    seed: int = 0) -> list[dict]:
+def kl_weight_sweep(
+    kl_weights: list[float], *, steps: int = 30, batch_size: int = 8, resolution: int = 32, seed: int = 0
+) -> list[dict]:
     """How does the KL weight shape the latent space? Train one tiny VAE per weight and measure.
 
     For each weight w: seed torch with ``seed``; build ``AutoencoderKL(AutoencoderConfig.tiny())``

@@ -16,8 +16,9 @@ import torch
 
 
 # ---------------------------------------------------------------------------- 1. scaled dot-product attention
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d) + M) V (Vaswani et al. 2017, eq. 1).
 
     q (..., N_q, d), k (..., N_k, d), v (..., N_k, d_v); any leading dims (batch, heads) broadcast.
@@ -46,8 +47,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError
 
 
-def multi_head_attention(x: torch.Tensor, context: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
-                         w_v: torch.Tensor, w_o: torch.Tensor, heads: int) -> torch.Tensor:
+def multi_head_attention(
+    x: torch.Tensor,
+    context: torch.Tensor,
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    w_o: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
     """Cross-attention from pixels x (B, N_q, D) to words ``context`` (B, N_k, D_c), no biases.
 
     The weights are in ``nn.Linear``'s (out, in) layout: w_q (h*d, D), w_k and w_v (h*d, D_c), w_o (D, h*d).
@@ -60,7 +68,9 @@ def multi_head_attention(x: torch.Tensor, context: torch.Tensor, w_q: torch.Tens
 
 
 # ---------------------------------------------------------------------------- 3. classifier-free guidance
-def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+def classifier_free_guidance(
+    eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
     """Combine the unconditional and the conditional noise predictions (Ho & Salimans 2022, eq. 6).
 
     eps_hat = eps_u + s (eps_c - eps_u): s = 0 gives eps_u, s = 1 gives eps_c, s > 1 goes past eps_c, further
@@ -87,8 +97,9 @@ def attention_mass_in_mask(attn_map: torch.Tensor, mask: torch.Tensor) -> tuple[
 
 
 # ---------------------------------------------------------------------------- 5. a guidance-scale sweep (open-ended)
-def guidance_scale_sweep(pipe, prompt: str, scales: list[float], *, seed: int = 0, steps: int = 10,
-                         size: int | None = None) -> torch.Tensor:
+def guidance_scale_sweep(
+    pipe, prompt: str, scales: list[float], *, seed: int = 0, steps: int = 10, size: int | None = None
+) -> torch.Tensor:
     """Generate ``prompt`` at each guidance scale from the same seed: a tensor (S, 3, H, W) in [0, 1].
 
     ``pipe`` is a ``common.pipeline.StableDiffusion``: call it with ``num_inference_steps=steps``,

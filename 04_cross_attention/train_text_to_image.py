@@ -34,15 +34,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 1200; fast: 4)")
-    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
+    p = cli.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps", type=cli.positive_int, default=None, help="optimizer steps (default 1200; fast: 4)"
+    )
+    p.add_argument(
+        "--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)"
+    )
     p.add_argument("--judge", default=str(JUDGE_DIR), help="the Shapes judge's folder")
-    p.add_argument("--n", type=cli.positive_int, default=None, help="held-out prompts per object count (default 32; fast 2)")
-    p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--sampling-steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; fast 4)")
+    p.add_argument(
+        "--n",
+        type=cli.positive_int,
+        default=None,
+        help="held-out prompts per object count (default 32; fast 2)",
+    )
+    p.add_argument(
+        "--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale"
+    )
+    p.add_argument(
+        "--sampling-steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; fast 4)"
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "04_t2i"))
-    p.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/latent_diffusion_course)")
+    p.add_argument(
+        "--cache-dir", default=None, help="latent cache folder (default ~/.cache/latent_diffusion_course)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--no-resume", action="store_true")
@@ -53,14 +70,24 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     print(describe(device))
     config = (TextToImageConfig.tiny() if is_fast() else TextToImageConfig.cpu()).with_overrides(
-        steps=args.steps if args.steps is not None else budget(fast=4, cpu=1200))
+        steps=args.steps if args.steps is not None else budget(fast=4, cpu=1200)
+    )
     vae = load_vae(args.vae, device)
-    trainer, tokenizer = train(config, vae, args.out, seed=args.seed, device=device, resume=not args.no_resume,
-                               cache_dir=args.cache_dir)
+    trainer, tokenizer = train(
+        config,
+        vae,
+        args.out,
+        seed=args.seed,
+        device=device,
+        resume=not args.no_resume,
+        cache_dir=args.cache_dir,
+    )
     model = trainer.ema_model()
-    print(f"UNet {count_parameters(model['unet']) / 1e6:.2f} M + text encoder "
-          f"{count_parameters(model['text_encoder']) / 1e6:.2f} M parameters, {config.steps} steps x batch "
-          f"{config.batch_size}")
+    print(
+        f"UNet {count_parameters(model['unet']) / 1e6:.2f} M + text encoder "
+        f"{count_parameters(model['text_encoder']) / 1e6:.2f} M parameters, {config.steps} steps x batch "
+        f"{config.batch_size}"
+    )
     pipe = build_pipeline(model, tokenizer, vae, config, device=device)
     judge = Judge.load(args.judge)
     n = args.n if args.n is not None else budget(fast=2, cpu=32)
@@ -68,8 +95,14 @@ def main(argv=None) -> dict:
     results = {}
     for objects in (1, 2):
         prompts = Shapes.prompts("test", n, n_objects=(objects,))
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=args.guidance, output_type="pt",
-                      generator=torch.Generator().manual_seed(args.seed), progress=False).images
+        images = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=False,
+        ).images
         scores = judge.score(images, prompts)
         results[objects] = scores["single"] if objects == 1 else scores["pair"]
         if objects == 1:
@@ -77,11 +110,15 @@ def main(argv=None) -> dict:
 
             save_image(images[:16], Path(args.out) / "heldout_samples.png", nrow=8)
     s, pr = results[1], results[2]
-    print(f"held-out one-object prompts (n={s['n']}, DDIM {steps} steps, guidance {args.guidance}): colour "
-          f"{s['color']:.3f}  shape {s['shape']:.3f}  size {s['size']:.3f}  position {s['position']:.3f}  "
-          f"all {s['all']:.3f}")
-    print(f"held-out two-object prompts (n={pr['n']}): both objects right {pr['objects']:.3f}  "
-          f"objects + relation {pr['all']:.3f}")
+    print(
+        f"held-out one-object prompts (n={s['n']}, DDIM {steps} steps, guidance {args.guidance}): colour "
+        f"{s['color']:.3f}  shape {s['shape']:.3f}  size {s['size']:.3f}  position {s['position']:.3f}  "
+        f"all {s['all']:.3f}"
+    )
+    print(
+        f"held-out two-object prompts (n={pr['n']}): both objects right {pr['objects']:.3f}  "
+        f"objects + relation {pr['all']:.3f}"
+    )
     return results
 
 

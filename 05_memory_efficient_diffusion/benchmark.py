@@ -38,35 +38,63 @@ from common.runtime import get_device, is_fast  # noqa: E402
 # Sizes: SD 1.5 (the real thing) and a quick version with the same structure at toy sizes
 # ------------------------------------------------------------------------------------------------------
 
+
 def sizes(quick: bool) -> dict:
     from common.autoencoder import AutoencoderConfig
     from common.unet import UNetConfig
 
     if quick:
         return dict(
-            unet=UNetConfig.tiny(), unet_side=32, unet_batch=2, ctx_tokens=77,  # 1,024 tokens at level 0
-            slice_size=128, ff_chunk=256, diffusers_slice=1,
-            vae=AutoencoderConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                  sample_size=64),  # f = 2; diffusers tiles above sample_size / f = 32 latents
-            vae_small=32, vae_large=64, vae_slice_side=16, vae_slice_batch=4,
-            train=UNetConfig.tiny(), train_side=16, train_batch=8,
-            label_small="64 px", label_large="128 px", label_unet="32x32 latents",
+            unet=UNetConfig.tiny(),
+            unet_side=32,
+            unet_batch=2,
+            ctx_tokens=77,  # 1,024 tokens at level 0
+            slice_size=128,
+            ff_chunk=256,
+            diffusers_slice=1,
+            vae=AutoencoderConfig(
+                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64
+            ),  # f = 2; diffusers tiles above sample_size / f = 32 latents
+            vae_small=32,
+            vae_large=64,
+            vae_slice_side=16,
+            vae_slice_batch=4,
+            train=UNetConfig.tiny(),
+            train_side=16,
+            train_batch=8,
+            label_small="64 px",
+            label_large="128 px",
+            label_unet="32x32 latents",
         )
     return dict(
-        unet=UNetConfig.sd15(), unet_side=64, unet_batch=2, ctx_tokens=77,  # 512 px, CFG batch of 2
+        unet=UNetConfig.sd15(),
+        unet_side=64,
+        unet_batch=2,
+        ctx_tokens=77,  # 512 px, CFG batch of 2
         # 256 query rows x all 16 (batch x head) pairs = the 4096 x 4096 weights of ONE head, which is what
         # diffusers' SlicedAttnProcessor(slice_size=1) holds at once: the same memory, sliced two ways
         # ff_chunk: diffusers requires the chunk to divide every level's token count (4096, 1024, 256, mid 64)
-        slice_size=256, ff_chunk=64, diffusers_slice=1,
-        vae=AutoencoderConfig.sd15(), vae_small=64, vae_large=128, vae_slice_side=32, vae_slice_batch=4,
-        train=UNetConfig.shapes_text(), train_side=16, train_batch=32,
-        label_small="512 px", label_large="1024 px", label_unet="512 px",
+        slice_size=256,
+        ff_chunk=64,
+        diffusers_slice=1,
+        vae=AutoencoderConfig.sd15(),
+        vae_small=64,
+        vae_large=128,
+        vae_slice_side=32,
+        vae_slice_batch=4,
+        train=UNetConfig.shapes_text(),
+        train_side=16,
+        train_batch=32,
+        label_small="512 px",
+        label_large="1024 px",
+        label_unet="512 px",
     )
 
 
 # ------------------------------------------------------------------------------------------------------
 # The rows
 # ------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -84,40 +112,92 @@ def rows(s: dict, compile_row: bool = False) -> list[Row]:
     out = [
         Row("unet_math", "unet_math", f"UNet forward {u}, CFG batch 2, math attention", dict(backend="math")),
         Row("unet_sdpa", "unet_math", f"UNet forward {u}, SDPA", dict(backend="sdpa")),
-        Row("unet_sliced", "unet_math", f"UNet forward {u}, sliced attention ({s['slice_size']} query rows; "
-            f"diffusers: slice_size={s['diffusers_slice']})", dict(backend="sliced")),
-        Row("unet_chunked_ff", "unet_math", f"UNet forward {u}, SDPA + feed-forward in chunks of "
-            f"{s['ff_chunk']} tokens", dict(backend="sdpa", chunk_ff=True)),
-        Row("unet_channels_last", "unet_math", f"UNet forward {u}, SDPA + channels_last",
-            dict(backend="sdpa", channels_last=True)),
-        Row("unet_bf16", "unet_math", f"UNet forward {u}, SDPA under bf16 autocast",
-            dict(backend="sdpa", autocast="bf16"), full=False),
+        Row(
+            "unet_sliced",
+            "unet_math",
+            f"UNet forward {u}, sliced attention ({s['slice_size']} query rows; "
+            f"diffusers: slice_size={s['diffusers_slice']})",
+            dict(backend="sliced"),
+        ),
+        Row(
+            "unet_chunked_ff",
+            "unet_math",
+            f"UNet forward {u}, SDPA + feed-forward in chunks of {s['ff_chunk']} tokens",
+            dict(backend="sdpa", chunk_ff=True),
+        ),
+        Row(
+            "unet_channels_last",
+            "unet_math",
+            f"UNet forward {u}, SDPA + channels_last",
+            dict(backend="sdpa", channels_last=True),
+        ),
+        Row(
+            "unet_bf16",
+            "unet_math",
+            f"UNet forward {u}, SDPA under bf16 autocast",
+            dict(backend="sdpa", autocast="bf16"),
+            full=False,
+        ),
         Row("vae_decode_small", "vae_decode_small", f"VAE decode {sm}", dict(side=s["vae_small"])),
         Row("vae_decode_large", "vae_decode_large", f"VAE decode {lg}", dict(side=s["vae_large"])),
-        Row("vae_decode_large_tiled", "vae_decode_large", f"VAE decode {lg}, tiled ({tile} latents, overlap {tile // 4})",
-            dict(side=s["vae_large"], tiled=True)),
-        Row("vae_decode_batch", "vae_decode_batch", f"VAE decode batch of {s['vae_slice_batch']} at "
-            f"{s['vae_slice_side']} latents", dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"])),
-        Row("vae_decode_batch_sliced", "vae_decode_batch", "  the same, one image at a time (batch slicing)",
-            dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"], sliced=True)),
+        Row(
+            "vae_decode_large_tiled",
+            "vae_decode_large",
+            f"VAE decode {lg}, tiled ({tile} latents, overlap {tile // 4})",
+            dict(side=s["vae_large"], tiled=True),
+        ),
+        Row(
+            "vae_decode_batch",
+            "vae_decode_batch",
+            f"VAE decode batch of {s['vae_slice_batch']} at {s['vae_slice_side']} latents",
+            dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"]),
+        ),
+        Row(
+            "vae_decode_batch_sliced",
+            "vae_decode_batch",
+            "  the same, one image at a time (batch slicing)",
+            dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"], sliced=True),
+        ),
         Row("vae_encode_large", "vae_encode_large", f"VAE encode {lg}", dict(side=s["vae_large"])),
-        Row("vae_encode_large_tiled", "vae_encode_large", f"VAE encode {lg}, tiled",
-            dict(side=s["vae_large"], tiled=True)),
-        Row("train", "train", f"training step (forward + backward), course UNet, batch {s['train_batch']}",
-            dict(checkpointing=False)),
-        Row("train_checkpointing", "train", "  the same with gradient checkpointing", dict(checkpointing=True)),
-        Row("unet_offload", "unet_math", f"UNet forward {u}, SDPA, model CPU offload (GPU only)",
-            dict(backend="sdpa", offload=True), cuda_only=True),
+        Row(
+            "vae_encode_large_tiled",
+            "vae_encode_large",
+            f"VAE encode {lg}, tiled",
+            dict(side=s["vae_large"], tiled=True),
+        ),
+        Row(
+            "train",
+            "train",
+            f"training step (forward + backward), course UNet, batch {s['train_batch']}",
+            dict(checkpointing=False),
+        ),
+        Row(
+            "train_checkpointing", "train", "  the same with gradient checkpointing", dict(checkpointing=True)
+        ),
+        Row(
+            "unet_offload",
+            "unet_math",
+            f"UNet forward {u}, SDPA, model CPU offload (GPU only)",
+            dict(backend="sdpa", offload=True),
+            cuda_only=True,
+        ),
     ]
     if compile_row:
-        out.append(Row("unet_compile", "unet_math", f"UNet forward {u}, SDPA, torch.compile",
-                       dict(backend="sdpa", compile=True)))
+        out.append(
+            Row(
+                "unet_compile",
+                "unet_math",
+                f"UNet forward {u}, SDPA, torch.compile",
+                dict(backend="sdpa", compile=True),
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------------
 # Building one side of one row (runs in the child process)
 # ------------------------------------------------------------------------------------------------------
+
 
 def _diffusers_twin(ours: torch.nn.Module) -> torch.nn.Module:
     """diffusers' model with our weights, sharing the tensors (no second copy in memory)."""
@@ -197,8 +277,11 @@ def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
 
         model = _diffusers_twin(unet)
         del unet
-        processor = {"math": AttnProcessor(), "sdpa": AttnProcessor2_0(),
-                     "sliced": SlicedAttnProcessor(s["diffusers_slice"])}[o["backend"]]
+        processor = {
+            "math": AttnProcessor(),
+            "sdpa": AttnProcessor2_0(),
+            "sliced": SlicedAttnProcessor(s["diffusers_slice"]),
+        }[o["backend"]]
         model.set_attn_processor(processor)
         if o.get("chunk_ff"):  # UNet2DConditionModel has no enable_forward_chunking: set it per block
             for block in model.modules():
@@ -231,6 +314,7 @@ def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
                 return _forward(run, side, z, t, context)
             with amp:
                 return _forward(run, side, z, t, context)
+
     call.note = note
     return call
 
@@ -306,6 +390,7 @@ def _train_call(model, s, o, side, dev, g):
 # Running the table
 # ------------------------------------------------------------------------------------------------------
 
+
 def run(args) -> list[dict]:
     device = get_device(args.device)
     quick = args.quick or is_fast()
@@ -331,18 +416,29 @@ def run(args) -> list[dict]:
             if side == "diffusers" and r.options.get("offload"):
                 continue  # diffusers offloads whole models of a pipeline: no like-for-like single-model row
             t0 = time.perf_counter()
-            case = dict(row=r.name, side=side, quick=quick, device=str(device), seed=args.seed,
-                        compile_row=args.compile)
+            case = dict(
+                row=r.name,
+                side=side,
+                quick=quick,
+                device=str(device),
+                seed=args.seed,
+                compile_row=args.compile,
+            )
             try:
                 if isolation == "process":
-                    m, out = measure_isolated(build_case, case, device=device, repeats=repeats, warmup=warmup,
-                                              keep_output=True)
+                    m, out = measure_isolated(
+                        build_case, case, device=device, repeats=repeats, warmup=warmup, keep_output=True
+                    )
                 else:
                     fn = build_case(**case)
                     m, out = measure(fn, device=device, repeats=repeats, warmup=warmup)
                     m.note, out = str(getattr(fn, "note", "")), flatten_output(out)
                     del fn
-            except (RuntimeError, TimeoutError, ValueError) as e:  # one failed row (out of memory, ...) keeps the rest
+            except (
+                RuntimeError,
+                TimeoutError,
+                ValueError,
+            ) as e:  # one failed row (out of memory, ...) keeps the rest
                 print(f"{r.name:<24} {side:<9} FAILED: {str(e)[-400:]}", flush=True)
                 res["note"] = f"{side} failed: {str(e).strip().splitlines()[-1][:120]}"
                 continue
@@ -353,8 +449,11 @@ def run(args) -> list[dict]:
             res[f"{side}_s"], res[f"{side}_peak_MiB"], res[f"{side}_maxdiff"] = m.seconds, m.peak_mib, diff
             if m.note:
                 res["note"] = m.note
-            print(f"{r.name:<24} {side:<9} {m.seconds:8.3f} s  +{m.peak_mib:9.1f} MiB  diff {diff}  "
-                  f"({time.perf_counter() - t0:.0f} s with setup) {m.note}", flush=True)
+            print(
+                f"{r.name:<24} {side:<9} {m.seconds:8.3f} s  +{m.peak_mib:9.1f} MiB  diff {diff}  "
+                f"({time.perf_counter() - t0:.0f} s with setup) {m.note}",
+                flush=True,
+            )
             del out
             gc.collect()
         if "diffusers_s" in res and "ours_s" in res:
@@ -366,8 +465,19 @@ def run(args) -> list[dict]:
     return table
 
 
-COLUMNS = ["row", "what", "ours_s", "ours_peak_MiB", "ours_maxdiff", "diffusers_s", "diffusers_peak_MiB",
-           "diffusers_maxdiff", "time_ratio", "mem_ratio", "note"]
+COLUMNS = [
+    "row",
+    "what",
+    "ours_s",
+    "ours_peak_MiB",
+    "ours_maxdiff",
+    "diffusers_s",
+    "diffusers_peak_MiB",
+    "diffusers_maxdiff",
+    "time_ratio",
+    "mem_ratio",
+    "note",
+]
 
 
 def targets(table: list[dict]) -> list[dict]:
@@ -382,7 +492,9 @@ def targets(table: list[dict]) -> list[dict]:
         if row in by and "time_ratio" in by[row]:
             r = by[row]
             add(f"{row}: time <= 1.0x diffusers", f"{r['time_ratio']:.2f}x", r["time_ratio"] <= 1.0)
-            add(f"{row}: peak extra memory <= 1.0x diffusers", f"{r['mem_ratio']:.2f}x", r["mem_ratio"] <= 1.0)
+            add(
+                f"{row}: peak extra memory <= 1.0x diffusers", f"{r['mem_ratio']:.2f}x", r["mem_ratio"] <= 1.0
+            )
     if "unet_sliced" in by and "unet_math" in by:
         ratio = by["unet_sliced"]["ours_peak_MiB"] / by["unet_math"]["ours_peak_MiB"]
         add("sliced attention peak <= 1/4 of math's (UNet forward)", f"{ratio:.3f}", ratio <= 0.25)
@@ -396,24 +508,44 @@ def targets(table: list[dict]) -> list[dict]:
         a, b = by["vae_decode_large"], by["vae_decode_large_tiled"]
         ratio = b["ours_peak_MiB"] / a["ours_peak_MiB"]
         add("tiled decode (large): peak <= 1/3 of untiled", f"{ratio:.3f}", ratio <= 1 / 3)
-        add("tiled decode (large): max abs diff from untiled (stated)",
-            f"ours {b['ours_maxdiff']:.3g}, diffusers {b.get('diffusers_maxdiff') or float('nan'):.3g}", True)
+        add(
+            "tiled decode (large): max abs diff from untiled (stated)",
+            f"ours {b['ours_maxdiff']:.3g}, diffusers {b.get('diffusers_maxdiff') or float('nan'):.3g}",
+            True,
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small configs, seconds per row (also under COURSE_FAST=1)")
+    p.add_argument(
+        "--quick", action="store_true", help="small configs, seconds per row (also under COURSE_FAST=1)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/bench05"), help="folder for table.md/.csv, targets.md")
-    p.add_argument("--rows", nargs="*", help="run only these rows, in this order (a row's baseline row first)")
-    p.add_argument("--repeats", type=cli.positive_int, help="timed calls per measurement (default: 3 quick/GPU, 1 CPU full)")
-    p.add_argument("--warmup", type=cli.nonnegative_int, help="untimed calls first (default: 1 quick/GPU, 0 CPU full)")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to compile on a CPU)")
-    p.add_argument("--isolation", choices=("process", "none"),
-                   help="process: each side of each row in a fresh process (default for the full table); none: "
-                        "all in this process, peaks still reset per call (default for --quick: no 20 s start-ups)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/bench05"), help="folder for table.md/.csv, targets.md"
+    )
+    p.add_argument(
+        "--rows", nargs="*", help="run only these rows, in this order (a row's baseline row first)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=cli.positive_int,
+        help="timed calls per measurement (default: 3 quick/GPU, 1 CPU full)",
+    )
+    p.add_argument(
+        "--warmup", type=cli.nonnegative_int, help="untimed calls first (default: 1 quick/GPU, 0 CPU full)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="add a torch.compile row (slow to compile on a CPU)"
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("process", "none"),
+        help="process: each side of each row in a fresh process (default for the full table); none: "
+        "all in this process, peaks still reset per call (default for --quick: no 20 s start-ups)",
+    )
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     args = p.parse_args(argv)
     get_device(args.device)  # an unknown or absent device is a one-line error before anything runs
@@ -431,8 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         write_table(goals, args.out, "targets")
         text += "\n\n" + format_table(goals)
     print(text)
-    print(f"\nwrote {md} and {csv_path} in {time.perf_counter() - t0:.0f} s "
-          f"(peak extra memory in MiB; ratios ours / diffusers; maxdiff vs the row's baseline, ours)")
+    print(
+        f"\nwrote {md} and {csv_path} in {time.perf_counter() - t0:.0f} s "
+        f"(peak extra memory in MiB; ratios ours / diffusers; maxdiff vs the row's baseline, ours)"
+    )
     return 0
 
 

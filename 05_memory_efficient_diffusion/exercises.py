@@ -30,8 +30,9 @@ def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_si
     raise NotImplementedError("exercise 1: compute attention slice_size query rows at a time")
 
 
-def attention_memory_bytes(*, image_side: int, batch: int, heads: int, f: int = 8, level: int = 0,
-                           bytes_per_element: int = 4) -> int:
+def attention_memory_bytes(
+    *, image_side: int, batch: int, heads: int, f: int = 8, level: int = 0, bytes_per_element: int = 4
+) -> int:
     """Bytes of ONE self-attention layer's weight matrix in the UNet, for square images of ``image_side`` px.
 
     The VAE shrinks the image by f (SD: 8), and each UNet level but the first halves it again, so at ``level``
@@ -45,8 +46,9 @@ def attention_memory_bytes(*, image_side: int, batch: int, heads: int, f: int = 
     raise NotImplementedError("exercise 2: batch x heads x N x N x bytes, with N the tokens at that level")
 
 
-def blend_tiles(rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]],
-                x_spans: list[tuple[int, int]]) -> torch.Tensor:
+def blend_tiles(
+    rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]], x_spans: list[tuple[int, int]]
+) -> torch.Tensor:
     """Assemble overlapping decoded tiles into one image, cross-fading linearly across every overlap.
 
     rows[i][j] (B, C, y1 - y0, x1 - x0) covers output rows y_spans[i] = (y0, y1) and columns
@@ -61,8 +63,9 @@ def blend_tiles(rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]],
     raise NotImplementedError("exercise 3: accumulate weighted tiles and divide by the summed weights")
 
 
-def largest_side(budget_bytes: int, *, batch: int, heads: int, f: int = 8, step: int = 64,
-                 bytes_per_element: int = 4) -> int:
+def largest_side(
+    budget_bytes: int, *, batch: int, heads: int, f: int = 8, step: int = 64, bytes_per_element: int = 4
+) -> int:
     """The largest square image side (px, a multiple of ``step``) whose first-level math-path attention fits.
 
     Count the peak of one self-attention layer on the math path at level 0: the scores AND their softmax,

@@ -30,8 +30,17 @@ def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- 2. the sampling loop with CFG
 @torch.no_grad()
-def sample_with_cfg(pipe, prompt: str, negative_prompt: str = "", *, steps: int = 4, guidance_scale: float = 5.0,
-                    seed: int = 0, height: int = 16, width: int = 16) -> torch.Tensor:
+def sample_with_cfg(
+    pipe,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    steps: int = 4,
+    guidance_scale: float = 5.0,
+    seed: int = 0,
+    height: int = 16,
+    width: int = 16,
+) -> torch.Tensor:
     """Text to latents z_0 (1, C, h, w), exactly as ``pipe(prompt, ..., output_type="latent")`` with the DDIM sampler.
 
     1. context: ``pipe.encode_prompt([negative_prompt, prompt])``: (2, N_k, D_c), unconditional first.
@@ -47,8 +56,9 @@ def sample_with_cfg(pipe, prompt: str, negative_prompt: str = "", *, steps: int 
 
 # ---------------------------------------------------------------------------- 3. img2img strength sweep
 @torch.no_grad()
-def img2img_strength_sweep(pipe, image: torch.Tensor, prompt: str, strengths: list[float], *, steps: int = 4,
-                           seed: int = 0) -> list[float]:
+def img2img_strength_sweep(
+    pipe, image: torch.Tensor, prompt: str, strengths: list[float], *, steps: int = 4, seed: int = 0
+) -> list[float]:
     """How far img2img moves away from ``image`` (1, 3, H, W) in [0, 1] as the strength grows.
 
     For each strength run ``pipe(prompt, image=image, strength=s, num_inference_steps=steps, generator=seed,
@@ -61,8 +71,16 @@ def img2img_strength_sweep(pipe, image: torch.Tensor, prompt: str, strengths: li
 
 # ---------------------------------------------------------------------------- 4. a prompt-engineering study
 @torch.no_grad()
-def prompt_study(pipe, variants: list[str], score_fn, *, seeds: tuple[int, ...] = (0, 1), steps: int = 4,
-                 size: int = 16, guidance_scale: float = 5.0) -> dict[str, float]:
+def prompt_study(
+    pipe,
+    variants: list[str],
+    score_fn,
+    *,
+    seeds: tuple[int, ...] = (0, 1),
+    steps: int = 4,
+    size: int = 16,
+    guidance_scale: float = 5.0,
+) -> dict[str, float]:
     """Score each wording of a prompt, averaged over ``seeds``: which phrasing does the model follow best?
 
     ``score_fn(images, prompt) -> float`` rates a batch of images (B, 3, size, size) in [0, 1] for a prompt (on the
@@ -75,8 +93,9 @@ def prompt_study(pipe, variants: list[str], score_fn, *, seeds: tuple[int, ...] 
 
 # ---------------------------------------------------------------------------- 5. swap the sampler
 @torch.no_grad()
-def sampler_swap(pipe, prompt: str, *, steps: int = 4, reference_steps: int = 20, seed: int = 0,
-                 size: int = 16) -> dict[str, float]:
+def sampler_swap(
+    pipe, prompt: str, *, steps: int = 4, reference_steps: int = 20, seed: int = 0, size: int = 16
+) -> dict[str, float]:
     """Compare the samplers at equal steps: {sampler name: distance to a many-step reference image}.
 
     The reference is ``pipe(prompt, sampler="ddim", num_inference_steps=reference_steps, ...)`` (many steps: close to
@@ -123,7 +142,9 @@ def flow_matching_loss(velocity_fn, z0: torch.Tensor, eps: torch.Tensor, sigma: 
 
 
 # ---------------------------------------------------------------------------- 9. one Euler step with the shift
-def flow_euler_step(v: torch.Tensor, z: torch.Tensor, sigma: float, sigma_next: float, shift: float) -> torch.Tensor:
+def flow_euler_step(
+    v: torch.Tensor, z: torch.Tensor, sigma: float, sigma_next: float, shift: float
+) -> torch.Tensor:
     """z at sigma_next from z at sigma and the velocity v there, on SD 3's shifted schedule.
 
     Shift both noise levels, t' = shift t / (1 + (shift - 1) t), then take one Euler step of dz/dt = v from t'

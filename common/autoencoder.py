@@ -75,19 +75,30 @@ class AutoencoderConfig:
         Small enough to train on a laptop CPU in minutes; ``scaling_factor`` is a placeholder that
         ``train_vae.py`` replaces with 1 / std of the latents it measures on the data.
         """
-        return cls(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=64,
-                   scaling_factor=1.0)
+        return cls(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=64,
+            scaling_factor=1.0,
+        )
 
     # --- the conversion contract: diffusers.AutoencoderKL(**config.to_diffusers()) has our parameters ---
     def to_diffusers(self) -> dict:
         """Keyword arguments for ``diffusers.AutoencoderKL`` that build the same architecture."""
         levels = len(self.block_out_channels)
         return dict(
-            in_channels=self.in_channels, out_channels=self.out_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
-            act_fn="silu", latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
-            sample_size=self.sample_size, scaling_factor=self.scaling_factor,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            act_fn="silu",
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_num_groups,
+            sample_size=self.sample_size,
+            scaling_factor=self.scaling_factor,
         )
 
     @classmethod
@@ -98,20 +109,33 @@ class AutoencoderConfig:
         no mid-block attention, latent shift/normalisation) are errors rather than silently ignored.
         """
         mapping = dict(mapping)
-        fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-                 "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+        fixed = {
+            "act_fn": "silu",
+            "use_quant_conv": True,
+            "use_post_quant_conv": True,
+            "mid_block_add_attention": True,
+            "shift_factor": None,
+            "latents_mean": None,
+            "latents_std": None,
+        }
         for key, expected in fixed.items():
             if key in mapping and mapping[key] != expected:
-                raise ValueError(f"unsupported AutoencoderKL option {key}={mapping[key]!r}; "
-                                 f"the course's AutoencoderKL needs {key}={expected!r}")
+                raise ValueError(
+                    f"unsupported AutoencoderKL option {key}={mapping[key]!r}; "
+                    f"the course's AutoencoderKL needs {key}={expected!r}"
+                )
         for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             if key in mapping and any(t != kind for t in mapping[key]):
                 raise ValueError(f"unsupported {key}={mapping[key]!r}; expected only {kind!r} blocks")
         ours = {f.name for f in fields(cls)}
-        known = ours | set(fixed) | {"down_block_types", "up_block_types", "force_upcast"}  # force_upcast: fp16 hint
+        known = (
+            ours | set(fixed) | {"down_block_types", "up_block_types", "force_upcast"}
+        )  # force_upcast: fp16 hint
         unknown = sorted(k for k in mapping if k not in known and not k.startswith("_"))
         if unknown:
-            raise ValueError(f"unknown AutoencoderKL config keys {unknown}; expected keys among {sorted(known)}")
+            raise ValueError(
+                f"unknown AutoencoderKL config keys {unknown}; expected keys among {sorted(known)}"
+            )
         return cls(**{k: v for k, v in mapping.items() if k in ours})
 
 
@@ -186,8 +210,9 @@ class MidBlock(nn.Module):
     def __init__(self, *, channels: int, groups: int):
         super().__init__()
         self.attentions = nn.ModuleList([SelfAttention(channels=channels, groups=groups)])
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels=channels, out_channels=channels, groups=groups)
-                                      for _ in range(2)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_channels=channels, out_channels=channels, groups=groups) for _ in range(2)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -197,12 +222,20 @@ class MidBlock(nn.Module):
 class Level(nn.Module):
     """One resolution level: ResNet blocks, then an optional Down- or Upsample (diffusers' Down/UpDecoderBlock2D)."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, num_layers: int, groups: int, resample: str | None):
+    def __init__(
+        self, *, in_channels: int, out_channels: int, num_layers: int, groups: int, resample: str | None
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels, groups=groups)
-            for i in range(num_layers)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    in_channels=in_channels if i == 0 else out_channels,
+                    out_channels=out_channels,
+                    groups=groups,
+                )
+                for i in range(num_layers)
+            ]
+        )
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample(channels=out_channels)])
         elif resample == "up":
@@ -233,11 +266,18 @@ class Encoder(nn.Module):
         super().__init__()
         widths, groups = config.block_out_channels, config.norm_num_groups
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            Level(in_channels=widths[max(i - 1, 0)], out_channels=widths[i], num_layers=config.layers_per_block,
-                  groups=groups, resample="down" if i < len(widths) - 1 else None)
-            for i in range(len(widths))
-        ])
+        self.down_blocks = nn.ModuleList(
+            [
+                Level(
+                    in_channels=widths[max(i - 1, 0)],
+                    out_channels=widths[i],
+                    num_layers=config.layers_per_block,
+                    groups=groups,
+                    resample="down" if i < len(widths) - 1 else None,
+                )
+                for i in range(len(widths))
+            ]
+        )
         self.mid_block = MidBlock(channels=widths[-1], groups=groups)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
@@ -259,11 +299,18 @@ class Decoder(nn.Module):
         widths, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(channels=widths[0], groups=groups)
-        self.up_blocks = nn.ModuleList([
-            Level(in_channels=widths[max(i - 1, 0)], out_channels=widths[i], num_layers=config.layers_per_block + 1,
-                  groups=groups, resample="up" if i < len(widths) - 1 else None)
-            for i in range(len(widths))
-        ])
+        self.up_blocks = nn.ModuleList(
+            [
+                Level(
+                    in_channels=widths[max(i - 1, 0)],
+                    out_channels=widths[i],
+                    num_layers=config.layers_per_block + 1,
+                    groups=groups,
+                    resample="up" if i < len(widths) - 1 else None,
+                )
+                for i in range(len(widths))
+            ]
+        )
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
@@ -335,8 +382,10 @@ class AutoencoderKL(nn.Module):
         self._check(x, self.config.in_channels, "image", "x")
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(f"image sides must be multiples of the downsampling factor {f}; got H x W = "
-                             f"{x.shape[-2]} x {x.shape[-1]} (crop or pad to a multiple of {f})")
+            raise ValueError(
+                f"image sides must be multiples of the downsampling factor {f}; got H x W = "
+                f"{x.shape[-2]} x {x.shape[-1]} (crop or pad to a multiple of {f})"
+            )
         return DiagonalGaussian(self._encode_tile(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -350,8 +399,9 @@ class AutoencoderKL(nn.Module):
     def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruct x through a sampled latent (training) or the posterior mean; returns (x_hat, posterior)."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
@@ -360,7 +410,9 @@ class AutoencoderKL(nn.Module):
     @staticmethod
     def _check(t: torch.Tensor, channels: int, what: str, name: str) -> None:
         if t.ndim != 4 or t.shape[1] != channels:
-            raise ValueError(f"{name} must be an {what} batch of shape (B, {channels}, H, W); got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be an {what} batch of shape (B, {channels}, H, W); got {tuple(t.shape)}"
+            )
 
     # --- weights in and out ---
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -370,14 +422,17 @@ class AutoencoderKL(nn.Module):
             if key in ours and tuple(value.shape) != tuple(ours[key].shape):
                 raise ValueError(
                     f"checkpoint does not fit this config: {key} has shape {tuple(value.shape)} in the checkpoint "
-                    f"but {tuple(ours[key].shape)} here (config {self.config})")
+                    f"but {tuple(ours[key].shape)} here (config {self.config})"
+                )
         if strict:
             missing = sorted(set(ours) - set(state_dict))
             unexpected = sorted(set(state_dict) - set(ours))
             if missing or unexpected:
-                raise ValueError(f"checkpoint does not fit this config {self.config}: missing keys "
-                                 f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                                 f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+                raise ValueError(
+                    f"checkpoint does not fit this config {self.config}: missing keys "
+                    f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                    f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+                )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def load_checkpoint(self, path: str | Path) -> AutoencoderKL:
@@ -405,8 +460,9 @@ class AutoencoderKL(nn.Module):
         """Build from a diffusers-format folder (ours, or a diffusers ``vae/`` subfolder) and load its weights."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a folder written by save())")
+            raise FileNotFoundError(
+                f"{path} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a folder written by save())"
+            )
         config = AutoencoderConfig.from_diffusers(json.loads((path / CONFIG_NAME).read_text()))
         model = cls(config).load_checkpoint(path)
         return model.to(device) if device is not None else model
-

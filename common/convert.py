@@ -21,10 +21,15 @@ from torch import nn
 def _copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
     state = src.state_dict()
     dst_state = dst.state_dict()
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(dst_state[k].shape)}"
-             for k in dst_state if k in state and state[k].shape != dst_state[k].shape]
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(dst_state[k].shape)}"
+        for k in dst_state
+        if k in state and state[k].shape != dst_state[k].shape
+    ]
     if wrong:
-        raise ValueError(f"parameter shapes differ between {type(src).__name__} and {type(dst).__name__}: {wrong[:5]}")
+        raise ValueError(
+            f"parameter shapes differ between {type(src).__name__} and {type(dst).__name__}: {wrong[:5]}"
+        )
     dst.load_state_dict(state, strict=True)
     return dst.to(next(iter(state.values())).dtype if state else None).eval()
 
@@ -45,8 +50,10 @@ def from_diffusers(module: nn.Module) -> nn.Module:
         from common.mmdit import MMDiT, MMDiTConfig
 
         return _copy_weights(module, MMDiT(MMDiTConfig.from_diffusers(dict(module.config))))
-    raise ValueError(f"from_diffusers converts diffusers.AutoencoderKL, UNet2DConditionModel or "
-                     f"SD3Transformer2DModel, got {type(module).__name__}")
+    raise ValueError(
+        f"from_diffusers converts diffusers.AutoencoderKL, UNet2DConditionModel or "
+        f"SD3Transformer2DModel, got {type(module).__name__}"
+    )
 
 
 def to_diffusers(module: nn.Module) -> nn.Module:
@@ -63,8 +70,10 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         return _copy_weights(module, diffusers.UNet2DConditionModel(**module.config.to_diffusers()))
     if isinstance(module, MMDiT):
         return _copy_weights(module, diffusers.SD3Transformer2DModel(**module.config.to_diffusers()))
-    raise ValueError(f"to_diffusers converts common.autoencoder.AutoencoderKL, common.unet.UNet or "
-                     f"common.mmdit.MMDiT, got {type(module).__name__}")
+    raise ValueError(
+        f"to_diffusers converts common.autoencoder.AutoencoderKL, common.unet.UNet or "
+        f"common.mmdit.MMDiT, got {type(module).__name__}"
+    )
 
 
 def from_transformers(module: nn.Module) -> nn.Module:
@@ -74,7 +83,9 @@ def from_transformers(module: nn.Module) -> nn.Module:
     from common.text_encoder import CLIPTextConfig, CLIPTextModel, normalize_clip_keys
 
     if not isinstance(module, transformers.CLIPTextModel):
-        raise ValueError(f"from_transformers converts transformers.CLIPTextModel, got {type(module).__name__}")
+        raise ValueError(
+            f"from_transformers converts transformers.CLIPTextModel, got {type(module).__name__}"
+        )
     ours = CLIPTextModel(CLIPTextConfig.from_transformers(module.config))
     ours.load_state_dict(normalize_clip_keys(module.state_dict()), strict=True)
     return ours.to(next(module.parameters()).dtype).eval()
@@ -87,14 +98,18 @@ def to_transformers(module: nn.Module) -> nn.Module:
     from common.text_encoder import CLIPTextModel, normalize_clip_keys
 
     if not isinstance(module, CLIPTextModel):
-        raise ValueError(f"to_transformers converts common.text_encoder.CLIPTextModel, got {type(module).__name__}")
+        raise ValueError(
+            f"to_transformers converts common.text_encoder.CLIPTextModel, got {type(module).__name__}"
+        )
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**module.config.to_transformers()))
     state = normalize_clip_keys(module.state_dict())
     ref_keys = set(ref.state_dict())
     if not (set(state) <= ref_keys):  # an older transformers keeps the `text_model.` prefix
         state = {f"text_model.{k}": v for k, v in state.items()}
     ref.load_state_dict(state, strict=False)
-    missing = sorted(ref_keys - set(state) - {"text_model.embeddings.position_ids", "embeddings.position_ids"})
+    missing = sorted(
+        ref_keys - set(state) - {"text_model.embeddings.position_ids", "embeddings.position_ids"}
+    )
     if missing:
         raise ValueError(f"transformers' CLIPTextModel has parameters the course model lacks: {missing[:5]}")
     return ref.to(next(module.parameters()).dtype).eval()

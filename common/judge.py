@@ -34,7 +34,18 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from common.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, Shapes, parse, render
+from common.shapes import (
+    BACKGROUND,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    Shapes,
+    parse,
+    render,
+)
 
 JUDGE_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes_judge"
 FOREGROUND = 70.0  # RGB distance (0..255 units) from BACKGROUND above which a pixel belongs to an object
@@ -111,7 +122,9 @@ def crop(mask: np.ndarray, jitter: np.random.Generator | None = None) -> torch.T
     gx = (cx + lin[None, :].expand(CROP, CROP)) / (W - 1) * 2 - 1
     grid = torch.stack([gx, gy], dim=-1)[None].float()  # (1, CROP, CROP, 2)
     m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
-    return F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]  # (1, CROP, CROP)
+    return F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[
+        0
+    ]  # (1, CROP, CROP)
 
 
 def object_color(rgb: np.ndarray, mask: np.ndarray) -> str:
@@ -126,8 +139,10 @@ def size_thresholds(resolution: int = 64) -> dict[str, float]:
     """Per shape, the area (pixels) between small and large: the geometric mean of canonical renders' areas."""
     out = {}
     for shape in SHAPES:
-        areas = [int(render(Scene((ShapeObject(shape, "red", size, "center"),)), resolution)[1].sum())
-                 for size in SIZES]
+        areas = [
+            int(render(Scene((ShapeObject(shape, "red", size, "center"),)), resolution)[1].sum())
+            for size in SIZES
+        ]
         out[shape] = float(np.sqrt(np.prod(areas)))
     return out
 
@@ -141,7 +156,9 @@ def relation_holds(relation: str, c0: tuple[float, float], c1: tuple[float, floa
     """``objects[0] <relation> objects[1]`` for centroids c0, c1 (x, y; y down): the right sign along the axis,
     and the offset along it larger than the offset across it."""
     dx, dy = c1[0] - c0[0], c1[1] - c0[1]
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[
+        relation
+    ]
     return along > 0 and abs(along) > abs(across)
 
 
@@ -161,8 +178,10 @@ class Judge:
 
         path = Path(path)
         if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no judge at {path} (expected model.safetensors and config.json): train it with "
-                                    f"`python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge {path}`")
+            raise FileNotFoundError(
+                f"no judge at {path} (expected model.safetensors and config.json): train it with "
+                f"`python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge {path}`"
+            )
         config = json.loads((path / "config.json").read_text())
         net = ShapeNet(widths=tuple(config["widths"]))
         net.load_state_dict(load_file(path / "model.safetensors"))
@@ -173,11 +192,23 @@ class Judge:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()},
-                  str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps({"widths": list(self.net.widths), "classes": list(SHAPES),
-                                                      "crop": CROP, "foreground": FOREGROUND,
-                                                      "min_area": MIN_AREA}, indent=2) + "\n")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()},
+            str(path / "model.safetensors"),
+        )
+        (path / "config.json").write_text(
+            json.dumps(
+                {
+                    "widths": list(self.net.widths),
+                    "classes": list(SHAPES),
+                    "crop": CROP,
+                    "foreground": FOREGROUND,
+                    "min_area": MIN_AREA,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return path
 
     # --- reading images -------------------------------------------------------------------------------
@@ -205,7 +236,9 @@ class Judge:
                 ys, xs = np.nonzero(m)
                 center, area, shape = (float(xs.mean()), float(ys.mean())), int(m.sum()), shapes[k]
                 size = "large" if area > size_thresholds(res)[shape] else "small"
-                dets.append(Detection(shape, object_color(rgb, m), size, nearest_position(center, res), center, area))
+                dets.append(
+                    Detection(shape, object_color(rgb, m), size, nearest_position(center, res), center, area)
+                )
                 k += 1
             out.append(dets)
         return out
@@ -222,21 +255,38 @@ class Judge:
         if len(scene.objects) == 1:
             want = scene.objects[0]
             if not dets:
-                return {"objects": 1, "count": False, "color": False, "shape": False, "size": False,
-                        "position": False, "all": False}
+                return {
+                    "objects": 1,
+                    "count": False,
+                    "color": False,
+                    "shape": False,
+                    "size": False,
+                    "position": False,
+                    "all": False,
+                }
             d = dets[0]
-            r = {"objects": 1, "count": len(dets) == 1, "color": d.color == want.color, "shape": d.shape == want.shape,
-                 "size": d.size == want.size, "position": d.position == want.position}
+            r = {
+                "objects": 1,
+                "count": len(dets) == 1,
+                "color": d.color == want.color,
+                "shape": d.shape == want.shape,
+                "size": d.size == want.size,
+                "position": d.position == want.position,
+            }
             r["all"] = all(r[k] for k in ("count", "color", "shape", "size", "position"))
             return r
         r = {"objects": 2, "count": len(dets) == 2, "pair_objects": False, "relation": False, "all": False}
         if len(dets) == 2:
             for order in itertools.permutations(range(2)):
-                match = all((dets[i].shape, dets[i].color, dets[i].size) == (o.shape, o.color, o.size)
-                            for i, o in zip(order, scene.objects))
+                match = all(
+                    (dets[i].shape, dets[i].color, dets[i].size) == (o.shape, o.color, o.size)
+                    for i, o in zip(order, scene.objects)
+                )
                 if match:  # two identical objects match both ways round: either may satisfy the relation
                     r["pair_objects"] = True
-                    r["relation"] |= relation_holds(scene.relation, dets[order[0]].center, dets[order[1]].center)
+                    r["relation"] |= relation_holds(
+                        scene.relation, dets[order[0]].center, dets[order[1]].center
+                    )
                     r["all"] = r["relation"]
         return r
 
@@ -245,20 +295,32 @@ class Judge:
         "records": per-image dicts}. single: n, color, shape, size, position, count, all (fractions); pair: n,
         count, objects (both objects right), all (both objects and the relation right)."""
         if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt")
-        records = [self.grade(d, p) | {"prompt": p, "detections": [asdict(x) for x in d]}
-                   for d, p in zip(self.detect(images, value_range), prompts)]
+            raise ValueError(
+                f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt"
+            )
+        records = [
+            self.grade(d, p) | {"prompt": p, "detections": [asdict(x) for x in d]}
+            for d, p in zip(self.detect(images, value_range), prompts)
+        ]
         single = [r for r in records if r["objects"] == 1]
         pair = [r for r in records if r["objects"] == 2]
 
         def mean(rs, key):
             return float(np.mean([r[key] for r in rs])) if rs else float("nan")
 
-        return {"single": {"n": len(single), **{k: mean(single, k) for k in
-                                                ("color", "shape", "size", "position", "count", "all")}},
-                "pair": {"n": len(pair), "count": mean(pair, "count"), "objects": mean(pair, "pair_objects"),
-                         "all": mean(pair, "all")},
-                "records": records}
+        return {
+            "single": {
+                "n": len(single),
+                **{k: mean(single, k) for k in ("color", "shape", "size", "position", "count", "all")},
+            },
+            "pair": {
+                "n": len(pair),
+                "count": mean(pair, "count"),
+                "objects": mean(pair, "pair_objects"),
+                "all": mean(pair, "all"),
+            },
+            "records": records,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,8 +335,9 @@ def _degrade(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32)).clamp(-1, 1)
 
 
-def judge_dataset(n_images: int, split: str = "train", seed: int = 0, degrade: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def judge_dataset(
+    n_images: int, split: str = "train", seed: int = 0, degrade: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Crops (N, 1, CROP, CROP) and shape labels (N,) from ``n_images`` Shapes renders, segmented as ``detect``
     segments; each component is labelled with the ground-truth object it overlaps most."""
     ds = Shapes(64, split, n_images, seed)
@@ -294,8 +357,15 @@ def judge_dataset(n_images: int, split: str = "train", seed: int = 0, degrade: b
     return torch.stack(crops), torch.tensor(labels)
 
 
-def train_judge(n_images: int = 3000, steps: int = 600, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                device=None, verbose: bool = True) -> Judge:
+def train_judge(
+    n_images: int = 3000,
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device=None,
+    verbose: bool = True,
+) -> Judge:
     """Train ``ShapeNet`` on crops of ``n_images`` training renders (blurred and noised); returns the Judge."""
     torch.manual_seed(seed)
     x, y = judge_dataset(n_images, "train", seed)
@@ -329,8 +399,12 @@ def real_renders(prompts: list[str], resolution: int = 64, seed: int = 0) -> tor
     images = []
     for p in prompts:
         scene = parse(p)
-        scene = layout(Scene(tuple(o.__class__(o.shape, o.color, o.size, o.position) for o in scene.objects),
-                             scene.relation), rng)
+        scene = layout(
+            Scene(
+                tuple(o.__class__(o.shape, o.color, o.size, o.position) for o in scene.objects),
+                scene.relation,
+            ),
+            rng,
+        )
         images.append(render(scene, resolution)[0])
     return (torch.stack(images) + 1) / 2
-

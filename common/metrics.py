@@ -51,8 +51,20 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), p
 
     _check_pair(pred, target)
     p, t = _to_numpy01(pred, value_range), _to_numpy01(target, value_range)
-    vals = [float(structural_similarity(ti, pi, data_range=1.0, channel_axis=-1, gaussian_weights=True,
-                                        sigma=1.5, use_sample_covariance=False)) for pi, ti in zip(p, t)]
+    vals = [
+        float(
+            structural_similarity(
+                ti,
+                pi,
+                data_range=1.0,
+                channel_axis=-1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
+        )
+        for pi, ti in zip(p, t)
+    ]
     return vals if per_image else float(np.mean(vals))
 
 
@@ -63,8 +75,14 @@ def lpips_available(net: str = "alex") -> bool:
     return lpips_backbone_available(net)
 
 
-def lpips_distance(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), net: str = "alex",
-                   per_image: bool = False):
+def lpips_distance(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    value_range=(-1.0, 1.0),
+    net: str = "alex",
+    per_image: bool = False,
+):
     """LPIPS through the `lpips` package; raises a clear error saying how to get the backbone when it is missing."""
     from common.losses import LPIPS
 

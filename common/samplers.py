@@ -43,7 +43,9 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator | N
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(generator)
-    raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    raise ValueError(
+        f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}"
+    )
 
 
 def randn(shape: torch.Size, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
@@ -128,23 +130,34 @@ class Sampler:
             )
         return int(hits[0])
 
-    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, z: torch.Tensor,
-             generator: torch.Generator | int | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int | torch.Tensor,
+        z: torch.Tensor,
+        generator: torch.Generator | int | None = None,
+    ) -> torch.Tensor:
         """z_{t_prev} from z_t and the network's output at t. An int generator seeds a fresh one for this
         step only, so a loop should pass one torch.Generator to every step (sample_loop does)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(steps={self.num_inference_steps}, spacing={self.timestep_spacing}, "
-                f"steps_offset={self.steps_offset}, prediction_type={self.prediction_type})")
+        return (
+            f"{type(self).__name__}(steps={self.num_inference_steps}, spacing={self.timestep_spacing}, "
+            f"steps_offset={self.steps_offset}, prediction_type={self.prediction_type})"
+        )
 
 
 class DDPMSampler(Sampler):
     """Ancestral sampling from the posterior q(z_{t_prev} | z_t, x0_pred) (Ho et al. 2020)."""
 
     name = "ddpm"
-    diffusers_defaults = {"timestep_spacing": "leading", "steps_offset": 0, "variance_type": "fixed_small",
-                          "clip_sample": True}
+    diffusers_defaults = {
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "variance_type": "fixed_small",
+        "clip_sample": True,
+    }
 
     def __init__(
         self,
@@ -158,8 +171,12 @@ class DDPMSampler(Sampler):
     ):
         # steps_offset=0 by default so the full 1000-step chain of the paper (999 .. 0) fits; SD uses 1 with fewer
         if variance_type not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"unknown variance_type {variance_type!r}; expected one of fixed_small, fixed_large")
-        self.variance_type = variance_type  # fixed_small: tilde-beta_t (diffusers' default); fixed_large: beta_t
+            raise ValueError(
+                f"unknown variance_type {variance_type!r}; expected one of fixed_small, fixed_large"
+            )
+        self.variance_type = (
+            variance_type  # fixed_small: tilde-beta_t (diffusers' default); fixed_large: beta_t
+        )
         self.clip_sample = clip_sample  # clamp x0_pred to [-1, 1]: for pixels, never for SD latents
         super().__init__(
             schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
@@ -189,8 +206,9 @@ class DDPMSampler(Sampler):
             x0_pred = x0_pred.clamp(-1, 1)
 
         # 3. posterior mean tilde-mu_t (eq. 7)
-        mean = (alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)) * x0_pred \
-            + (alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * z
+        mean = (alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)) * x0_pred + (
+            alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        ) * z
 
         # 4. posterior variance tilde-beta_t (eq. 7), clamped away from 0 as diffusers does
         variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)
@@ -210,8 +228,12 @@ class DDIMSampler(Sampler):
     """Denoising diffusion implicit models (Song et al. 2021): deterministic at eta = 0."""
 
     name = "ddim"
-    diffusers_defaults = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
-                          "clip_sample": True}
+    diffusers_defaults = {
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "set_alpha_to_one": True,
+        "clip_sample": True,
+    }
 
     def __init__(
         self,
@@ -281,8 +303,12 @@ class DPMSolverPP2MSampler(Sampler):
     """
 
     name = "dpmpp_2m"
-    diffusers_defaults = {"timestep_spacing": "linspace", "steps_offset": 0, "lower_order_final": True,
-                          "final_sigmas_type": "zero"}
+    diffusers_defaults = {
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "lower_order_final": True,
+        "final_sigmas_type": "zero",
+    }
 
     def __init__(
         self,
@@ -295,7 +321,9 @@ class DPMSolverPP2MSampler(Sampler):
         final_sigmas_type: str = "zero",
     ):
         if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected one of zero, sigma_min")
+            raise ValueError(
+                f"unknown final_sigmas_type {final_sigmas_type!r}; expected one of zero, sigma_min"
+            )
         # below 15 steps, end with a first-order step: the second-order one is unstable there
         self.lower_order_final = lower_order_final
         # end at sigma = 0 (alpha_bar = 1, fully clean) or at the schedule's smallest noise alpha_bar[0]
@@ -315,7 +343,9 @@ class DPMSolverPP2MSampler(Sampler):
         # final step then goes from the smallest visited t to the clean end point
         T, n = self.schedule.num_train_timesteps, self.num_inference_steps
         if self.timestep_spacing == "leading":
-            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + self.steps_offset
+            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(
+                np.int64
+            ) + self.steps_offset
         if self.timestep_spacing == "linspace":
             return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         return spaced_timesteps(T, n, "trailing", self.steps_offset)
@@ -342,8 +372,10 @@ class DPMSolverPP2MSampler(Sampler):
         if i >= len(self.timesteps):
             raise ValueError(f"all {i} steps of this run are done; call sampler.reset() before a new run")
         if int(t) != int(self.timesteps[i]):
-            raise ValueError(f"expected timestep {int(self.timesteps[i])} (step {i}), got {int(t)}; "
-                             "call sampler.reset() before a new run")
+            raise ValueError(
+                f"expected timestep {int(self.timesteps[i])} (step {i}), got {int(t)}; "
+                "call sampler.reset() before a new run"
+            )
         is_last = i == len(self.timesteps) - 1
 
         # 2. alpha, sigma, lambda at t, at t_prev (the clean end point after the last step) and at the last t
@@ -367,8 +399,10 @@ class DPMSolverPP2MSampler(Sampler):
         # 4. first order on the first step (no history yet) and on the final step when asked for:
         #    DPM-Solver++1, the same as DDIM with eta = 0:
         #    z_prev = (sigma_prev / sigma_t) z - alpha_prev (e^{-h} - 1) x0_pred
-        first_order = self._x0_pred_last is None or (is_last and (
-            self.final_sigmas_type == "zero" or (self.lower_order_final and len(self.timesteps) < 15)))
+        first_order = self._x0_pred_last is None or (
+            is_last
+            and (self.final_sigmas_type == "zero" or (self.lower_order_final and len(self.timesteps) < 15))
+        )
         if first_order:
             D = x0_pred
         else:
@@ -385,7 +419,11 @@ class DPMSolverPP2MSampler(Sampler):
         return z_prev.to(model_output.dtype)
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP2MSampler}
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddpm": DDPMSampler,
+    "ddim": DDIMSampler,
+    "dpmpp_2m": DPMSolverPP2MSampler,
+}
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options) -> Sampler:
@@ -407,15 +445,23 @@ def sampler_from_diffusers(name: str, config: Mapping, steps: int) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join([*SAMPLERS, 'flow_euler'])}")
     cls = SAMPLERS[name]
-    options = {key: default if config.get(key) is None else config[key]
-               for key, default in cls.diffusers_defaults.items()}
+    options = {
+        key: default if config.get(key) is None else config[key]
+        for key, default in cls.diffusers_defaults.items()
+    }
     return cls(NoiseSchedule.from_diffusers(config), steps, **options)
 
 
 @torch.no_grad()
-def sample_loop(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z_T: torch.Tensor,
-                sampler: Sampler, generator: torch.Generator | int | None = None,
-                callback: Callable | None = None, *, start_index: int = 0) -> torch.Tensor:
+def sample_loop(
+    denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z_T: torch.Tensor,
+    sampler: Sampler,
+    generator: torch.Generator | int | None = None,
+    callback: Callable | None = None,
+    *,
+    start_index: int = 0,
+) -> torch.Tensor:
     """Run the reverse process from z_T and return z_0.
 
     ``denoise_fn(z, t)`` returns the network's output (eps, v or x0, per the schedule) for latents z at the

@@ -46,14 +46,18 @@ _TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", 
 _FROM_DIFFUSERS_SCHEDULE = {v: k for k, v in _TO_DIFFUSERS_SCHEDULE.items()}
 
 
-def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+def make_betas(
+    beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float
+) -> torch.Tensor:
     """The T betas of a named schedule, float32, computed the way diffusers computes them."""
     T = num_train_timesteps
     if beta_schedule == "linear":  # Ho et al. 2020, section 4: 1e-4 .. 0.02
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
     if beta_schedule == "scaled_linear":  # latent diffusion: linear in sqrt(beta), gentler near t = 0
         return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
-    if beta_schedule == "cosine":  # Nichol & Dhariwal 2021 eq. 17; computed in float64, then cast, like diffusers
+    if (
+        beta_schedule == "cosine"
+    ):  # Nichol & Dhariwal 2021 eq. 17; computed in float64, then cast, like diffusers
 
         def f(u: float) -> float:  # alpha_bar as a function of u = t / T in [0, 1]
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -138,8 +142,10 @@ class NoiseSchedule:
         course does not implement are an error rather than a silently different schedule.
         """
         if config.get("trained_betas") is not None:
-            raise ValueError("scheduler config has explicit trained_betas; only named beta schedules are supported "
-                             f"({', '.join(_FROM_DIFFUSERS_SCHEDULE)})")
+            raise ValueError(
+                "scheduler config has explicit trained_betas; only named beta schedules are supported "
+                f"({', '.join(_FROM_DIFFUSERS_SCHEDULE)})"
+            )
         name = config.get("beta_schedule", "linear")
         if name not in _FROM_DIFFUSERS_SCHEDULE:
             raise ValueError(
@@ -198,20 +204,23 @@ class NoiseSchedule:
         return alpha_bar_t / (1 - alpha_bar_t)
 
     # ---- the forward process and the training targets -------------------------------------------------
-    def add_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
-                  ) -> torch.Tensor:
+    def add_noise(
+        self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """Sample q(z_t | z_0) (Ho et al. eq. 4): z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps."""
         alpha_bar_t = self.alpha_bar_at(t, z0, validate)
         return alpha_bar_t**0.5 * z0 + (1 - alpha_bar_t) ** 0.5 * eps
 
-    def v_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
-                 ) -> torch.Tensor:
+    def v_target(
+        self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (Salimans & Ho 2022)."""
         alpha_bar_t = self.alpha_bar_at(t, z0, validate)
         return alpha_bar_t**0.5 * eps - (1 - alpha_bar_t) ** 0.5 * z0
 
-    def training_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
-                        ) -> torch.Tensor:
+    def training_target(
+        self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """What the network should output at (z_t, t) under this schedule's prediction_type."""
         if self.prediction_type == "epsilon":
             return eps

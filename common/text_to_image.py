@@ -56,20 +56,35 @@ def _text_config(width: int, layers: int, heads: int, context_length: int) -> CL
     from common.tokenizer import ShapesTokenizer
 
     tok = ShapesTokenizer.for_shapes(context_length)
-    return CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=4 * width,
-                          num_hidden_layers=layers, num_attention_heads=heads,
-                          max_position_embeddings=max(32, context_length), bos_token_id=tok.bos_id,
-                          eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return CLIPTextConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max(32, context_length),
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
 
 
-def _unet_config(widths: tuple[int, ...], layers: int, heads: int, context_dim: int, groups: int) -> UNetConfig:
+def _unet_config(
+    widths: tuple[int, ...], layers: int, heads: int, context_dim: int, groups: int
+) -> UNetConfig:
     """Three levels at 16 x 16 x 4 latents: ResNets only at 16 x 16, cross-attention at 8 x 8 and 4 x 4 and
     in the middle, where a token sees the whole 64 px image through a few latent pixels (positions and
     relations are decided there); full-resolution attention would cost the most and add the least."""
-    return UNetConfig(sample_size=16, block_out_channels=widths, layers_per_block=layers,
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      cross_attention_dim=context_dim, attention_head_dim=heads, norm_num_groups=groups)
+    return UNetConfig(
+        sample_size=16,
+        block_out_channels=widths,
+        layers_per_block=layers,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=context_dim,
+        attention_head_dim=heads,
+        norm_num_groups=groups,
+    )
 
 
 @dataclass
@@ -85,7 +100,9 @@ class TextToImageConfig:
     mixed_precision: str = "no"  # "no" = fp32 (CPU); "bf16" on a GPU (Trainer's autocast)
     lr_schedule: str = "cosine"  # decays to 0 at `steps`: the last steps refine instead of bouncing
     caption_dropout: float = 0.1  # P(caption -> ""), so the model also learns eps(z_t, t, "") for guidance
-    latents: str = "mean"  # "mean": z_0 = s mu(x); "sample": z_0 = s (mu + sigma e)  (see the module docstring)
+    latents: str = (
+        "mean"  # "mean": z_0 = s mu(x); "sample": z_0 = s (mu + sigma e)  (see the module docstring)
+    )
     train_size: int = 20_000  # Shapes training items encoded into the latent cache (each with one paraphrase)
     context_length: int = 24  # tokens per prompt (the longest Shapes caption has 12 words)
     resolution: int = 64  # image side; the latent side is resolution / f
@@ -100,8 +117,10 @@ class TextToImageConfig:
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.unet.cross_attention_dim != self.text_encoder.hidden_size:
-            raise ValueError(f"unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal the text "
-                             f"encoder's hidden_size ({self.text_encoder.hidden_size})")
+            raise ValueError(
+                f"unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal the text "
+                f"encoder's hidden_size ({self.text_encoder.hidden_size})"
+            )
 
     # --- presets ---------------------------------------------------------------------------------------
     @classmethod
@@ -114,9 +133,19 @@ class TextToImageConfig:
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
         """
         width = 128
-        return cls(name="cpu", unet=_unet_config((32, 64, 128), 1, 4, width, 16),
-                   text_encoder=_text_config(width, 3, 4, 24), steps=1200, batch_size=32, lr=1e-3,
-                   warmup_steps=100, ema_decay=0.995, train_size=4000, checkpoint_every=100, snr_gamma=5.0)
+        return cls(
+            name="cpu",
+            unet=_unet_config((32, 64, 128), 1, 4, width, 16),
+            text_encoder=_text_config(width, 3, 4, 24),
+            steps=1200,
+            batch_size=32,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,
+            train_size=4000,
+            checkpoint_every=100,
+            snr_gamma=5.0,
+        )
 
     @classmethod
     def gpu(cls) -> TextToImageConfig:
@@ -129,18 +158,39 @@ class TextToImageConfig:
         ``--minutes 3.5`` gives the shipped model (2,100 steps; see checkpoints/course_t2i/README.md).
         """
         width = 128
-        return cls(name="gpu", unet=_unet_config((64, 96, 128), 1, 4, width, 16),
-                   text_encoder=_text_config(width, 3, 4, 24), steps=40_000, batch_size=1024, lr=2e-3,
-                   warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", train_size=60_000,
-                   checkpoint_every=2000, ema_start=500, snr_gamma=5.0)
+        return cls(
+            name="gpu",
+            unet=_unet_config((64, 96, 128), 1, 4, width, 16),
+            text_encoder=_text_config(width, 3, 4, 24),
+            steps=40_000,
+            batch_size=1024,
+            lr=2e-3,
+            warmup_steps=500,
+            ema_decay=0.999,
+            mixed_precision="bf16",
+            train_size=60_000,
+            checkpoint_every=2000,
+            ema_start=500,
+            snr_gamma=5.0,
+        )
 
     @classmethod
     def tiny(cls) -> TextToImageConfig:
         """For tests and COURSE_FAST: builds and trains a few steps in seconds."""
         width = 32
-        return cls(name="tiny", unet=_unet_config((16, 32, 32), 1, 2, width, 8),
-                   text_encoder=_text_config(width, 1, 2, 24), steps=4, batch_size=8, lr=1e-3,
-                   warmup_steps=1, ema_decay=0.9, train_size=32, checkpoint_every=2, ema_start=0)
+        return cls(
+            name="tiny",
+            unet=_unet_config((16, 32, 32), 1, 2, width, 8),
+            text_encoder=_text_config(width, 1, 2, 24),
+            steps=4,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=1,
+            ema_decay=0.9,
+            train_size=32,
+            checkpoint_every=2,
+            ema_start=0,
+        )
 
     @classmethod
     def named(cls, name: str) -> TextToImageConfig:
@@ -152,11 +202,25 @@ class TextToImageConfig:
         """A copy with some training fields changed (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def train_config(self, seed: int = 0, progress: bool = True, time_budget_s: float | None = None) -> TrainConfig:
-        return TrainConfig(steps=self.steps, time_budget_s=time_budget_s, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           lr_schedule=self.lr_schedule, ema_decay=self.ema_decay, ema_start=self.ema_start,
-                           mixed_precision=self.mixed_precision, checkpoint_every=self.checkpoint_every,
-                           grad_clip=1.0, seed=seed, progress=progress, log_every=10)
+    def train_config(
+        self, seed: int = 0, progress: bool = True, time_budget_s: float | None = None
+    ) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            time_budget_s=time_budget_s,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            lr_schedule=self.lr_schedule,
+            ema_decay=self.ema_decay,
+            ema_start=self.ema_start,
+            mixed_precision=self.mixed_precision,
+            checkpoint_every=self.checkpoint_every,
+            grad_clip=1.0,
+            seed=seed,
+            progress=progress,
+            log_every=10,
+        )
 
 
 def build_model(config: TextToImageConfig) -> nn.ModuleDict:
@@ -176,9 +240,19 @@ def module_sha256(module: nn.Module) -> str:
 
 
 @torch.no_grad()
-def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int = 64, split: str = "train",
-                  seed: int = 0, cache_dir: str | Path | None = None, batch_size: int = 128,
-                  device: torch.device | str = "cpu", verbose: bool = True) -> dict:
+def cache_latents(
+    vae: AutoencoderKL,
+    tokenizer,
+    *,
+    length: int,
+    resolution: int = 64,
+    split: str = "train",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    verbose: bool = True,
+) -> dict:
     """Encode ``Shapes(resolution, split, length, seed)`` once; returns {"mean", "std" (N, C, h, w) times s,
     "input_ids" (N, context_length), "captions" list[str], "path": the cache file, "hit": bool}.
 
@@ -190,8 +264,10 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
 
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     s = float(vae.config.scaling_factor)
-    key = (f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
-           f"_ctx{tokenizer.context_length}_v{tokenizer.vocab_size}")
+    key = (
+        f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
+        f"_ctx{tokenizer.context_length}_v{tokenizer.vocab_size}"
+    )
     path = cache_dir / f"{key}.pt"
     if path.is_file():
         try:
@@ -211,7 +287,12 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
         captions += [it["caption"] for it in items]
         if verbose and (start // batch_size) % 20 == 0:
             print(f"caching latents {start + len(items)}/{length}", flush=True)
-    data = {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions), "captions": captions}
+    data = {
+        "mean": torch.cat(means),
+        "std": torch.cat(stds),
+        "input_ids": tokenizer(captions),
+        "captions": captions,
+    }
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(data, tmp)
@@ -242,8 +323,9 @@ class LatentDataset(torch.utils.data.Dataset):
 
 # ----------------------------------------------------------------------------------------------------------
 # The loss
-def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_captions(
+    input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each row of ``input_ids`` (B, N_k) by the empty prompt's ids with probability p; returns
     (ids, dropped (B,) bool). The coin flips come from ``generator``, so a resumed run drops the same captions."""
     B = input_ids.shape[0]
@@ -285,15 +367,25 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
             weight = snr.clamp(max=gamma) / (snr + 1)
         elif schedule.prediction_type == "sample":
             weight = snr.clamp(max=gamma)
-        return (weight * per_item).mean(), {"dropped": dropped.float().mean(), "mse": per_item.mean().detach()}
+        return (weight * per_item).mean(), {
+            "dropped": dropped.float().mean(),
+            "mse": per_item.mean().detach(),
+        }
 
     return loss_fn
 
 
 # ----------------------------------------------------------------------------------------------------------
 # From the trained bundle to a pipeline
-def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: TextToImageConfig | None = None, *,
-                   sampler: str = "ddim", device=None):
+def build_pipeline(
+    model: nn.ModuleDict,
+    tokenizer,
+    vae: AutoencoderKL,
+    config: TextToImageConfig | None = None,
+    *,
+    sampler: str = "ddim",
+    device=None,
+):
     """``common.pipeline.StableDiffusion`` around the trained parts (pass ``trainer.ema_model()`` for EMA weights).
 
     The pipeline holds the modules themselves (no copy) and puts them in eval mode on ``device``.
@@ -301,16 +393,25 @@ def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: 
     from common.pipeline import StableDiffusion
 
     schedule = config.schedule if config is not None else NoiseSchedule.sd15()
-    return StableDiffusion(tokenizer=tokenizer, text_encoder=model["text_encoder"], unet=model["unet"], vae=vae,
-                           schedule=schedule, sampler=sampler, device=device)
+    return StableDiffusion(
+        tokenizer=tokenizer,
+        text_encoder=model["text_encoder"],
+        unet=model["unet"],
+        vae=vae,
+        schedule=schedule,
+        sampler=sampler,
+        device=device,
+    )
 
 
 def load_vae(path: str | Path, device=None) -> AutoencoderKL:
     """The frozen VAE (a diffusers-format folder); a clear error when it is not there."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no VAE at {path} (expected config.json and diffusion_pytorch_model.safetensors): "
-                                "train and ship it with chapter 01's train_vae.py, or pass --vae PATH")
+        raise FileNotFoundError(
+            f"no VAE at {path} (expected config.json and diffusion_pytorch_model.safetensors): "
+            "train and ship it with chapter 01's train_vae.py, or pass --vae PATH"
+        )
     vae = AutoencoderKL.load(path, device=device)
     vae.requires_grad_(False)
     return vae.eval()
@@ -318,9 +419,19 @@ def load_vae(path: str | Path, device=None) -> AutoencoderKL:
 
 # ----------------------------------------------------------------------------------------------------------
 # One training run, shared by chapter 04's and chapter 06's scripts
-def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *, seed: int = 0, device=None,
-          resume: bool | str = True, cache_dir: str | Path | None = None, progress: bool = True,
-          time_budget_s: float | None = None, init_from: str | Path | None = None):
+def train(
+    config: TextToImageConfig,
+    vae: AutoencoderKL,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device=None,
+    resume: bool | str = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    init_from: str | Path | None = None,
+):
     """Cache the latents, train the bundle with ``common.training.Trainer``; returns (trainer, tokenizer).
 
     Under ``accelerate launch`` the main process fills the cache first and the others then read it.
@@ -338,18 +449,33 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     dev = get_device(device)
     state = PartialState(cpu=dev.type == "cpu")
     with state.main_process_first():
-        cache = cache_latents(vae, tokenizer, length=config.train_size, resolution=config.resolution, seed=seed,
-                              cache_dir=cache_dir, device=dev if state.num_processes == 1 else state.device)
+        cache = cache_latents(
+            vae,
+            tokenizer,
+            length=config.train_size,
+            resolution=config.resolution,
+            seed=seed,
+            cache_dir=cache_dir,
+            device=dev if state.num_processes == 1 else state.device,
+        )
     if state.is_main_process:
-        print(f"latent cache: {cache['path']} ({'reused' if cache['hit'] else 'written'}; "
-              f"{len(cache['mean'])} items, z_0 std {cache['mean'].std():.3f})")
+        print(
+            f"latent cache: {cache['path']} ({'reused' if cache['hit'] else 'written'}; "
+            f"{len(cache['mean'])} items, z_0 std {cache['mean'].std():.3f})"
+        )
     empty_ids = tokenizer([""])[0]  # (N_k,): bos, eos, pad...
     model = build_model(config)
     if init_from is not None:
         init_weights(model, init_from)
-    trainer = Trainer(model, LatentDataset(cache), make_loss_fn(config, empty_ids),
-                      config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s), out_dir,
-                      device=dev, resume=resume)
+    trainer = Trainer(
+        model,
+        LatentDataset(cache),
+        make_loss_fn(config, empty_ids),
+        config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s),
+        out_dir,
+        device=dev,
+        resume=resume,
+    )
     trainer.fit()
     return trainer, tokenizer
 
@@ -365,7 +491,10 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
     from common.pipeline_io import load_weights, weights_file
 
     folder = Path(folder)
-    for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+    for name, file in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
         path = weights_file(folder / name, (file,), name)
         load_weights(model[name], load_file(str(path)), f"--init-from {path}: not this config's {name}")
 
@@ -384,8 +513,11 @@ def file_sha256(path: str | Path) -> str:
 
 def weight_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
-                  and p.name != "README.md")
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != "README.md"
+    )
 
 
 def write_model_card(folder: str | Path, training: str | None, metrics: str | None = None) -> Path:
@@ -401,15 +533,19 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
         old = card.read_text()
         training = old.split("## Training", 1)[1].split("\n## ", 1)[0].strip() if "## Training" in old else ""
     size = sum(p.stat().st_size for p in weight_files(folder))
-    rows = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
-                     for p in weight_files(folder))
-    text = (f"# course_t2i: the course's own text-to-image model\n\n"
-            f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
-            f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
-            f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
-            f"## Training\n\n{training.strip()}\n\n"
-            f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
-            f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n")
+    rows = "\n".join(
+        f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
+        for p in weight_files(folder)
+    )
+    text = (
+        f"# course_t2i: the course's own text-to-image model\n\n"
+        f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
+        f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
+        f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
+        f"## Training\n\n{training.strip()}\n\n"
+        f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
+        f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"
+    )
     tmp = card.with_suffix(".md.tmp")
     tmp.write_text(text)
     os.replace(tmp, card)

@@ -32,25 +32,61 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 # diffusers options the course's UNet does not implement, with the only value it accepts (their defaults)
 _FIXED_DIFFUSERS_OPTIONS = {
-    "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "center_input_sample": False,
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
 }
 # diffusers' defaults for the options we do read: a config.json only lists what differs from these
 _DIFFUSERS_DEFAULTS = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 1280, "transformer_layers_per_block": 1, "attention_head_dim": 8,
-    "num_attention_heads": None, "use_linear_projection": False, "num_class_embeds": None,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "num_class_embeds": None,
 }
 _IGNORED_DIFFUSERS_OPTIONS = {"addition_embed_type_num_heads"}  # only read when addition_embed_type is set
 
@@ -70,7 +106,12 @@ class UNetConfig:
     sample_size: int | None = 64  # latent side trained at (512 px / 8); informative, any multiple works
     in_channels: int = 4  # channels of z_t: the VAE's latent channels
     out_channels: int = 4  # channels of the prediction (eps or v), same as z_t
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level; all but the last halve H, W
+    block_out_channels: tuple[int, ...] = (
+        320,
+        640,
+        1280,
+        1280,
+    )  # width per level; all but the last halve H, W
     layers_per_block: int = 2  # ResNets per down level (up levels get one more, for the extra skip)
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # attention or not
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # lowest resolution first
@@ -81,13 +122,19 @@ class UNetConfig:
     # configs round-trip; `num_attention_heads`, when set, says the same thing under the right name and wins.
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None  # heads per level; None = use attention_head_dim
-    use_linear_projection: bool = False  # Linear instead of 1x1 conv around the transformer (SD 2 uses Linear)
+    use_linear_projection: bool = (
+        False  # Linear instead of 1x1 conv around the transformer (SD 2 uses Linear)
+    )
     norm_num_groups: int = 32  # GroupNorm groups in every ResNet and transformer; divides every width
-    norm_eps: float = 1e-5  # the ResNets' GroupNorm epsilon (the transformers' is fixed at 1e-6, as diffusers)
+    norm_eps: float = (
+        1e-5  # the ResNets' GroupNorm epsilon (the transformers' is fixed at 1e-6, as diffusers)
+    )
     num_class_embeds: int | None = None  # class-conditional: an nn.Embedding added to the time embedding
     flip_sin_to_cos: bool = True  # timestep code as [cos, sin] (SD) rather than [sin, cos]
     freq_shift: int = 0  # frequencies max_period ** (-k / (dim/2 - freq_shift)); SD 0, DDPM's UNet 1
-    transformer_layers_per_block: int | tuple[int, ...] = 1  # TransformerBlocks per SpatialTransformer, per level
+    transformer_layers_per_block: int | tuple[int, ...] = (
+        1  # TransformerBlocks per SpatialTransformer, per level
+    )
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -98,36 +145,49 @@ class UNetConfig:
             if value is not None and not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))
         if levels == 0 or len(self.down_block_types) != levels or len(self.up_block_types) != levels:
-            raise ValueError(f"block_out_channels {self.block_out_channels}, down_block_types and up_block_types "
-                             f"must have one entry per level (the same length, at least 1)")
-        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
+            raise ValueError(
+                f"block_out_channels {self.block_out_channels}, down_block_types and up_block_types "
+                f"must have one entry per level (the same length, at least 1)"
+            )
+        for name, types, allowed in (
+            ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+            ("up_block_types", self.up_block_types, UP_BLOCK_TYPES),
+        ):
             if any(kind not in allowed for kind in types):
                 raise ValueError(f"{name}={types!r}: every entry must be one of {allowed}")
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"mid_block_type={self.mid_block_type!r}; expected one of {MID_BLOCK_TYPES}")
         if self.cross_attention_dim is not None and not isinstance(self.cross_attention_dim, int):
-            raise ValueError(f"cross_attention_dim must be one int (the context width) or None, "
-                             f"got {self.cross_attention_dim!r}")
+            raise ValueError(
+                f"cross_attention_dim must be one int (the context width) or None, "
+                f"got {self.cross_attention_dim!r}"
+            )
         if self.has_cross_attention and self.cross_attention_dim is None:
             raise ValueError("cross-attention blocks need cross_attention_dim (the context width, e.g. 768)")
         heads = self.heads_per_level
         _per_block(self.transformer_layers_per_block, levels, "transformer_layers_per_block")
         for channels, h in zip(self.block_out_channels, heads):
             if channels % self.norm_num_groups:
-                raise ValueError(f"every width in block_out_channels {self.block_out_channels} must be a "
-                                 f"multiple of norm_num_groups={self.norm_num_groups}")
+                raise ValueError(
+                    f"every width in block_out_channels {self.block_out_channels} must be a "
+                    f"multiple of norm_num_groups={self.norm_num_groups}"
+                )
             if self.has_cross_attention and channels % h:
-                raise ValueError(f"width {channels} does not split into {h} heads; choose heads that divide "
-                                 f"every entry of block_out_channels {self.block_out_channels}")
+                raise ValueError(
+                    f"width {channels} does not split into {h} heads; choose heads that divide "
+                    f"every entry of block_out_channels {self.block_out_channels}"
+                )
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
 
     @property
     def has_cross_attention(self) -> bool:
         """True when any block attends to a context (the UNet then needs ``context`` in forward)."""
-        return ("CrossAttnDownBlock2D" in self.down_block_types or "CrossAttnUpBlock2D" in self.up_block_types
-                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
+        return (
+            "CrossAttnDownBlock2D" in self.down_block_types
+            or "CrossAttnUpBlock2D" in self.up_block_types
+            or self.mid_block_type == "UNetMidBlock2DCrossAttn"
+        )
 
     @property
     def heads_per_level(self) -> tuple[int, ...]:
@@ -149,10 +209,16 @@ class UNetConfig:
     @classmethod
     def tiny(cls) -> UNetConfig:
         """Two levels, both block kinds, cross-attention mid block: builds and runs in milliseconds (tests)."""
-        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                   attention_head_dim=4, norm_num_groups=8)
+        return cls(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
 
     @classmethod
     def digits(cls) -> UNetConfig:
@@ -161,18 +227,32 @@ class UNetConfig:
         Two levels (8x8 -> 4x4) of ResNets, no attention: at 8x8 two 3x3 convs already see most of the latent.
         Sized for about ten CPU minutes of training (a few thousand steps at batch 128).
         """
-        return cls(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
-                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8,
-                   num_class_embeds=10)
+        return cls(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            mid_block_type="UNetMidBlock2D",
+            cross_attention_dim=None,
+            norm_num_groups=8,
+            num_class_embeds=10,
+        )
 
     @classmethod
     def shapes_uncond(cls) -> UNetConfig:
         """Unconditional Shapes at 16x16x4 latents (chapter 03): three levels (16 -> 8 -> 4), no attention,
         0.97 M parameters, 120 MFLOP per forward."""
-        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                   down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
-                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8)
+        return cls(
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) * 3,
+            up_block_types=("UpBlock2D",) * 3,
+            mid_block_type="UNetMidBlock2D",
+            cross_attention_dim=None,
+            norm_num_groups=8,
+        )
 
     @classmethod
     def shapes_text(cls, cross_attention_dim: int = 256) -> UNetConfig:
@@ -182,18 +262,29 @@ class UNetConfig:
         Cross-attention at 16x16 and 8x8 and in the middle (where words meet positions); plain ResNets at
         4x4. ``cross_attention_dim`` must equal the text encoder's width (``CLIPTextConfig.shapes()``: 256).
         """
-        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8)
+        return cls(
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
 
     @classmethod
     def shapes_text_gpu(cls, cross_attention_dim: int = 256) -> UNetConfig:
         """A wider, deeper ``shapes_text`` for a GPU run (chapter 06): 34.9 M parameters, 4.6 GFLOP a forward."""
-        return cls(sample_size=16, block_out_channels=(128, 256, 256), layers_per_block=2,
-                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=8)
+        return cls(
+            sample_size=16,
+            block_out_channels=(128, 256, 256),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+        )
 
     # --- the conversion contract: diffusers.UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
     def to_diffusers(self) -> dict:
@@ -204,15 +295,24 @@ class UNetConfig:
         """
         heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
         return dict(
-            sample_size=self.sample_size, in_channels=self.in_channels, out_channels=self.out_channels,
-            down_block_types=self.down_block_types, up_block_types=self.up_block_types,
-            mid_block_type=self.mid_block_type, block_out_channels=self.block_out_channels,
+            sample_size=self.sample_size,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            down_block_types=self.down_block_types,
+            up_block_types=self.up_block_types,
+            mid_block_type=self.mid_block_type,
+            block_out_channels=self.block_out_channels,
             layers_per_block=self.layers_per_block,
-            cross_attention_dim=self.cross_attention_dim if self.has_cross_attention
+            cross_attention_dim=self.cross_attention_dim
+            if self.has_cross_attention
             else _DIFFUSERS_DEFAULTS["cross_attention_dim"],
-            attention_head_dim=heads, use_linear_projection=self.use_linear_projection,
-            norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps, num_class_embeds=self.num_class_embeds,
-            flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
+            attention_head_dim=heads,
+            use_linear_projection=self.use_linear_projection,
+            norm_num_groups=self.norm_num_groups,
+            norm_eps=self.norm_eps,
+            num_class_embeds=self.num_class_embeds,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+            freq_shift=self.freq_shift,
             transformer_layers_per_block=self.transformer_layers_per_block,
         )
 
@@ -226,20 +326,27 @@ class UNetConfig:
         mapping = {k: v for k, v in dict(mapping).items() if not k.startswith("_")}
         for key, expected in _FIXED_DIFFUSERS_OPTIONS.items():
             if key in mapping and mapping[key] != expected:
-                raise ValueError(f"unsupported UNet2DConditionModel option {key}={mapping[key]!r}; "
-                                 f"the course's UNet needs {key}={expected!r}")
+                raise ValueError(
+                    f"unsupported UNet2DConditionModel option {key}={mapping[key]!r}; "
+                    f"the course's UNet needs {key}={expected!r}"
+                )
         known = set(_DIFFUSERS_DEFAULTS) | set(_FIXED_DIFFUSERS_OPTIONS) | _IGNORED_DIFFUSERS_OPTIONS
         unknown = sorted(k for k in mapping if k not in known)
         if unknown:
-            raise ValueError(f"unknown UNet2DConditionModel config keys {unknown}; "
-                             f"expected keys among {sorted(known)}")
+            raise ValueError(
+                f"unknown UNet2DConditionModel config keys {unknown}; expected keys among {sorted(known)}"
+            )
         values = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in mapping.items() if k in _DIFFUSERS_DEFAULTS}}
         if not isinstance(values["layers_per_block"], int):
             raise ValueError(f"layers_per_block must be a single int, got {values['layers_per_block']!r}")
         if isinstance(values["sample_size"], (list, tuple)):
-            raise ValueError(f"sample_size must be a single int (square latents), got {values['sample_size']!r}")
+            raise ValueError(
+                f"sample_size must be a single int (square latents), got {values['sample_size']!r}"
+            )
         config = cls(**values)
-        if not config.has_cross_attention:  # then cross_attention_dim is diffusers' unused default, not a width
+        if (
+            not config.has_cross_attention
+        ):  # then cross_attention_dim is diffusers' unused default, not a width
             config = replace(config, cross_attention_dim=None)
         return config
 
@@ -255,8 +362,13 @@ class UNet(nn.Module):
         temb_channels = channels[0] * 4  # T: the time embedding is 4x the base width, as in DDPM
         heads = cfg.heads_per_level
         depth = _per_block(cfg.transformer_layers_per_block, levels, "transformer_layers_per_block")
-        common = dict(temb_channels=temb_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                      context_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection)
+        common = dict(
+            temb_channels=temb_channels,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            context_dim=cfg.cross_attention_dim,
+            use_linear_projection=cfg.use_linear_projection,
+        )
 
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(in_dim=channels[0], time_embed_dim=temb_channels)
@@ -268,27 +380,45 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             attn = kind == "CrossAttnDownBlock2D"
-            self.down_blocks.append(DownBlock(
-                in_channels=channels[max(i - 1, 0)], out_channels=channels[i], num_layers=cfg.layers_per_block,
-                add_downsample=i < levels - 1, heads=heads[i] if attn else None, transformer_depth=depth[i],
-                **common))
+            self.down_blocks.append(
+                DownBlock(
+                    in_channels=channels[max(i - 1, 0)],
+                    out_channels=channels[i],
+                    num_layers=cfg.layers_per_block,
+                    add_downsample=i < levels - 1,
+                    heads=heads[i] if attn else None,
+                    transformer_depth=depth[i],
+                    **common,
+                )
+            )
 
         if cfg.mid_block_type is None:
             self.mid_block = None
         else:
             attn = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
-            self.mid_block = MidBlock(channels=channels[-1], heads=heads[-1] if attn else None,
-                                      transformer_depth=depth[-1], **common)
+            self.mid_block = MidBlock(
+                channels=channels[-1],
+                heads=heads[-1] if attn else None,
+                transformer_depth=depth[-1],
+                **common,
+            )
 
         self.up_blocks = nn.ModuleList()
         rev_channels, rev_heads, rev_depth = channels[::-1], heads[::-1], depth[::-1]
         for i, kind in enumerate(cfg.up_block_types):
             attn = kind == "CrossAttnUpBlock2D"
-            self.up_blocks.append(UpBlock(
-                in_channels=rev_channels[min(i + 1, levels - 1)],
-                prev_output_channels=rev_channels[max(i - 1, 0)],
-                out_channels=rev_channels[i], num_layers=cfg.layers_per_block + 1, add_upsample=i < levels - 1,
-                heads=rev_heads[i] if attn else None, transformer_depth=rev_depth[i], **common))
+            self.up_blocks.append(
+                UpBlock(
+                    in_channels=rev_channels[min(i + 1, levels - 1)],
+                    prev_output_channels=rev_channels[max(i - 1, 0)],
+                    out_channels=rev_channels[i],
+                    num_layers=cfg.layers_per_block + 1,
+                    add_upsample=i < levels - 1,
+                    heads=rev_heads[i] if attn else None,
+                    transformer_depth=rev_depth[i],
+                    **common,
+                )
+            )
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
@@ -309,15 +439,21 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({batch},); got shape "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"t must be a number, a 0-d tensor or a tensor of shape ({batch},); got shape "
+                f"{tuple(t.shape)}"
+            )
         return t.to(device).expand(batch)
 
-    def _check_inputs(self, z_t: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None):
+    def _check_inputs(
+        self, z_t: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None
+    ):
         cfg = self.config
         if z_t.ndim != 4 or z_t.shape[1] != cfg.in_channels:
-            raise ValueError(f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
-                             f"got {tuple(z_t.shape)}")
+            raise ValueError(
+                f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
+                f"got {tuple(z_t.shape)}"
+            )
         B, _, H, W = z_t.shape
         if H < 1 or W < 1:
             raise ValueError(f"the latent must have H, W >= 1; got {H}x{W}")
@@ -325,8 +461,10 @@ class UNet(nn.Module):
         if cfg.has_cross_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
                 got = None if context is None else tuple(context.shape)
-                raise ValueError(f"context must have shape (B, N_k, {cfg.cross_attention_dim}) "
-                                 f"(cross_attention_dim={cfg.cross_attention_dim}); got {got}")
+                raise ValueError(
+                    f"context must have shape (B, N_k, {cfg.cross_attention_dim}) "
+                    f"(cross_attention_dim={cfg.cross_attention_dim}); got {got}"
+                )
             if context.shape[0] != B:
                 raise ValueError(f"context batch {context.shape[0]} differs from the latent's batch {B}")
         elif context is not None:
@@ -334,20 +472,30 @@ class UNet(nn.Module):
         if cfg.num_class_embeds is not None:
             if class_labels is None or class_labels.shape != (B,):
                 got = None if class_labels is None else tuple(class_labels.shape)
-                raise ValueError(f"class_labels must be an int tensor of shape ({B},) with values in "
-                                 f"[0, {cfg.num_class_embeds}) (num_class_embeds={cfg.num_class_embeds}); "
-                                 f"got {got}")
+                raise ValueError(
+                    f"class_labels must be an int tensor of shape ({B},) with values in "
+                    f"[0, {cfg.num_class_embeds}) (num_class_embeds={cfg.num_class_embeds}); "
+                    f"got {got}"
+                )
         elif class_labels is not None:
-            raise ValueError("this UNet is not class-conditional (num_class_embeds=None); pass class_labels=None")
+            raise ValueError(
+                "this UNet is not class-conditional (num_class_embeds=None); pass class_labels=None"
+            )
 
-    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        t,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels: (B,) -> (B, C_out, H, W)."""
         self._check_inputs(z_t, context, class_labels)
         cfg = self.config
         t = self._timesteps(t, z_t.shape[0], z_t.device)  # (B,)
-        t_code = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                    freq_shift=cfg.freq_shift)  # (B, C_0), always fp32
+        t_code = timestep_embedding(
+            t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        )  # (B, C_0), always fp32
         temb = self.time_embedding(t_code.to(z_t.dtype))  # (B, T)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels).to(temb.dtype)  # (B, T)

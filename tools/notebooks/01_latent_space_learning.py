@@ -61,11 +61,15 @@ latent = (512 // 8) * (512 // 8) * 4
 print(f"pixels : 512 x 512 x 3 = {pixel:,} numbers")
 print(f"latents:  64 x  64 x 4 = {latent:,} numbers  -> {pixel / latent:.0f}x fewer")
 tokens_pixel, tokens_latent = 512 * 512, 64 * 64
-print(f"self-attention over positions: {tokens_pixel:,}^2 vs {tokens_latent:,}^2 entries "
-      f"-> {(tokens_pixel / tokens_latent) ** 2:,.0f}x fewer")
+print(
+    f"self-attention over positions: {tokens_pixel:,}^2 vs {tokens_latent:,}^2 entries "
+    f"-> {(tokens_pixel / tokens_latent) ** 2:,.0f}x fewer"
+)
 shapes_pixel, shapes_latent = 64 * 64 * 3, 16 * 16 * 4
-print(f"the course's Shapes: 64 x 64 x 3 = {shapes_pixel:,} -> 16 x 16 x 4 = {shapes_latent:,} "
-      f"({shapes_pixel / shapes_latent:.0f}x)")
+print(
+    f"the course's Shapes: 64 x 64 x 3 = {shapes_pixel:,} -> 16 x 16 x 4 = {shapes_latent:,} "
+    f"({shapes_pixel / shapes_latent:.0f}x)"
+)
 
 # %% [markdown]
 # The 48x is the price of one UNet evaluation in numbers touched; the attention saving is far larger. The
@@ -98,8 +102,12 @@ with torch.no_grad():
 side = int(math.sqrt(z[0].numel() / 3))
 x_bic = bicubic_down_up(x, side)
 x_f4 = bicubic_down_up(x, 16)  # the same factor 4, but 3 channels: 768 numbers
-rows = {"input": x[:8], f"VAE ({z[0].numel()})": x_vae[:8],
-        f"bicubic {side}px ({3 * side * side})": x_bic[:8], "bicubic 16px (768)": x_f4[:8]}
+rows = {
+    "input": x[:8],
+    f"VAE ({z[0].numel()})": x_vae[:8],
+    f"bicubic {side}px ({3 * side * side})": x_bic[:8],
+    "bicubic 16px (768)": x_f4[:8],
+}
 for name, rec in list(rows.items())[1:]:
     print(f"{name:24s} PSNR {psnr(rec, x[:8]):5.2f} dB  SSIM {ssim(rec, x[:8]):.3f}")
 print(f"over {n_show} held-out images: VAE {psnr(x_vae, x):.2f} dB, bicubic {side}px {psnr(x_bic, x):.2f} dB")
@@ -170,8 +178,10 @@ means = torch.linspace(-0.5, 1.5, 21)
 elbos = [elbo_mc(float(m), post_var) for m in means]
 print(f"log p(x) = {float(log_px):.4f} (exact)")
 print(f"ELBO at the true posterior (m = {post_mean:.3f}): {elbo_mc(post_mean, post_var):.4f}")
-print(f"largest ELBO over the grid: {max(elbos):.4f}; "
-      f"every ELBO <= log p(x): {max(elbos) <= float(log_px) + 1e-3}")
+print(
+    f"largest ELBO over the grid: {max(elbos):.4f}; "
+    f"every ELBO <= log p(x): {max(elbos) <= float(log_px) + 1e-3}"
+)
 
 fig = Figure(figsize=(5.5, 2.8))
 ax = fig.subplots()
@@ -284,8 +294,10 @@ mu, logvar = posterior.mean, posterior.logvar  # (1, 4, 16, 16) each
 sigma = torch.exp(0.5 * logvar)
 kl_closed = 0.5 * (mu**2 + sigma**2 - 1 - logvar).sum()  # the last line above, summed over 1,024 dims
 kl_torch = kl_divergence(Independent(Normal(mu, sigma), 3), Independent(Normal(0.0, torch.ones_like(mu)), 3))
-print(f"closed form {float(kl_closed):.3f}   torch.distributions {float(kl_torch):.3f}   "
-      f"common (posterior.kl()) {float(posterior.kl()):.3f}  nats")
+print(
+    f"closed form {float(kl_closed):.3f}   torch.distributions {float(kl_torch):.3f}   "
+    f"common (posterior.kl()) {float(posterior.kl()):.3f}  nats"
+)
 
 # %% [markdown]
 # The closed form agrees with `torch.distributions` and with the course's `DiagonalGaussian.kl()`. It is also
@@ -359,6 +371,7 @@ z_rep.pow(2).sum().backward()
 print(f".rsample(): requires_grad={z_rep.requires_grad}, grad_fn={type(z_rep.grad_fn).__name__}")
 eps_used = (z_rep - mu_toy) / sigma_toy  # the eps this draw used
 
+
 def rounded(values: torch.Tensor) -> list:
     return [round(v, 4) for v in values.tolist()]
 
@@ -380,13 +393,16 @@ z_many = mu_toy + sigma_toy * eps  # (n_draws, 3): z = mu + sigma * eps, written
 z_many.pow(2).sum(dim=1).mean().backward()  # the Monte-Carlo estimate of E_q[f]
 print(f"average reparameterised gradient over {n_draws:,} draws:")
 print(f"   d/d mu    {[round(v, 3) for v in mu_toy.grad.tolist()]}   exact 2 mu    {(2 * mu_toy).tolist()}")
-print(f"   d/d sigma {[round(v, 3) for v in sigma_toy.grad.tolist()]}   exact 2 sigma "
-      f"{[round(v, 3) for v in (2 * sigma_toy).tolist()]}")
+print(
+    f"   d/d sigma {[round(v, 3) for v in sigma_toy.grad.tolist()]}   exact 2 sigma "
+    f"{[round(v, 3) for v in (2 * sigma_toy).tolist()]}"
+)
 
 # %% [markdown]
 # The same holds in the real encoder: `DiagonalGaussian.sample` (in `common/autoencoder.py`) computes
 # `mean + std * eps`, so a loss on the decoded sample reaches every encoder weight. Draw the same $z$ outside
 # the graph, as `.sample()` does, and the encoder gets nothing:
+
 
 # %%
 def encoder_grad_norm(detach_sample: bool) -> float:
@@ -446,8 +462,12 @@ else:
 # detail as the input; a blurred image scores less).
 
 # %%
-ABLATIONS = {"start (vae_photos)": "vae_photos", "L1 only": "vae_ablation_l1",
-             "L1 + KL": "vae_ablation_l1_kl", "L1 + KL + GAN": "vae_ablation_l1_kl_gan"}
+ABLATIONS = {
+    "start (vae_photos)": "vae_photos",
+    "L1 only": "vae_ablation_l1",
+    "L1 + KL": "vae_ablation_l1_kl",
+    "L1 + KL + GAN": "vae_ablation_l1_kl_gan",
+}
 n_eval = budget(fast=16, cpu=256)
 photos_test = Photos(64, "test", n_eval, seed=1)  # crops of the held-out photograph, as in train_vae.py
 x_photo = torch.stack([photos_test[i]["image"] for i in range(n_eval)])  # (n_eval, 3, 64, 64)
@@ -467,17 +487,26 @@ for name, folder in ABLATIONS.items():
         post = model.encode(x_photo)
         rec = model.decode(post.mode()).clamp(-1, 1)
     recons[name] = rec
-    stats[name] = {"psnr": psnr(rec, x_photo), "ssim": ssim(rec, x_photo),
-                   "edge": float(edge_energy(rec) / edge_energy(x_photo)), "kl": float(post.kl().mean()),
-                   "std_mu": float(post.mean.std()), "sigma": float(post.std.mean())}
+    stats[name] = {
+        "psnr": psnr(rec, x_photo),
+        "ssim": ssim(rec, x_photo),
+        "edge": float(edge_energy(rec) / edge_energy(x_photo)),
+        "kl": float(post.kl().mean()),
+        "std_mu": float(post.mean.std()),
+        "sigma": float(post.std.mean()),
+    }
     if lpips_on:
         stats[name]["lpips"] = lpips_distance(rec, x_photo)
 print(f"{n_eval} held-out crops; reconstructions through the posterior mean")
-print(f"{'':20s} {'PSNR':>8s} {'SSIM':>6s} {'edges':>6s} {'KL (nats)':>10s} {'std(mu)':>8s} {'sigma':>7s}"
-      + ("  LPIPS" if lpips_on else ""))
+print(
+    f"{'':20s} {'PSNR':>8s} {'SSIM':>6s} {'edges':>6s} {'KL (nats)':>10s} {'std(mu)':>8s} {'sigma':>7s}"
+    + ("  LPIPS" if lpips_on else "")
+)
 for name, r in stats.items():
-    print(f"{name:20s} {r['psnr']:5.2f} dB {r['ssim']:6.3f} {r['edge']:6.3f} {r['kl']:10.1f} "
-          f"{r['std_mu']:8.3f} {r['sigma']:7.4f}" + (f"  {r['lpips']:.4f}" if lpips_on else ""))
+    print(
+        f"{name:20s} {r['psnr']:5.2f} dB {r['ssim']:6.3f} {r['edge']:6.3f} {r['kl']:10.1f} "
+        f"{r['std_mu']:8.3f} {r['sigma']:7.4f}" + (f"  {r['lpips']:.4f}" if lpips_on else "")
+    )
 picks = [0, 3, 5, 9, 12, 14]  # six of the first 16 crops, chosen to show fur, eyes and background
 show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons.items()}}, size=1.2))
 
@@ -509,8 +538,9 @@ show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons
 
 # %%
 STEPS = budget(fast=3, cpu=150)
-small_config = AutoencoderConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-                                 sample_size=32, scaling_factor=1.0)
+small_config = AutoencoderConfig(
+    block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.0
+)
 train32 = Shapes(32, "train", STEPS * 8, seed=0, multiple_of=4)
 test32 = torch.stack([Shapes(32, "test", 32, seed=1, multiple_of=4)[i]["image"] for i in range(32)])
 
@@ -543,12 +573,18 @@ t = time.perf_counter()
 for w in kl_weights:
     _, r = train_small(kl=w)
     post = r["post"]
-    sweep[w] = {"psnr": r["psnr"], "kl": r["kl"], "std_c": post.mean.std(dim=(0, 2, 3)),
-                "sigma_c": post.std.mean(dim=(0, 2, 3))}
+    sweep[w] = {
+        "psnr": r["psnr"],
+        "kl": r["kl"],
+        "std_c": post.mean.std(dim=(0, 2, 3)),
+        "sigma_c": post.std.mean(dim=(0, 2, 3)),
+    }
     std_c = [round(v, 2) for v in sweep[w]["std_c"].tolist()]
     sigma_c = [round(v, 3) for v in sweep[w]["sigma_c"].tolist()]
-    print(f"kl weight {w:<8.2g} PSNR {r['psnr']:5.2f} dB  KL {r['kl']:8.1f}  std(mu) per channel {std_c}  "
-          f"sigma {sigma_c}")
+    print(
+        f"kl weight {w:<8.2g} PSNR {r['psnr']:5.2f} dB  KL {r['kl']:8.1f}  std(mu) per channel {std_c}  "
+        f"sigma {sigma_c}"
+    )
 print(f"{len(kl_weights)} runs of {STEPS} steps in {time.perf_counter() - t:.0f} s")
 
 fig = Figure(figsize=(9, 2.6))
@@ -638,17 +674,22 @@ photos_train = Photos(64, "train", 128, seed=0)
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():
     zs = {}
-    for name, model, ds in [("Shapes VAE", vae, Shapes(64, "train", 128, seed=0, multiple_of=4)),
-                            ("Photos VAE", vae_photos, photos_train)]:
+    for name, model, ds in [
+        ("Shapes VAE", vae, Shapes(64, "train", 128, seed=0, multiple_of=4)),
+        ("Photos VAE", vae_photos, photos_train),
+    ]:
         batches = range(0, budget(fast=32, cpu=128), 32)
-        zs[name] = torch.cat([model.encode(torch.stack([ds[i]["image"] for i in range(b, b + 32)])).sample(g)
-                              for b in batches])  # (N, 4, 16, 16)
+        zs[name] = torch.cat(
+            [model.encode(torch.stack([ds[i]["image"] for i in range(b, b + 32)])).sample(g) for b in batches]
+        )  # (N, 4, 16, 16)
 for name, model in [("Shapes VAE", vae), ("Photos VAE", vae_photos)]:
     z0 = zs[name]
     std = float(z0.std())
-    print(f"{name}: std of {len(z0)} latent samples {std:.4f} -> 1 / std = {1 / std:.4f}; "
-          f"stored scaling_factor {model.config.scaling_factor}; after scaling std "
-          f"{float((z0 * model.config.scaling_factor).std()):.3f}")
+    print(
+        f"{name}: std of {len(z0)} latent samples {std:.4f} -> 1 / std = {1 / std:.4f}; "
+        f"stored scaling_factor {model.config.scaling_factor}; after scaling std "
+        f"{float((z0 * model.config.scaling_factor).std()):.3f}"
+    )
 print(f"SD 1.x: scaling_factor 0.18215 -> unscaled std {1 / 0.18215:.2f}, variance {1 / 0.18215**2:.1f}")
 
 # %% [markdown]
@@ -663,8 +704,11 @@ schedule = NoiseSchedule.sd15()
 t_all = torch.arange(schedule.num_train_timesteps)
 alpha_bar = schedule.alpha_bar  # (1000,)
 z0_unscaled = zs["Photos VAE"]
-variances = {"scaled (Var 1)": 1.0, "Photos VAE unscaled": float(z0_unscaled.var()),
-             "SD VAE unscaled": 1 / 0.18215**2}
+variances = {
+    "scaled (Var 1)": 1.0,
+    "Photos VAE unscaled": float(z0_unscaled.var()),
+    "SD VAE unscaled": 1 / 0.18215**2,
+}
 snr_curves = {name: alpha_bar * var / (1 - alpha_bar) for name, var in variances.items()}
 assert torch.allclose(snr_curves["scaled (Var 1)"], schedule.snr(t_all))  # the schedule's own SNR
 
@@ -676,9 +720,11 @@ for name, z0 in [("scaled", z0_unscaled * vae_photos.config.scaling_factor), ("u
     snr_T = alpha_bar_T * var / (1 - alpha_bar_T)
     z_T = schedule.add_noise(z0, eps, T)  # (N, 4, 16, 16)
     corr = float(torch.corrcoef(torch.stack([z_T.flatten(), z0.flatten()]))[0, 1])
-    print(f"{name:9s} Var(z0) {var:5.2f}  SNR(T) {snr_T:.4f}  std(z_T): predicted "
-          f"{math.sqrt(alpha_bar_T * var + 1 - alpha_bar_T):.3f} measured {float(z_T.std()):.3f}  "
-          f"corr(z_T, z0): predicted {math.sqrt(snr_T / (1 + snr_T)):.3f} measured {corr:.3f}")
+    print(
+        f"{name:9s} Var(z0) {var:5.2f}  SNR(T) {snr_T:.4f}  std(z_T): predicted "
+        f"{math.sqrt(alpha_bar_T * var + 1 - alpha_bar_T):.3f} measured {float(z_T.std()):.3f}  "
+        f"corr(z_T, z0): predicted {math.sqrt(snr_T / (1 + snr_T)):.3f} measured {corr:.3f}"
+    )
 snr_T_sd = float(snr_curves["SD VAE unscaled"][T])
 corr_sd = math.sqrt(snr_T_sd / (1 + snr_T_sd))
 print(f"SD VAE unscaled: SNR(T) {snr_T_sd:.4f}, predicted corr(z_T, z0) {corr_sd:.3f}")
@@ -720,8 +766,10 @@ card = json.loads((CKPT / "vae_shapes" / "metrics.json").read_text())
 print("command:", card["command"])
 print(f"steps {card['steps']} x batch {card['batch_size']}, {card['train_minutes']:.1f} min of training")
 m = card["metrics"]
-print(f"held-out ({m['n_images']} images): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}; "
-      f"bicubic with {m['bicubic_numbers']} numbers: {m['bicubic_psnr']:.2f} dB")
+print(
+    f"held-out ({m['n_images']} images): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}; "
+    f"bicubic with {m['bicubic_numbers']} numbers: {m['bicubic_psnr']:.2f} dB"
+)
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 
 # %% [markdown]
