@@ -46,7 +46,7 @@ from common.autoencoder import AutoencoderKL
 from common.runtime import budget, describe, get_device, seed_everything
 from common.samplers import make_sampler, sample_loop
 from common.schedules import NoiseSchedule
-from common.training import Trainer, TrainConfig
+from common.training import TrainConfig, Trainer
 from common.unet import UNet, UNetConfig
 
 DATASETS = ("digits", "shapes")

@@ -161,8 +161,9 @@ if __name__ == "__main__":
     share, chance = attention_mass_in_mask(a, m)
     print(f"4. mass in mask: share {share:.2f} against chance {chance:.2f}")
 
-    from common.grade import load_module
     from pathlib import Path
+
+    from common.grade import load_module
 
     checks = load_module(Path(__file__).with_name("checks.py"))
     pipe = checks.tiny_pipeline()

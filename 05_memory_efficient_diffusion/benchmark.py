@@ -16,7 +16,6 @@ Writes ``table.md``, ``table.csv`` and ``targets.md`` (the chapter's targets, me
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -32,7 +31,6 @@ if str(ROOT) not in sys.path:  # run by path: make `common` importable without i
 from common import cli
 from common.memory import flatten_output, format_table, measure, measure_isolated, write_table  # noqa: E402
 from common.runtime import get_device, is_fast  # noqa: E402
-
 
 # ------------------------------------------------------------------------------------------------------
 # Sizes: SD 1.5 (the real thing) and a quick version with the same structure at toy sizes

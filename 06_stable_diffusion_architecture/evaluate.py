@@ -25,8 +25,8 @@ import argparse
 import csv
 import os
 import sys
-import time
 import textwrap
+import time
 from pathlib import Path
 
 import torch

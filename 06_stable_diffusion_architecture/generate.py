@@ -29,7 +29,6 @@ from common.pipeline import StableDiffusion, image_grid, main_model_path  # noqa
 from common.runtime import budget, get_device  # noqa: E402
 from common.samplers import SAMPLERS  # noqa: E402
 
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # written by PIL in the format the extension names
 PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 BIG_AREA = 4  # a request over this many times the model's training area is warned about first

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.grade import FAILED, PASSED, TODO, ERROR, chapter_dir, grade, main
+from common.grade import ERROR, FAILED, PASSED, TODO, chapter_dir, grade, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted(

@@ -17,8 +17,8 @@ from common.attention import attention, attention_backend, set_chunk_feed_forwar
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.memory import (
     FP16_MAX,
-    MiB,
     RSS_METHOD,
+    MiB,
     allocation_case,
     attention_case,
     attention_matrix_bytes,

@@ -7,7 +7,7 @@ the first step (alpha_bar = 0: pure noise, where an eps conversion would divide 
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from common.samplers import sample_loop, sampler_from_diffusers
 from common.schedules import NoiseSchedule

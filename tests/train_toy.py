@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from common.training import Trainer, TrainConfig
+from common.training import TrainConfig, Trainer
 
 
 class Toy(torch.utils.data.Dataset):

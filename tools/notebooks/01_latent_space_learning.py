@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.distributions import Independent, Normal, kl_divergence
 
-from common.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.data import Photos, Shapes
 from common.losses import VAELoss, VAELossWeights, kl_loss, lpips_backbone_available, lpips_backbone_path
 from common.metrics import psnr, ssim

@@ -45,7 +45,7 @@ from common.runtime import budget, describe, is_fast, seed_everything
 from common.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, make_sampler, sample_loop
 from common.schedules import NoiseSchedule
 from common.unet import UNet, UNetConfig
-from common.viz import image_grid, plot_trajectory, show, show_latent_channels
+from common.viz import plot_trajectory, show, show_latent_channels
 
 matplotlib.rcParams["figure.dpi"] = 72
 seed_everything(0)

@@ -39,8 +39,8 @@ import torch
 import common
 from common.memory import (
     FP16_MAX,
-    MiB,
     RSS_METHOD,
+    MiB,
     attention_case,
     attention_matrix_bytes,
     autocast,

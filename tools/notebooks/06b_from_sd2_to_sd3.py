@@ -20,10 +20,10 @@
 import time
 
 import matplotlib
-from matplotlib.figure import Figure
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from matplotlib.figure import Figure
 
 from common.flow import (
     FlowEulerSampler,
