@@ -41,7 +41,8 @@ def check_reparameterised_sample(m):
         f"expected z of shape {tuple(ref.shape)}, got {getattr(z, 'shape', z)}"
     )
     assert torch.allclose(z, ref, atol=1e-5), (
-        "z should be mu + sigma * eps with eps = torch.randn(mu.shape, generator=generator) (as DiagonalGaussian.sample)"
+        "z should be mu + sigma * eps with eps = torch.randn(mu.shape, generator=generator) "
+        "(as DiagonalGaussian.sample)"
     )
     leaf = moments.clone().requires_grad_(True)
     z = m.reparameterised_sample(leaf, torch.Generator().manual_seed(1))
@@ -99,7 +100,8 @@ def check_compare_with_downsampling(m):
     assert out["latent_numbers"] == n, f"latent_numbers should be c*h*w = {n}, got {out['latent_numbers']}"
     side = out["bicubic_side"]
     assert 3 * side**2 <= n < 3 * (side + 1) ** 2, (
-        f"bicubic_side should be the largest s with 3 s^2 <= {n} (got {side}, expected {int(math.sqrt(n / 3))})"
+        f"bicubic_side should be the largest s with 3 s^2 <= {n} (got {side}, "
+        f"expected {int(math.sqrt(n / 3))})"
     )
     assert out["bicubic_numbers"] == 3 * side**2, "bicubic_numbers should be 3 * side^2"
     assert abs(out["vae_psnr"] - ref_vae) < 0.05, (
@@ -110,7 +112,8 @@ def check_compare_with_downsampling(m):
         F.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1), x
     )
     assert abs(out["bicubic_psnr"] - ref_bic) < 0.5, (
-        f"bicubic_psnr should be about {ref_bic:.2f} dB (antialiased bicubic down, bicubic up), got {out['bicubic_psnr']:.2f}"
+        f"bicubic_psnr should be about {ref_bic:.2f} dB (antialiased bicubic down, bicubic up), "
+        f"got {out['bicubic_psnr']:.2f}"
     )
 
 
@@ -129,7 +132,8 @@ def check_channel_ablation(m):
             z_c[:, c] = 0
             ref = (vae.decode(z_c).clamp(-1, 1) - x).pow(2).mean()
             assert torch.allclose(errors[c].float(), ref, rtol=1e-3, atol=1e-5), (
-                f"channel {c}: expected MSE {ref:.5f} (posterior mean, channel zeroed, decoded, clamped), got {errors[c]:.5f}"
+                f"channel {c}: expected MSE {ref:.5f} (posterior mean, channel zeroed, decoded, "
+                f"clamped), got {errors[c]:.5f}"
             )
     assert (errors >= 0).all() and float(full) >= 0
 
@@ -154,7 +158,8 @@ def check_kl_weight_sweep(m):
         assert 0 <= r["rec"] < 2, f"rec (mean L1 in [-1, 1]) should be in [0, 2), got {r['rec']}"
         assert r["kl"] >= 0 and r["latent_std"] >= 0, "KL and std are non-negative"
     assert results[1]["kl"] < results[0]["kl"], (
-        f"a larger KL weight should give a smaller KL: got {results[0]['kl']:.1f} at 0 and {results[1]['kl']:.1f} at 1.0"
+        f"a larger KL weight should give a smaller KL: got {results[0]['kl']:.1f} at 0 and "
+        f"{results[1]['kl']:.1f} at 1.0"
     )
 
 

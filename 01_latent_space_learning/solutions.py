@@ -27,7 +27,7 @@ def reparameterised_sample(moments: torch.Tensor, generator: torch.Generator | N
     return mu + sigma * eps
 
 
-# ---------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
+# -------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
 def gaussian_kl(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
 ) -> torch.Tensor:
@@ -43,7 +43,8 @@ def gaussian_kl(
 
 # ---------------------------------------------------------------------------- 1. VAE against down/upsampling
 def bicubic_down_up(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Shrink images (B, C, H, W) to (B, C, side, side) with antialiased bicubic, then grow them back to H x W."""
+    """Shrink images (B, C, H, W) to (B, C, side, side) with antialiased bicubic, then
+    grow them back to H x W."""
     H, W = x.shape[-2:]
     small = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
     return F.interpolate(small, size=(H, W), mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -57,7 +58,8 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare_with_downsampling(vae, x: torch.Tensor) -> dict:
-    """Reconstruct x through the VAE (posterior mean) and through bicubic down/up with at most as many numbers.
+    """Reconstruct x through the VAE (posterior mean) and through bicubic down/up with
+    at most as many numbers.
 
     Returns {"vae_psnr", "bicubic_psnr", "latent_numbers", "bicubic_side", "bicubic_numbers"}.
     """
@@ -164,14 +166,16 @@ if __name__ == "__main__":
     posterior = vae.encode(x)
     zeros = torch.zeros_like(posterior.mean)
     print(
-        f"0b. KL(q(z|x) || N(0, I)) per image: {gaussian_kl(posterior.mean, posterior.logvar, zeros, zeros)[:4]}"
+        "0b. KL(q(z|x) || N(0, I)) per image: "
+        f"{gaussian_kl(posterior.mean, posterior.logvar, zeros, zeros)[:4]}"
     )
     print("1. VAE vs bicubic:", compare_with_downsampling(vae, x))
     print("2. MSE with one latent channel zeroed:", [round(v, 4) for v in channel_ablation(vae, x).tolist()])
     with torch.no_grad():
         z = vae.encode(x).sample(torch.Generator().manual_seed(0))
     print(
-        f"3. scaling factor measured on 16 images: {scaling_factor(z):.4f} (shipped: {vae.config.scaling_factor})"
+        f"3. scaling factor measured on 16 images: {scaling_factor(z):.4f} (shipped: "
+        f"{vae.config.scaling_factor})"
     )
     for r in kl_weight_sweep([0.0, 1e-3, 1e-1], steps=budget(fast=10, cpu=60)):
         print("4.", {k: round(v, 5) for k, v in r.items()})

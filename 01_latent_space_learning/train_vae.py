@@ -10,22 +10,24 @@ The objective is common/losses.py's VAELoss (Esser et al. 2021, eq. 5-7; Rombach
     L_D = [step >= disc_start] hinge(D_patch(x), D_patch(D(z)))
 
 The run then
-1. evaluates on held-out data (``split="test"``: Shapes scenes with held-out colour-shape pairs, or the held-out
-   photograph) with the posterior mean: PSNR, SSIM, and LPIPS when its backbone is on disk; beside it, the
-   baseline of plain bicubic down/up-sampling that keeps as many numbers as the latent (3 s^2 <= c h w);
+1. evaluates on held-out data (``split="test"``: Shapes scenes with held-out colour-shape pairs, or the
+   held-out photograph) with the posterior mean: PSNR, SSIM, and LPIPS when its backbone is on disk; beside
+   it, the baseline of plain bicubic down/up-sampling that keeps as many numbers as the
+   latent (3 s^2 <= c h w);
 2. measures the latent scaling factor, 1 / std of posterior samples z ~ q(z|x) over a few training batches
    (the LDM paper's recipe, which gave SD its 0.18215), and stores it in the config;
 3. writes a diffusers-format folder (config.json + diffusion_pytorch_model.safetensors, loadable by
-   ``diffusers.AutoencoderKL.from_pretrained`` and ``common.autoencoder.AutoencoderKL.load``) with a model card.
+   ``diffusers.AutoencoderKL.from_pretrained`` and
+   ``common.autoencoder.AutoencoderKL.load``) with a model card.
 
 The adversarial term. ``common.training.Trainer`` drives one model with one AdamW. With ``--gan-weight > 0``
 the model is ``ModuleDict(vae=..., disc=PatchDiscriminator)`` and the step minimises L_G + L_D where each term
 reaches only its own player: the generator's adversarial term sees the discriminator through a stop-gradient
-view (its weights detached), and L_D sees detached reconstructions. Adam is element-wise, so one AdamW over the
-two disjoint parameter sets is exactly two AdamWs with the same hyper-parameters taking simultaneous steps (the
-one coupling is the global gradient-norm clip, shared by both). Taming/SD alternate the two updates instead; on
-Shapes the term is off by default (``--gan-weight 0``): flat-coloured shapes reach 30 dB with L1 alone, and the
-GAN's job, sharp texture, has little to do there.
+view (its weights detached), and L_D sees detached reconstructions. Adam is element-wise, so one AdamW over
+the two disjoint parameter sets is exactly two AdamWs with the same hyper-parameters taking simultaneous steps
+(the one coupling is the global gradient-norm clip, shared by both). Taming/SD alternate the two updates
+instead; on Shapes the term is off by default (``--gan-weight 0``): flat-coloured shapes reach 30 dB with L1
+alone, and the GAN's job, sharp texture, has little to do there.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ DATASETS = ("shapes", "photos", "digits")
 FACTORS = (4, 8)
 
 
-# ----------------------------------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------------------------------- data
 class Images(torch.utils.data.Dataset):
     """Any of the course's datasets as {"image": (3, H, W) in [-1, 1]} (grey digits repeated to RGB)."""
 
@@ -114,9 +116,10 @@ class StopGradient(nn.Module):
         return torch.func.functional_call(module, {**params, **dict(module.named_buffers())}, (x,))
 
 
-# ----------------------------------------------------------------------------------------------------------- eval
+# ------------------------------------------------------------------------------------------------------- eval
 def bicubic_baseline(x: torch.Tensor, numbers: int) -> tuple[torch.Tensor, int]:
-    """Bicubic down to s x s with 3 s^2 <= ``numbers`` (the latent's size), then back up; returns (x_hat, s)."""
+    """Bicubic down to s x s with 3 s^2 <= ``numbers`` (the latent's size), then back
+    up; returns (x_hat, s)."""
     C, H, W = x.shape[1:]
     s = int(math.floor(math.sqrt(numbers / C)))
     small = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
@@ -125,7 +128,8 @@ def bicubic_baseline(x: torch.Tensor, numbers: int) -> tuple[torch.Tensor, int]:
 
 @torch.no_grad()
 def evaluate(vae: AutoencoderKL, ds: Images, n: int, device, batch_size: int = 32) -> dict:
-    """PSNR / SSIM (and LPIPS when available) of reconstructions through the posterior mean, and of bicubic."""
+    """PSNR / SSIM (and LPIPS when available) of reconstructions through the posterior
+    mean, and of bicubic."""
     vae.eval()
     xs, recs, bics = [], [], []
     for start in range(0, n, batch_size):
@@ -169,7 +173,7 @@ def measure_scaling_factor(
     return 1.0 / std, std
 
 
-# ----------------------------------------------------------------------------------------------------------- card
+# ------------------------------------------------------------------------------------------------------- card
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -245,7 +249,7 @@ def ship(
     return cli.ship(folder, "vae", write, overwrite=overwrite, what=what)
 
 
-# ----------------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -340,7 +344,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resolution % args.factor:
         p.error(
             f"--resolution {args.resolution} is not a multiple of --factor {args.factor}; "
-            f"the encoder halves the side {int(math.log2(args.factor))} times (try {args.resolution // args.factor * args.factor})"
+            f"the encoder halves the side {int(math.log2(args.factor))} times (try "
+            f"{args.resolution // args.factor * args.factor})"
         )
     if args.latent_channels < 1:
         p.error(f"--latent-channels must be >= 1, got {args.latent_channels}")
@@ -392,8 +397,8 @@ def main(argv=None) -> dict:
         ):
             raise cli.UsageError(
                 f"--init-from {args.init_from} holds a VAE of another config "
-                f"({start.config.block_out_channels}, {start.config.latent_channels} latent channels); expected "
-                f"{config.block_out_channels}, {config.latent_channels}"
+                f"({start.config.block_out_channels}, {start.config.latent_channels} latent channels); "
+                f"expected {config.block_out_channels}, {config.latent_channels}"
             )
         vae.load_state_dict(start.state_dict())
         print(f"initialised from {args.init_from}")
@@ -500,7 +505,8 @@ def main(argv=None) -> dict:
     metrics, (x, rec, bic) = evaluate(vae, test_ds, args.eval_images, device)
     print(f"scaling factor: 1 / std(z) = 1 / {std:.4f} = {scale:.5f}   (SD 1.x: 0.18215)")
     print(
-        f"held-out ({metrics['n_images']} images): VAE PSNR {metrics['psnr']:.2f} dB SSIM {metrics['ssim']:.4f}"
+        f"held-out ({metrics['n_images']} images): VAE PSNR {metrics['psnr']:.2f} dB "
+        f"SSIM {metrics['ssim']:.4f}"
         + (
             f" LPIPS {metrics['lpips']:.4f}"
             if "lpips" in metrics
@@ -508,8 +514,9 @@ def main(argv=None) -> dict:
         )
     )
     print(
-        f"bicubic down/up to {metrics['bicubic_side']}x{metrics['bicubic_side']}x3 = {metrics['bicubic_numbers']} numbers "
-        f"(latent: {metrics['latent_numbers']}): PSNR {metrics['bicubic_psnr']:.2f} dB SSIM {metrics['bicubic_ssim']:.4f}"
+        f"bicubic down/up to {metrics['bicubic_side']}x{metrics['bicubic_side']}x3 = "
+        f"{metrics['bicubic_numbers']} numbers (latent: {metrics['latent_numbers']}): "
+        f"PSNR {metrics['bicubic_psnr']:.2f} dB SSIM {metrics['bicubic_ssim']:.4f}"
         + (f" LPIPS {metrics['bicubic_lpips']:.4f}" if "bicubic_lpips" in metrics else "")
     )
 
@@ -530,7 +537,8 @@ def main(argv=None) -> dict:
         if argv is None
         else "main(" + repr(argv) + ")",
         "data_description": {
-            "shapes": "common.data.Shapes (train split; evaluated on the test split, held-out colour-shape pairs)",
+            "shapes": "common.data.Shapes (train split; evaluated on the test split, "
+            "held-out colour-shape pairs)",
             "photos": (
                 "common.data.Photos: crops of the photographs bundled with scikit-image and matplotlib "
                 f"({len(PHOTOS) - 1} for training; evaluated on crops of the held-out 'chelsea')"
@@ -548,7 +556,8 @@ def main(argv=None) -> dict:
         "train_minutes": train_minutes,
         "total_minutes": total_minutes,
         "resumed_from": str(trainer.resumed_from or ""),
-        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads ({os.cpu_count()} cores, shared)"
+        "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads "
+        f"({os.cpu_count()} cores, shared)"
         if device.type == "cpu"
         else describe(device),
         "parameters": sum(p.numel() for p in vae.parameters()),

@@ -142,8 +142,8 @@ def check_timestep_embedding(m):
         err = float((ours.float() - ref).abs().max())
         assert err <= 1e-3, (
             f"{what} (dim={dim}, flip_sin_to_cos={flip}, downscale_freq_shift={shift}, scale={scale}): "
-            f"differs from diffusers' get_timestep_embedding by {err:.2e}; first row yours {ours[1, :4].tolist()}, "
-            f"diffusers {ref[1, :4].tolist()}"
+            f"differs from diffusers' get_timestep_embedding by {err:.2e}; "
+            f"first row yours {ours[1, :4].tolist()}, diffusers {ref[1, :4].tolist()}"
         )
 
 
@@ -174,8 +174,8 @@ def check_dpmpp_first_order_step(m):
         ref_ddim = ddim.step(eps, t, z, eta=0.0).prev_sample
         assert torch.is_tensor(ours) and ours.shape == z.shape, f"expected a tensor of shape {tuple(z.shape)}"
         assert torch.isfinite(ours).all(), (
-            f"step {i} (t = {t}, alpha_bar_prev = {alpha_bar_prev}) gave non-finite values: at alpha_bar_prev = 1, "
-            "sigma_s = 0, lambda_s = +inf and exp(-h) = 0, so z_s = x0_pred"
+            f"step {i} (t = {t}, alpha_bar_prev = {alpha_bar_prev}) gave non-finite values: "
+            "at alpha_bar_prev = 1, sigma_s = 0, lambda_s = +inf and exp(-h) = 0, so z_s = x0_pred"
         )
         bound = 1e-4 * max(1.0, float(ref_dpm.abs().max()))
         err_dpm = float((ours - ref_dpm).abs().max())
@@ -205,8 +205,8 @@ def check_ldm_loss(m):
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
     ref = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, class_labels=labels), eps)
     assert abs(loss.item() - ref.item()) <= 1e-5, (
-        f"ldm_loss = {loss.item():.6f}, expected {ref.item():.6f}: draw t with torch.randint(0, T, (B,), generator=g) "
-        "first, then eps with torch.randn(z0.shape, generator=g), and pass class_labels=labels"
+        f"ldm_loss = {loss.item():.6f}, expected {ref.item():.6f}: draw t with torch.randint(0, T, (B,), "
+        "generator=g) first, then eps with torch.randn(z0.shape, generator=g), and pass class_labels=labels"
     )
     loss.backward()
     assert unet.class_embedding.weight.grad is not None, (
@@ -263,7 +263,8 @@ def check_scaling_factor_experiment(m):
         )
         ref = alphas_cumprod * z.var() / (1 - alphas_cumprod)
         assert abs(r["snr_mid"] - float(ref[500])) < 1e-3 * float(ref[500]), (
-            f"{name}: snr_mid should be the SNR at t = T/2 = 500: {float(ref[500]):.4f}, got {r['snr_mid']:.4f}"
+            f"{name}: snr_mid should be the SNR at t = T/2 = 500: "
+            f"{float(ref[500]):.4f}, got {r['snr_mid']:.4f}"
         )
         expected_t = int((ref < 1).float().argmax())
         assert abs(r["t_half"] - expected_t) <= 1, (

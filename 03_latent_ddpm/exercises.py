@@ -170,7 +170,7 @@ def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 9. the scaling factor (open-ended)
+# ------------------------------------------------------------------------- 9. the scaling factor (open-ended)
 def scaling_factor_experiment(
     latents: torch.Tensor,
     labels: torch.Tensor,
@@ -185,9 +185,9 @@ def scaling_factor_experiment(
 ) -> dict:
     """Experiment with the latent scaling factor (Rombach et al. 2022, sec. 4.3.2 and appendix G).
 
-    For each (name, factor) in ``factors`` (e.g. {"1.0": 1.0, "computed": 1 / latents.std(), "0.18215": 0.18215}):
-    train a fresh ``make_unet()`` for ``steps`` AdamW steps on batches of ``latents * factor`` (random batches of
-    ``batch_size`` with their ``labels``) with your ``ldm_loss``, and record
+    For each (name, factor) in ``factors`` (e.g. {"1.0": 1.0, "computed": 1 / latents.std(), "0.18215":
+    0.18215}): train a fresh ``make_unet()`` for ``steps`` AdamW steps on batches of ``latents * factor``
+    (random batches of ``batch_size`` with their ``labels``) with your ``ldm_loss``, and record
 
         {"factor": float, "std": std of latents * factor, "losses": [one float per step],
          "snr": latent_snr(latents * factor, alphas_cumprod) (T,), "snr_mid": its value at t = T // 2,

@@ -40,7 +40,8 @@ CASES = {  # name -> (preset, pixel (C, H), latent (C, h)); the presets come fro
 
 
 def saved_activation_bytes(step_fn) -> int:
-    """Bytes of the tensors autograd saves for backward while ``step_fn()`` builds its graph (each storage once)."""
+    """Bytes of the tensors autograd saves for backward while ``step_fn()`` builds its
+    graph (each storage once)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -55,7 +56,8 @@ def saved_activation_bytes(step_fn) -> int:
 
 
 def measure(config: UNetConfig, channels: int, side: int, batch_size: int, repeats: int, device) -> dict:
-    """One training step of ``config`` (with in/out channels set to ``channels``) on (B, channels, side, side)."""
+    """One training step of ``config`` (with in/out channels set to ``channels``) on
+    (B, channels, side, side)."""
     config = dataclasses.replace(config, in_channels=channels, out_channels=channels, sample_size=side)
     torch.manual_seed(0)
     unet = UNet(config).to(device)
@@ -116,19 +118,20 @@ def compare(case: str, batch_size: int, repeats: int, device, width: int | None 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| case | space | input | wall s / step | CPU s / step | activations MB | params + grads + AdamW MB |",
+        "| case | space | input | wall s / step | CPU s / step | activations MB | "
+        "params + grads + AdamW MB |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['space']} | {r['input']} | {r['seconds_per_step']:.3f} | {r['cpu_seconds_per_step']:.3f} | "
-            f"{r['activation_MB']:.1f} | {r['params_grads_adam_MB']:.1f} |"
+            f"| {r['case']} | {r['space']} | {r['input']} | {r['seconds_per_step']:.3f} | "
+            f"{r['cpu_seconds_per_step']:.3f} | {r['activation_MB']:.1f} | {r['params_grads_adam_MB']:.1f} |"
         )
     for case in dict.fromkeys(r["case"] for r in rows):
         pix, lat = [r for r in rows if r["case"] == case]
         lines.append(
-            f"\n{case}: latent is {pix['seconds_per_step'] / lat['seconds_per_step']:.1f}x faster per step (wall; "
-            f"{pix['cpu_seconds_per_step'] / lat['cpu_seconds_per_step']:.1f}x in CPU time) and "
+            f"\n{case}: latent is {pix['seconds_per_step'] / lat['seconds_per_step']:.1f}x faster per step "
+            f"(wall; {pix['cpu_seconds_per_step'] / lat['cpu_seconds_per_step']:.1f}x in CPU time) and "
             f"holds {pix['activation_MB'] / lat['activation_MB']:.1f}x less activation memory"
         )
     return "\n".join(lines)

@@ -129,7 +129,7 @@ def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod * z0.float().var() / (1 - alphas_cumprod)
 
 
-# ---------------------------------------------------------------------------- 9. the scaling-factor experiment
+# --------------------------------------------------------------------------- 9. the scaling-factor experiment
 def scaling_factor_experiment(
     latents: torch.Tensor,
     labels: torch.Tensor,
@@ -227,8 +227,8 @@ if __name__ == "__main__":
     )
     for name, r in out.items():
         print(
-            f"factor {name:>9}: latent std {r['std']:.3f}, SNR at T/2 {r['snr_mid']:.3f}, SNR < 1 from t = {r['t_half']}, "
-            f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+            f"factor {name:>9}: latent std {r['std']:.3f}, SNR at T/2 {r['snr_mid']:.3f}, "
+            f"SNR < 1 from t = {r['t_half']}, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
         )
 
 

@@ -9,7 +9,8 @@
 Rombach et al. 2022 (sec. 3.2, eq. 2): with the autoencoder (E, D) frozen, train
     L_LDM = E_{z0 = s E(x), y, eps ~ N(0, I), t ~ U{0..T-1}} || eps - eps_theta(z_t, t, y) ||^2,
     z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps                       (Ho et al. 2020, eq. 4, 14)
-where s is the latent scaling factor (SD 1.x: 0.18215 = 1 / std of its latents) and y the class label (Digits).
+where s is the latent scaling factor (SD 1.x: 0.18215 = 1 / std of its latents) and y
+the class label (Digits).
 
 What the run does:
 1. loads the VAE (``--vae``, default the shipped checkpoints/vae_digits or vae_shapes), frozen;
@@ -54,11 +55,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SD_SCALING_FACTOR = 0.18215
 
 
-# ------------------------------------------------------------------------------------------------ configuration
+# ---------------------------------------------------------------------------------------------- configuration
 def unet_config(data: str, width: int | None, null_class: bool = False) -> UNetConfig:
-    """The chapter's presets (common.unet), with base width ``width``: channels (w, 2w, ...), min(32, w) groups.
+    """The chapter's presets (common.unet), with base width ``width``: channels
+    (w, 2w, ...), min(32, w) groups.
 
-    ``null_class`` adds an 11th class embedding, "no label", for classifier-free guidance (Ho & Salimans 2022).
+    ``null_class`` adds an 11th class embedding, "no label", for classifier-free
+    guidance (Ho & Salimans 2022).
     """
     config = UNetConfig.digits() if data == "digits" else UNetConfig.shapes_uncond()
     if null_class and config.num_class_embeds is not None:
@@ -70,14 +73,16 @@ def unet_config(data: str, width: int | None, null_class: bool = False) -> UNetC
 
 
 def make_schedule(name: str, prediction_type: str, T: int) -> NoiseSchedule:
-    """SD's scaled-linear betas, Ho et al.'s linear ones (1e-4 .. 0.02) or the cosine schedule (errors list them)."""
+    """SD's scaled-linear betas, Ho et al.'s linear ones (1e-4 .. 0.02) or the cosine
+    schedule (errors list them)."""
     if name == "linear":
         return NoiseSchedule(T, "linear", 1e-4, 0.02, prediction_type=prediction_type)
     return NoiseSchedule(T, name, prediction_type=prediction_type)
 
 
 def parse_samplers(spec: str, schedule: NoiseSchedule) -> list:
-    """'ddim:50,dpmpp_2m:20,ddpm:1000' -> samplers (all with trailing spacing: the first step starts at t = T-1)."""
+    """'ddim:50,dpmpp_2m:20,ddpm:1000' -> samplers (all with trailing spacing: the first
+    step starts at t = T-1)."""
     samplers = []
     for item in spec.split(","):
         name, _, steps = item.strip().partition(":")
@@ -91,7 +96,8 @@ def parse_samplers(spec: str, schedule: NoiseSchedule) -> list:
 def load_images(
     data: str, split: str, n: int, seed: int, resolution: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (n, 3, R, R) in [-1, 1], labels (n,)); digits are grey, repeated to RGB as the VAE was trained."""
+    """(images (n, 3, R, R) in [-1, 1], labels (n,)); digits are grey, repeated to RGB
+    as the VAE was trained."""
     from common.data import Digits, Shapes
 
     if data == "digits":
@@ -137,7 +143,8 @@ def encode_cached(
 
 
 def computed_scaling_factor(cache: dict, seed: int = 0) -> float:
-    """1 / std of posterior samples z ~ q(z | x) over the cache (Rombach et al. 2022, sec. 4.3.2 / appendix G)."""
+    """1 / std of posterior samples z ~ q(z | x) over the cache (Rombach et al. 2022,
+    sec. 4.3.2 / appendix G)."""
     g = torch.Generator().manual_seed(seed)
     z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape, generator=g)
     return float(1.0 / z.std())
@@ -220,7 +227,8 @@ def decode(
 
 
 def latent_features(z: torch.Tensor) -> torch.Tensor:
-    """Latents pooled to 4x4 and flattened (64-d for 4 channels): the features of the latent Frechet distance."""
+    """Latents pooled to 4x4 and flattened (64-d for 4 channels): the features of the
+    latent Frechet distance."""
     return F.adaptive_avg_pool2d(z.float(), 4).flatten(1)
 
 
@@ -397,8 +405,9 @@ def run(args) -> dict:
         cli.check_ship(args.ship, "ldm", overwrite=args.overwrite)
     print(describe(device))
     print(
-        f"data={args.data} schedule={schedule.beta_schedule} prediction={schedule.prediction_type} T={schedule.num_train_timesteps} "
-        f"steps={steps} batch={batch_size} lr={lr} train_size={n_train} unet widths={config.block_out_channels}"
+        f"data={args.data} schedule={schedule.beta_schedule} prediction={schedule.prediction_type} "
+        f"T={schedule.num_train_timesteps} steps={steps} batch={batch_size} lr={lr} train_size={n_train} "
+        f"unet widths={config.block_out_channels}"
     )
 
     # 1-3. the frozen VAE, the cached latents, the scaling factor
@@ -596,7 +605,8 @@ def load_classifier(path: str):
 
 
 def save_forward_preview(vae, cache, scale, schedule, ts, path: Path, seed: int) -> None:
-    """z_t for a few training latents at timesteps ``ts``, decoded: what the forward process does to an image."""
+    """z_t for a few training latents at timesteps ``ts``, decoded: what the forward
+    process does to an image."""
     from common.viz import plot_trajectory
 
     z0 = cache["mean"][:4] * scale
@@ -609,7 +619,8 @@ def save_forward_preview(vae, cache, scale, schedule, ts, path: Path, seed: int)
 
 
 def save_model(unet: UNet, schedule: NoiseSchedule, folder: Path, result: dict) -> Path:
-    """diffusers layout: config.json + diffusion_pytorch_model.safetensors, scheduler_config.json, ldm.json."""
+    """diffusers layout: config.json + diffusion_pytorch_model.safetensors,
+    scheduler_config.json, ldm.json."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -679,8 +690,8 @@ def write_card(folder: Path, result: dict, argv: list[str]) -> None:
         for r in result["samplers"]
     )
     data = (
-        "Digits (common.data.Digits, split='train'): offline, digits rendered from matplotlib's fonts with random "
-        "affine + elastic distortion (MNIST was not on disk)"
+        "Digits (common.data.Digits, split='train'): offline, digits rendered from matplotlib's fonts with "
+        "random affine + elastic distortion (MNIST was not on disk)"
         if result["data"] == "digits"
         else "Shapes (common.data.Shapes)"
     )

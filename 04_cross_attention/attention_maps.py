@@ -1,4 +1,5 @@
-"""Which pixels does each word look at? The share of a word's cross-attention inside its object, against chance.
+"""Which pixels does each word look at? The share of a word's cross-attention inside
+its object, against chance.
 
     python 04_cross_attention/attention_maps.py                     # the course model (checkpoints/course_t2i)
     python 04_cross_attention/attention_maps.py --model tiny        # a tiny random pipeline: the no-learning baseline
@@ -9,8 +10,9 @@ Cross-attention maps read as word-to-region associations, made measurable
 
 1. prompts: two-object Shapes scenes from the held-out test split whose objects differ in colour, captioned
    "a {size} {colour} {shape} {relation} a {size} {colour} {shape}";
-2. generate each with the pipeline capturing cross-attention: A_j(x), the weight pixel x gives token j, averaged
-   over heads, layers (each upsampled to the image), the denoising steps and the conditional half of the batch;
+2. generate each with the pipeline capturing cross-attention: A_j(x), the weight pixel x gives token j,
+   averaged over heads, layers (each upsampled to the image), the denoising steps and the
+   conditional half of the batch;
 3. for each object k and each of its two words w (its colour word and its shape word):
        share(w, M) = sum_{x in M} A_w(x) / sum_x A_w(x)      chance(M) = |M| / (H W)
    for M = M_k, the object's mask ("own"), and M = the other object's mask ("other");
@@ -18,13 +20,14 @@ Cross-attention maps read as word-to-region associations, made measurable
    lift (share / chance) and two rates: share > chance, and own > other (the word binds to ITS object).
 
 Which masks. The model decides where the objects go (the relation fixes only their order along an axis), so
-the canonical layout of the parsed prompt need not match the image. The main figure therefore uses masks of the
-GENERATED image: ``common.judge.segment`` finds the objects against the plain background and each component is
-named by its colour; object k's mask is the union of the components of its colour (a colour the model did not
-draw leaves that object out, counted in "found"; so does a component over ``MAX_AREA`` of the image, which is
-a noisy background rather than an object). The colours differ, so the two masks never mix up. The masks
-of the parsed scene's canonical layout (``common.shapes.parse`` + ``render``) are reported beside it, over every
-object: they measure attention and layout adherence together. A random pipeline gives the chance baseline.
+the canonical layout of the parsed prompt need not match the image. The main figure therefore uses masks of
+the GENERATED image: ``common.judge.segment`` finds the objects against the plain background and each
+component is named by its colour; object k's mask is the union of the components of its colour (a colour the
+model did not draw leaves that object out, counted in "found"; so does a component over ``MAX_AREA`` of the
+image, which is a noisy background rather than an object). The colours differ, so the two masks never mix up.
+The masks of the parsed scene's canonical layout (``common.shapes.parse`` + ``render``) are reported beside
+it, over every object: they measure attention and layout adherence together. A random pipeline
+gives the chance baseline.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def tiny_pipeline(seed: int = 0, device=None):
 
 
 def load_pipeline(model: str, device=None):
-    """``"tiny"``, ``"auto"`` (the course model; the tiny pipeline under COURSE_FAST) or a diffusers folder."""
+    """``"tiny"``, ``"auto"`` (the course model; the tiny pipeline under COURSE_FAST)
+    or a diffusers folder."""
     from common.pipeline import StableDiffusion
 
     if model == "tiny" or (model == "auto" and is_fast()):
@@ -89,7 +93,8 @@ def two_object_prompts(n: int, seed: int) -> list[str]:
 
 
 def word_positions(tokens: list[str], scene) -> list[dict[str, int]]:
-    """Per object, the context positions of its colour word and of its shape word (the first after the colour)."""
+    """Per object, the context positions of its colour word and of its shape word
+    (the first after the colour)."""
     out = []
     for o in scene.objects:
         c = tokens.index(o.color)  # the colours differ, so each colour word occurs once
@@ -120,7 +125,8 @@ def layout_masks(scene, resolution: int) -> list[np.ndarray]:
 
 
 def mass_in_mask(attn_map: torch.Tensor, mask: np.ndarray) -> tuple[float, float]:
-    """(share of the map's mass inside the mask, the mask's area fraction). attn_map (H, W), mask (H, W) bool."""
+    """(share of the map's mass inside the mask, the mask's area fraction). attn_map
+    (H, W), mask (H, W) bool."""
     a = attn_map.double()
     m = torch.from_numpy(np.asarray(mask, bool))
     return float(a[m].sum() / a.sum().clamp_min(1e-12)), float(m.double().mean())
@@ -136,7 +142,8 @@ def measure(
     batch_size: int,
     size: int | None,
 ) -> tuple[list[dict], list[dict]]:
-    """Generate every prompt with attention capture; returns (one row per object word and mask source, examples)."""
+    """Generate every prompt with attention capture; returns (one row per object word and
+    mask source, examples)."""
     from common.shapes import parse
 
     rows, examples = [], []
@@ -200,8 +207,9 @@ def measure(
 
 
 def summarise(rows: list[dict], n_objects: int) -> dict:
-    """Per mask source and word kind: mean shares, chance, lift and the two rates (None where nothing was found);
-    then the generated masks again, split by the object's place in the prompt (first- or second-named)."""
+    """Per mask source and word kind: mean shares, chance, lift and the two rates
+    (None where nothing was found); then the generated masks again, split by the object's place in the prompt
+    (first- or second-named)."""
     summary = {}
     groups = [(source, source, None) for source in SOURCES]
     groups += [(f"{SOURCES[0]}, object {k}", SOURCES[0], k) for k in range(2)]
@@ -255,8 +263,9 @@ def report(summary: dict) -> str:
 
 
 def figure(examples: list[dict], path: Path, n: int = N_EXAMPLES) -> None:
-    """Per example: the image, then the colour and shape words' maps of both objects, each with its object's mask
-    outlined (solid: found in the generated image; dashed: the canonical layout, when the colour was not drawn)."""
+    """Per example: the image, then the colour and shape words' maps of both objects, each with its object's
+    mask outlined (solid: found in the generated image; dashed: the canonical layout, when the
+    colour was not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     summary = summarise(rows, 2 * len(prompts))
     print(
-        f"model: {model_name}; {len(prompts)} two-object prompts, {steps} DDIM steps, guidance {args.guidance}, "
-        f"{seconds:.1f} s"
+        f"model: {model_name}; {len(prompts)} two-object prompts, {steps} DDIM steps, "
+        f"guidance {args.guidance}, {seconds:.1f} s"
     )
     print(report(summary))
 

@@ -177,7 +177,8 @@ def check_guidance_scale_sweep(m):
     )
     gaps = [(images[i] - images[0]).abs().mean().item() for i in range(1, len(scales))]
     assert all(b > a for a, b in zip(gaps, gaps[1:])), (
-        f"images should move further from the s = 1 image as s grows (same seed at every scale); mean |x_s - x_1| = {gaps}"
+        "images should move further from the s = 1 image as s grows (same seed at every scale); "
+        f"mean |x_s - x_1| = {gaps}"
     )
 
 

@@ -1,12 +1,12 @@
-"""Chapter 04 exercises: attention written out, the multi-head reshape, classifier-free guidance, how much of a
-word's attention falls on its object, and a guidance-scale sweep.
+"""Chapter 04 exercises: attention written out, the multi-head reshape, classifier-free guidance, how much of
+a word's attention falls on its object, and a guidance-scale sweep.
 
 Fill in each function, then grade your file:
 
     python -m common.grade 04
 
-Legend (as in common/attention.py): B batch, h heads, N_q query tokens (the pixels), N_k key tokens (the words),
-d head width, D model width, D_c context width. Do not call ``F.scaled_dot_product_attention`` or
+Legend (as in common/attention.py): B batch, h heads, N_q query tokens (the pixels), N_k key tokens
+(the words), d head width, D model width, D_c context width. Do not call ``F.scaled_dot_product_attention`` or
 ``nn.MultiheadAttention`` here: the checks compare your code with them.
 """
 
@@ -85,18 +85,18 @@ def classifier_free_guidance(
 def attention_mass_in_mask(attn_map: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How much of one token's attention falls inside a region, against chance.
 
-    attn_map (..., H, W): a token's attention over the pixels (non-negative, any total); mask (..., H, W) bool,
-    the same shape (raise ValueError otherwise: resize the map first).
+    attn_map (..., H, W): a token's attention over the pixels (non-negative, any total); mask (..., H, W)
+    bool, the same shape (raise ValueError otherwise: resize the map first).
     share  = sum over the mask of the map / sum of the map (the map normalised to total 1, then summed in M);
     chance = the mask's area fraction |M| / (H W): the share a uniform map would have.
     Returns (share, chance), each of shape (...) (0-d tensors for a single map).
-    ``attention_maps.py`` reports this for each object word of a generated image: share well above chance means
-    the word's attention found its object.
+    ``attention_maps.py`` reports this for each object word of a generated image: share well above chance
+    means the word's attention found its object.
     """
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 5. a guidance-scale sweep (open-ended)
+# --------------------------------------------------------------------- 5. a guidance-scale sweep (open-ended)
 def guidance_scale_sweep(
     pipe, prompt: str, scales: list[float], *, seed: int = 0, steps: int = 10, size: int | None = None
 ) -> torch.Tensor:
@@ -105,7 +105,7 @@ def guidance_scale_sweep(
     ``pipe`` is a ``common.pipeline.StableDiffusion``: call it with ``num_inference_steps=steps``,
     ``guidance_scale=s``, ``generator=seed``, ``height=size``, ``width=size``, ``output_type="pt"``.
     The check asks for shapes, the value range, the same image for the same seed, and images that move further
-    from the s = 1 image as s grows. Then look: on the course model (``checkpoints/course_t2i``), at which scale
-    do the colours and shapes match the prompt, and what goes wrong at s = 15?
+    from the s = 1 image as s grows. Then look: on the course model (``checkpoints/course_t2i``), at which
+    scale do the colours and shapes match the prompt, and what goes wrong at s = 15?
     """
     raise NotImplementedError

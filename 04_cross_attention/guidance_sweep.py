@@ -166,8 +166,8 @@ def pick_for_grid(per_prompt: dict, scales) -> list[str]:
 
 
 def seeds_for_grid(per_prompt: dict, scales, n: int = GRID_SEEDS) -> list[int]:
-    """The seeds a grid row shows: up to n // 2 whose verdict goes from wrong at s = 1 to right at s = 3 (where
-    guidance changes the outcome), then the lowest-numbered others, in seed order."""
+    """The seeds a grid row shows: up to n // 2 whose verdict goes from wrong at s = 1 to right at s = 3
+    (where guidance changes the outcome), then the lowest-numbered others, in seed order."""
     k1, k3 = list(scales).index(1.0), list(scales).index(3.0)
     verdicts = per_prompt["all"]
     flipped = [j for j in range(len(verdicts[k1])) if not verdicts[k1][j] and verdicts[k3][j]][: n // 2]

@@ -18,10 +18,11 @@ import torch
 def scaled_dot_product_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + M) V (Vaswani et al. 2017, eq. 1). q (..., N_q, d), k (..., N_k, d), v (..., N_k, d_v).
+    """softmax(Q K^T / sqrt(d) + M) V (Vaswani et al. 2017, eq. 1). q (..., N_q, d), k
+    (..., N_k, d), v (..., N_k, d_v).
 
-    ``mask`` follows ``F.scaled_dot_product_attention``'s ``attn_mask``: a bool tensor (True = may attend) or a
-    float tensor added to the scores; it broadcasts to (..., N_q, N_k). Returns (..., N_q, d_v).
+    ``mask`` follows ``F.scaled_dot_product_attention``'s ``attn_mask``: a bool tensor (True = may attend) or
+    a float tensor added to the scores; it broadcasts to (..., N_q, N_k). Returns (..., N_q, d_v).
     """
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., N_q, N_k)
     if mask is not None:
@@ -35,7 +36,8 @@ def scaled_dot_product_attention(
 
 # ---------------------------------------------------------------------------- 2. the multi-head reshape
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, N, h*d) -> (B, h, N, d): the inner width is h blocks of d, one per head; heads move next to batch."""
+    """(B, N, h*d) -> (B, h, N, d): the inner width is h blocks of d, one per head;
+    heads move next to batch."""
     B, N, inner = x.shape
     if inner % heads:
         raise ValueError(f"width {inner} does not split into {heads} heads")
@@ -84,8 +86,9 @@ def classifier_free_guidance(
 def attention_mass_in_mask(attn_map: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The share of a token's attention mass inside a region, and the share a uniform map would put there.
 
-    attn_map (..., H, W) non-negative (one token's attention over the pixels); mask (..., H, W) bool, same shape.
-    share = sum_{x in M} A(x) / sum_x A(x); chance = |M| / (H W). Returns (share, chance), each of shape (...).
+    attn_map (..., H, W) non-negative (one token's attention over the pixels); mask (..., H, W) bool, same
+    shape. share = sum_{x in M} A(x) / sum_x A(x); chance = |M| / (H W). Returns
+    (share, chance), each of shape (...).
     """
     if attn_map.shape != mask.shape:
         raise ValueError(
@@ -135,7 +138,8 @@ if __name__ == "__main__":
     keep[:, 0] = True
     ours = scaled_dot_product_attention(q, k, v, keep)
     print(
-        f"1. attention: max |ours - F.sdpa| = {(ours - F.scaled_dot_product_attention(q, k, v, attn_mask=keep)).abs().max():.2e}"
+        "1. attention: max |ours - F.sdpa| "
+        f"= {(ours - F.scaled_dot_product_attention(q, k, v, attn_mask=keep)).abs().max():.2e}"
     )
 
     D, D_c, h = 16, 12, 4
@@ -145,7 +149,8 @@ if __name__ == "__main__":
         x, c, ref.q_proj_weight, ref.k_proj_weight, ref.v_proj_weight, ref.out_proj.weight, h
     )
     print(
-        f"2. multi-head: max |ours - nn.MultiheadAttention| = {(ours - ref(x, c, c, need_weights=False)[0]).abs().max():.2e}"
+        "2. multi-head: max |ours - nn.MultiheadAttention| "
+        f"= {(ours - ref(x, c, c, need_weights=False)[0]).abs().max():.2e}"
     )
 
     e_u, e_c = torch.zeros(3), torch.ones(3)

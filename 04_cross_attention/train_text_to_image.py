@@ -11,9 +11,9 @@ latent pixel read the words (Q from pixels, K and V from c). Captions are droppe
 the same network also predicts eps(z_t, t, "") and sampling can use classifier-free guidance.
 
 Then it draws the held-out prompts (``Shapes.prompts("test")``: every prompt holds a colour/shape pair never
-seen in training) and the judge (``common/judge.py``, checkpoints/shapes_judge) reports colour, shape, size and
-position accuracy for one-object prompts, and objects + relation for two-object prompts. All the logic lives
-in common/text_to_image.py (shared with chapter 06's train_text_to_image.py).
+seen in training) and the judge (``common/judge.py``, checkpoints/shapes_judge) reports colour, shape, size
+and position accuracy for one-object prompts, and objects + relation for two-object prompts. All the logic
+lives in common/text_to_image.py (shared with chapter 06's train_text_to_image.py).
 """
 
 from __future__ import annotations

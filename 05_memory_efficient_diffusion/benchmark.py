@@ -217,7 +217,8 @@ def _seeded(make, seed: int):
 
 
 def build_case(*, row: str, side: str, quick: bool, device: str, seed: int = 0, compile_row: bool = False):
-    """Build the model and inputs of ``row`` for ``side`` ("ours" or "diffusers"); return the call to measure."""
+    """Build the model and inputs of ``row`` for ``side`` ("ours" or "diffusers");
+    return the call to measure."""
     from common.autoencoder import AutoencoderKL
     from common.unet import UNet
 

@@ -48,7 +48,8 @@ def check_attention_memory_bytes(m):
     predicted = m.attention_memory_bytes(image_side=256, batch=1, heads=2)  # 32 x 32 = 1024 tokens
     measured, _ = measure(attention_case(backend="math", batch=1, heads=2, tokens=1024, dim_head=8), warmup=1)
     assert 1.6 * predicted <= measured.peak_bytes <= 2.6 * predicted, (
-        f"measured {measured.peak_mib:.1f} MiB for the math path, about twice your {predicted / MiB:.1f} MiB expected"
+        f"measured {measured.peak_mib:.1f} MiB for the math path, "
+        f"about twice your {predicted / MiB:.1f} MiB expected"
     )
 
 
@@ -112,10 +113,12 @@ def check_largest_side(m):
             f"expected a multiple of 64, got {side!r}"
         )
         assert side == 0 or peak(side, batch, heads) <= budget, (
-            f"budget {budget / MiB:.0f} MiB: {side} px needs {peak(side, batch, heads) / MiB:.0f} MiB, over budget"
+            f"budget {budget / MiB:.0f} MiB: "
+            f"{side} px needs {peak(side, batch, heads) / MiB:.0f} MiB, over budget"
         )
         assert peak(side + 64, batch, heads) > budget, (
-            f"budget {budget / MiB:.0f} MiB: {side + 64} px also fits ({peak(side + 64, batch, heads) / MiB:.0f} MiB)"
+            f"budget {budget / MiB:.0f} MiB: {side + 64} px also fits "
+            f"({peak(side + 64, batch, heads) / MiB:.0f} MiB)"
         )
     # the measured math path at the answer for 24 MiB stays within it (plus the small output)
     side = m.largest_side(24 * MiB, batch=1, heads=2)

@@ -2,7 +2,8 @@
 
 From easy to open-ended:
 
-1. ``sliced_attention``: attention over chunks of queries, equal to full attention for a fraction of the memory.
+1. ``sliced_attention``: attention over chunks of queries, equal to full attention for
+   a fraction of the memory.
 2. ``attention_memory_bytes``: predict the bytes of one layer's attention weights at a given resolution.
 3. ``blend_tiles``: the overlap blending of tiled VAE decoding, graded by its seam error against untiled.
 4. ``largest_side``: the largest image that fits a memory budget (open-ended; checked against the formula
@@ -24,8 +25,8 @@ def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_si
     Full attention holds the (B, h, N_q, N_k) weight matrix at once; each query row's softmax needs only its
     own row of scores, so the rows can be computed in slices and the peak drops to (B, h, slice_size, N_k).
 
-    Hints: allocate the output with ``torch.empty_like(q)``; loop ``start`` over ``range(0, N_q, slice_size)``;
-    the last slice may be shorter; scale by 1 / sqrt(d) with d = q.shape[-1].
+    Hints: allocate the output with ``torch.empty_like(q)``; loop ``start`` over
+    ``range(0, N_q, slice_size)``; the last slice may be shorter; scale by 1 / sqrt(d) with d = q.shape[-1].
     """
     raise NotImplementedError("exercise 1: compute attention slice_size query rows at a time")
 
@@ -39,9 +40,9 @@ def attention_memory_bytes(
     the feature map is (image_side / f / 2**level) pixels on a side, and each of its pixels is a token:
     N = side**2 tokens attend to N tokens, in every one of ``heads`` heads, for every image of the batch.
 
-    Example: SD 1.5 at 512 px with classifier-free guidance (batch 2), 8 heads, level 0: 64 x 64 = 4096 tokens,
-    2 * 8 * 4096 * 4096 * 4 bytes = 1 GiB, for one matrix (the math path holds two at its peak: the scores
-    and their softmax).
+    Example: SD 1.5 at 512 px with classifier-free guidance (batch 2), 8 heads, level 0: 64 x 64 = 4096
+    tokens, 2 * 8 * 4096 * 4096 * 4 bytes = 1 GiB, for one matrix (the math path holds two at its peak: the
+    scores and their softmax).
     """
     raise NotImplementedError("exercise 2: batch x heads x N x N x bytes, with N the tokens at that level")
 

@@ -13,7 +13,8 @@ import torch
 
 
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V, ``slice_size`` query rows at a time. q: (B, h, N_q, d) -> (B, h, N_q, d)."""
+    """softmax(Q K^T / sqrt(d)) V, ``slice_size`` query rows at a time. q:
+    (B, h, N_q, d) -> (B, h, N_q, d)."""
     if slice_size < 1:
         raise ValueError(f"slice_size must be >= 1, got {slice_size}")
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -93,7 +94,8 @@ if __name__ == "__main__":
     for side in (256, 512, 768, 1024):
         b = attention_memory_bytes(image_side=side, batch=2, heads=8)
         print(
-            f"2. SD 1.5, {side:4d} px, CFG batch 2, 8 heads: one attention matrix at level 0 = {b / 2**30:7.3f} GiB"
+            f"2. SD 1.5, {side:4d} px, CFG batch 2, 8 heads: "
+            f"one attention matrix at level 0 = {b / 2**30:7.3f} GiB"
         )
     spans = [(0, 16), (12, 28), (24, 40)]
     img = torch.randn(1, 3, 40, 40)
@@ -105,5 +107,6 @@ if __name__ == "__main__":
     for gib in (1, 4, 16):
         side = largest_side(gib * 2**30, batch=2, heads=8)
         print(
-            f"4. a {gib:2d} GiB budget for SD's first attention layer (math path, CFG batch 2): up to {side} px"
+            f"4. a {gib:2d} GiB budget for SD's first attention layer (math path, "
+            f"CFG batch 2): up to {side} px"
         )

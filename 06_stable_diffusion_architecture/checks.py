@@ -2,7 +2,8 @@
 
 The references are the course pipeline itself (same seed, same sampler) and properties a right answer must
 have (lengths, ranges, growth with strength, the same seeds for every variant). Every check uses a tiny random
-pipeline (``common.pipeline.tiny_random_pipeline``), so it runs in seconds whether or not the course model exists.
+pipeline (``common.pipeline.tiny_random_pipeline``), so it runs in seconds whether or not
+the course model exists.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ CHECKS = [
 ]
 
 
-# ============================================================================ after SD 1.5 (06b_from_sd2_to_sd3)
+# ========================================================================= after SD 1.5 (06b_from_sd2_to_sd3)
 def _zero_snr_scheduler():
     """SD 2.x's schedule rescaled to zero terminal SNR (Lin et al. 2023), as diffusers builds it."""
     from diffusers import DDPMScheduler

@@ -1,4 +1,5 @@
-"""Evaluate a text-to-image model on Shapes: prompt adherence by the judge, a small FID, per sampler and step count.
+"""Evaluate a text-to-image model on Shapes: prompt adherence by the judge, a small FID,
+per sampler and step count.
 
     python 06_stable_diffusion_architecture/evaluate.py                          # the shipped course model
     python 06_stable_diffusion_architecture/evaluate.py --model runs/ship --samplers ddim --steps 25
@@ -98,9 +99,11 @@ def write_judge_card(judge: Judge, path: Path, args, n_images: int, steps: int, 
         f"mask crop ({CROP_TXT}) and names its shape; segmentation, colour, size, position and relation are "
         f"read without learning (see the module docstring).\n\n## Training\n\n- command: `python "
         f"06_stable_diffusion_architecture/evaluate.py --train-judge --judge {args.judge_shown}`\n"
-        f'- data: crops of {n_images:,} Shapes training renders (split="train"), blurred and noised at random\n- steps: {steps} x batch 128, AdamW '
+        f'- data: crops of {n_images:,} Shapes training renders (split="train"), '
+        f"blurred and noised at random\n- steps: {steps} x batch 128, AdamW "
         f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
-        f"Real renders of the evaluation prompts (held-out colour/shape pairs and paraphrases), random layouts:\n\n"
+        "Real renders of the evaluation prompts (held-out colour/shape pairs and "
+        "paraphrases), random layouts:\n\n"
         f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n"
     )
     from common.text_to_image import file_sha256
@@ -355,11 +358,15 @@ def results_markdown(rows: list[dict], args, n: int) -> str:
     two = [r for r in rows if "2 objects" in r["set"]]
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     md = (
-        f"Measured with `{command}` ({describe()}); {n} prompts per set, guidance {args.guidance}, seed {args.seed}.\n"
-        f'"all": every attribute right (one object: exactly one object with the right colour, shape, size and '
-        f"position; two objects: exactly two, both right, and the relation right). FID: Frechet distance of the "
-        f"judge's CNN features of the objects, generated vs real renders of the same prompts (small-scale: compare "
-        f'only within this table). "VAE reconstructions": the judge on D(E(x)) of the real renders through the model\'s own VAE, '
+        f"Measured with `{command}` ({describe()}); {n} prompts per set, "
+        f"guidance {args.guidance}, seed {args.seed}.\n"
+        '"all": every attribute right (one object: exactly one object with the right colour, shape, '
+        "size and "
+        "position; two objects: exactly two, both right, and the relation right). FID: "
+        "Frechet distance of the judge's CNN features of the objects, "
+        "generated vs real renders of the same prompts (small-scale: compare "
+        'only within this table). "VAE reconstructions": the judge on D(E(x)) '
+        "of the real renders through the model's own VAE, "
         f"the best the diffusion model could score.\n\n### One-object prompts\n\n"
         "| sampler | steps | set | n | all | colour | shape | size | position | FID | seconds |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n"
@@ -386,8 +393,8 @@ def results_markdown(rows: list[dict], args, n: int) -> str:
         for r in one
     )
     md += (
-        "\n\n### Two-object prompts\n\n| sampler | steps | set | n | all (objects + relation) | objects | count "
-        "| FID | seconds |\n|---|---|---|---|---|---|---|---|---|\n"
+        "\n\n### Two-object prompts\n\n| sampler | steps | set | n | all (objects + relation) | objects | "
+        "count | FID | seconds |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     md += "\n".join(
         "| "

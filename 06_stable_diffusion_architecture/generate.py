@@ -3,12 +3,14 @@
     python 06_stable_diffusion_architecture/generate.py "a small red circle at the top left" --out out.png
 
 uses the course's own text-to-image model (``checkpoints/course_t2i``, trained from scratch on Shapes by
-``train_text_to_image.py``), offline. ``--model PATH`` takes any diffusers-format folder or a single-file SD 1.x
-checkpoint (.safetensors; give SD 1.5's CLIP tokenizer folder with ``--tokenizer``), e.g. real Stable Diffusion 1.5:
+``train_text_to_image.py``), offline. ``--model PATH`` takes any diffusers-format folder or a single-file SD
+1.x checkpoint (.safetensors; give SD 1.5's CLIP tokenizer folder with ``--tokenizer``), e.g.
+real Stable Diffusion 1.5:
 
     python 06_stable_diffusion_architecture/generate.py "a watercolor fox" --model ~/sd15 --height 512 --width 512
 
-``--init-image`` (with ``--strength``) turns on img2img, ``--init-image`` + ``--mask`` inpainting (white = repaint).
+``--init-image`` (with ``--strength``) turns on img2img, ``--init-image`` + ``--mask``
+inpainting (white = repaint).
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ def check_size(pipe, height: int, width: int, n: int, steps: int, guidance: floa
     seconds = per_call * ratio * steps * n
     print(
         f"warning: {height}x{width} px is {ratio:.0f}x the area the model was trained at ({side}x{side}): "
-        f"expect at least {memory / 2**30:.1f} GiB of memory and {seconds:.0f} s ({steps} steps x {n} image(s); "
-        f"Ctrl-C stops it)",
+        f"expect at least {memory / 2**30:.1f} GiB of memory and {seconds:.0f} s ({steps} steps x {n} "
+        f"image(s); Ctrl-C stops it)",
         file=sys.stderr,
         flush=True,
     )

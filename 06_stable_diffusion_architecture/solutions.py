@@ -1,6 +1,7 @@
 """Reference solutions for chapter 06's exercises (same signatures as exercises.py).
 
-Run it to see each one on a tiny random pipeline (seconds):  python 06_stable_diffusion_architecture/solutions.py
+Run it to see each one on a tiny random pipeline (seconds):  python
+06_stable_diffusion_architecture/solutions.py
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def sampler_swap(
     return {name: (image(name, steps) - reference).abs().mean().item() for name in SAMPLERS}
 
 
-# ---------------------------------------------------------------------------- after SD 1.5 (06b_from_sd2_to_sd3)
+# ------------------------------------------------------------------------- after SD 1.5 (06b_from_sd2_to_sd3)
 def v_target(z0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
     return alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * z0
 
@@ -206,7 +207,8 @@ if __name__ == "__main__":
     print(f"8. flow-matching loss of a zero velocity (E|eps - z0|^2 = 2): {loss:.3f}")
     z_next = flow_euler_step(eps, eps, 1.0, 0.5, 3.0)  # from pure noise with the exact velocity of z0 = 0
     print(
-        f"9. one Euler step t = 1 -> 0.5 with shift 3 lands at t' = 0.75: z / eps = {(z_next / eps).mean():.3f}"
+        "9. one Euler step t = 1 -> 0.5 with shift 3 lands at t' = 0.75: "
+        f"z / eps = {(z_next / eps).mean():.3f}"
     )
     from common.mmdit import MMDiT, MMDiTConfig
 

@@ -5,12 +5,12 @@
     accelerate launch 06_stable_diffusion_architecture/train_text_to_image.py --config gpu   # N GPUs, bf16
     COURSE_FAST=1 python 06_stable_diffusion_architecture/train_text_to_image.py --out /tmp/t2i   # seconds
 
-Frozen shipped VAE (checkpoints/vae_shapes), a CLIP-architecture text encoder trained from scratch jointly with
-the cross-attention UNet, caption dropout for classifier-free guidance, EMA weights, bf16 on a GPU, checkpoints
-every ``checkpoint_every`` steps and exact resume (run the same command again after a kill). The logic lives in
-common/text_to_image.py; this script reads arguments, prints what it measures and ships the model:
-``--ship DIR`` writes a diffusers-format folder through ``StableDiffusion.save_pretrained`` and a model card
-(fill its metrics with ``evaluate.py --model DIR --update-card``).
+Frozen shipped VAE (checkpoints/vae_shapes), a CLIP-architecture text encoder trained from scratch jointly
+with the cross-attention UNet, caption dropout for classifier-free guidance, EMA weights, bf16 on a GPU,
+checkpoints every ``checkpoint_every`` steps and exact resume (run the same command again after a kill). The
+logic lives in common/text_to_image.py; this script reads arguments, prints what it measures and ships the
+model: ``--ship DIR`` writes a diffusers-format folder through ``StableDiffusion.save_pretrained`` and a model
+card (fill its metrics with ``evaluate.py --model DIR --update-card``).
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def main(argv=None) -> dict:
     print(
         f"config {name}: UNet {n_unet / 1e6:.2f} M, text encoder {n_text / 1e6:.2f} M parameters; "
         f"{config.steps} steps x batch {config.batch_size}; final loss {final_loss}; "
-        f"wall time {seconds:.0f} s this run, {timing['seconds']:.0f} s over {timing['invocations']} invocation(s)"
+        f"wall time {seconds:.0f} s this run, {timing['seconds']:.0f} s over "
+        f"{timing['invocations']} invocation(s)"
     )
     with torch.no_grad():  # one look at the result: the first held-out prompts, 4 samples
         from common.shapes import Shapes
@@ -211,8 +212,10 @@ def main(argv=None) -> dict:
             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
         )
         training = (
-            f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py `TextToImageConfig.{name}()`), "
-            f'seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split="train": no '
+            f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py "
+            f"`TextToImageConfig.{name}()`), "
+            f'seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split="train": '
+            "no "
             f"held-out colour/shape pair), latents from the frozen VAE `{os.path.relpath(args.vae, ROOT)}`\n"
             + (
                 f"- initialised from `{os.path.relpath(args.init_from, ROOT)}` (its UNet and text encoder; a "
@@ -221,11 +224,12 @@ def main(argv=None) -> dict:
                 else ""
             )
             + f"- model: UNet {n_unet:,} + text encoder {n_text:,} parameters (the VAE is frozen)\n"
-            f"- steps: {config.steps:,} x batch {config.batch_size}, AdamW lr {config.lr} ({config.warmup_steps} "
-            f"warm-up, {config.lr_schedule}), EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "
+            f"- steps: {config.steps:,} x batch {config.batch_size}, "
+            f"AdamW lr {config.lr} ({config.warmup_steps} warm-up, {config.lr_schedule}), "
+            f"EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "
             f"Min-SNR gamma {config.snr_gamma}, latents: posterior {config.latents} x scaling_factor, "
-            f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; final training loss "
-            f"{final_loss}\n"
+            f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; "
+            f"final training loss {final_loss}\n"
             f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
             f"- hardware: {hardware}\n- weights: the EMA weights, stored in fp32\n"
         )

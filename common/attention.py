@@ -132,7 +132,8 @@ def attention(
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + mask): (B, h, N_q, N_k), each row sums to 1. What attention-map capture keeps."""
+    """softmax(Q K^T / sqrt(d) + mask): (B, h, N_q, N_k), each row sums to 1. What
+    attention-map capture keeps."""
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, h, N_q, N_k)
     if mask is not None:
         scores = scores + mask
@@ -169,7 +170,8 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x: (B, N_q, D); context: (B, N_k, D_c) or None; mask: additive, broadcastable to (B, h, N_q, N_k)."""
+        """x: (B, N_q, D); context: (B, N_k, D_c) or None; mask: additive,
+        broadcastable to (B, h, N_q, N_k)."""
         if context is None:
             if self.is_cross_attention:
                 raise ValueError(
@@ -326,7 +328,8 @@ def set_chunk_feed_forward(model: nn.Module, chunk_size: int | None, dim: int = 
     """Run every TransformerBlock's feed-forward over chunks of ``chunk_size`` along ``dim``.
 
     dim 1 chunks the tokens (B, N, D), dim 0 the batch; ``chunk_size=None`` switches chunking off.
-    Returns the number of blocks changed. Results are unchanged up to rounding; chapter 05 measures the memory.
+    Returns the number of blocks changed. Results are unchanged up to rounding;
+    chapter 05 measures the memory.
     """
     if dim not in (0, 1):
         raise ValueError(f"dim must be 0 (batch) or 1 (tokens), got {dim!r}")

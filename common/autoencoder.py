@@ -170,7 +170,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts of a transposed conv)."""
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts
+    of a transposed conv)."""
 
     def __init__(self, *, channels: int):
         super().__init__()
@@ -220,7 +221,8 @@ class MidBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: ResNet blocks, then an optional Down- or Upsample (diffusers' Down/UpDecoderBlock2D)."""
+    """One resolution level: ResNet blocks, then an optional Down- or Upsample
+    (diffusers' Down/UpDecoderBlock2D)."""
 
     def __init__(
         self, *, in_channels: int, out_channels: int, num_layers: int, groups: int, resample: str | None
@@ -292,7 +294,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, latent_channels, h, w) -> x (B, 3, h*f, w*f); the encoder mirrored, one extra ResNet per level."""
+    """z (B, latent_channels, h, w) -> x (B, 3, h*f, w*f); the encoder mirrored, one
+    extra ResNet per level."""
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -378,7 +381,8 @@ class AutoencoderKL(nn.Module):
 
     # --- encode / decode; chapter 05 adds tiling and batch slicing around the *_tile seams ---
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> q(z | x) over (B, latent_channels, H/f, W/f)."""
+        """x (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> q(z | x) over
+        (B, latent_channels, H/f, W/f)."""
         self._check(x, self.config.in_channels, "image", "x")
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
@@ -389,7 +393,8 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(self._encode_tile(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, latent_channels, h, w), unscaled (divide by scaling_factor first) -> x (B, out_channels, h*f, w*f)."""
+        """z (B, latent_channels, h, w), unscaled (divide by scaling_factor first) -> x
+        (B, out_channels, h*f, w*f)."""
         self._check(z, self.config.latent_channels, "latent", "z")
         return self._decode_tile(z)
 
@@ -402,7 +407,8 @@ class AutoencoderKL(nn.Module):
     def forward(
         self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct x through a sampled latent (training) or the posterior mean; returns (x_hat, posterior)."""
+        """Reconstruct x through a sampled latent (training) or the posterior mean;
+        returns (x_hat, posterior)."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
@@ -416,13 +422,14 @@ class AutoencoderKL(nn.Module):
 
     # --- weights in and out ---
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's, but a checkpoint of another config fails with a ValueError naming the key and shapes."""
+        """As nn.Module's, but a checkpoint of another config fails with a ValueError
+        naming the key and shapes."""
         ours = self.state_dict()
         for key, value in state_dict.items():
             if key in ours and tuple(value.shape) != tuple(ours[key].shape):
                 raise ValueError(
-                    f"checkpoint does not fit this config: {key} has shape {tuple(value.shape)} in the checkpoint "
-                    f"but {tuple(ours[key].shape)} here (config {self.config})"
+                    f"checkpoint does not fit this config: {key} has shape {tuple(value.shape)} in the "
+                    f"checkpoint but {tuple(ours[key].shape)} here (config {self.config})"
                 )
         if strict:
             missing = sorted(set(ours) - set(state_dict))
@@ -436,7 +443,8 @@ class AutoencoderKL(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def load_checkpoint(self, path: str | Path) -> AutoencoderKL:
-        """Load a safetensors weights file (or a folder holding ``diffusion_pytorch_model.safetensors``) into self."""
+        """Load a safetensors weights file (or a folder holding
+        ``diffusion_pytorch_model.safetensors``) into self."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -457,7 +465,8 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> AutoencoderKL:
-        """Build from a diffusers-format folder (ours, or a diffusers ``vae/`` subfolder) and load its weights."""
+        """Build from a diffusers-format folder (ours, or a diffusers ``vae/`` subfolder)
+        and load its weights."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(

@@ -116,7 +116,8 @@ class DigitClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> DigitClassifier:
-        """Build from a folder written by ``save`` (config.json + model.safetensors); returned in eval mode."""
+        """Build from a folder written by ``save`` (config.json + model.safetensors);
+        returned in eval mode."""
         from safetensors.torch import load_file
 
         path = Path(path)

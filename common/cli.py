@@ -1,7 +1,7 @@
 """What every course command shares: one-line errors, checked arguments, and writes that never lose a file.
 
-A user error (a bad flag value, a missing file, a folder that cannot be written) ends a command with one line on
-stderr that says what is wrong and how to fix it, and exit status 2; a traceback means a bug in the course.
+A user error (a bad flag value, a missing file, a folder that cannot be written) ends a command with one line
+on stderr that says what is wrong and how to fix it, and exit status 2; a traceback means a bug in the course.
 
     def main(argv=None):
         p = cli.ArgumentParser(description=...)              # argparse, but its errors are one line
@@ -12,11 +12,11 @@ stderr that says what is wrong and how to fix it, and exit status 2; a traceback
     if __name__ == "__main__":
         sys.exit(cli.run(main))                              # UsageError & co -> "prog: error: ..." + exit 2
 
-Files. ``atomic_write`` writes through a temporary file in the same folder and renames it into place, so a kill
-never leaves half a file under the real name. ``ship`` writes a model folder: it refuses a non-empty folder the
-course did not write (unless ``overwrite``), keeps every file it did not write, and replaces only the files
-listed in the folder's manifest (``.course_manifest``), which it writes last. Shipping into ``checkpoints/``
-is refused under ``COURSE_FAST=1``: a seconds-long run never replaces a shipped model.
+Files. ``atomic_write`` writes through a temporary file in the same folder and renames it into place, so a
+kill never leaves half a file under the real name. ``ship`` writes a model folder: it refuses a non-empty
+folder the course did not write (unless ``overwrite``), keeps every file it did not write, and replaces only
+the files listed in the folder's manifest (``.course_manifest``), which it writes last. Shipping into
+``checkpoints/`` is refused under ``COURSE_FAST=1``: a seconds-long run never replaces a shipped model.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ USER_ERRORS = (
     IsADirectoryError,
     PermissionError,
 )
-# OS errors that name a file are about the user's paths (a read-only folder, a full disk), not the course's code
+# OS errors that name a file are about the user's paths
+# (a read-only folder, a full disk), not the course's code
 USER_OS_ERRNOS = {
     errno.EACCES,
     errno.EPERM,
@@ -71,8 +72,8 @@ def one_line(message: object) -> str:
 def run(main: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Call ``main(argv)``; a user error becomes ``prog: error: <one line>`` on stderr and exit status 2.
 
-    ``COURSE_DEBUG=1`` re-raises instead, to see the traceback. ``main`` may return an int (the exit status) or
-    anything else (0).
+    ``COURSE_DEBUG=1`` re-raises instead, to see the traceback. ``main`` may return an int (the exit status)
+    or anything else (0).
     """
     prog = prog or Path(sys.argv[0]).name
     try:
@@ -196,7 +197,8 @@ def output_file(path: str | Path, what: str = "--out", suffixes: tuple[str, ...]
         raise UsageError(f"{what} {path}: expected a file name ending in {', '.join(suffixes)}")
     if path.is_dir():
         raise UsageError(
-            f"{what} {path} is a folder; expected a file name such as {path / ('out' + (suffixes or ('',))[0])}"
+            f"{what} {path} is a folder; expected a file name such as "
+            f"{path / ('out' + (suffixes or ('',))[0])}"
         )
     writable_dir(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
     if path.exists() and not os.access(path, os.W_OK):
@@ -313,9 +315,9 @@ def ship(
 ) -> Path:
     """Write a ``kind`` folder (``"pipeline"``, ``"vae"``, ...) to ``dest`` without losing a file.
 
-    ``write(tmp)`` fills an empty temporary folder beside ``dest``; its files then move into ``dest`` one by one
-    (each an atomic rename), the files of the previous ship that this one does not write are removed, and the
-    manifest naming the files is written last. A file in ``dest`` that no ship listed is never touched.
+    ``write(tmp)`` fills an empty temporary folder beside ``dest``; its files then move into ``dest`` one by
+    one (each an atomic rename), the files of the previous ship that this one does not write are removed, and
+    the manifest naming the files is written last. A file in ``dest`` that no ship listed is never touched.
     """
     dest = check_ship(
         dest, kind, overwrite=overwrite, what=what

@@ -1,7 +1,7 @@
 """Moving weights between the course's modules and diffusers / transformers.
 
-Because the course's AutoencoderKL, UNet, MMDiT and CLIP text model have exactly the parameter names and shapes
-of diffusers' ``AutoencoderKL``, ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and transformers'
+Because the course's AutoencoderKL, UNet, MMDiT and CLIP text model have exactly the parameter names and
+shapes of diffusers' ``AutoencoderKL``, ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and transformers'
 ``CLIPTextModel`` for the same
 configuration, conversion is two steps: translate the config, then ``load_state_dict(strict=True)``.
 Nothing is renamed, so nothing can be renamed wrongly; a strict load fails loudly on any mismatch.
@@ -35,7 +35,8 @@ def _copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
 
 
 def from_diffusers(module: nn.Module) -> nn.Module:
-    """The course's equivalent of a diffusers ``AutoencoderKL`` or ``UNet2DConditionModel``, holding its weights."""
+    """The course's equivalent of a diffusers ``AutoencoderKL`` or
+    ``UNet2DConditionModel``, holding its weights."""
     import diffusers
 
     if isinstance(module, diffusers.AutoencoderKL):

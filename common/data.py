@@ -99,7 +99,8 @@ def _photo_path(name: str):
 
 
 def load_photo(name: str) -> Image.Image:
-    """One of PHOTOS as an RGB PIL image (grey ones as grey RGB), read from its package's folder (never downloaded)."""
+    """One of PHOTOS as an RGB PIL image (grey ones as grey RGB), read from its package's
+    folder (never downloaded)."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; expected one of {', '.join(PHOTOS)}")
     if name not in _PHOTO_CACHE:
@@ -350,7 +351,8 @@ class DatasetUnavailable(RuntimeError):
 
 
 class ToCourseTensor:
-    """PIL image -> float32 (C, H, W) in [-1, 1], resized to ``resolution`` (a class: DataLoader workers pickle it)."""
+    """PIL image -> float32 (C, H, W) in [-1, 1], resized to ``resolution`` (a class:
+    DataLoader workers pickle it)."""
 
     def __init__(self, resolution: int | None = None):
         self.resolution = resolution

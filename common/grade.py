@@ -55,7 +55,8 @@ def chapter_dir(chapter: str) -> Path:
 
 
 def load_module(path: str | Path, name: str | None = None) -> ModuleType:
-    """Import a Python file by path (chapter folders start with a digit, so they cannot be imported by name)."""
+    """Import a Python file by path (chapter folders start with a digit, so they cannot
+    be imported by name)."""
     path = Path(path).resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -75,9 +76,9 @@ def grade(
 ) -> list[Result]:
     """Run the chapter's checks on ``file`` (default: the chapter's ``exercises.py``).
 
-    The checks run in a worker process, one after the other: an exercise that loops is stopped after ``timeout``
-    seconds and reported as timed out, one that calls ``sys.exit`` or ends its process is reported as failed,
-    and the checks after it still run (in a fresh worker).
+    The checks run in a worker process, one after the other: an exercise that loops is stopped after
+    ``timeout`` seconds and reported as timed out, one that calls ``sys.exit`` or ends its process is reported
+    as failed, and the checks after it still run (in a fresh worker).
     """
     folder = chapter_dir(chapter)
     target = Path(file) if file is not None else folder / "exercises.py"
@@ -105,9 +106,9 @@ def _load_checks(checks_path: Path) -> list[tuple[str, object]]:
 
 def _start_method() -> str:
     """How the worker starts: forked from a clean server process that has imported torch and run nothing
-    (``forkserver``), so a worker starts in milliseconds. Forking this process itself would be faster still but
-    can deadlock: once torch has run a parallel op here, the child inherits OpenMP's locks and hangs at its first
-    convolution. ``spawn`` where no forkserver exists (Windows)."""
+    (``forkserver``), so a worker starts in milliseconds. Forking this process itself would be faster still
+    but can deadlock: once torch has run a parallel op here, the child inherits OpenMP's locks and hangs at
+    its first convolution. ``spawn`` where no forkserver exists (Windows)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         return "forkserver"
     return "spawn"

@@ -1,8 +1,8 @@
 """The Shapes judge: does a generated image show what its prompt asked for? (prompt adherence, measured)
 
 A text-to-image model is graded the way GenEval (Ghosh et al. 2023) grades real ones: find the objects in the
-image, read off their attributes, and compare with what the prompt says. On Shapes the prompt's ground truth is
-exact (``common.shapes.parse``), and so is most of the reading:
+image, read off their attributes, and compare with what the prompt says. On Shapes the prompt's ground truth
+is exact (``common.shapes.parse``), and so is most of the reading:
 
 1. segment: the background is the plain ``BACKGROUND`` grey, so an object is an 8-connected component of the
    pixels whose RGB distance from it exceeds ``FOREGROUND``; components under ``MIN_AREA`` pixels are specks;
@@ -10,9 +10,9 @@ exact (``common.shapes.parse``), and so is most of the reading:
 3. shape: a small CNN (``ShapeNet``) trained on ground-truth crops of real renders; it sees only the
    component's mask cropped to a square around it, so it cannot use colour (held-out colour/shape pairs are
    then no harder than the others);
-4. size: the area against a per-shape threshold, the geometric mean of the small and large areas of a canonical
-   render; position: the grid cell whose centre is nearest to the centroid; relation: the sign of the centroid
-   offset along the relation's axis, which must also be the larger of the two offsets.
+4. size: the area against a per-shape threshold, the geometric mean of the small and large areas of a
+   canonical render; position: the grid cell whose centre is nearest to the centroid; relation: the sign of
+   the centroid offset along the relation's axis, which must also be the larger of the two offsets.
 
 Scores: for one-object prompts, per-attribute accuracy and "all" (exactly one object, every attribute right);
 for two-object prompts, "objects" (exactly two objects, matching the prompt's two in shape, colour and size)
@@ -56,7 +56,8 @@ _COLOR_RGB = np.asarray([COLORS[c] for c in _COLOR_NAMES], np.float32)  # (6, 3)
 
 
 class ShapeNet(nn.Module):
-    """(B, 1, 24, 24) object mask in [0, 1] -> (logits (B, 6), features (B, 64)): three conv levels, GroupNorm."""
+    """(B, 1, 24, 24) object mask in [0, 1] -> (logits (B, 6), features (B, 64)): three
+    conv levels, GroupNorm."""
 
     def __init__(self, *, widths: tuple[int, ...] = (16, 32, 64), num_classes: int = len(SHAPES)):
         super().__init__()
@@ -136,7 +137,8 @@ def object_color(rgb: np.ndarray, mask: np.ndarray) -> str:
 
 @functools.lru_cache(maxsize=8)
 def size_thresholds(resolution: int = 64) -> dict[str, float]:
-    """Per shape, the area (pixels) between small and large: the geometric mean of canonical renders' areas."""
+    """Per shape, the area (pixels) between small and large: the geometric mean of
+    canonical renders' areas."""
     out = {}
     for shape in SHAPES:
         areas = [
@@ -153,8 +155,8 @@ def nearest_position(center: tuple[float, float], resolution: int) -> str:
 
 
 def relation_holds(relation: str, c0: tuple[float, float], c1: tuple[float, float]) -> bool:
-    """``objects[0] <relation> objects[1]`` for centroids c0, c1 (x, y; y down): the right sign along the axis,
-    and the offset along it larger than the offset across it."""
+    """``objects[0] <relation> objects[1]`` for centroids c0, c1 (x, y; y down): the right sign along the
+    axis, and the offset along it larger than the offset across it."""
     dx, dy = c1[0] - c0[0], c1[1] - c0[1]
     along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[
         relation
@@ -291,9 +293,9 @@ class Judge:
         return r
 
     def score(self, images: torch.Tensor, prompts: list[str], value_range=(0.0, 1.0)) -> dict:
-        """Prompt adherence of ``images`` (B, 3, H, W) to ``prompts`` (B); returns {"single": {...}, "pair": {...},
-        "records": per-image dicts}. single: n, color, shape, size, position, count, all (fractions); pair: n,
-        count, objects (both objects right), all (both objects and the relation right)."""
+        """Prompt adherence of ``images`` (B, 3, H, W) to ``prompts`` (B); returns {"single": {...}, "pair":
+        {...}, "records": per-image dicts}. single: n, color, shape, size, position, count, all (fractions);
+        pair: n, count, objects (both objects right), all (both objects and the relation right)."""
         if len(prompts) != len(images):
             raise ValueError(
                 f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt"
@@ -338,8 +340,8 @@ def _degrade(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 def judge_dataset(
     n_images: int, split: str = "train", seed: int = 0, degrade: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops (N, 1, CROP, CROP) and shape labels (N,) from ``n_images`` Shapes renders, segmented as ``detect``
-    segments; each component is labelled with the ground-truth object it overlaps most."""
+    """Crops (N, 1, CROP, CROP) and shape labels (N,) from ``n_images`` Shapes renders, segmented as
+    ``detect`` segments; each component is labelled with the ground-truth object it overlaps most."""
     ds = Shapes(64, split, n_images, seed)
     rng = np.random.default_rng(seed)
     crops, labels = [], []
@@ -366,7 +368,8 @@ def train_judge(
     device=None,
     verbose: bool = True,
 ) -> Judge:
-    """Train ``ShapeNet`` on crops of ``n_images`` training renders (blurred and noised); returns the Judge."""
+    """Train ``ShapeNet`` on crops of ``n_images`` training renders
+    (blurred and noised); returns the Judge."""
     torch.manual_seed(seed)
     x, y = judge_dataset(n_images, "train", seed)
     net = ShapeNet().to(device or "cpu")

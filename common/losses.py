@@ -1,4 +1,5 @@
-"""The autoencoder's training objective (Rombach et al. 2022, sec. 3 and appendix G; Esser et al. 2021, eq. 5-7).
+"""The autoencoder's training objective (Rombach et al. 2022, sec. 3 and appendix G;
+Esser et al. 2021, eq. 5-7).
 
 Stage one of latent diffusion trains the VAE with a reconstruction term, a perceptual term, a small KL
 penalty and, later in training, a patch-based adversarial term:
@@ -14,8 +15,8 @@ L_rec              ``reconstruction_loss``: mean |x - x_hat| over pixels and bat
 LPIPS (Zhang 18)   ``LPIPS``: distance between normalised AlexNet/VGG features, one value per image
 KL                 ``kl_loss``: sum over the latent dims (C, h, w), mean over the batch
 D, L_adv           ``PatchDiscriminator`` (pix2pix / taming NLayerDiscriminator), ``hinge_*_loss``
-lambda             ``adaptive_weight``: ||grad_last L_rec|| / (||grad_last L_adv|| + 1e-4), eq. 7 of Esser et al.
-=================  =============================================================================
+lambda             ``adaptive_weight``: ||grad_last L_rec|| / (||grad_last L_adv|| + 1e-4), eq. 7 of Esser et
+al. =================  =============================================================================
 
 Scale of the terms: taming-transformers sums |x - x_hat| (plus LPIPS at every pixel) over the pixels,
 which is this file's per-pixel mean times H*W*3. The ratio rec : lpips is the same (1 : 1); the KL
@@ -129,7 +130,8 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(
                 f"LPIPS needs the torchvision {net} ImageNet weights at {path}, and they are not there. "
                 f"Get them once with network access:\n"
-                f"    python -c \"import torchvision; torchvision.models.get_model('{_TORCHVISION_NAMES[net]}', weights='IMAGENET1K_V1')\"\n"
+                '    python -c "import torchvision; '
+                f"torchvision.models.get_model('{_TORCHVISION_NAMES[net]}', weights='IMAGENET1K_V1')\"\n"
                 f"or download {weights.url} into {path.parent} (set TORCH_HOME to use another cache). "
                 f"Alternatively train without the perceptual term (lpips weight 0)."
             )
@@ -243,7 +245,8 @@ class VAELoss(nn.Module):
         step: int,
         last_layer: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_G for a batch; ``last_layer`` (``vae.last_layer``) is needed once the discriminator has started."""
+        """L_G for a batch; ``last_layer`` (``vae.last_layer``) is needed once the
+        discriminator has started."""
         w = self.weights
         rec = reconstruction_loss(x, x_hat)
         perceptual = self.lpips(x, x_hat).mean() if w.lpips > 0 else torch.zeros((), device=x.device)

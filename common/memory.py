@@ -26,15 +26,16 @@ Measuring (what ``measure`` and ``measure_isolated`` report):
 
 The switches (each documented where it lives; chapter 05 measures each one in ``benchmark.py``):
 
-=====================  ==========================================================================================
-attention backends     ``common.attention.attention_backend("math" | "sdpa" | "sliced", slice_size=...)``
-chunked feed-forward   ``common.attention.set_chunk_feed_forward(unet, chunk_size, dim=1)``
-gradient checkpointing ``unet.enable_gradient_checkpointing()`` / ``vae.enable_gradient_checkpointing()``
-autocast               ``autocast(device, "bf16" | "fp16")`` here; ``decode_fp32(vae, z)`` keeps the VAE in fp32
-VAE tiling, slicing    ``common.tiling.tiled_decode / tiled_encode / sliced_decode / sliced_encode``
-model CPU offload      ``common.offload.enable_model_cpu_offload(model, device)``
-channels_last, compile ``to_channels_last(model)``, ``compile_model(model)`` here
-=====================  ==========================================================================================
+=====================
+========================================================================================== attention backends
+``common.attention.attention_backend("math" | "sdpa" | "sliced", slice_size=...)`` chunked feed-forward
+``common.attention.set_chunk_feed_forward(unet, chunk_size, dim=1)`` gradient checkpointing
+``unet.enable_gradient_checkpointing()`` / ``vae.enable_gradient_checkpointing()`` autocast
+``autocast(device, "bf16" | "fp16")`` here; ``decode_fp32(vae, z)`` keeps the VAE in fp32 VAE tiling, slicing
+``common.tiling.tiled_decode / tiled_encode / sliced_decode / sliced_encode`` model CPU offload
+``common.offload.enable_model_cpu_offload(model, device)`` channels_last, compile ``to_channels_last(model)``,
+``compile_model(model)`` here =====================
+==========================================================================================
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "13
 
 
 def flatten_output(out) -> torch.Tensor | None:
-    """A call's output as one fp32 CPU tensor: a tensor as is, a list / tuple of tensors flattened and joined."""
+    """A call's output as one fp32 CPU tensor: a tensor as is, a list / tuple of tensors
+    flattened and joined."""
     if torch.is_tensor(out):
         return out.detach().float().cpu()
     if isinstance(out, (list, tuple)) and out and all(torch.is_tensor(t) for t in out):
@@ -358,7 +360,8 @@ def attention_matrix_bytes(
 
 
 def allocation_case(n_bytes: int) -> Callable[[], int]:
-    """A known allocation, for testing the meter: the call fills ``n_bytes`` of fresh memory, then frees it."""
+    """A known allocation, for testing the meter: the call fills ``n_bytes`` of fresh
+    memory, then frees it."""
 
     def call() -> int:
         buf = torch.ones(n_bytes // 4, dtype=torch.float32)  # ones: every page is written, so it is resident
@@ -435,7 +438,8 @@ def max_activations(
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """Store conv weights (and so activations) as (B, H, W, C) in memory: faster convs on many CPU/GPU kernels.
+    """Store conv weights (and so activations) as (B, H, W, C) in memory: faster convs
+    on many CPU/GPU kernels.
 
     The values are unchanged; only the strides differ. Inputs follow with ``x.to(memory_format=...)``.
     """

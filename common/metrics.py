@@ -36,7 +36,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), per_image: bool = False):
-    """Peak signal-to-noise ratio in dB (skimage.metrics.peak_signal_noise_ratio, data range 1 after rescaling)."""
+    """Peak signal-to-noise ratio in dB (skimage.metrics.peak_signal_noise_ratio, data
+    range 1 after rescaling)."""
     from skimage.metrics import peak_signal_noise_ratio
 
     _check_pair(pred, target)
@@ -69,7 +70,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), p
 
 
 def lpips_available(net: str = "alex") -> bool:
-    """Whether the LPIPS backbone weights for ``net`` are on disk (the `lpips` package fetches them otherwise)."""
+    """Whether the LPIPS backbone weights for ``net`` are on disk (the `lpips` package
+    fetches them otherwise)."""
     from common.losses import lpips_backbone_available
 
     return lpips_backbone_available(net)
@@ -83,7 +85,8 @@ def lpips_distance(
     net: str = "alex",
     per_image: bool = False,
 ):
-    """LPIPS through the `lpips` package; raises a clear error saying how to get the backbone when it is missing."""
+    """LPIPS through the `lpips` package; raises a clear error saying how to get the
+    backbone when it is missing."""
     from common.losses import LPIPS
 
     _check_pair(pred, target)
@@ -121,8 +124,8 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z = 1.96) Wilson score interval of a proportion successes / n (Wilson 1927): it stays inside [0, 1]
-    and is not empty at 0 or n successes, unlike the normal approximation. NaN for n = 0."""
+    """95% (z = 1.96) Wilson score interval of a proportion successes / n (Wilson 1927): it stays inside
+    [0, 1] and is not empty at 0 or n successes, unlike the normal approximation. NaN for n = 0."""
     if n == 0:
         return float("nan"), float("nan")
     p_hat = successes / n

@@ -23,7 +23,8 @@ from torch import nn
 
 
 def offload_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks offload moves one at a time: the model's children, with ModuleLists opened into their elements."""
+    """The blocks offload moves one at a time: the model's children, with ModuleLists
+    opened into their elements."""
     units = []
     for name, child in model.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
@@ -47,7 +48,8 @@ def _to(value, device: torch.device):
 
 
 class ModelOffload:
-    """The hooks of one offloaded model; ``log`` records ("to" | "back", block name) in order; ``remove()`` undoes."""
+    """The hooks of one offloaded model; ``log`` records ("to" | "back", block name) in
+    order; ``remove()`` undoes."""
 
     def __init__(self, model: nn.Module, device: torch.device, offload_device: torch.device):
         self.model, self.device, self.offload_device = model, device, offload_device
@@ -114,5 +116,6 @@ def enable_model_cpu_offload(
 
 
 def offload_for_test(model: nn.Module) -> ModelOffload:
-    """The hooks with ``device`` = ``offload_device`` = cpu: every move is a no-op, the log shows the order."""
+    """The hooks with ``device`` = ``offload_device`` = cpu: every move is a no-op,
+    the log shows the order."""
     return ModelOffload(model, torch.device("cpu"), torch.device("cpu"))

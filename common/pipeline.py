@@ -1,5 +1,6 @@
-"""The Stable Diffusion pipeline: text in, image out (Rombach et al. 2022, "High-Resolution Image Synthesis with
-Latent Diffusion Models", sec. 3.3 and fig. 3), with classifier-free guidance (Ho & Salimans 2022, eq. 6).
+"""The Stable Diffusion pipeline: text in, image out (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", sec. 3.3 and fig. 3), with classifier-free guidance
+(Ho & Salimans 2022, eq. 6).
 
     prompt --tokenizer--> ids (B, N_k) --text encoder tau--> context c (B, N_k, D_c)
     z_T ~ N(0, I) (B, 4, H/f, W/f) * init_noise_sigma
@@ -43,8 +44,8 @@ from common.text_encoder import CLIPTextModel
 from common.unet import UNet
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
-# SD 1.x's scheduler options (stable-diffusion-v1-5 scheduler/scheduler_config.json): what a pipeline built from
-# parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
+# SD 1.x's scheduler options (stable-diffusion-v1-5 scheduler/scheduler_config.json): what a pipeline built
+# from parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
 SD_SAMPLER_OPTIONS = {
     "timestep_spacing": "leading",
     "steps_offset": 1,
@@ -114,7 +115,8 @@ class StableDiffusion:
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.schedule = schedule or NoiseSchedule.sd15()
         self.sampler_name = sampler
-        # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a scheduler config holds them
+        # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a
+        # scheduler config holds them
         self.sampler_options = dict(SD_SAMPLER_OPTIONS if sampler_options is None else sampler_options)
         self.to(device, dtype)
 
@@ -144,7 +146,8 @@ class StableDiffusion:
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
         cls = SAMPLERS[name]
-        # an option the config leaves out means diffusers' default for that scheduler class, as from_config reads it
+        # an option the config leaves out means diffusers' default for that scheduler
+        # class, as from_config reads it
         options = {
             key: default if self.sampler_options.get(key) is None else self.sampler_options[key]
             for key, default in cls.diffusers_defaults.items()
@@ -157,12 +160,14 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids -> the text encoder's last hidden state: the context c (B, N_k, D_c) the UNet attends to."""
+        """Token ids -> the text encoder's last hidden state: the context c
+        (B, N_k, D_c) the UNet attends to."""
         ids = self.tokenizer(prompts).to(self.device)  # (B, N_k); warns naming the words it drops
         return self.text_encoder(ids).last_hidden_state  # (B, N_k, D_c)
 
     def token_strings(self, prompt: str) -> list[str]:
-        """The prompt's tokens as strings, one per context position (what an attention map's N_k axis means)."""
+        """The prompt's tokens as strings, one per context position (what an attention
+        map's N_k axis means)."""
         ids = self.tokenizer([prompt])[0].tolist()
         return [
             self.tokenizer.decode([i])
@@ -176,7 +181,8 @@ class StableDiffusion:
 
     # --- inputs ---------------------------------------------------------------------------------------
     def _image_tensor(self, image, what: str = "image", channels: int = 3) -> torch.Tensor:
-        """A PIL image (or list), an array (H, W[, C]) or a tensor ([B,] C, H, W) in [0, 1] -> (B, C, H, W) float."""
+        """A PIL image (or list), an array (H, W[, C]) or a tensor ([B,] C, H, W) in [0, 1]
+        -> (B, C, H, W) float."""
         from PIL import Image
 
         if isinstance(image, Image.Image):
@@ -261,7 +267,8 @@ class StableDiffusion:
         capture_attention: bool = False,
         progress: bool = True,
     ) -> PipelineOutput:
-        """Generate images; ``image`` turns on img2img, ``image`` + ``mask_image`` inpainting (white = repaint)."""
+        """Generate images; ``image`` turns on img2img, ``image`` + ``mask_image``
+        inpainting (white = repaint)."""
         # 1. check the inputs
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
         B = len(prompts)
@@ -363,7 +370,8 @@ class StableDiffusion:
     def _latent_mask(
         self, mask_image, image_size: tuple[int, int], latent_size: tuple[int, int]
     ) -> torch.Tensor:
-        """The repaint mask at latent size (1 or B, 1, h, w): a latent cell is repainted if any of its pixels is."""
+        """The repaint mask at latent size (1 or B, 1, h, w): a latent cell is repainted if
+        any of its pixels is."""
         m = self._image_tensor(mask_image, "mask_image", channels=1)
         if tuple(m.shape[-2:]) != tuple(image_size):
             raise ValueError(
@@ -387,8 +395,8 @@ class StableDiffusion:
     ) -> StableDiffusion:
         """A diffusers-format folder, or a single-file SD 1.x checkpoint (.safetensors, CompVis key names).
 
-        For a single file the CLIP tokenizer comes from ``tokenizer_path`` (a local ``tokenizer/`` folder) and the
-        parts' configs are SD 1.5's, or those of the diffusers folder ``config_dir`` when given.
+        For a single file the CLIP tokenizer comes from ``tokenizer_path`` (a local ``tokenizer/`` folder) and
+        the parts' configs are SD 1.5's, or those of the diffusers folder ``config_dir`` when given.
         """
         from common.pipeline_io import load_pipeline
 
@@ -420,8 +428,8 @@ class StableDiffusion:
             for name, m in (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae))
         )
         return (
-            f"StableDiffusion({parts}, tokenizer={type(self.tokenizer).__name__}, sampler={self.sampler_name}, "
-            f"device={self.device}, dtype={self.dtype})"
+            f"StableDiffusion({parts}, tokenizer={type(self.tokenizer).__name__}, "
+            f"sampler={self.sampler_name}, device={self.device}, dtype={self.dtype})"
         )
 
 
@@ -457,8 +465,9 @@ def image_grid(images: list, cols: int | None = None):
 
 
 def tiny_random_pipeline(seed: int = 0, sampler: str = "ddim") -> StableDiffusion:
-    """A random, untrained pipeline of the course's kind (Shapes tokenizer, tiny CLIP, UNet and VAE): it runs in
-    a fraction of a second, so tests and exercise checks can exercise every code path without a trained model."""
+    """A random, untrained pipeline of the course's kind (Shapes tokenizer, tiny CLIP, UNet and VAE): it runs
+    in a fraction of a second, so tests and exercise checks can exercise every code path
+    without a trained model."""
     from common.autoencoder import AutoencoderConfig
     from common.text_encoder import CLIPTextConfig
     from common.tokenizer import ShapesTokenizer

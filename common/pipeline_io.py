@@ -1,7 +1,8 @@
 """Loading and saving a whole pipeline in diffusers' folder layout (``StableDiffusion.from_pretrained`` /
 ``save_pretrained``), and dispatching single-file SD 1.x checkpoints to ``common/single_file.py``.
 
-A diffusers folder (what ``diffusers.StableDiffusionPipeline.save_pretrained`` writes, and what SD 1.5 ships as):
+A diffusers folder (what ``diffusers.StableDiffusionPipeline.save_pretrained`` writes,
+and what SD 1.5 ships as):
 
     model_index.json                the parts and their classes
     unet/config.json                UNet2DConditionModel config    + diffusion_pytorch_model.safetensors
@@ -58,7 +59,8 @@ def weights_file(folder: Path, names: tuple[str, ...], part: str) -> Path:
 
 
 def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Assign ``state`` into ``module`` (built on meta), after checking keys and shapes; errors name the key."""
+    """Assign ``state`` into ``module`` (built on meta), after checking keys and
+    shapes; errors name the key."""
     ours = module.state_dict()
     missing = sorted(set(ours) - set(state))
     unknown = sorted(set(state) - set(ours))
@@ -77,8 +79,9 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], where: str) 
 
 
 def build_on_meta(cls, config, big: bool = True):
-    """``cls(config)`` without allocating (meta device) when ``big``; small models are simply built on the CPU,
-    where random init costs less than the first meta-device init (which imports torch's reference ops)."""
+    """``cls(config)`` without allocating (meta device) when ``big``; small models are simply built on the
+    CPU, where random init costs less than the first meta-device init (which imports
+    torch's reference ops)."""
     if not big:
         return cls(config)
     with torch.device("meta"):
@@ -86,7 +89,8 @@ def build_on_meta(cls, config, big: bool = True):
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file``, with a truncated or foreign file reported as a ValueError naming it."""
+    """``safetensors.torch.load_file``, with a truncated or foreign file reported as a
+    ValueError naming it."""
     from safetensors.torch import load_file
 
     try:
@@ -234,8 +238,8 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
 
 def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
     """Write the folder through ``common.cli.ship``: a non-empty folder the course did not write is refused
-    (``overwrite=True`` writes over same-named files), a user's files in it are kept, and only a previous ship's
-    files are replaced."""
+    (``overwrite=True`` writes over same-named files), a user's files in it are kept, and only a previous
+    ship's files are replaced."""
     from common.cli import ship
 
     return ship(

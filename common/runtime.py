@@ -70,7 +70,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def mode(device: str | torch.device | None = None) -> str:
-    """``"fast"`` under COURSE_FAST, else ``"gpu"`` on a CUDA device, else ``"cpu"`` (MPS counts as cpu-sized)."""
+    """``"fast"`` under COURSE_FAST, else ``"gpu"`` on a CUDA device, else ``"cpu"``
+    (MPS counts as cpu-sized)."""
     if is_fast():
         return "fast"
     return "gpu" if get_device(device).type == "cuda" else "cpu"
@@ -90,7 +91,8 @@ def budget(*, fast: T, cpu: T, gpu: T | None = None, device: str | torch.device 
 
 
 def describe(device: str | torch.device | None = None) -> str:
-    """One line a notebook prints first: mode, device and torch version, so every figure says where it came from."""
+    """One line a notebook prints first: mode, device and torch version, so every figure
+    says where it came from."""
     dev = get_device(device)
     extra = (
         f" ({torch.cuda.get_device_name(dev)})"

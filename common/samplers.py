@@ -19,8 +19,8 @@ share one interface so a pipeline can swap them:
 or simply ``sample_loop(lambda z, t: unet(z, t), z, sampler, generator=seed)``.
 
 Timestep spacing (Lin et al. 2023, table 2) decides which of the T training timesteps are visited:
-"leading" (0, k, 2k, ... plus steps_offset; SD 1.x uses steps_offset=1), "trailing" (T-1, T-1-k, ...; reaches the
-noisiest timestep) and "linspace" (evenly rounded from 0 to T-1).
+"leading" (0, k, 2k, ... plus steps_offset; SD 1.x uses steps_offset=1), "trailing" (T-1, T-1-k, ...; reaches
+the noisiest timestep) and "linspace" (evenly rounded from 0 to T-1).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator | N
 
 
 def randn(shape: torch.Size, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """N(0, I) noise drawn on the generator's device, then moved to ``like``'s: same seed, same noise anywhere."""
+    """N(0, I) noise drawn on the generator's device, then moved to ``like``'s: same
+    seed, same noise anywhere."""
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -85,7 +86,8 @@ class Sampler:
             )
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
-                f"unknown timestep_spacing {timestep_spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}"
+                f"unknown timestep_spacing {timestep_spacing!r}; "
+                f"expected one of {', '.join(TIMESTEP_SPACINGS)}"
             )
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
@@ -100,8 +102,8 @@ class Sampler:
             )
         if (np.diff(timesteps) >= 0).any():
             raise ValueError(
-                f"num_inference_steps={num_inference_steps} repeats timesteps with {timestep_spacing} spacing "
-                f"and num_train_timesteps={T}; use fewer steps"
+                f"num_inference_steps={num_inference_steps} repeats timesteps with {timestep_spacing} "
+                f"spacing and num_train_timesteps={T}; use fewer steps"
             )
         self.timesteps = torch.from_numpy(timesteps.copy())  # LongTensor, descending
         self.reset()
@@ -169,7 +171,8 @@ class DDPMSampler(Sampler):
         variance_type: str = "fixed_small",
         clip_sample: bool = False,
     ):
-        # steps_offset=0 by default so the full 1000-step chain of the paper (999 .. 0) fits; SD uses 1 with fewer
+        # steps_offset=0 by default so the full 1000-step chain of the paper (999 .. 0)
+        # fits; SD uses 1 with fewer
         if variance_type not in ("fixed_small", "fixed_large"):
             raise ValueError(
                 f"unknown variance_type {variance_type!r}; expected one of fixed_small, fixed_large"
@@ -185,7 +188,8 @@ class DDPMSampler(Sampler):
     def step(self, model_output, t, z, generator=None):
         """One ancestral step z_t -> z_{t_prev}.
 
-        Notation, paper -> code (with skipped timesteps, alpha_t and beta_t are the effective one-step values):
+        Notation, paper -> code (with skipped timesteps, alpha_t and beta_t are the
+        effective one-step values):
             alpha_bar_t, alpha_bar_{t-1}      alpha_bar_t, alpha_bar_prev  (alpha_bar_prev = 1 after the last step)
             alpha_t, beta_t                   alpha_t = alpha_bar_t / alpha_bar_prev, beta_t = 1 - alpha_t
             x_0 estimate                      x0_pred
@@ -216,9 +220,9 @@ class DDPMSampler(Sampler):
             variance = beta_t
         sigma_t = variance**0.5
 
-        # 5. z_{t_prev} ~ N(mean, sigma_t^2 I) (eq. 6); no noise on the final step (Algorithm 2), which returns
-        #    the mean. diffusers noises every t > 0, so with steps_offset=1 it also noises the last step (t = 1):
-        #    by ~1e-10 for fixed_small, by sqrt(beta_t) for fixed_large
+        # 5. z_{t_prev} ~ N(mean, sigma_t^2 I) (eq. 6); no noise on the final step (Algorithm 2), which
+        #    returns the mean. diffusers noises every t > 0, so with steps_offset=1 it also noises the last
+        #    step (t = 1): by ~1e-10 for fixed_small, by sqrt(beta_t) for fixed_large
         if is_last:
             return mean
         return mean + sigma_t * randn(model_output.shape, as_generator(generator), model_output)
@@ -267,7 +271,8 @@ class DDIMSampler(Sampler):
             "direction pointing to x_t"       dir_z_t
         """
         # 1. previous timestep: t minus the stride T // steps, as diffusers does for every spacing (so with
-        #    "trailing" and T not a multiple of steps, t_prev can differ by one from the next visited timestep)
+        #    "trailing" and T not a multiple of steps, t_prev can differ by one from
+        #    the next visited timestep)
         t = int(t)
         t_prev = t - self.schedule.num_train_timesteps // self.num_inference_steps
         alpha_bar_t = self.schedule.alpha_bar[t]
@@ -279,7 +284,8 @@ class DDIMSampler(Sampler):
         if self.clip_sample:
             x0_pred = x0_pred.clamp(-1, 1)
 
-        # 3. sigma_t(eta) = eta sqrt((1 - alpha_prev) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_prev)  (eq. 16)
+        # 3. sigma_t(eta) = eta sqrt((1 - alpha_prev) / (1 - alpha_t))
+        #    sqrt(1 - alpha_t / alpha_prev)  (eq. 16)
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
         sigma_t = self.eta * variance**0.5
 
@@ -355,7 +361,8 @@ class DPMSolverPP2MSampler(Sampler):
         self._x0_pred_last = None  # x_theta at the previous (noisier) timestep, for the second-order term
 
     def step(self, model_output, t, z, generator=None):
-        """One step z_t -> z_{t_prev} of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2). ``generator`` is unused.
+        """One step z_t -> z_{t_prev} of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2).
+        ``generator`` is unused.
 
         Notation, paper -> code (sampling runs t_{i-1} -> t_i; the paper's alpha_t is sqrt(alpha_bar_t)):
             alpha_t, sigma_t                    alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
@@ -427,7 +434,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options) -> Sampler:
-    """Build a sampler by name; ``options`` are that sampler's keyword arguments (a misspelt one is an error)."""
+    """Build a sampler by name; ``options`` are that sampler's keyword arguments
+    (a misspelt one is an error)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name](schedule, steps, **options)
@@ -465,9 +473,10 @@ def sample_loop(
     """Run the reverse process from z_T and return z_0.
 
     ``denoise_fn(z, t)`` returns the network's output (eps, v or x0, per the schedule) for latents z at the
-    0-d LongTensor timestep t. ``callback(i, t, z, x0_pred)`` is called after each step with the new latents and
-    the x0 predicted at t, for drawing trajectories. ``start_index`` skips the first steps (img2img: start from
-    ``sampler.add_noise(z0, eps, sampler.timesteps[start_index])``). An int ``generator`` seeds a fresh one.
+    0-d LongTensor timestep t. ``callback(i, t, z, x0_pred)`` is called after each step with the new latents
+    and the x0 predicted at t, for drawing trajectories. ``start_index`` skips the first steps (img2img: start
+    from ``sampler.add_noise(z0, eps, sampler.timesteps[start_index])``). An int
+    ``generator`` seeds a fresh one.
     """
     generator = as_generator(generator)
     sampler.reset()

@@ -4,8 +4,8 @@ Papers and equations:
 
 * Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM): the forward process
   q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)            (eq. 4)
-  so z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, and the simple loss ||eps - eps_theta(z_t, t)||^2
-  (eq. 14); x0 from a noise prediction (eq. 15).
+  so z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, and the simple loss ||eps -
+  eps_theta(z_t, t)||^2 (eq. 14); x0 from a noise prediction (eq. 15).
 * Nichol & Dhariwal 2021, "Improved DDPM": the cosine schedule alpha_bar(t) = f(t) / f(0),
   f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, betas capped at 0.999
   (eq. 17; diffusers calls it "squaredcos_cap_v2").
@@ -27,7 +27,8 @@ Notation, paper -> code:
     SNR(t)                     alpha_bar_t / (1 - alpha_bar_t)
 
 The numbers match diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler exactly for the same
-configuration (tests/test_schedules.py checks it), so a model trained with either library samples with the other.
+configuration (tests/test_schedules.py checks it), so a model trained with either
+library samples with the other.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def make_betas(
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Betas whose alpha_bar ends at exactly 0 (Lin et al. 2023, Algorithm 1), computed as diffusers does.
 
-    With s_t = sqrt(alpha_bar_t): s'_t = (s_t - s_{T-1}) * s_0 / (s_0 - s_{T-1}), so s'_0 = s_0 and s'_{T-1} = 0.
+    With s_t = sqrt(alpha_bar_t): s'_t = (s_t - s_{T-1}) * s_0 / (s_0 - s_{T-1}), so
+    s'_0 = s_0 and s'_{T-1} = 0.
     """
     sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
     s_first, s_last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
@@ -149,7 +151,8 @@ class NoiseSchedule:
         name = config.get("beta_schedule", "linear")
         if name not in _FROM_DIFFUSERS_SCHEDULE:
             raise ValueError(
-                f"unknown diffusers beta_schedule {name!r}; expected one of {', '.join(_FROM_DIFFUSERS_SCHEDULE)}"
+                f"unknown diffusers beta_schedule {name!r}; "
+                f"expected one of {', '.join(_FROM_DIFFUSERS_SCHEDULE)}"
             )
         # defaults are diffusers' own, so a config that omits a key means what it means to diffusers
         return cls(
@@ -189,8 +192,9 @@ class NoiseSchedule:
     def alpha_bar_at(self, t: int | torch.Tensor, like: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """alpha_bar_t on ``like``'s device and dtype, shaped to broadcast against it: (B, 1, ..., 1) or 0-d.
 
-        ``validate=False`` skips the range check, for timesteps from ``sample_timesteps`` (valid by construction):
-        on a GPU the check reads t back to the host, which stalls the training loop once a call."""
+        ``validate=False`` skips the range check, for timesteps from ``sample_timesteps``
+        (valid by construction): on a GPU the check reads t back to the host, which stalls the
+        training loop once a call."""
         t = (self.check_timesteps(t) if validate else torch.as_tensor(t).long()).to(like.device)
         alpha_bar_t = self.alpha_bar.to(device=like.device, dtype=like.dtype)[t]
         if alpha_bar_t.ndim == 1:  # one t per batch item -> (B, 1, ..., 1)
@@ -231,7 +235,8 @@ class NoiseSchedule:
     def sample_timesteps(
         self, batch: int, generator: torch.Generator | None = None, device: str | torch.device | None = None
     ) -> torch.Tensor:
-        """t ~ Uniform{0, ..., T-1}, one per batch item (Ho et al. Algorithm 1), drawn on the generator's device."""
+        """t ~ Uniform{0, ..., T-1}, one per batch item (Ho et al. Algorithm 1), drawn on
+        the generator's device."""
         gen_device = generator.device if generator is not None else device
         t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t

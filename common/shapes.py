@@ -127,7 +127,8 @@ def extent(shape: str) -> tuple[float, float, float, float]:
 # Scenes
 @dataclass(frozen=True)
 class ShapeObject:
-    """One object of a scene. ``center`` is (x, y) in fractions of the image side; None: the canonical spot."""
+    """One object of a scene. ``center`` is (x, y) in fractions of the image side;
+    None: the canonical spot."""
 
     shape: str
     color: str
@@ -171,7 +172,8 @@ class Scene:
             )
 
     def caption(self, paraphrase: int = 0) -> str:
-        """The caption of this scene in paraphrase number ``paraphrase`` (any int; taken modulo their count)."""
+        """The caption of this scene in paraphrase number ``paraphrase`` (any int;
+        taken modulo their count)."""
         return caption(self, paraphrase)
 
     def key(self) -> tuple:
@@ -192,8 +194,9 @@ class Scene:
 def layout(scene: Scene, rng: np.random.Generator | None = None) -> Scene:
     """Fill in each object's centre: random within the rules if ``rng`` is given, else the canonical spot.
 
-    A scene whose objects all have centres comes back unchanged. The rules: a one-object scene sits near its grid cell; two
-    objects sit on either side of a gap of at least ``_GAP`` along the relation's axis, inside the image.
+    A scene whose objects all have centres comes back unchanged. The rules: a one-object scene sits near its
+    grid cell; two objects sit on either side of a gap of at least ``_GAP`` along the
+    relation's axis, inside the image.
     """
     if all(o.center is not None for o in scene.objects):
         return scene
@@ -263,7 +266,8 @@ def sample_scene(rng: np.random.Generator, split: str = "all", n_objects: tuple[
 # ----------------------------------------------------------------------------------------------------------
 # Rendering
 def render(scene: Scene, resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw a scene: ``(image (3, H, W) float32 in [-1, 1], masks (n_objects, H, W) bool)``, H = W = resolution.
+    """Draw a scene:
+    ``(image (3, H, W) float32 in [-1, 1], masks (n_objects, H, W) bool)``, H = W = resolution.
 
     Objects without a centre are drawn at their canonical spot (``layout(scene)``).
     """

@@ -1,4 +1,5 @@
-"""Single-file Stable Diffusion 1.x checkpoints: the original CompVis key names <-> the diffusers names the course uses.
+"""Single-file Stable Diffusion 1.x checkpoints: the original CompVis key names <-> the
+diffusers names the course uses.
 
 The released ``v1-5-pruned-emaonly.safetensors`` holds one flat state dict of the CompVis ``LatentDiffusion``
 (Rombach et al. 2022, github.com/CompVis/stable-diffusion):
@@ -8,13 +9,14 @@ The released ``v1-5-pruned-emaonly.safetensors`` holds one flat state dict of th
     cond_stage_model.transformer.*   the CLIP text model (transformers 4 names, ``text_model.`` prefix)
     betas, alphas_cumprod, ...       the noise schedule as buffers (recomputed here, so ignored)
 
-The UNet's blocks are numbered flat in CompVis: ``input_blocks.{k}`` runs through conv_in (k = 0), then per level
-``layers_per_block`` pairs (ResNet ``.0``, attention ``.1``) and a downsampler; ``output_blocks.{k}`` runs per level
-``layers_per_block + 1`` pairs and an upsampler appended to the last pair. The VAE's decoder levels are numbered
-from the bottom (``decoder.up.{n-1-i}`` is diffusers' ``up_blocks.{i}``) and its mid attention is 1x1 convs where
-diffusers has linear layers. The mapping is computed from each module's own parameter list, so one function
-serves both directions (``compvis_names``), and an unknown or missing key is an error that names it. A file
-with both raw and EMA weights (``v1-5-pruned.safetensors``) loads the raw ones; ``-emaonly`` files hold only EMA.
+The UNet's blocks are numbered flat in CompVis: ``input_blocks.{k}`` runs through conv_in (k = 0), then per
+level ``layers_per_block`` pairs (ResNet ``.0``, attention ``.1``) and a downsampler; ``output_blocks.{k}``
+runs per level ``layers_per_block + 1`` pairs and an upsampler appended to the last pair. The VAE's decoder
+levels are numbered from the bottom (``decoder.up.{n-1-i}`` is diffusers' ``up_blocks.{i}``) and its mid
+attention is 1x1 convs where diffusers has linear layers. The mapping is computed from each module's own
+parameter list, so one function serves both directions (``compvis_names``), and an unknown or missing key is
+an error that names it. A file with both raw and EMA weights (``v1-5-pruned.safetensors``) loads the raw ones;
+``-emaonly`` files hold only EMA.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def _is_vae_attention_weight(part: str, key: str) -> bool:
 
 
 def to_compvis(unet: UNet, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """The three modules' weights as one CompVis state dict (what ``save_file`` writes as a single-file checkpoint)."""
+    """The three modules' weights as one CompVis state dict (what ``save_file`` writes as a
+    single-file checkpoint)."""
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder}
     states = {part: m.state_dict() for part, m in modules.items()}
     out = {}

@@ -18,11 +18,11 @@ the same with a BERT-style transformer), so ``model`` is one ``nn.ModuleDict({"u
 ``common.training.Trainer`` optimises jointly.
 
 The VAE is frozen, so every image is encoded once. ``cache_latents`` stores the posterior's mean and standard
-deviation, times s, for a fixed list of Shapes items in a tensor file keyed by the VAE's weights (sha256) and the
-dataset's parameters; a second run (or a resumed one) reads it back in a second. ``TextToImageConfig.latents``
-picks what the loss trains on: ``"mean"`` (default: z_0 = s * mu(x); the course VAE's posterior std is small
-and a deterministic target trains faster in a short CPU run) or ``"sample"`` (z_0 = s * (mu + sigma * e), e
-from the loss's generator, as the LDM code does).
+deviation, times s, for a fixed list of Shapes items in a tensor file keyed by the VAE's weights (sha256) and
+the dataset's parameters; a second run (or a resumed one) reads it back in a second.
+``TextToImageConfig.latents`` picks what the loss trains on: ``"mean"`` (default: z_0 = s * mu(x); the course
+VAE's posterior std is small and a deterministic target trains faster in a short CPU run) or ``"sample"``
+(z_0 = s * (mu + sigma * e), e from the loss's generator, as the LDM code does).
 
 The CPU preset weights the loss by Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t, which tempers the nearly noise-free timesteps.
@@ -126,8 +126,8 @@ class TextToImageConfig:
     @classmethod
     def cpu(cls) -> TextToImageConfig:
         """The laptop's course model, sized for a shared 2-core CPU: UNet 4.2 M, text encoder 0.6 M parameters
-        (the shipped model is the ``gpu`` preset; 1,800 steps of this one learn colour and size, not yet shape or
-        position: chapter 06's README).
+        (the shipped model is the ``gpu`` preset; 1,800 steps of this one learn colour and size, not yet shape
+        or position: chapter 06's README).
 
         About 2 s a step at batch 32 on a busy 2-core machine (one thread: see the chapter README), so 1,200
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
@@ -152,9 +152,9 @@ class TextToImageConfig:
         """The full course model for one GPU (bf16): UNet 5.6 M, text encoder 0.6 M parameters, batch 1024.
 
         Sized to ship: with the Shapes VAE it is under 30 MB in fp32. It is wider than the CPU preset at every
-        level (64, 96, 128 channels). ``steps`` is an upper bound: ``train_text_to_image.py --minutes M`` fits the
-        run to a wall-clock budget. Measured on one H200: ~95 ms a step whatever the batch (256 or 1024: the
-        step is bound by Python and kernel launches at this size, so the large batch is free), and
+        level (64, 96, 128 channels). ``steps`` is an upper bound: ``train_text_to_image.py --minutes M`` fits
+        the run to a wall-clock budget. Measured on one H200: ~95 ms a step whatever the batch (256 or 1024:
+        the step is bound by Python and kernel launches at this size, so the large batch is free), and
         ``--minutes 3.5`` gives the shipped model (2,100 steps; see checkpoints/course_t2i/README.md).
         """
         width = 128
@@ -257,8 +257,8 @@ def cache_latents(
     "input_ids" (N, context_length), "captions" list[str], "path": the cache file, "hit": bool}.
 
     The file name holds the VAE's sha256, s, the dataset's parameters and the tokenizer's context length, so a
-    changed VAE or dataset never reuses a stale cache. Written atomically (tmp + rename): processes launched by
-    ``accelerate`` may race here safely.
+    changed VAE or dataset never reuses a stale cache. Written atomically (tmp + rename): processes launched
+    by ``accelerate`` may race here safely.
     """
     from common.shapes import Shapes
 
@@ -315,8 +315,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return {"z0_mean": self.mean[i], "z0_std": self.std[i], "input_ids": self.input_ids[i]}
 
     def get_batch(self, indices: list[int]) -> dict:
-        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256 items
-        one by one costs more than a GPU step of the course model)."""
+        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256
+        items one by one costs more than a GPU step of the course model)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {"z0_mean": self.mean[idx], "z0_std": self.std[idx], "input_ids": self.input_ids[idx]}
 
@@ -327,7 +327,8 @@ def drop_captions(
     input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each row of ``input_ids`` (B, N_k) by the empty prompt's ids with probability p; returns
-    (ids, dropped (B,) bool). The coin flips come from ``generator``, so a resumed run drops the same captions."""
+    (ids, dropped (B,) bool). The coin flips come from ``generator``, so a resumed run
+    drops the same captions."""
     B = input_ids.shape[0]
     dropped = torch.rand(B, generator=generator, device=generator.device).to(input_ids.device) < p  # (B,)
     ids = torch.where(dropped[:, None], empty_ids.to(input_ids.device)[None, :], input_ids)  # (B, N_k)
@@ -335,7 +336,8 @@ def drop_captions(
 
 
 def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
-    """``loss_fn(model, batch, generator)`` for ``Trainer``: the eps-prediction MSE of eq. 3 with caption dropout.
+    """``loss_fn(model, batch, generator)`` for ``Trainer``: the eps-prediction MSE of
+    eq. 3 with caption dropout.
 
     ``empty_ids`` (N_k,) are the token ids of "" (bos, eos, padding): what the pipeline feeds as the
     unconditional prompt, so guidance at sampling time uses exactly the context trained here.
@@ -386,7 +388,8 @@ def build_pipeline(
     sampler: str = "ddim",
     device=None,
 ):
-    """``common.pipeline.StableDiffusion`` around the trained parts (pass ``trainer.ema_model()`` for EMA weights).
+    """``common.pipeline.StableDiffusion`` around the trained parts (pass
+    ``trainer.ema_model()`` for EMA weights).
 
     The pipeline holds the modules themselves (no copy) and puts them in eval mode on ``device``.
     """
@@ -543,7 +546,8 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
         f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
         f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
         f"## Training\n\n{training.strip()}\n\n"
-        f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
+        "## "
+        f"Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
         f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"
     )
     tmp = card.with_suffix(".md.tmp")

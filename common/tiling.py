@@ -1,4 +1,5 @@
-"""VAE tiling and batch slicing: decode (or encode) a large image a piece at a time, for a fraction of the memory.
+"""VAE tiling and batch slicing: decode (or encode) a large image a piece at a time, for
+a fraction of the memory.
 
 The VAE decoder's activations grow with the image: at 1024 px the last level holds 128 x 1024 x 1024 floats
 per feature map (512 MiB), four times 512 px. Tiled decoding cuts the latent z into overlapping tiles of
@@ -30,7 +31,8 @@ from common.autoencoder import AutoencoderKL, DiagonalGaussian
 
 
 def tile_spans(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, stop) spans of length ``tile`` (the last may be shorter) covering 0..n, neighbours sharing ``overlap``."""
+    """[start, stop) spans of length ``tile`` (the last may be shorter) covering 0..n,
+    neighbours sharing ``overlap``."""
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive int (latent pixels), got {tile!r}")
     if not isinstance(overlap, int) or not 0 <= overlap < tile:
@@ -104,7 +106,8 @@ def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile: int = 64, overlap
 def tiled_encode(
     vae: AutoencoderKL, x: torch.Tensor, *, tile: int = 64, overlap: int = 16
 ) -> DiagonalGaussian:
-    """``vae.encode(x)`` one tile at a time: image tiles of ``tile * f`` px, overlapping by ``overlap * f`` px.
+    """``vae.encode(x)`` one tile at a time: image tiles of ``tile * f`` px,
+    overlapping by ``overlap * f`` px.
 
     The posterior's moments (mean and log-variance) are blended in latent space with the same linear ramps.
     """

@@ -111,7 +111,8 @@ class TrainConfig:
 
 def plan_changes(saved: dict, cfg: TrainConfig, step: int = 0) -> list[str]:
     """The plan fields of ``cfg`` that differ from a checkpoint's saved config, as ``name old -> new``.
-    A warm-up length that changes after both warm-ups ended (a run extended with more steps) changes nothing."""
+    A warm-up length that changes after both warm-ups ended
+    (a run extended with more steps) changes nothing."""
 
     def norm(v):
         return tuple(v) if isinstance(v, (list, tuple)) else v
@@ -124,7 +125,8 @@ def plan_changes(saved: dict, cfg: TrainConfig, step: int = 0) -> list[str]:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warm-up,
+    then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
@@ -164,7 +166,8 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point tensors: theta_ema <- d theta_ema + (1 - d) theta."""
+    """Exponential moving average of a module's floating-point tensors: theta_ema <- d
+    theta_ema + (1 - d) theta."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -245,7 +248,8 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, model: nn.Module, ema: EMA | None = None, optimizer: torch.optim.Optimizer | None = None
 ) -> dict:
-    """Load one checkpoint folder into ``model`` (and ``ema``, ``optimizer``); returns its state dict (step, extra).
+    """Load one checkpoint folder into ``model`` (and ``ema``, ``optimizer``); returns its
+    state dict (step, extra).
 
     Raises ``ValueError`` naming the file when it is missing, truncated or of another model's shape.
     """
@@ -340,7 +344,8 @@ class Trainer:
             raise ValueError("the dataset is empty")
         model.to(self.device)
         trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        # fused=True: one kernel for the whole update on a GPU (the same arithmetic as the default foreach path)
+        # fused=True: one kernel for the whole update on a GPU (the same arithmetic as
+        # the default foreach path)
         optimizer = torch.optim.AdamW(
             trainable,
             lr=cfg.lr,
@@ -411,9 +416,10 @@ class Trainer:
         return _to_device(batch, self.device)
 
     def _check_budget(self, elapsed: float, first_step: int) -> None:
-        """The time budget, ``elapsed`` seconds into the loop: stop when it is spent; otherwise start timing at the
-        20th step of this invocation (after warm-up), and refit ``cfg.steps`` 10 and 50 steps later, then every 500
-        steps until half-way. Under accelerate every process takes the main process's step count."""
+        """The time budget, ``elapsed`` seconds into the loop: stop when it is spent; otherwise start timing
+        at the 20th step of this invocation (after warm-up), and refit ``cfg.steps`` 10 and 50 steps later,
+        then every 500 steps until half-way. Under accelerate every process takes the main
+        process's step count."""
         cfg, mark = self.cfg, self._budget_mark
         if elapsed >= cfg.time_budget_s:
             if self.accelerator.is_main_process:
@@ -432,8 +438,8 @@ class Trainer:
                 new = max(self.step + 1, min(self._max_steps, fits))
                 if new != cfg.steps and self.accelerator.is_main_process:
                     print(
-                        f"time budget {cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> {new} steps "
-                        f"(was {cfg.steps})",
+                        f"time budget {cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> {new} "
+                        f"steps (was {cfg.steps})",
                         flush=True,
                     )
                 self.cfg = replace(cfg, steps=new)
@@ -473,7 +479,8 @@ class Trainer:
         return path
 
     def fit(self) -> nn.Module:
-        """Train to ``cfg.steps``; returns the unwrapped model (raw weights; ``ema_model()`` gives the EMA ones)."""
+        """Train to ``cfg.steps``; returns the unwrapped model (raw weights;
+        ``ema_model()`` gives the EMA ones)."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -518,7 +525,8 @@ class Trainer:
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.unwrapped, copy_only=self.step <= cfg.ema_start)
-            # checked every step in one process; only on log steps under accelerate, where all processes must agree
+            # checked every step in one process; only on log steps under accelerate, where
+            # all processes must agree
             if fit_budget and (self.step % cfg.log_every == 0 or acc.num_processes == 1):
                 self._check_budget(time.perf_counter() - t0, first_step)
             window.append(terms["loss"])

@@ -208,7 +208,8 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> UNetConfig:
-        """Two levels, both block kinds, cross-attention mid block: builds and runs in milliseconds (tests)."""
+        """Two levels, both block kinds, cross-attention mid block: builds and runs in
+        milliseconds (tests)."""
         return cls(
             sample_size=16,
             block_out_channels=(32, 64),
@@ -275,7 +276,8 @@ class UNetConfig:
 
     @classmethod
     def shapes_text_gpu(cls, cross_attention_dim: int = 256) -> UNetConfig:
-        """A wider, deeper ``shapes_text`` for a GPU run (chapter 06): 34.9 M parameters, 4.6 GFLOP a forward."""
+        """A wider, deeper ``shapes_text`` for a GPU run (chapter 06): 34.9 M
+        parameters, 4.6 GFLOP a forward."""
         return cls(
             sample_size=16,
             block_out_channels=(128, 256, 256),
@@ -286,12 +288,14 @@ class UNetConfig:
             attention_head_dim=8,
         )
 
-    # --- the conversion contract: diffusers.UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
+    # --- the conversion contract:
+    # diffusers.UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
     def to_diffusers(self) -> dict:
         """Keyword arguments for ``diffusers.UNet2DConditionModel`` that build the same architecture.
 
-        diffusers refuses ``num_attention_heads``, so head counts travel as ``attention_head_dim`` (its quirk).
-        Without cross-attention diffusers still wants an int ``cross_attention_dim``: its default, unused, goes.
+        diffusers refuses ``num_attention_heads``, so head counts travel as ``attention_head_dim``
+        (its quirk). Without cross-attention diffusers still wants an int ``cross_attention_dim``:
+        its default, unused, goes.
         """
         heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
         return dict(
@@ -320,8 +324,9 @@ class UNetConfig:
     def from_diffusers(cls, mapping: Mapping) -> UNetConfig:
         """Read a diffusers UNet2DConditionModel config (``unet.config`` or a parsed config.json).
 
-        Keys a config.json leaves out take diffusers' defaults (not ours). Options that change the architecture
-        away from what this UNet implements (another activation, SDXL's added embeddings, ...) are errors.
+        Keys a config.json leaves out take diffusers' defaults (not ours). Options that change the
+        architecture away from what this UNet implements (another activation, SDXL's added
+        embeddings, ...) are errors.
         """
         mapping = {k: v for k, v in dict(mapping).items() if not k.startswith("_")}
         for key, expected in _FIXED_DIFFUSERS_OPTIONS.items():
@@ -352,7 +357,8 @@ class UNetConfig:
 
 
 class UNet(nn.Module):
-    """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers' UNet2DConditionModel layout."""
+    """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers'
+    UNet2DConditionModel layout."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -457,7 +463,8 @@ class UNet(nn.Module):
         B, _, H, W = z_t.shape
         if H < 1 or W < 1:
             raise ValueError(f"the latent must have H, W >= 1; got {H}x{W}")
-        # any H, W works: a side that does not halve evenly is upsampled back to its skip's size (as diffusers)
+        # any H, W works: a side that does not halve evenly is upsampled back to its
+        # skip's size (as diffusers)
         if cfg.has_cross_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
                 got = None if context is None else tuple(context.shape)
@@ -489,7 +496,8 @@ class UNet(nn.Module):
         context: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels: (B,) -> (B, C_out, H, W)."""
+        """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels:
+        (B,) -> (B, C_out, H, W)."""
         self._check_inputs(z_t, context, class_labels)
         cfg = self.config
         t = self._timesteps(t, z_t.shape[0], z_t.device)  # (B,)

@@ -1,14 +1,14 @@
-"""The UNet's building blocks: time embedding, ResNet blocks, down / mid / up blocks (Ho et al. 2020, appendix B;
-Rombach et al. 2022, sec. 3.3 and appendix E.2).
+"""The UNet's building blocks: time embedding, ResNet blocks, down / mid / up blocks (Ho et al. 2020, appendix
+B; Rombach et al. 2022, sec. 3.3 and appendix E.2).
 
-* ``timestep_embedding``: the Transformer's sinusoidal position code (Vaswani et al. 2017, sec. 3.5) applied to
-  the diffusion step t, exactly as diffusers' ``get_timestep_embedding`` computes it;
+* ``timestep_embedding``: the Transformer's sinusoidal position code (Vaswani et al. 2017, sec. 3.5) applied
+  to the diffusion step t, exactly as diffusers' ``get_timestep_embedding`` computes it;
 * ``TimestepEmbedding``: an MLP (linear_1, SiLU, linear_2) on top of it, 4x the base width;
 * ``ResnetBlock2D``: two 3x3 convs with GroupNorm + SiLU, the time embedding added between them
   (a per-channel shift: "the network is told how noisy its input is");
-* ``DownBlock`` / ``UpBlock`` / ``MidBlock``: ResNet blocks, optionally each followed by a ``SpatialTransformer``
-  (cross-attention to the text), and a stride-2 conv down / nearest-neighbour x2 + conv up between levels.
-  With attention they are diffusers' ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` /
+* ``DownBlock`` / ``UpBlock`` / ``MidBlock``: ResNet blocks, optionally each followed by a
+  ``SpatialTransformer`` (cross-attention to the text), and a stride-2 conv down / nearest-neighbour x2 + conv
+  up between levels. With attention they are diffusers' ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` /
   ``UNetMidBlock2DCrossAttn``; without, ``DownBlock2D`` / ``UpBlock2D`` / ``UNetMidBlock2D``. Parameter names
   (``resnets.{i}``, ``attentions.{i}``, ``downsamplers.0.conv``, ``upsamplers.0.conv``) are diffusers'.
 
@@ -66,7 +66,8 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """x + conv2(SiLU(GN(conv1(SiLU(GN(x))) + W_t SiLU(temb)))), a 1x1 conv on the skip when the width changes."""
+    """x + conv2(SiLU(GN(conv1(SiLU(GN(x))) + W_t SiLU(temb)))), a 1x1 conv on the skip
+    when the width changes."""
 
     def __init__(
         self, *, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float = 1e-5
@@ -119,7 +120,8 @@ class _Block(nn.Module):
     """Shared by the down, mid and up blocks: run a sub-module, through a checkpoint when asked.
 
     Gradient checkpointing (Chen et al. 2016) keeps only each ResNet / transformer block's inputs during the
-    forward pass and recomputes its insides during backward: less activation memory for about one more forward.
+    forward pass and recomputes its insides during backward: less activation memory
+    for about one more forward.
     """
 
     gradient_checkpointing = False
@@ -218,10 +220,11 @@ class DownBlock(_Block):
 
 
 class MidBlock(_Block):
-    """ResNet, then (SpatialTransformer, ResNet) when ``heads`` is set: the bottleneck at the lowest resolution.
+    """ResNet, then (SpatialTransformer, ResNet) when ``heads`` is set: the bottleneck
+    at the lowest resolution.
 
-    ``heads=None`` gives diffusers' UNetMidBlock2D as UNet2DConditionModel builds it (one ResNet, no attention);
-    otherwise UNetMidBlock2DCrossAttn.
+    ``heads=None`` gives diffusers' UNetMidBlock2D as UNet2DConditionModel builds it
+    (one ResNet, no attention); otherwise UNetMidBlock2DCrossAttn.
     """
 
     def __init__(
@@ -342,7 +345,8 @@ class UpBlock(_Block):
             if self.attentions is not None:
                 x = self.run(self.attentions[i], x, context)
         if self.upsamplers is not None:
-            # upsample to the next skip's size, as diffusers does for sides that are not multiples of 2**levels
+            # upsample to the next skip's size, as diffusers does for sides that are
+            # not multiples of 2**levels
             x = self.upsamplers[0](
                 x, size=tuple(skips[-1].shape[-2:]) if skips else None
             )  # (B, C_out, ~2H, ~2W)

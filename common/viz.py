@@ -346,7 +346,8 @@ def overlay_attention(
 
 
 def show(fig: Figure, dpi: int = 72) -> None:
-    """Display a Figure in a notebook as a PNG at ``dpi`` (the stored notebook stays small); outside IPython, nothing."""
+    """Display a Figure in a notebook as a PNG at ``dpi`` (the stored notebook stays small);
+    outside IPython, nothing."""
     import io
 
     try:

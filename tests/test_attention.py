@@ -1,4 +1,5 @@
-"""Attention: the three backends agree, the modules equal diffusers' with the same weights, capture and chunking."""
+"""Attention: the three backends agree, the modules equal diffusers' with the same weights,
+capture and chunking."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""AutoencoderKL: parity with diffusers (same weights, fp32 CPU), parameter names and counts, bad input, save/load."""
+"""AutoencoderKL: parity with diffusers (same weights, fp32 CPU), parameter names and counts,
+bad input, save/load."""
 
 import json
 
@@ -19,7 +20,8 @@ def assert_parity(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def make_pair(config: AutoencoderConfig, seed: int = 0):
-    """A diffusers AutoencoderKL with random weights (norm affines perturbed too) and ours holding the same."""
+    """A diffusers AutoencoderKL with random weights (norm affines perturbed too) and
+    ours holding the same."""
     torch.manual_seed(seed)
     ref = diffusers.AutoencoderKL(**config.to_diffusers()).eval()
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}
@@ -73,7 +75,8 @@ def test_state_dict_names_and_shapes_equal_diffusers(preset):
 
 
 def test_sd15_parameter_counts():
-    """34,163,592 and 49,490,179 are the encoder and decoder alone; quant_conv (72) and post_quant_conv (20) are extra."""
+    """34,163,592 and 49,490,179 are the encoder and decoder alone; quant_conv (72) and
+    post_quant_conv (20) are extra."""
     with torch.device("meta"):
         vae = AutoencoderKL(AutoencoderConfig.sd15())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -5,8 +5,8 @@ width (tests/test_unet.py::test_bad_input_errors, tests/test_attention.py), a pr
 truncated with a warning naming the dropped words (tests/test_tokenizer.py for both tokenizers,
 tests/test_pipeline.py::test_bad_inputs), an empty prompt batch (the same two files).
 
-attention_maps.py runs in fast mode (a tiny random pipeline, seconds); its pieces are checked on Shapes renders
-whose masks are known. The notebook runs under nbval and the exercises under tests/test_exercises.py.
+attention_maps.py runs in fast mode (a tiny random pipeline, seconds); its pieces are checked on Shapes
+renders whose masks are known. The notebook runs under nbval and the exercises under tests/test_exercises.py.
 """
 
 import json

@@ -1,4 +1,5 @@
-"""06_stable_diffusion_architecture/generate.py, the course's main command, run as a learner runs it (subprocess).
+"""06_stable_diffusion_architecture/generate.py, the course's main command, run as a
+learner runs it (subprocess).
 
 Until the shipped course model exists these runs use a tiny random pipeline saved by the test (``--model``);
 the last test runs the default model when ``checkpoints/course_t2i`` is there.

@@ -1,5 +1,5 @@
-"""Chapter 03's scripts: train_classifier.py, train_ldm.py and pixel_vs_latent.py in fast mode, resume, bad input,
-the digits classifier module, and the saved LDM folder loading into diffusers."""
+"""Chapter 03's scripts: train_classifier.py, train_ldm.py and pixel_vs_latent.py in fast mode, resume, bad
+input, the digits classifier module, and the saved LDM folder loading into diffusers."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> Path:
-    """A random tiny VAE (f = 2: 32 px -> 16x16x4) saved in diffusers layout: the scripts only need the format."""
+    """A random tiny VAE (f = 2: 32 px -> 16x16x4) saved in diffusers layout: the scripts
+    only need the format."""
     from common.autoencoder import AutoencoderConfig, AutoencoderKL
 
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""The VAE objective: each term against a direct computation, hinge values, the adaptive weight, disc start, LPIPS."""
+"""The VAE objective: each term against a direct computation, hinge values, the adaptive
+weight, disc start, LPIPS."""
 
 import lpips as lpips_package
 import pytest

@@ -15,7 +15,8 @@ CHAPTERS = sorted(
 
 
 def _normalise(lines):
-    """Code lines without indentation, blank lines or comments: copying is caught however it was re-indented."""
+    """Code lines without indentation, blank lines or comments: copying is caught
+    however it was re-indented."""
     out = []
     for line in lines:
         line = line.strip()

@@ -1,8 +1,8 @@
 """The course pipeline against diffusers' StableDiffusionPipeline with the same (tiny, random) weights.
 
 A tiny diffusers pipeline (2-level UNet, 2-level VAE, 2-layer CLIP text model, a CLIP BPE tokenizer from a
-vocabulary the test writes) is saved to a temporary folder; the course pipeline loads it and must give the same
-image for the same prompt, seed, sampler, steps and guidance (within 1/255), and the other way round.
+vocabulary the test writes) is saved to a temporary folder; the course pipeline loads it and must give the
+same image for the same prompt, seed, sampler, steps and guidance (within 1/255), and the other way round.
 """
 
 import json
@@ -26,7 +26,8 @@ TOL = 1 / 255
 
 
 def write_clip_vocab(folder):
-    """A character-level CLIP BPE vocabulary with two merges: enough for CLIPTokenizer to load and split words."""
+    """A character-level CLIP BPE vocabulary with two merges: enough for CLIPTokenizer to
+    load and split words."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     tokens = (
         ["!", '"']
@@ -302,7 +303,8 @@ def test_save_pretrained_loads_in_diffusers(tmp_path):
 
 
 def test_clip_pipeline_round_trip(tiny, tmp_path):
-    """A pipeline with SD's kind of tokenizer (CLIP BPE), loaded, saved by us, loaded by diffusers and by us."""
+    """A pipeline with SD's kind of tokenizer (CLIP BPE), loaded, saved by us, loaded
+    by diffusers and by us."""
     folder, ref = tiny
     ours = StableDiffusion.from_pretrained(folder)
     ours.save_pretrained(tmp_path / "again")

@@ -1,5 +1,5 @@
-"""Nothing lost, and every bad input a one-line error: common/cli.py, the grader's limits, shipping, resume, and the
-user-facing scripts' answers to bad input (exit status 2, one line on stderr, no traceback)."""
+"""Nothing lost, and every bad input a one-line error: common/cli.py, the grader's limits, shipping, resume,
+and the user-facing scripts' answers to bad input (exit status 2, one line on stderr, no traceback)."""
 
 import argparse
 import json
@@ -171,8 +171,8 @@ def demo_chapter(tmp_path, monkeypatch):
         "def c_kill(m): m.kill()\n"
         "def c_interrupt(m): m.interrupt()\n"
         "def c_after(m): assert m.f(3) == 9\n"
-        "CHECKS = [('f', c_ok), ('loop', c_loop), ('leave', c_exit), ('kill', c_kill), ('interrupt', c_interrupt),"
-        " ('after', c_after)]\n"
+        "CHECKS = [('f', c_ok), ('loop', c_loop), ('leave', c_exit), ('kill', c_kill), ('interrupt', "
+        "c_interrupt), ('after', c_after)]\n"
     )
     (folder / "exercises.py").write_text(
         "import os, sys\n"

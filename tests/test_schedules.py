@@ -1,4 +1,5 @@
-"""Noise schedules and the forward process, pinned against diffusers' schedulers built with the same config."""
+"""Noise schedules and the forward process, pinned against diffusers' schedulers built
+with the same config."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""01_latent_space_learning/train_vae.py end to end (fast mode), its bad-input errors, and the shipped Shapes VAE."""
+"""01_latent_space_learning/train_vae.py end to end (fast mode), its bad-input errors, and
+the shipped Shapes VAE."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""The training loop: exact resume after SIGKILL, 2 processes under accelerate, atomic and validated checkpoints."""
+"""The training loop: exact resume after SIGKILL, 2 processes under accelerate, atomic and
+validated checkpoints."""
 
 import json
 import os

@@ -1,4 +1,5 @@
-"""Build a chapter notebook from a percent-format script and execute it, so the committed notebook shows real outputs.
+"""Build a chapter notebook from a percent-format script and execute it, so the committed
+notebook shows real outputs.
 
     python tools/nbbuild.py SRC.py OUT.ipynb [--fast] [--timeout 1800]
 

@@ -123,8 +123,9 @@ show(side_by_side(rows, size=1.0))
 #
 # **The question.** You want a decoder $p_\theta(x \mid z)$ and a prior $p(z) = \mathcal N(0, I)$ whose
 # marginal $p_\theta(x) = \int p_\theta(x \mid z)\, p(z)\, dz$ gives your images high likelihood. The integral
-# over every $z$ is intractable, so bring in an encoder $q_\phi(z \mid x)$ that proposes the $z$ likely to have
-# made $x$, and write $\log p(x)$ through it (the KL identity; every expectation is over $z \sim q(z \mid x)$):
+# over every $z$ is intractable, so bring in an encoder $q_\phi(z \mid x)$ that proposes the $z$ likely to
+# have made $x$, and write $\log p(x)$ through it (the KL identity; every expectation is
+# over $z \sim q(z \mid x)$):
 #
 # $$
 # \begin{aligned}
@@ -340,8 +341,8 @@ show(fig)
 # ## 5. The reparameterisation trick, with autograd
 #
 # The reconstruction term is an expectation over $z \sim q_\phi(z \mid x)$, and you need its gradient with
-# respect to the encoder's $\mu$ and $\sigma$. Sampling is not a differentiable operation, but you can move the
-# randomness out of the parameters: draw $\epsilon \sim \mathcal N(0, I)$, then set
+# respect to the encoder's $\mu$ and $\sigma$. Sampling is not a differentiable operation, but you can move
+# the randomness out of the parameters: draw $\epsilon \sim \mathcal N(0, I)$, then set
 #
 # $$
 # z = \mu + \sigma \odot \epsilon \quad\Rightarrow\quad z \sim \mathcal N(\mu, \sigma^2)
@@ -382,8 +383,8 @@ print(f"   d f / d sigma = {rounded(sigma_toy.grad)}   2 z eps = {rounded(2 * z_
 # %% [markdown]
 # `.sample()` returns a number with no history: the loss cannot reach $\mu$ or $\sigma$ through it.
 # `.rsample()` builds $z = \mu + \sigma\epsilon$ in the graph, and autograd's gradients are the chain rule of
-# the equation above: $\partial f / \partial \mu = 2z$ and $\partial f / \partial \sigma = 2z\epsilon$. One draw
-# is a noisy estimate of the true gradient; averaged over many draws it is unbiased:
+# the equation above: $\partial f / \partial \mu = 2z$ and $\partial f / \partial \sigma = 2z\epsilon$. One
+# draw is a noisy estimate of the true gradient; averaged over many draws it is unbiased:
 
 # %%
 n_draws = budget(fast=2_000, cpu=100_000)
@@ -456,8 +457,8 @@ else:
 # (`checkpoints/vae_photos`, trained with L1 + KL) and continue each for the same 300 steps, same seed, same
 # data, with one objective each: **L1 only**, **L1 + KL** at SD's weight, and **L1 + KL + PatchGAN** (GAN
 # weight 0.5, discriminator from step 0). `train_vae.py` trained them (the commands are in each model card,
-# `checkpoints/vae_ablation_*/README.md`). Compare them on the same held-out crops of a photograph none of them
-# saw in training. Besides PSNR and SSIM, one number for sharpness: the *edge energy*, the mean absolute
+# `checkpoints/vae_ablation_*/README.md`). Compare them on the same held-out crops of a photograph none of
+# them saw in training. Besides PSNR and SSIM, one number for sharpness: the *edge energy*, the mean absolute
 # difference between neighbouring pixels of the reconstruction divided by that of the input (1 = as much fine
 # detail as the input; a blurred image scores less).
 
@@ -514,17 +515,18 @@ show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons
 # *Figure: six held-out crops and their reconstructions by the starting VAE and by the three continuations.*
 # The table above carries the claims; the figure lets you check them by eye (zoom in on the fur):
 #
-# * **L1 only and L1 + KL are indistinguishable.** Both reach 28.46 dB and SSIM 0.860 (0.03 dB above the start),
-#   the same edge energy (0.784), and latent statistics within 0.3% of each other (KL 8,540 against 8,536 nats,
-#   std(mu) 1.594 against 1.596). That is section 3 made measurable: at SD's weight the KL is a negligible part of
-#   the loss over 300 steps. Its job is the slow one of pinning the latent scale, which nothing else pins.
+# * **L1 only and L1 + KL are indistinguishable.** Both reach 28.46 dB and SSIM 0.860
+#   (0.03 dB above the start), the same edge energy (0.784), and latent statistics within 0.3% of each other
+#   (KL 8,540 against 8,536 nats, std(mu) 1.594 against 1.596). That is section 3 made measurable: at SD's
+#   weight the KL is a negligible part of the loss over 300 steps. Its job is the slow one of pinning the
+#   latent scale, which nothing else pins.
 # * **The PatchGAN term changes the pictures.** Edge energy rises from 0.78 to 0.90 of the input's: darker,
 #   crisper fur strokes and more contrast around the eyes (bottom row). It costs 1.05 dB of PSNR and 0.018 of
-#   SSIM, because the discriminator rewards texture that looks real, not texture in exactly the right place, and
-#   some of the new strokes are too dark. Whether the added detail looks closer to the photograph is what LPIPS
-#   measures, and it is not measured here (its backbone is not on disk); at this budget the honest summary is
-#   "sharper, less faithful pixel for pixel". SD runs this phase for far longer, from a decoder trained 50,000
-#   steps.
+#   SSIM, because the discriminator rewards texture that looks real, not texture in exactly the right place,
+#   and some of the new strokes are too dark. Whether the added detail looks closer to the photograph is what
+#   LPIPS measures, and it is not measured here (its backbone is not on disk); at this budget the honest
+#   summary is "sharper, less faithful pixel for pixel". SD runs this phase for far longer, from a decoder
+#   trained 50,000 steps.
 # * In all of them the posterior stays narrow (sigma about 0.001): a near-deterministic autoencoder, as
 #   section 3 predicted for a KL weight of 1e-6.
 #
@@ -607,12 +609,13 @@ show(fig)
 #
 # At SD's weight (3.3e-10 in these per-pixel units) and at 1e-6 the latents stay informative: the posterior
 # means spread across images (std 0.6 to 1.7 per channel), sigma stays small (0.13 to 0.52), and PSNR stays
-# within 0.7 dB of the run without a KL (20.65 against 19.97 dB). At 1e-5 sigma climbs towards 1 (0.55 to 0.92)
-# and the means shrink (KL 82 nats). At 1e-4 the posterior has **collapsed**: sigma is 1 and the means barely
-# vary (std at most 0.04), so q(z|x) is N(0, I) whatever x is; the latent carries almost nothing (KL 0.2 nats)
-# and PSNR falls to 16.6 dB, a blurry average image. This is section 3's price b at work: a larger weight says the
-# decoder is noisier, so each bit in z costs more than the detail it buys. These small models, trained for 150
-# steps, reach only about 20 dB: long enough to show the collapse, not for a converged comparison.
+# within 0.7 dB of the run without a KL (20.65 against 19.97 dB). At 1e-5 sigma climbs towards 1
+# (0.55 to 0.92) and the means shrink (KL 82 nats). At 1e-4 the posterior has **collapsed**: sigma is 1 and
+# the means barely vary (std at most 0.04), so q(z|x) is N(0, I) whatever x is; the latent carries almost
+# nothing (KL 0.2 nats) and PSNR falls to 16.6 dB, a blurry average image. This is section 3's price b at
+# work: a larger weight says the decoder is noisier, so each bit in z costs more than the detail it buys.
+# These small models, trained for 150 steps, reach only about 20 dB: long enough to show the collapse, not
+# for a converged comparison.
 #
 # ## 8. What each latent channel carries
 #
@@ -641,17 +644,17 @@ show(show_latent_channels(z[:2], size=1.2))
 # images' latents as heat maps.*
 #
 # Channel 3 carries most of the picture: zeroing it raises the MSE from 0.0012 to 0.0599, and the shapes lose
-# their colour and much of their outline (last column). It is also the channel with the largest spread (std 1.43).
-# Zeroing channel 0 or 1 shifts the colours (the red star turns magenta; MSE 0.0047 and 0.0053) and leaves the
-# shapes in place; zeroing channel 2 changes almost nothing (0.0013). The autoencoder has spread the information
-# unevenly, and the channels have different scales (std 0.35 to 1.43) that the decoder relies on: the scaling
-# factor of the next section multiplies all of them by one number.
+# their colour and much of their outline (last column). It is also the channel with the largest spread
+# (std 1.43). Zeroing channel 0 or 1 shifts the colours (the red star turns magenta; MSE 0.0047 and 0.0053)
+# and leaves the shapes in place; zeroing channel 2 changes almost nothing (0.0013). The autoencoder has
+# spread the information unevenly, and the channels have different scales (std 0.35 to 1.43) that the decoder
+# relies on: the scaling factor of the next section multiplies all of them by one number.
 #
 # ## 9. The scaling factor, and what goes wrong without it
 #
 # The noise schedule was designed for data of unit variance. Diffusion trains on
-# $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$ with $\epsilon \sim \mathcal N(0, I)$, so
-# the signal-to-noise ratio the network meets at step $t$ is
+# $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$ with
+# $\epsilon \sim \mathcal N(0, I)$, so the signal-to-noise ratio the network meets at step $t$ is
 #
 # $$
 # \begin{aligned}
@@ -695,9 +698,9 @@ print(f"SD 1.x: scaling_factor 0.18215 -> unscaled std {1 / 0.18215:.2f}, varian
 # %% [markdown]
 # Predict, then measure. Take SD's schedule and the Photos VAE, whose latents have a variance of about 6
 # unscaled. At the last step, $t = 999$, the formula predicts the SNR, the std of $z_T$
-# ($\sqrt{\bar\alpha_T \mathrm{Var}(z_0) + 1 - \bar\alpha_T}$, which sampling assumes is 1) and the correlation
-# between $z_T$ and $z_0$ ($\sqrt{\mathrm{SNR} / (1 + \mathrm{SNR})}$, which should be about 0). Then noise the
-# real latents and measure both:
+# ($\sqrt{\bar\alpha_T \mathrm{Var}(z_0) + 1 - \bar\alpha_T}$, which sampling assumes is 1) and the
+# correlation between $z_T$ and $z_0$ ($\sqrt{\mathrm{SNR} / (1 + \mathrm{SNR})}$, which should be about 0).
+# Then noise the real latents and measure both:
 
 # %%
 schedule = NoiseSchedule.sd15()
@@ -745,10 +748,10 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: $\log_{10}$ of the SNR the schedule produces at each step, for scaled latents and for the Photos VAE's
-# and SD's latents left unscaled.* Unscaled, the whole curve shifts up by $\log_{10} \mathrm{Var}(z_0)$: each
-# step carries more signal than the schedule intends, the point where signal and noise are equal moves to a
-# later step, and at $t = 999$ the "pure noise" still correlates with the image (the measured correlations
+# *Figure: $\log_{10}$ of the SNR the schedule produces at each step, for scaled latents and for the Photos
+# VAE's and SD's latents left unscaled.* Unscaled, the whole curve shifts up by $\log_{10} \mathrm{Var}(z_0)$:
+# each step carries more signal than the schedule intends, the point where signal and noise are equal moves to
+# a later step, and at $t = 999$ the "pure noise" still correlates with the image (the measured correlations
 # above match the predicted ones). Sampling starts from $\mathcal N(0, I)$, which is not what the network saw
 # at $t = 999$ in training, and the high-noise steps, where the layout of an image is decided, are spent on
 # latents that are already mostly decided. One global number fixes it; the channels keep their relative scales
@@ -783,8 +786,8 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 # ## Summary
 #
 # * Latent diffusion moves the expensive part to a space 48x smaller than SD's pixels (12x for the course's
-#   Shapes), and attention gets far cheaper still; a learned autoencoder beats plain downsampling with the same
-#   number of numbers.
+#   Shapes), and attention gets far cheaper still; a learned autoencoder beats plain downsampling with the
+#   same number of numbers.
 # * The VAE maximises the ELBO, $\log p(x) - \mathrm{KL}(q(z|x) \| p(z|x))$: a reconstruction term and a KL to
 #   the prior. With a Laplace decoder it is a summed L1 plus $b$ times the KL; SD's $b = 10^{-6}$ makes a
 #   near-deterministic autoencoder whose KL only keeps the latent scale in check.
@@ -795,7 +798,8 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 #
 # ## Exercises (`01_latent_space_learning/exercises.py`, graded by `python -m common.grade 01`)
 #
-# 1. `reparameterised_sample`: $z = \mu + \sigma\epsilon$ from the encoder's raw moments; graded with autograd.
+# 1. `reparameterised_sample`: $z = \mu + \sigma\epsilon$ from the encoder's raw
+#    moments; graded with autograd.
 # 2. `gaussian_kl`: the KL between two diagonal Gaussians, derived like section 4; graded against
 #    `torch.distributions.kl_divergence`.
 # 3. `scaling_factor`: 1 / std of a batch of latents.

@@ -61,11 +61,11 @@ T0 = time.perf_counter()
 # %% [markdown]
 # ## 1. Latents of the frozen VAE
 #
-# The Digits VAE (`checkpoints/vae_digits`, trained by chapter 01's `train_vae.py --data digits --resolution 32
-# --factor 4`) maps a 32 x 32 digit to a 4 x 8 x 8 latent: 4x fewer numbers than the RGB image it was trained
-# on. Its `scaling_factor` (1 / std of the latents, measured when it was trained) makes them roughly unit
-# variance, which is what the noise schedule assumes. Offline, the digits are rendered from fonts (the cell
-# prints which source it used).
+# The Digits VAE (`checkpoints/vae_digits`, trained by chapter 01's `train_vae.py --data digits --resolution
+# 32 --factor 4`) maps a 32 x 32 digit to a 4 x 8 x 8 latent: 4x fewer numbers than the RGB image it was
+# trained on. Its `scaling_factor` (1 / std of the latents, measured when it was trained) makes them roughly
+# unit variance, which is what the noise schedule assumes. Offline, the digits are rendered from fonts (the
+# cell prints which source it used).
 
 # %%
 vae = AutoencoderKL.load(CKPT / "vae_digits").eval().requires_grad_(False)
@@ -144,9 +144,9 @@ print(f"after 500 one-step draws: mean {float(chains.mean()):.4f}, std {float(ch
 print(f"closed form:              mean {float(mean_closed):.4f}, std {float(std_closed):.4f}")
 
 # %% [markdown]
-# Now noise one latent to several timesteps and **decode** each z_t, beside noising the pixels directly with the
-# same schedule. The decoder turns latent noise into structured blobs, not pixel snow: it only knows how to draw
-# digit-like strokes.
+# Now noise one latent to several timesteps and **decode** each z_t, beside noising the pixels directly with
+# the same schedule. The decoder turns latent noise into structured blobs, not pixel snow: it only knows how
+# to draw digit-like strokes.
 
 # %%
 ts = [0, 100, 250, 400, 600, 999]
@@ -908,13 +908,14 @@ import csv
 
 log = list(csv.DictReader(open(trainer.log_path)))
 print(
-    f"{steps} steps in {time.perf_counter() - t0:.1f} s; loss {float(log[0]['loss']):.3f} -> {float(log[-1]['loss']):.3f}"
+    f"{steps} steps in {time.perf_counter() - t0:.1f} s; loss {float(log[0]['loss']):.3f} -> "
+    f"{float(log[-1]['loss']):.3f}"
 )
 
 # %% [markdown]
 # The loss of an eps-predictor starts near 1 (the variance of eps) and falls as the model learns to see the
-# digit through the noise. The real run (`train_ldm.py`, a few thousand steps) is shipped; load its EMA weights,
-# saved in diffusers' `UNet2DConditionModel` layout, with the schedule it was trained under.
+# digit through the noise. The real run (`train_ldm.py`, a few thousand steps) is shipped; load its EMA
+# weights, saved in diffusers' `UNet2DConditionModel` layout, with the schedule it was trained under.
 
 # %%
 LDM = CKPT / "ldm_digits"
@@ -925,8 +926,9 @@ schedule = NoiseSchedule.from_diffusers(json.loads((LDM / "scheduler_config.json
 scale = json.loads((LDM / "ldm.json").read_text())["scaling_factor"]
 classifier = DigitClassifier.load(CKPT / "digits_classifier")
 print(
-    f"UNet {sum(p.numel() for p in unet.parameters()):,} parameters, widths {unet.config.block_out_channels}; "
-    f"schedule {schedule.beta_schedule}, {schedule.prediction_type}; scaling factor {scale:.4f}"
+    f"UNet {sum(p.numel() for p in unet.parameters()):,} parameters, "
+    f"widths {unet.config.block_out_channels}; schedule {schedule.beta_schedule}, "
+    f"{schedule.prediction_type}; scaling factor {scale:.4f}"
 )
 if (LDM / "README.md").exists():  # the model card train_ldm.py wrote: how it was trained
     card = (LDM / "README.md").read_text()
@@ -934,10 +936,11 @@ if (LDM / "README.md").exists():  # the model card train_ldm.py wrote: how it wa
 
 # %% [markdown]
 # The model was trained with 10% of its labels replaced by an 11th "null" class, so it also knows the
-# unconditional distribution. **Classifier-free guidance** (Ho & Salimans 2022) extrapolates from the unconditional
-# prediction towards the conditional one, eps_u + w (eps_c - eps_u); w = 1 is the plain class-conditional model.
-# The shipped run is short and still blurs its classes at w = 1; guidance sharpens them: at w = 4 every sampler scores
-# 97.5-100% (the model card), at w = 1 the deterministic ones 86-88% (section 7).
+# unconditional distribution. **Classifier-free guidance** (Ho & Salimans 2022) extrapolates from the
+# unconditional prediction towards the conditional one, eps_u + w (eps_c - eps_u); w = 1 is the plain
+# class-conditional model. The shipped run is short and still blurs its classes at w = 1; guidance sharpens
+# them: at w = 4 every sampler scores 97.5-100% (the model card), at w = 1 the deterministic
+# ones 86-88% (section 7).
 
 # %%
 W = 4.0  # the guidance scale train_ldm.py --guidance 4 graded the shipped model with
@@ -1433,8 +1436,8 @@ show(
 )
 
 # %% [markdown]
-# *Figure: columns are steps (t from T-1 down), rows the digits 0-4 asked for. The class is fixed within the first
-# few steps; later steps refine the strokes.*
+# *Figure: columns are steps (t from T-1 down), rows the digits 0-4 asked for. The class is fixed within the
+# first few steps; later steps refine the strokes.*
 #
 # ## 7. Samplers side by side
 #
@@ -1511,8 +1514,8 @@ show(compare.plot_grids(grids))
 # ## 8. Pixel against latent: the claim, measured
 #
 # The same UNet architecture, trained one step at pixel resolution and at latent resolution (f = 4): the
-# `pixel_vs_latent.py` script's own code, loaded here. Memory is what autograd saves for backward (the part that
-# grows with resolution; weights, gradients and AdamW state are the same for both).
+# `pixel_vs_latent.py` script's own code, loaded here. Memory is what autograd saves for backward (the part
+# that grows with resolution; weights, gradients and AdamW state are the same for both).
 
 # %%
 pvl = load_module(ROOT / "03_latent_ddpm" / "pixel_vs_latent.py", "_ch03_pixel_vs_latent")
@@ -1529,8 +1532,8 @@ print(pvl.table(table_rows))
 
 # %% [markdown]
 # The latent model is several times cheaper per step and holds an order of magnitude less activation memory,
-# at the same parameter count: at SD's scale (512 px, f = 8, 64x fewer positions) that is the difference between
-# a model that trains on one GPU and one that does not.
+# at the same parameter count: at SD's scale (512 px, f = 8, 64x fewer positions) that is the difference
+# between a model that trains on one GPU and one that does not.
 #
 # ## Summary
 #
@@ -1549,8 +1552,8 @@ print(pvl.table(table_rows))
 # - DDIM keeps DDPM's marginals with a free noise level: eta = 0 is deterministic, eta = 1 is DDPM.
 #   DPM-Solver++ integrates the same ODE exactly in its linear part, in log-SNR: first order is DDIM, the
 #   multistep second order reaches a given accuracy in fewer steps.
-# - A falling loss is not a finished model: by step 250 the loss had done most of its falling while the samples
-#   were still blobs; the digits appeared between steps 250 and 1,000 and came out clean by 6,000.
+# - A falling loss is not a finished model: by step 250 the loss had done most of its falling while the
+#   samples were still blobs; the digits appeared between steps 250 and 1,000 and came out clean by 6,000.
 # - Measured with enough samples to tell them apart, the stochastic DDPM sampler beats the deterministic DDIM
 #   and DPM-Solver++ on this model without guidance, at every step count from 4 on; those two cannot be told
 #   apart, and every curve is flat from 4 steps.

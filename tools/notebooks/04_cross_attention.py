@@ -595,10 +595,10 @@ show(
 )
 
 # %% [markdown]
-# These are seeds 0-3 of the committed run (the grid above showed seeds 0, 1, 4 and 7). Seeds 0 and 3 are right
-# at every s >= 1. Seed 2 draws the square above the diamond up to s = 5 and gains a third object at s = 7.5
-# and 12; seed 1 is right up to s = 7.5 and breaks at s = 12 (a second diamond). Guidance does not rescue every
-# seed, and too much of it breaks some.
+# These are seeds 0-3 of the committed run (the grid above showed seeds 0, 1, 4 and 7). Seeds 0 and 3 are
+# right at every s >= 1. Seed 2 draws the square above the diamond up to s = 5 and gains a third object at s =
+# 7.5 and 12; seed 1 is right up to s = 7.5 and breaks at s = 12 (a second diamond). Guidance does not rescue
+# every seed, and too much of it breaks some.
 
 # %% [markdown]
 # ## 5. Which words does each pixel look at?
@@ -668,8 +668,8 @@ show(
 # is). In this image, which the judge finds right, the first object's noun and the positions just after it
 # ("cross", "above", "a", "large") are brightest on the cross. No word of the second object lights up the
 # square: "orange" and "square" are brightest on the background and darkest on the square. `<eos>` is
-# brightest on the cross too. The square is where the pads look: the map of pad 13, and of all 13 pads together
-# (46% of all the attention), are brightest on the square (pads 11 and 12 less clearly).
+# brightest on the cross too. The square is where the pads look: the map of pad 13, and of all 13 pads
+# together (46% of all the attention), are brightest on the square (pads 11 and 12 less clearly).
 #
 # **Where does the attention go, on average?** Over all the prompts, the share of the attention each kind of
 # position receives (averaged over pixels), against 1/24 per position if it were spread evenly:

@@ -82,15 +82,15 @@ print(f"{'total':34s} {total:14,d} {1:7.1%} {4 * total / 2**20:8.0f}")
 del sd_unet, sd_vae, sd_text
 
 # %% [markdown]
-# The UNet holds four fifths of the model, and it runs once (twice, with guidance) per denoising step; the text
-# encoder runs once per prompt and the decoder once per image. That is why chapter 05's memory and speed work
-# targets the UNet's attention.
+# The UNet holds four fifths of the model, and it runs once (twice, with guidance) per denoising step; the
+# text encoder runs once per prompt and the decoder once per image. That is why chapter 05's memory and speed
+# work targets the UNet's attention.
 #
 # ## 2. The pipeline one stage at a time
 #
 # We use the course's own text-to-image model when it is there (`checkpoints/course_t2i`, written by
-# `train_text_to_image.py`); otherwise a tiny *random* pipeline stands in, so every cell still runs (its images
-# are noise, not pictures: the cell says which one you have).
+# `train_text_to_image.py`); otherwise a tiny *random* pipeline stands in, so every cell still runs (its
+# images are noise, not pictures: the cell says which one you have).
 
 # %%
 if (COURSE_MODEL / "model_index.json").is_file():
@@ -109,9 +109,9 @@ print(
 )
 
 # %% [markdown]
-# **Tokenize.** The tokenizer turns the prompt into a fixed-length row of ids: `<bos>`, the words, `<eos>`, then
-# padding up to the context length. The course model reads Shapes captions with a word-level tokenizer; SD 1.5
-# uses CLIP's byte-pair tokenizer with 77 positions. The same call works for both.
+# **Tokenize.** The tokenizer turns the prompt into a fixed-length row of ids: `<bos>`, the words, `<eos>`,
+# then padding up to the context length. The course model reads Shapes captions with a word-level tokenizer;
+# SD 1.5 uses CLIP's byte-pair tokenizer with 77 positions. The same call works for both.
 
 # %%
 prompt = "a small red circle at the top left"
@@ -130,9 +130,9 @@ context = pipe.encode_prompt(["", prompt])  # (2, N_k, D_c)
 print("context:", tuple(context.shape), f"mean {context.mean():.3f} std {context.std():.3f}")
 
 # %% [markdown]
-# **Initial noise.** z_T ~ N(0, I) of shape (B, 4, H/f, W/f), drawn from a seeded generator exactly as diffusers
-# draws it (`torch.randn(shape, generator=g)`, times the sampler's `init_noise_sigma`, 1 for DDIM): the same seed
-# gives the same image in both libraries.
+# **Initial noise.** z_T ~ N(0, I) of shape (B, 4, H/f, W/f), drawn from a seeded generator exactly as
+# diffusers draws it (`torch.randn(shape, generator=g)`, times the sampler's `init_noise_sigma`, 1 for DDIM):
+# the same seed gives the same image in both libraries.
 
 # %%
 sampler = pipe.make_sampler("ddim", steps)
@@ -193,9 +193,9 @@ show(
 print("Figure: the decoded clean-image guess early, a third and two thirds in, and the final image.")
 
 # %% [markdown]
-# **The same with one call.** `StableDiffusion.__call__` does exactly these stages (plus a progress bar, batching
-# and checks); with the same seed it gives the same image. The tests check the same against diffusers'
-# `StableDiffusionPipeline` with the same weights (DDIM and DPM-Solver++, within 1/255).
+# **The same with one call.** `StableDiffusion.__call__` does exactly these stages (plus a progress bar,
+# batching and checks); with the same seed it gives the same image. The tests check the same against
+# diffusers' `StableDiffusionPipeline` with the same weights (DDIM and DPM-Solver++, within 1/255).
 
 # %%
 t0 = time.perf_counter()
@@ -209,7 +209,8 @@ out = pipe(
     progress=False,
 )
 print(
-    f"one call: {time.perf_counter() - t0:.2f} s; max |pipeline - by hand| = {(out.images - by_hand).abs().max():.2e}"
+    f"one call: {time.perf_counter() - t0:.2f} s; max |pipeline - by hand| "
+    f"= {(out.images - by_hand).abs().max():.2e}"
 )
 
 # %% [markdown]
@@ -217,8 +218,8 @@ print(
 #
 # **Guidance scale.** Rows are seeds, columns scales. The first column is the unconditional model: the empty
 # prompt alone, which is what s = 0 means in the guidance formula. (The pipeline, like diffusers, skips the
-# unconditional pass for any s <= 1 and returns the conditional prediction, so `guidance_scale=0` would not show
-# it: we ask for the empty prompt instead.) s = 1 is the conditional model without guidance.
+# unconditional pass for any s <= 1 and returns the conditional prediction, so `guidance_scale=0` would not
+# show it: we ask for the empty prompt instead.) s = 1 is the conditional model without guidance.
 
 # %%
 scales = [1.0, 7.5] if is_fast() else [1.0, 2.0, 4.0, 7.5, 12.0]
@@ -259,9 +260,9 @@ print(
 
 # %% [markdown]
 # What the grid shows: at s = 0 the model draws whatever it likes; from s = 1 on it draws the prompt, and on a
-# one-object prompt that this model already gets right, more guidance changes the picture very little. One grid
-# says little about a scale, so chapter 04 measured it on this same model: 8 held-out prompts x 24 seeds at each
-# scale, graded by the judge, with the spread of the images across seeds as a measure of diversity
+# one-object prompt that this model already gets right, more guidance changes the picture very little. One
+# grid says little about a scale, so chapter 04 measured it on this same model: 8 held-out prompts x 24 seeds
+# at each scale, graded by the judge, with the spread of the images across seeds as a measure of diversity
 # (`python 04_cross_attention/guidance_sweep.py`; the committed results are read here, not recomputed).
 
 # %%
@@ -283,10 +284,10 @@ display(Image(filename=str(ROOT / "04_cross_attention" / "guidance_sweep_course.
 
 # %% [markdown]
 # Read the curves, not the grid: guidance buys prompt following where the model is unsure. One-object prompts
-# are already 93% right at s = 1 and saturate by s = 2; two-object prompts climb from 51% at s = 1 to about 70%
-# at s = 5-7.5 and fall back a little at 12. Diversity across seeds is what it costs: for one-object prompts it
-# drops from 0.061 at s = 1 to 0.036 at s = 12 (the same object, drawn ever more alike); two-object scenes keep
-# most of theirs, because the seeds still disagree on where the objects go.
+# are already 93% right at s = 1 and saturate by s = 2; two-object prompts climb from 51% at s = 1 to about
+# 70% at s = 5-7.5 and fall back a little at 12. Diversity across seeds is what it costs: for one-object
+# prompts it drops from 0.061 at s = 1 to 0.036 at s = 12 (the same object, drawn ever more alike); two-object
+# scenes keep most of theirs, because the seeds still disagree on where the objects go.
 
 # %% [markdown]
 # **Attention maps.** With `capture_attention=True` the pipeline records the cross-attention weights of every
@@ -318,11 +319,11 @@ print(f"Figure: '{two}' and the cross-attention of each word, averaged over step
 # %% [markdown]
 # **img2img** (SDEdit, Meng et al. 2022): encode an image, noise it to the timestep that `strength` picks, and
 # denoise from there. Strength 0 gives the image back (through the VAE), strength 1 ignores it. **Inpainting**
-# with the same model: after every step the known part of the latent is replaced by the original, noised to the
-# current level, so only the white part of the mask is generated (latent blending).
+# with the same model: after every step the known part of the latent is replaced by the original, noised to
+# the current level, so only the white part of the mask is generated (latent blending).
 #
-# To see both halves of that promise, the cell picks the first test image with one object in each half, keeps the
-# right half (its object must survive untouched) and asks for a different object on the left: a red circle
+# To see both halves of that promise, the cell picks the first test image with one object in each half, keeps
+# the right half (its object must survive untouched) and asks for a different object on the left: a red circle
 # where there was something else.
 
 # %%
@@ -396,9 +397,10 @@ print(
 # %% [markdown]
 # ## 4. The course model: results and metrics
 #
-# `train_text_to_image.py` trains the course's model from scratch on Shapes (frozen course VAE, CLIP-architecture
-# text encoder and cross-attention UNet trained jointly, caption dropout for guidance) and `evaluate.py` measures
-# how well it follows prompts with a judge trained on Shapes' ground truth. Both write into the model card.
+# `train_text_to_image.py` trains the course's model from scratch on Shapes (frozen course VAE,
+# CLIP-architecture text encoder and cross-attention UNet trained jointly, caption dropout for guidance) and
+# `evaluate.py` measures how well it follows prompts with a judge trained on Shapes' ground truth. Both
+# write into the model card.
 
 # %%
 card = COURSE_MODEL / "README.md"
@@ -407,7 +409,8 @@ if card.is_file() and "## Metrics" in card.read_text():
 else:
     print(
         "SKIPPED: no course model card with metrics yet (checkpoints/course_t2i/README.md); run "
-        "06_stable_diffusion_architecture/train_text_to_image.py --ship checkpoints/course_t2i, then evaluate.py"
+        "06_stable_diffusion_architecture/train_text_to_image.py --ship "
+        "checkpoints/course_t2i, then evaluate.py"
     )
 
 # %%
@@ -429,9 +432,9 @@ print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}."
 #
 # `StableDiffusion.from_pretrained` reads SD 1.5's diffusers folder or its single-file checkpoint
 # (`v1-5-pruned-emaonly.safetensors`, with the original CompVis key names, mapped in `common/single_file.py`;
-# give SD's CLIP tokenizer folder as `tokenizer_path`). Point `$SD15_PATH` at either to run this cell, e.g. after
-# `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir ~/models/stable-diffusion-v1-5`.
-# It needs about 5 GB of RAM and a minute per 512 px image on a laptop CPU (25 steps), so it never runs under
+# give SD's CLIP tokenizer folder as `tokenizer_path`). Point `$SD15_PATH` at either to run this cell, e.g.
+# after
+# `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir ~/models/stable-diffusion-v1-5`. It needs about 5 GB of RAM and a minute per 512 px image on a laptop CPU (25 steps), so it never runs under
 # `COURSE_FAST=1`.
 
 # %%
@@ -467,8 +470,9 @@ else:
 #   img2img and inpainting.
 # * Classifier-free guidance costs a second UNet pass per step and buys prompt following; its scale trades
 #   diversity for fidelity.
-# * Drawing the initial noise exactly as diffusers does makes the course pipeline a drop-in: same weights, same
-#   seed, same image (tested within 1/255 for DDIM and DPM-Solver++, both ways, and from a single-file checkpoint).
+# * Drawing the initial noise exactly as diffusers does makes the course pipeline a drop-in: same weights,
+#   same seed, same image (tested within 1/255 for DDIM and DPM-Solver++, both ways, and from a
+#   single-file checkpoint).
 # * img2img and inpainting need no new model: they change where the loop starts and what it may change.
 #
 # ## Exercises
