@@ -1,12 +1,13 @@
 """Stage one of latent diffusion: train the autoencoder (Rombach et al. 2022, sec. 3 and appendix G).
 
-    python 01_latent_space_learning/train_vae.py                      # Shapes, 64 px, f = 4, 4 x 16 x 16 latents
+    python 01_latent_space_learning/train_vae.py                  # Shapes, 64 px, f = 4, 4 x 16 x 16 latents
     python 01_latent_space_learning/train_vae.py --data photos --ship checkpoints/vae_photos
     COURSE_FAST=1 python 01_latent_space_learning/train_vae.py --out /tmp/vae   # seconds, for the tests
 
 The objective is common/losses.py's VAELoss (Esser et al. 2021, eq. 5-7; Rombach et al. 2022, appendix G):
 
-    L_G = |x - D(z)|_1 + w_lpips LPIPS(x, D(z)) + w_kl KL(q(z|x) || N(0, I)) + [step >= disc_start] lambda w_gan L_adv
+    L_G = |x - D(z)|_1 + w_lpips LPIPS(x, D(z)) + w_kl KL(q(z|x) || N(0, I))
+          + [step >= disc_start] lambda w_gan L_adv
     L_D = [step >= disc_start] hinge(D_patch(x), D_patch(D(z)))
 
 The run then
@@ -189,27 +190,36 @@ def write_card(folder: Path, info: dict) -> Path:
         if "lpips" in m
         else "| LPIPS | not measured (backbone not on disk) | |\n"
     )
-    text = f"""# {info["name"]}: a course-trained AutoencoderKL ({info["data"]}, {c["sample_size"]} px, f = {info["factor"]})
+    text = f"""# {info["name"]}: a course-trained AutoencoderKL ({info["data"]}, {c["sample_size"]} \
+px, f = {info["factor"]})
 
 Stage one of latent diffusion, trained by `01_latent_space_learning/train_vae.py`. Diffusers folder layout:
-`diffusers.AutoencoderKL.from_pretrained(this_folder)` and `common.autoencoder.AutoencoderKL.load(this_folder)`
-both load it. Latents: {c["latent_channels"]} x {c["sample_size"] // info["factor"]} x {c["sample_size"] // info["factor"]} for a {c["sample_size"]} px image;
-multiply them by `scaling_factor` = {c["scaling_factor"]:.5f} (1 / std {info["latent_std"]:.4f} of posterior samples,
+`diffusers.AutoencoderKL.from_pretrained(this_folder)` and \
+`common.autoencoder.AutoencoderKL.load(this_folder)`
+both load it. Latents: {c["latent_channels"]} x {c["sample_size"] // info["factor"]} x \
+{c["sample_size"] // info["factor"]} for a {c["sample_size"]} px image;
+multiply them by `scaling_factor` = {c["scaling_factor"]:.5f} (1 / std \
+{info["latent_std"]:.4f} of posterior samples,
 measured on the training data) before diffusion, divide before decoding.
 
 | | |
 |---|---|
 | command | `{info["command"]}` |
 | data | {info["data_description"]} |
-| steps x batch | {info["steps"]} x {info["batch_size"]} (lr {info["lr"]}, cosine, warm-up {info["warmup"]}){info["init_note"]} |
-| loss | mean L1 + {info["weights"]["lpips"]} LPIPS + {info["weights"]["kl"]:.3g} KL + {info["weights"]["gan"]} GAN (from step {info["weights"]["disc_start"]}); the KL weight is SD's {info["kl_weight_sd"]:g} on summed pixels |
+| steps x batch | {info["steps"]} x {info["batch_size"]} (lr {info["lr"]}, cosine, warm-up \
+{info["warmup"]}){info["init_note"]} |
+| loss | mean L1 + {info["weights"]["lpips"]} LPIPS + {info["weights"]["kl"]:.3g} KL + \
+{info["weights"]["gan"]} GAN (from step {info["weights"]["disc_start"]}); the KL weight is SD's \
+{info["kl_weight_sd"]:g} on summed pixels |
 | LPIPS | {info["lpips_note"]} |
 | wall time | {info["train_minutes"]:.1f} min training, {info["total_minutes"]:.1f} min in all |
 | hardware | {info["hardware"]} |
 | parameters | {info["parameters"]:,} |
 
-Held-out reconstructions ({m["n_images"]} images of split "test", posterior mean), against bicubic down/up that keeps
-as many numbers ({m["bicubic_side"]} x {m["bicubic_side"]} x 3 = {m["bicubic_numbers"]}) as the latent ({m["latent_numbers"]}):
+Held-out reconstructions ({m["n_images"]} images of split "test", posterior mean), against \
+bicubic down/up that keeps
+as many numbers ({m["bicubic_side"]} x {m["bicubic_side"]} x 3 = {m["bicubic_numbers"]}) as the \
+latent ({m["latent_numbers"]}):
 
 | metric | VAE | bicubic |
 |---|---|---|

@@ -190,10 +190,13 @@ class-conditional samples: the fraction of samples generated for digit k that it
 
 - Command: `{prefix}python 03_latent_ddpm/train_classifier.py {" ".join(argv)}`
 - Data: {data}; {result["train_size"]:,} training images at 32x32, white on black, in [-1, 1].
-- Training: {result["steps"]} AdamW steps, batch {result["batch_size"]}, cosine LR from 2e-3, Gaussian pixel noise (std 0.1).
+- Training: {result["steps"]} AdamW steps, batch {result["batch_size"]}, cosine LR from 2e-3, \
+Gaussian pixel noise (std 0.1).
 - Wall time: {result["train_seconds"]} s on {device} ({platform.machine()}, {os.cpu_count()} CPU cores,
-  torch threads = {torch.get_num_threads()}; the figure is the last run's own, a resumed run counts only its part).
-- Held-out accuracy: **{result["test_accuracy"]:.4f}** on {result["test_size"]:,} `Digits(split="test")` images
+  torch threads = {torch.get_num_threads()}; the figure is the last run's own, a resumed \
+run counts only its part).
+- Held-out accuracy: **{result["test_accuracy"]:.4f}** on {result["test_size"]:,} \
+`Digits(split="test")` images
   (fonts never seen in training); training-set accuracy {result["train_accuracy"]:.4f}.
 - Caveat: offline, "real digits" means rendered font digits, not handwriting; a sample that looks like a
   handwritten 7 but not like any font's 7 may be misread. Retrain with MNIST on disk for MNIST models.

@@ -1,10 +1,10 @@
 """Stage two of latent diffusion: train a UNet on the latents of a frozen VAE, then sample and grade it.
 
-    python 03_latent_ddpm/train_ldm.py                                   # Digits, class-conditional, 8x8x4 latents
+    python 03_latent_ddpm/train_ldm.py                              # Digits, class-conditional, 8x8x4 latents
     python 03_latent_ddpm/train_ldm.py --ship checkpoints/ldm_digits
-    python 03_latent_ddpm/train_ldm.py --data shapes                     # Shapes, unconditional, 16x16x4 latents
-    python 03_latent_ddpm/train_ldm.py --scaling-factor 1.0              # the scaling-factor experiment
-    COURSE_FAST=1 python 03_latent_ddpm/train_ldm.py --out /tmp/ldm      # seconds (tests)
+    python 03_latent_ddpm/train_ldm.py --data shapes                # Shapes, unconditional, 16x16x4 latents
+    python 03_latent_ddpm/train_ldm.py --scaling-factor 1.0         # the scaling-factor experiment
+    COURSE_FAST=1 python 03_latent_ddpm/train_ldm.py --out /tmp/ldm # seconds (tests)
 
 Rombach et al. 2022 (sec. 3.2, eq. 2): with the autoencoder (E, D) frozen, train
     L_LDM = E_{z0 = s E(x), y, eps ~ N(0, I), t ~ U{0..T-1}} || eps - eps_theta(z_t, t, y) ||^2,
@@ -700,21 +700,30 @@ def write_card(folder: Path, result: dict, argv: list[str]) -> None:
 
 A {"class-conditional" if result["data"] == "digits" else "unconditional"} latent diffusion UNet
 (`common.unet.UNet`, diffusers `UNet2DConditionModel` layout, {result["params"]:,} parameters, widths
-{tuple(result["unet"]["block_out_channels"])}) trained on the latents of the frozen VAE `checkpoints/{Path(result["vae"]).name}`
-(scaled by {result["scaling_factor"]:.5f}; 1/std measured now: {result["computed_scaling_factor"]:.5f}). EMA weights.
+{tuple(result["unet"]["block_out_channels"])}) trained on the latents of the frozen VAE \
+`checkpoints/{Path(result["vae"]).name}`
+(scaled by {result["scaling_factor"]:.5f}; 1/std measured now: \
+{result["computed_scaling_factor"]:.5f}). EMA weights.
 
 - Command: `{_env_prefix()}python 03_latent_ddpm/train_ldm.py {" ".join(argv)}`
-- Data: {data}; {result["train_size"]:,} images, encoded once (posterior mean and std cached; z0 ~ q(z|x) per step).
-- Objective: eps-prediction MSE (Ho et al. 2020 eq. 14) under `{result["schedule"]["beta_schedule"]}` betas, T = {result["schedule"]["num_train_timesteps"]}
+- Data: {data}; {result["train_size"]:,} images, encoded once (posterior mean and std \
+cached; z0 ~ q(z|x) per step).
+- Objective: eps-prediction MSE (Ho et al. 2020 eq. 14) under `{result["schedule"]["beta_schedule"]}` betas, \
+T = {result["schedule"]["num_train_timesteps"]}
   (`scheduler_config.json`), prediction type `{result["schedule"]["prediction_type"]}`.
-- Training: {result["steps"]} AdamW steps, batch {result["batch_size"]}, lr {result["lr"]} (cosine, warm-up), EMA;
-  labels dropped to a null class (index {result["unet"]["num_class_embeds"] - 1 if result["unet"]["num_class_embeds"] else "n/a"}) with probability {result["cfg_dropout"]} (classifier-free guidance possible;
+- Training: {result["steps"]} AdamW steps, batch {result["batch_size"]}, lr \
+{result["lr"]} (cosine, warm-up), EMA;
+  labels dropped to a null class (index \
+{result["unet"]["num_class_embeds"] - 1 if result["unet"]["num_class_embeds"] else "n/a"}) with probability \
+{result["cfg_dropout"]} (classifier-free guidance possible;
   the table's `guidance` column says whether it was used: 1.0 = plain class-conditional).
   Final loss (mean of the last 10 logged values) {result["final_loss"]}.
-- Wall time: {result["train_seconds"]} s of training on {result["device"]} ({platform.machine()}, {os.cpu_count()} CPU cores,
+- Wall time: {result["train_seconds"]} s of training on {result["device"]} ({platform.machine()}, \
+{os.cpu_count()} CPU cores,
   torch threads = {result["torch_threads"]}; the time logged by the run that reached the
   last step: after a resume, only its own part).
-- Samples: {result["samplers"][0]["samples"]} per sampler from the same noise, trailing timestep spacing; accuracy = fraction
+- Samples: {result["samplers"][0]["samples"]} per sampler from the same noise, trailing timestep \
+spacing; accuracy = fraction
   the digits classifier (`checkpoints/digits_classifier`) reads as the digit asked for; latent FD = Frechet
   distance between generated and data latents pooled to 4x4 (64-d).
 
@@ -728,8 +737,10 @@ A {"class-conditional" if result["data"] == "digits" else "unconditional"} laten
         + "\n".join(f"| {f} | `{h}` |" for f, h in sha.items())
         + """
 
-Load it: `UNet(UNetConfig.from_diffusers(json.load(open("config.json"))))` + `load_state_dict(load_file(...))`,
-or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads into any diffusers scheduler.
+Load it: `UNet(UNetConfig.from_diffusers(json.load(open("config.json"))))` + \
+`load_state_dict(load_file(...))`,
+or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads \
+into any diffusers scheduler.
 """
     )
     (folder / "README.md").write_text(card)

@@ -1,9 +1,9 @@
 """Which pixels does each word look at? The share of a word's cross-attention inside
 its object, against chance.
 
-    python 04_cross_attention/attention_maps.py                     # the course model (checkpoints/course_t2i)
-    python 04_cross_attention/attention_maps.py --model tiny        # a tiny random pipeline: the no-learning baseline
-    COURSE_FAST=1 python 04_cross_attention/attention_maps.py --out /tmp/attention_maps   # seconds (the tests)
+    python 04_cross_attention/attention_maps.py                # the course model (checkpoints/course_t2i)
+    python 04_cross_attention/attention_maps.py --model tiny   # a tiny random pipeline: the chance baseline
+    COURSE_FAST=1 python 04_cross_attention/attention_maps.py --out /tmp/attention_maps  # seconds (the tests)
 
 Cross-attention maps read as word-to-region associations, made measurable
 (attention maps as in Hertz et al. 2022, "Prompt-to-Prompt", sec. 3.1):

@@ -1,7 +1,7 @@
 """Chapter 04 reference solutions: attention written out, the multi-head reshape, classifier-free guidance,
 the attention-mass-in-mask statistic, and a guidance-scale sweep.
 
-    python 04_cross_attention/solutions.py          # checks each answer against PyTorch and prints the figures
+    python 04_cross_attention/solutions.py     # checks each answer against PyTorch and prints the figures
 
 Legend (as in common/attention.py): B batch, h heads, N_q query tokens (pixels), N_k key tokens (words),
 d head width, D model width, D_c context width.

@@ -1,7 +1,7 @@
 """Chapter 04's text-to-image run: the course's first model that draws what a caption says.
 
-    python 04_cross_attention/train_text_to_image.py                  # CPU config, 1,200 steps (~9 min, one thread)
-    python 04_cross_attention/train_text_to_image.py --steps 400      # a first look in ~3 min
+    python 04_cross_attention/train_text_to_image.py              # CPU config: 1,200 steps, ~9 min, 1 thread
+    python 04_cross_attention/train_text_to_image.py --steps 400  # a first look in ~3 min
     COURSE_FAST=1 python 04_cross_attention/train_text_to_image.py --out /tmp/t2i04   # seconds
 
 The frozen shipped VAE (checkpoints/vae_shapes) turns each 64 px Shapes image into 4 x 16 x 16 latents, once

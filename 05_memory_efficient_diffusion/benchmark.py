@@ -7,8 +7,8 @@ Columns: time, peak extra memory, max |output - baseline output| for ours and fo
 diffusers' equivalent built with the same config and the same (random, seeded) weights, and the ratios
 ours / diffusers. Real SD weights change the numbers of neither time nor memory, so none are needed.
 
-    python 05_memory_efficient_diffusion/benchmark.py --quick --out runs/bench05_quick   # small configs, ~1 min
-    nice -n 5 python 05_memory_efficient_diffusion/benchmark.py --out runs/bench05       # SD 1.5 sizes, CPU: ~1 h
+    python 05_memory_efficient_diffusion/benchmark.py --quick --out runs/bench05_quick  # small sizes, ~1 min
+    nice -n 5 python 05_memory_efficient_diffusion/benchmark.py --out runs/bench05      # SD 1.5 sizes: ~1 h
     python 05_memory_efficient_diffusion/benchmark.py --device cuda --out runs/bench05_gpu
 
 Writes ``table.md``, ``table.csv`` and ``targets.md`` (the chapter's targets, met or missed) under --out.

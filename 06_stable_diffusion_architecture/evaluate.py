@@ -1,11 +1,12 @@
 """Evaluate a text-to-image model on Shapes: prompt adherence by the judge, a small FID,
 per sampler and step count.
 
-    python 06_stable_diffusion_architecture/evaluate.py                          # the shipped course model
+    python 06_stable_diffusion_architecture/evaluate.py                 # the shipped course model
     python 06_stable_diffusion_architecture/evaluate.py --model runs/ship --samplers ddim --steps 25
-    python 06_stable_diffusion_architecture/evaluate.py --update-card            # write the metrics into its card
-    python 06_stable_diffusion_architecture/evaluate.py --train-judge            # train a judge into runs/06_eval
-    python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge checkpoints/shapes_judge  # replace it
+    python 06_stable_diffusion_architecture/evaluate.py --update-card   # write the metrics into its card
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge   # train a judge into runs/06_eval
+    # train a judge and replace the shipped one:
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge checkpoints/shapes_judge
     COURSE_FAST=1 python 06_stable_diffusion_architecture/evaluate.py --out /tmp/eval   # seconds
 
 Prompt sets (fixed seeds, so every run grades the same prompts):

@@ -7,7 +7,7 @@ uses the course's own text-to-image model (``checkpoints/course_t2i``, trained f
 1.x checkpoint (.safetensors; give SD 1.5's CLIP tokenizer folder with ``--tokenizer``), e.g.
 real Stable Diffusion 1.5:
 
-    python 06_stable_diffusion_architecture/generate.py "a watercolor fox" --model ~/sd15 --height 512 --width 512
+    python 06_stable_diffusion_architecture/generate.py "a watercolor fox" --model ~/sd15
 
 ``--init-image`` (with ``--strength``) turns on img2img, ``--init-image`` + ``--mask``
 inpainting (white = repaint).

@@ -10,7 +10,8 @@ Measuring (what ``measure`` and ``measure_isolated`` report):
   its RSS before the call, read in the first way that works here (``RSS_METHOD`` says which):
 
   ``vmhwm``      Linux: write "5" to /proc/self/clear_refs, which resets the kernel's high-water mark
-                 VmHWM to the current RSS, run the call, read VmHWM from /proc/self/status. Exact, no overhead.
+                 VmHWM to the current RSS, run the call, read VmHWM from /proc/self/status. Exact, no
+                 overhead.
   ``sampler``    Linux without a writable clear_refs: a thread reads /proc/self/statm every ~1 ms and keeps
                  the maximum. May miss a peak shorter than a millisecond.
   ``ru_maxrss``  elsewhere (macOS): ``resource.getrusage(...).ru_maxrss``, the process's lifetime peak. Only

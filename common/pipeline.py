@@ -4,7 +4,7 @@ with Latent Diffusion Models", sec. 3.3 and fig. 3), with classifier-free guidan
 
     prompt --tokenizer--> ids (B, N_k) --text encoder tau--> context c (B, N_k, D_c)
     z_T ~ N(0, I) (B, 4, H/f, W/f) * init_noise_sigma
-    for t in sampler.timesteps:                              (DDIM, DDPM or DPM-Solver++(2M): common/samplers.py)
+    for t in sampler.timesteps:                              (DDIM, DDPM or DPM-Solver++(2M), common/samplers)
         eps_u, eps_c = unet([z_t, z_t], t, [c_neg, c])       one batched call, diffusers' order [uncond, cond]
         eps = eps_u + s (eps_c - eps_u)                      classifier-free guidance, guidance scale s
         z_{t_prev} = sampler.step(eps, t, z_t)

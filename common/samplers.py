@@ -190,7 +190,7 @@ class DDPMSampler(Sampler):
 
         Notation, paper -> code (with skipped timesteps, alpha_t and beta_t are the
         effective one-step values):
-            alpha_bar_t, alpha_bar_{t-1}      alpha_bar_t, alpha_bar_prev  (alpha_bar_prev = 1 after the last step)
+            alpha_bar_t, alpha_bar_{t-1}      alpha_bar_t, alpha_bar_prev  (alpha_bar_prev = 1 after the end)
             alpha_t, beta_t                   alpha_t = alpha_bar_t / alpha_bar_prev, beta_t = 1 - alpha_t
             x_0 estimate                      x0_pred
             tilde-mu_t(x_t, x_0)              mean

@@ -23,7 +23,7 @@ Notation, paper -> code:
     T                          num_train_timesteps      (timesteps are integers 0 .. T-1, as in diffusers)
     beta_t                     betas[t]
     alpha_t = 1 - beta_t       alphas[t]
-    alpha_bar_t = prod alpha   alpha_bar[t]             (diffusers' ``alphas_cumprod``: a float32 cumprod, as there)
+    alpha_bar_t = prod alpha   alpha_bar[t]             (diffusers' ``alphas_cumprod``: float32 cumprod too)
     SNR(t)                     alpha_bar_t / (1 - alpha_bar_t)
 
 The numbers match diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler exactly for the same

@@ -203,7 +203,7 @@ def load_single_file(path: Path, *, tokenizer_path=None, config_dir=None):
         )
     if config_dir is None:
         unet_cfg, vae_cfg, text_cfg, scheduler_config = sd15_configs()
-    else:  # the configs of a diffusers folder (e.g. a small model's, or SD 1.x fine-tunes with another config)
+    else:  # a diffusers folder's configs (a small model's, say, or an SD 1.x fine-tune with its own config)
         config_dir = Path(config_dir)
         unet_cfg = UNetConfig.from_diffusers(read_json(config_dir / "unet/config.json", "the unet config"))
         vae_cfg = AutoencoderConfig.from_diffusers(

@@ -546,8 +546,8 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
         f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
         f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n\n"
         f"## Training\n\n{training.strip()}\n\n"
-        "## "
-        f"Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
+        "## Metrics\n\n"
+        f"{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n\n"
         f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"
     )
     tmp = card.with_suffix(".md.tmp")

@@ -17,7 +17,7 @@ a run with SIGKILL and compare the final weights).
 Checkpoint layout (``out_dir/checkpoints/step_000100/``)::
 
     model.safetensors   the trained weights            ema.safetensors   their exponential moving average
-    state.pt            optimizer, LR schedule, step   (plain tensors and numbers: ``weights_only=True`` loads it)
+    state.pt            optimizer, LR schedule, step   (plain tensors and numbers: ``weights_only=True``)
     done                written last; a folder without it is an interrupted write and is ignored
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write never leaves a

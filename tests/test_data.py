@@ -416,6 +416,9 @@ def test_torchvision_dataset_on_disk(tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter imports torch
 def test_import_is_light():
-    code = "import sys, common.data; print(sorted(m for m in ('torchvision', 'scipy', 'skimage') if m in sys.modules))"
+    code = (
+        "import sys, common.data; "
+        "print(sorted(m for m in ('torchvision', 'scipy', 'skimage') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

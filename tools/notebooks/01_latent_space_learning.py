@@ -133,7 +133,8 @@ show(side_by_side(rows, size=1.0))
 #   && \text{$\log p(x)$ does not depend on $z$, and $q$ integrates to 1} \\
 # &= \mathbb E_q\Big[\log \frac{p(x, z)}{p(z \mid x)}\Big]
 #   && \text{Bayes: } p(x) = p(x, z) / p(z \mid x) \\
-# &= \mathbb E_q\Big[\log \frac{p(x, z)}{q(z \mid x)}\Big] + \mathbb E_q\Big[\log \frac{q(z \mid x)}{p(z \mid x)}\Big]
+# &= \mathbb E_q\Big[\log \frac{p(x, z)}{q(z \mid x)}\Big] +
+#    \mathbb E_q\Big[\log \frac{q(z \mid x)}{p(z \mid x)}\Big]
 #   && \text{multiply and divide by } q(z \mid x) \\
 # &= \underbrace{\mathbb E_q\Big[\log \frac{p(x, z)}{q(z \mid x)}\Big]}_{\text{ELBO}}
 #   + \mathrm{KL}\big(q(z \mid x)\,\|\,p(z \mid x)\big)
@@ -210,9 +211,11 @@ show(fig)
 #   && \text{a Laplace density per pixel $i$; pixels independent, so logs add} \\
 # &= -\tfrac{1}{b} \textstyle\sum_i |x_i - D(z)_i| - N \log 2b
 #   && N \text{ pixels; the last term does not depend on the model} \\
-# -\text{ELBO} &= \tfrac{1}{b}\, \mathbb E_q\, \|x - D(z)\|_1 + \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
+# -\text{ELBO} &= \tfrac{1}{b}\, \mathbb E_q\, \|x - D(z)\|_1 +
+#    \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
 #   && \text{the ELBO's two terms, negated} \\
-# b \cdot (-\text{ELBO}) &= \mathbb E_q\, \|x - D(z)\|_1 + b\, \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
+# b \cdot (-\text{ELBO}) &= \mathbb E_q\, \|x - D(z)\|_1 +
+#    b\, \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
 #   && \text{multiplying by $b > 0$ keeps the minimiser.}
 # \end{aligned}
 # $$
@@ -231,7 +234,8 @@ show(fig)
 #
 # $$
 # \begin{aligned}
-# \mathrm{KL}(c) &= \tfrac12 \textstyle\sum_j \big(c^2 \mu_j^2 + c^2 \sigma_j^2 - 1 - \log \sigma_j^2 - 2 \log c\big)
+# \mathrm{KL}(c) &= \tfrac12 \textstyle\sum_j \big(c^2 \mu_j^2 + c^2 \sigma_j^2 - 1 -
+#    \log \sigma_j^2 - 2 \log c\big)
 #   && \text{the closed form of section 4, with $\mu, \sigma$ scaled by $c$} \\
 # \frac{d\,\mathrm{KL}}{dc} &= c \textstyle\sum_j (\mu_j^2 + \sigma_j^2) - \frac{d}{c} = 0
 #   && d \text{ latent dimensions} \\
@@ -346,7 +350,8 @@ show(fig)
 #
 # $$
 # z = \mu + \sigma \odot \epsilon \quad\Rightarrow\quad z \sim \mathcal N(\mu, \sigma^2)
-# \quad\text{and}\quad \frac{\partial z}{\partial \mu} = 1,\quad \frac{\partial z}{\partial \sigma} = \epsilon ,
+# \quad\text{and}\quad \frac{\partial z}{\partial \mu} = 1,\quad
+# \frac{\partial z}{\partial \sigma} = \epsilon ,
 # $$
 #
 # since adding $\mu$ shifts the mean and multiplying by $\sigma$ scales the standard deviation. Then
@@ -429,16 +434,17 @@ vae.zero_grad()
 # Stage one's full objective adds two terms to the ELBO's pair (Esser et al. 2021, eq. 5-7):
 #
 # $$L_G = \|x - D(z)\|_1 + w_{\text{lpips}}\,\text{LPIPS}(x, D(z))
-#   + w_{\text{kl}}\,\text{KL}\big(q(z|x)\,\|\,\mathcal N(0, I)\big) + \lambda\, w_{\text{gan}}\,L_{\text{adv}}(D(z)),$$
+#   + w_{\text{kl}}\,\text{KL}\big(q(z|x)\,\|\,\mathcal N(0, I)\big) +
+#   \lambda\, w_{\text{gan}}\,L_{\text{adv}}(D(z)),$$
 #
-# with $\lambda = \|\nabla_{\text{last}} L_{\text{rec}}\| / (\|\nabla_{\text{last}} L_{\text{adv}}\| + 10^{-4})$,
+# with $\lambda = \|\nabla_\text{last} L_\text{rec}\| / (\|\nabla_\text{last} L_\text{adv}\| + 10^{-4})$,
 # the adaptive weight that makes the adversarial gradient at the decoder's last layer as large as the
 # reconstruction one. The PatchGAN discriminator scores overlapping patches as real or reconstructed, with the
-# hinge loss $L_D = \tfrac12\big(\mathbb E[\max(0, 1 - D(x))] + \mathbb E[\max(0, 1 + D(\hat x))]\big)$, and the
-# generator's term is $L_{\text{adv}} = -\mathbb E[D(\hat x)]$.
+# hinge loss $L_D = \tfrac12\big(\mathbb E[\max(0, 1 - D(x))] + \mathbb E[\max(0, 1 + D(\hat x))]\big)$,
+# and the generator's term is $L_{\text{adv}} = -\mathbb E[D(\hat x)]$.
 #
-# **LPIPS** compares deep features of an ImageNet network; that backbone is not shipped with the course, so the
-# cell below says whether it is on disk and prints the one command that fetches it when it is not.
+# **LPIPS** compares deep features of an ImageNet network; that backbone is not shipped with the course, so
+# the cell below says whether it is on disk and prints the one command that fetches it when it is not.
 
 # %%
 lpips_on = lpips_backbone_available()
@@ -658,7 +664,8 @@ show(show_latent_channels(z[:2], size=1.2))
 #
 # $$
 # \begin{aligned}
-# \mathrm{SNR}(t) &= \frac{\mathrm{Var}(\sqrt{\bar\alpha_t}\, z_0)}{\mathrm{Var}(\sqrt{1 - \bar\alpha_t}\, \epsilon)}
+# \mathrm{SNR}(t) &= \frac{\mathrm{Var}(\sqrt{\bar\alpha_t}\, z_0)}
+#    {\mathrm{Var}(\sqrt{1 - \bar\alpha_t}\, \epsilon)}
 #   && \text{signal power over noise power} \\
 # &= \frac{\bar\alpha_t\, \mathrm{Var}(z_0)}{1 - \bar\alpha_t}
 #   && \mathrm{Var}(c\,X) = c^2\, \mathrm{Var}(X),\ \mathrm{Var}(\epsilon) = 1 .

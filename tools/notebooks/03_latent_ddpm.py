@@ -1283,10 +1283,12 @@ print(
 # **Second order, multistep (2M).** Use the previous step's prediction too: let $x_\theta$ be linear in
 # $\lambda$ through the last two estimates,
 #
-# $$x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\,\frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}},
+# $$x_\theta(\lambda) \approx \hat z_0 +
+#   (\lambda - \lambda_t)\,\frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}},
 # \qquad h_\text{last} = \lambda_t - \lambda_\text{last} .$$
 #
-# The extra integral is $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
+# The extra integral is
+# $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
 # DPM-Solver++ replaces $h - 1 + e^{-h}$ by $(1 - e^{-h})\,h/2$ (both are $h^2/2 + O(h^3)$), which folds the
 # correction into the first-order formula with
 #

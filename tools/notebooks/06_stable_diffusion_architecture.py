@@ -432,10 +432,14 @@ print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}."
 #
 # `StableDiffusion.from_pretrained` reads SD 1.5's diffusers folder or its single-file checkpoint
 # (`v1-5-pruned-emaonly.safetensors`, with the original CompVis key names, mapped in `common/single_file.py`;
-# give SD's CLIP tokenizer folder as `tokenizer_path`). Point `$SD15_PATH` at either to run this cell, e.g.
-# after
-# `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir ~/models/stable-diffusion-v1-5`. It needs about 5 GB of RAM and a minute per 512 px image on a laptop CPU (25 steps), so it never runs under
-# `COURSE_FAST=1`.
+# give SD's CLIP tokenizer folder as `tokenizer_path`). Point `$SD15_PATH` at either to run this cell; it
+# needs about 5 GB of RAM and a minute per 512 px image on a laptop CPU (25 steps), so it never runs under
+# `COURSE_FAST=1`. One way to get SD 1.5:
+#
+# ```
+# huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 \
+#     --local-dir ~/models/stable-diffusion-v1-5
+# ```
 
 # %%
 sd_path = Path(os.environ.get("SD15_PATH", Path.home() / "models" / "stable-diffusion-v1-5"))
