@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run by path: make `common` importable without installing
     sys.path.insert(0, str(ROOT))
 
-from common import cli
+from common import cli  # noqa: E402
 from common.memory import flatten_output, format_table, measure, measure_isolated, write_table  # noqa: E402
 from common.runtime import get_device, is_fast  # noqa: E402
 
@@ -256,7 +256,7 @@ def build_case(*, row: str, side: str, quick: bool, device: str, seed: int = 0, 
     raise ValueError(f"unknown row {row!r}")
 
 
-def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
+def _unet_case(s, o, side, dev, g, seed, init):
     from common.attention import attention_backend, set_chunk_feed_forward
     from common.offload import enable_model_cpu_offload
     from common.unet import UNet

@@ -130,7 +130,7 @@ def _number(kind: type, text: str) -> int | float:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-        )
+        ) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value

@@ -393,7 +393,7 @@ class Trainer:
                 torch.load(path / "state.pt", weights_only=True, map_location="cpu")
                 return path
             except Exception as e:
-                warnings.warn(f"skipping corrupt checkpoint {path}: {e}")
+                warnings.warn(f"skipping corrupt checkpoint {path}: {e}", stacklevel=1)
         return None
 
     @property

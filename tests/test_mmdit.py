@@ -32,7 +32,7 @@ def random_reference(config: dict, seed: int = 0) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
     ref = SD3Transformer2DModel(**config).eval()
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for p in ref.parameters():
             p.normal_(0, 0.2 if p.ndim > 1 else 0.1)
     return ref
 

@@ -315,7 +315,7 @@ g = torch.Generator().manual_seed(0)
 q_dist = Independent(Normal(mu[0], sigma[0]), 3)  # over (4, 16, 16)
 p_dist = Independent(Normal(torch.zeros_like(mu[0]), torch.ones_like(mu[0])), 3)
 log_ratios = []
-for start in range(0, n_max, 1024):
+for _chunk in range(0, n_max, 1024):  # one batch of 1024 draws each
     z_mc = mu[0] + sigma[0] * torch.randn(1024, *mu.shape[1:], generator=g)  # (1024, 4, 16, 16)
     log_ratios.append(q_dist.log_prob(z_mc) - p_dist.log_prob(z_mc))  # (1024,)
 log_ratios = torch.cat(log_ratios)

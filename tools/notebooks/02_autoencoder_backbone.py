@@ -545,7 +545,10 @@ for i, level in enumerate(vae.decoder.up_blocks):
 watched["norm, SiLU, conv_out"] = vae.decoder.conv_out
 hooks = []
 for name, module in watched.items():
-    record = lambda module, args, out, name=name: decoder_trace.append((name, out.shape))
+
+    def record(module, args, out, name=name):  # a forward hook: note the output's shape under this name
+        decoder_trace.append((name, out.shape))
+
     hooks.append(module.register_forward_hook(record))
 with torch.no_grad():
     decode(vae, torch.randn(1, 4, 16, 16))

@@ -1207,7 +1207,7 @@ sampler = DDIMSampler(schedule, n_steps, timestep_spacing="trailing")
 y = torch.arange(10)
 z = z_T.clone()
 with torch.no_grad():
-    for i, t in enumerate(sampler.timesteps):
+    for t in sampler.timesteps:
         eps_hat = unet(z, t, class_labels=y)
         a_t = schedule.alpha_bar[t]
         t_prev = int(t) - T // n_steps

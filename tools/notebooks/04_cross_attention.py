@@ -461,7 +461,7 @@ score_u, score_c = grad(log_p, z_grid), grad(lambda z: log_p(z, 1), z_grid)
 log_classifier = lambda z: log_p(z, 1) + math.log(0.5) - log_p(z)  # noqa: E731  Bayes: log p(c=1 | z)
 for s in (0.0, 1.0, 3.0, 7.5):
     guided = score_u + s * (score_c - score_u)
-    tilted = grad(lambda z: log_p(z) + s * log_classifier(z), z_grid)
+    tilted = grad(lambda z: log_p(z) + s * log_classifier(z), z_grid)  # noqa: B023  grad calls it now
     print(
         f"s = {s:>3g}: max |guided score - grad[log p(z) + s log p(c|z)]| = "
         f"{(guided - tilted).abs().max():.1e}"
@@ -762,7 +762,7 @@ def sample_from_context(context_c, context_u, s=3.0, steps=20, seed=0):
     """Guided DDIM from given contexts (B, N_k, D_c): the pipeline's loop without the prompt encoding."""
     sampler = pipe.make_sampler(None, steps)
     generator = torch.Generator().manual_seed(seed)
-    B, f = context_c.shape[0], pipe.vae_scale_factor
+    B = context_c.shape[0]
     side = pipe.unet.config.sample_size
     z = randn((B, pipe.vae.config.latent_channels, side, side), generator, context_c)  # z_T ~ N(0, I)
     z = z * sampler.init_noise_sigma

@@ -382,7 +382,7 @@ opts = [torch.optim.Adam(net.parameters(), lr=2e-3) for net in (flow_net, eps_ne
 toy_schedule = NoiseSchedule.sd15()
 data_gen = torch.Generator().manual_seed(1)
 start = time.perf_counter()
-for step in range(toy_steps):
+for _step in range(toy_steps):
     x0 = sample_blobs(512, data_gen)
     noise = torch.randn(512, 2, generator=data_gen)
     t_flow = sample_sigmas_logit_normal(512, generator=data_gen)
