@@ -235,8 +235,8 @@ x_grid = torch.linspace(-3, 3, 600_001, dtype=torch.float64)  # values of z_{t-1
 a_t, a_bar_prev = 1 - betas[t_toy].double(), alpha_bar_prev[t_toy].double()
 log_density = (
     -((zt_toy - a_t.sqrt() * x_grid) ** 2) / (2 * (1 - a_t))  # log q(z_t | z_{t-1})
-    - (x_grid - a_bar_prev.sqrt() * z0_toy) ** 2 / (2 * (1 - a_bar_prev))
-)  # log q(z_{t-1} | z_0)
+    - (x_grid - a_bar_prev.sqrt() * z0_toy) ** 2 / (2 * (1 - a_bar_prev))  # log q(z_{t-1} | z_0)
+)
 weights = torch.exp(log_density - log_density.max())
 weights = weights / weights.sum()
 grid_mean = float((weights * x_grid).sum())

@@ -65,20 +65,20 @@ T0 = time.perf_counter()
 # the output shows directly how much of each word a pixel took.
 
 # %%
-Q = torch.tensor(
+Q = torch.tensor(  # (N_q, d) = (2, 3)
     [
         [2.0, 1.0, 0.0],  # pixel 0
-        [0.0, 0.0, 2.0],
+        [0.0, 0.0, 2.0],  # pixel 1
     ]
-)  # pixel 1                                 (N_q, d) = (2, 3)
-K = torch.tensor(
+)
+K = torch.tensor(  # (N_k, d) = (3, 3)
     [
         [2.0, 0.0, 0.0],  # "red"
         [0.0, 2.0, 0.0],  # "circle"
-        [0.0, 0.0, 2.0],
+        [0.0, 0.0, 2.0],  # "square"
     ]
-)  # "square"                                (N_k, d) = (3, 3)
-V = torch.eye(3)  # value of word j = one-hot j             (N_k, d_v) = (3, 3)
+)
+V = torch.eye(3)  # value of word j = one-hot j: (N_k, d_v) = (3, 3)
 d = Q.shape[-1]
 scores = Q @ K.T / math.sqrt(d)  # (N_q, N_k): how well each pixel's question matches each word
 weights = scores.softmax(dim=-1)  # each row sums to 1
