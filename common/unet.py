@@ -288,8 +288,7 @@ class UNetConfig:
             attention_head_dim=8,
         )
 
-    # --- the conversion contract:
-    # diffusers.UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
+    # --- the conversion contract: UNet2DConditionModel(**config.to_diffusers()) has our parameters ---
     def to_diffusers(self) -> dict:
         """Keyword arguments for ``diffusers.UNet2DConditionModel`` that build the same architecture.
 
