@@ -2,7 +2,8 @@
 
 import os
 
-# Set before any kernel or subprocess starts, so nbval's kernels and the scripts the tests launch inherit them.
+# Set before any kernel or subprocess starts, so nbval's kernels and the scripts the
+# tests launch inherit them.
 os.environ["COURSE_FAST"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach a model hub

@@ -1,5 +1,6 @@
 """Chapter 01 exercises: the reparameterised sample, the KL between two diagonal Gaussians, the autoencoder
-against plain downsampling, what each latent channel encodes, the latent scaling factor, and a KL-weight sweep.
+against plain downsampling, what each latent channel encodes, the latent scaling
+factor, and a KL-weight sweep.
 
 Fill in each function, then grade your file:
 
@@ -22,14 +23,16 @@ def reparameterised_sample(moments: torch.Tensor, generator: torch.Generator | N
     log sigma^2. Clamp the log-variance to [-30, 20] (as SD does), draw eps ~ N(0, I) of mu's shape with
     ``torch.randn(..., generator=generator)``, and return z (B, C, h, w).
     The check compares z with ``common.autoencoder.DiagonalGaussian(moments).sample(generator)`` for the same
-    generator, and runs autograd through it: d z / d mu must be 1, d z / d log sigma^2 must be sigma * eps / 2.
+    generator, and runs autograd through it: d z / d mu must be 1, d z / d log sigma^2
+    must be sigma * eps / 2.
     """
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
-def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
-                ) -> torch.Tensor:
+# -------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
+def gaussian_kl(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """KL(q || p) for q = N(mu_q, diag exp(logvar_q)) and p = N(mu_p, diag exp(logvar_p)); shape (B,).
 
     The notebook derives the case p = N(0, I). Derive the general one the same way, one dimension at a time
@@ -82,9 +85,10 @@ def scaling_factor(latents: torch.Tensor) -> float:
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 4. a KL-weight sweep (open-ended)
-def kl_weight_sweep(kl_weights: list[float], *, steps: int = 30, batch_size: int = 8, resolution: int = 32,
-                    seed: int = 0) -> list[dict]:
+# -------------------------------------------------------------------------- 4. a KL-weight sweep (open-ended)
+def kl_weight_sweep(
+    kl_weights: list[float], *, steps: int = 30, batch_size: int = 8, resolution: int = 32, seed: int = 0
+) -> list[dict]:
     """How does the KL weight shape the latent space? Train one tiny VAE per weight and measure.
 
     For each weight w: seed torch with ``seed``; build ``AutoencoderKL(AutoencoderConfig.tiny())``
@@ -96,7 +100,7 @@ def kl_weight_sweep(kl_weights: list[float], *, steps: int = 30, batch_size: int
 
     Returns one dict per weight: {"kl_weight", "rec" (the last training L1), "kl" (kl_loss on the held-out
     batch), "latent_mean", "latent_std" (mean and std of the posterior means)}.
-    The check trains two weights (0 and 1.0) for a few steps and expects the larger weight to give a smaller KL.
-    Open question: with more steps, what happens to ``rec`` as w grows, and why does SD use w = 1e-6?
+    The check trains two weights (0 and 1.0) for a few steps and expects the larger weight to give a smaller
+    KL. Open question: with more steps, what happens to ``rec`` as w grows, and why does SD use w = 1e-6?
     """
     raise NotImplementedError

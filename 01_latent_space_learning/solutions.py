@@ -27,9 +27,10 @@ def reparameterised_sample(moments: torch.Tensor, generator: torch.Generator | N
     return mu + sigma * eps
 
 
-# ---------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
-def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
-                ) -> torch.Tensor:
+# -------------------------------------------------------------------------- 0b. KL between diagonal Gaussians
+def gaussian_kl(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
     """KL(N(mu_q, diag var_q) || N(mu_p, diag var_p)), summed over every dim but the first: shape (B,).
 
     Per dimension, E_q[log q - log p] = 0.5 * (log var_p - log var_q + (var_q + (mu_q - mu_p)^2) / var_p - 1);
@@ -42,7 +43,8 @@ def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, 
 
 # ---------------------------------------------------------------------------- 1. VAE against down/upsampling
 def bicubic_down_up(x: torch.Tensor, side: int) -> torch.Tensor:
-    """Shrink images (B, C, H, W) to (B, C, side, side) with antialiased bicubic, then grow them back to H x W."""
+    """Shrink images (B, C, H, W) to (B, C, side, side) with antialiased bicubic, then
+    grow them back to H x W."""
     H, W = x.shape[-2:]
     small = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
     return F.interpolate(small, size=(H, W), mode="bicubic", align_corners=False).clamp(-1, 1)
@@ -56,7 +58,8 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare_with_downsampling(vae, x: torch.Tensor) -> dict:
-    """Reconstruct x through the VAE (posterior mean) and through bicubic down/up with at most as many numbers.
+    """Reconstruct x through the VAE (posterior mean) and through bicubic down/up with
+    at most as many numbers.
 
     Returns {"vae_psnr", "bicubic_psnr", "latent_numbers", "bicubic_side", "bicubic_numbers"}.
     """
@@ -65,8 +68,13 @@ def compare_with_downsampling(vae, x: torch.Tensor) -> dict:
     numbers = z[0].numel()
     side = int(math.floor(math.sqrt(numbers / x.shape[1])))  # 3 * side^2 <= c * h * w
     x_bic = bicubic_down_up(x, side)
-    return {"vae_psnr": psnr(x_vae, x), "bicubic_psnr": psnr(x_bic, x), "latent_numbers": numbers,
-            "bicubic_side": side, "bicubic_numbers": x.shape[1] * side * side}
+    return {
+        "vae_psnr": psnr(x_vae, x),
+        "bicubic_psnr": psnr(x_bic, x),
+        "latent_numbers": numbers,
+        "bicubic_side": side,
+        "bicubic_numbers": x.shape[1] * side * side,
+    }
 
 
 # ---------------------------------------------------------------------------- 2. what each channel encodes
@@ -92,8 +100,9 @@ def scaling_factor(latents: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- 4. a KL-weight sweep
-def kl_weight_sweep(kl_weights: list[float], *, steps: int = 30, batch_size: int = 8, resolution: int = 32,
-                    seed: int = 0) -> list[dict]:
+def kl_weight_sweep(
+    kl_weights: list[float], *, steps: int = 30, batch_size: int = 8, resolution: int = 32, seed: int = 0
+) -> list[dict]:
     """Train a tiny VAE (f = 2) on Shapes for ``steps`` at each KL weight; report the latents' statistics.
 
     Returns one dict per weight: {"kl_weight", "rec" (final L1), "kl" (per-sample KL of a held-out batch),
@@ -112,7 +121,9 @@ def kl_weight_sweep(kl_weights: list[float], *, steps: int = 30, batch_size: int
         vae = AutoencoderKL(AutoencoderConfig.tiny())
         opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
         for step in range(steps):
-            x = torch.stack([train[step * batch_size + i]["image"] for i in range(batch_size)])  # (B, 3, H, W)
+            x = torch.stack(
+                [train[step * batch_size + i]["image"] for i in range(batch_size)]
+            )  # (B, 3, H, W)
             x_hat, posterior = vae(x, generator=g)
             rec = reconstruction_loss(x, x_hat)
             loss = rec + w * kl_loss(posterior)
@@ -121,8 +132,15 @@ def kl_weight_sweep(kl_weights: list[float], *, steps: int = 30, batch_size: int
             opt.step()
         with torch.no_grad():
             posterior = vae.encode(test)
-            results.append({"kl_weight": w, "rec": float(rec), "kl": float(kl_loss(posterior)),
-                            "latent_mean": float(posterior.mean.mean()), "latent_std": float(posterior.mean.std())})
+            results.append(
+                {
+                    "kl_weight": w,
+                    "rec": float(rec),
+                    "kl": float(kl_loss(posterior)),
+                    "latent_mean": float(posterior.mean.mean()),
+                    "latent_std": float(posterior.mean.std()),
+                }
+            )
     return results
 
 
@@ -141,15 +159,23 @@ if __name__ == "__main__":
         moments = torch.cat([vae.encode(x).mean, vae.encode(x).logvar], dim=1)  # (B, 2C, h, w)
     moments.requires_grad_(True)
     reparameterised_sample(moments, torch.Generator().manual_seed(0)).sum().backward()
-    print(f"0a. d(sum z)/d mu = {float(moments.grad[:, :4].mean()):.3f} (1 everywhere), "
-          f"d/d logvar nonzero: {bool(moments.grad[:, 4:].abs().sum() > 0)}")
+    print(
+        f"0a. d(sum z)/d mu = {float(moments.grad[:, :4].mean()):.3f} (1 everywhere), "
+        f"d/d logvar nonzero: {bool(moments.grad[:, 4:].abs().sum() > 0)}"
+    )
     posterior = vae.encode(x)
     zeros = torch.zeros_like(posterior.mean)
-    print(f"0b. KL(q(z|x) || N(0, I)) per image: {gaussian_kl(posterior.mean, posterior.logvar, zeros, zeros)[:4]}")
+    print(
+        "0b. KL(q(z|x) || N(0, I)) per image: "
+        f"{gaussian_kl(posterior.mean, posterior.logvar, zeros, zeros)[:4]}"
+    )
     print("1. VAE vs bicubic:", compare_with_downsampling(vae, x))
     print("2. MSE with one latent channel zeroed:", [round(v, 4) for v in channel_ablation(vae, x).tolist()])
     with torch.no_grad():
         z = vae.encode(x).sample(torch.Generator().manual_seed(0))
-    print(f"3. scaling factor measured on 16 images: {scaling_factor(z):.4f} (shipped: {vae.config.scaling_factor})")
+    print(
+        f"3. scaling factor measured on 16 images: {scaling_factor(z):.4f} (shipped: "
+        f"{vae.config.scaling_factor})"
+    )
     for r in kl_weight_sweep([0.0, 1e-3, 1e-1], steps=budget(fast=10, cpu=60)):
         print("4.", {k: round(v, 5) for k, v in r.items()})

@@ -22,19 +22,23 @@ def check_upsample(m):
         try:
             ours.load_state_dict(ref.state_dict(), strict=True)
         except RuntimeError as e:
-            raise AssertionError(f"diffusers' Upsample2D({channels}) weights should load unchanged: one 3x3 "
-                                 f"conv named conv ({channels} -> {channels}, padding 1). {e}") from None
+            raise AssertionError(
+                f"diffusers' Upsample2D({channels}) weights should load unchanged: one 3x3 "
+                f"conv named conv ({channels} -> {channels}, padding 1). {e}"
+            ) from None
         x = torch.randn(*shape)
         with torch.no_grad():
             out, expected = ours(x), ref(x)
-        assert out.shape == expected.shape, (f"input {shape}: expected shape {tuple(expected.shape)}, "
-                                             f"got {tuple(out.shape)}")
+        assert out.shape == expected.shape, (
+            f"input {shape}: expected shape {tuple(expected.shape)}, got {tuple(out.shape)}"
+        )
         _close(out, expected, f"Upsample of {shape}")
 
 
 def _refuse(what):
     def forward(*args, **kwargs):
         raise AssertionError(f"decode called {what} whole; walk its blocks yourself (see the docstring)")
+
     return forward
 
 
@@ -60,9 +64,11 @@ def check_decode(m):
         with torch.no_grad():
             out = m.decode(vae, z)
             expected = ref.decode(z).sample
-        assert out.shape == expected.shape, (f"config {config.block_out_channels}, z {tuple(z.shape)}: "
-                                             f"expected shape {tuple(expected.shape)}, "
-                                             f"got {tuple(out.shape)}")
+        assert out.shape == expected.shape, (
+            f"config {config.block_out_channels}, z {tuple(z.shape)}: "
+            f"expected shape {tuple(expected.shape)}, "
+            f"got {tuple(out.shape)}"
+        )
         _close(out, expected, f"decode at config {config.block_out_channels}")
 
 
@@ -89,16 +95,20 @@ def _measured_field(config, side):
 def check_receptive_field(m):
     from common.autoencoder import AutoencoderConfig
 
-    configs = [(AutoencoderConfig.tiny(), 64), (AutoencoderConfig.course(), 128),
-               (AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4),
-                256)]
+    configs = [
+        (AutoencoderConfig.tiny(), 64),
+        (AutoencoderConfig.course(), 128),
+        (AutoencoderConfig(block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=4), 256),
+    ]
     for config, side in configs:
         rows, cols = _measured_field(config, side)
         got = m.receptive_field(config)
-        assert got == rows == cols, (f"config {config.block_out_channels} x {config.layers_per_block} "
-                                     f"ResNets: "
-                                     f"one latent sees {rows} x {cols} input pixels (measured by "
-                                     f"backpropagation), got {got}")
+        assert got == rows == cols, (
+            f"config {config.block_out_channels} x {config.layers_per_block} "
+            f"ResNets: "
+            f"one latent sees {rows} x {cols} input pixels (measured by "
+            f"backpropagation), got {got}"
+        )
 
 
 def check_count_parameters(m):
@@ -106,8 +116,10 @@ def check_count_parameters(m):
 
     for config in (AutoencoderConfig.tiny(), AutoencoderConfig.course()):
         vae = AutoencoderKL(config)
-        want = {"encoder": sum(p.numel() for p in vae.encoder.parameters()),
-                "decoder": sum(p.numel() for p in vae.decoder.parameters())}
+        want = {
+            "encoder": sum(p.numel() for p in vae.encoder.parameters()),
+            "decoder": sum(p.numel() for p in vae.decoder.parameters()),
+        }
         got = m.count_parameters(config)
         assert got == want, f"config {config.block_out_channels}: expected {want}, got {got}"
     got = m.count_parameters(AutoencoderConfig.sd15())

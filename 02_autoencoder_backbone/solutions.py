@@ -77,6 +77,7 @@ def count_parameters(config) -> dict:
 
     conv k x k from a to b: a*b*k*k + b; GroupNorm(c): 2c; Linear(c, c): c*c + c.
     """
+
     def conv(a, b, k=3):
         return a * b * k * k + b
 

@@ -49,27 +49,45 @@ def bootstrap_fd(feats: np.ndarray, real: np.ndarray, reps: int, seed: int) -> t
     from common.metrics import frechet_distance
 
     rng = np.random.default_rng(seed)
-    values = [frechet_distance(feats[rng.integers(0, len(feats), len(feats))],
-                               real[rng.integers(0, len(real), len(real))]) for _ in range(reps)]
+    values = [
+        frechet_distance(
+            feats[rng.integers(0, len(feats), len(feats))], real[rng.integers(0, len(real), len(real))]
+        )
+        for _ in range(reps)
+    ]
     fd, half = frechet_distance(feats, real), 1.96 * float(np.std(values, ddof=1)) if reps > 1 else 0.0
     return fd, max(0.0, fd - half), fd + half
 
 
 # -------------------------------------------------------------------------------------------------- the run
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--n", type=int, default=None, help="samples per sampler and step count, a multiple of 10 "
-                                                       "(default: fast 20, cpu 1000)")
-    p.add_argument("--steps", default=None,
-                   help="step counts, comma-separated (default: fast 2,4; cpu 2,4,8,16,50)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument(
+        "--n",
+        type=int,
+        default=None,
+        help="samples per sampler and step count, a multiple of 10 (default: fast 20, cpu 1000)",
+    )
+    p.add_argument(
+        "--steps", default=None, help="step counts, comma-separated (default: fast 2,4; cpu 2,4,8,16,50)"
+    )
     p.add_argument("--samplers", default=",".join(SAMPLERS), help=f"any of {', '.join(SAMPLERS)}")
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale w (1 = none: the plain class-conditional model)")
-    p.add_argument("--real", type=int, default=None,
-                   help="held-out real digits for the FD (default: fast 40, cpu 2000)")
-    p.add_argument("--bootstrap", type=int, default=None,
-                   help="bootstrap resamples (default: fast 20, cpu 200)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale w (1 = none: the plain class-conditional model)",
+    )
+    p.add_argument(
+        "--real", type=int, default=None, help="held-out real digits for the FD (default: fast 40, cpu 2000)"
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=None, help="bootstrap resamples (default: fast 20, cpu 200)"
+    )
     p.add_argument("--model", default=str(ROOT / "checkpoints" / "ldm_digits"))
     p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_digits"))
     p.add_argument("--classifier", default=str(ROOT / "checkpoints" / "digits_classifier"))
@@ -92,9 +110,11 @@ def check_args(args) -> None:
         raise ValueError(f"--samplers: unknown {unknown}; expected any of {', '.join(SAMPLERS)}")
     if not args.steps or any(s < 1 or s > 1000 for s in args.steps):
         raise ValueError(f"--steps {args.steps}: expected step counts between 1 and 1000")
-    for what, path, name in (("--model", args.model, "diffusion_pytorch_model.safetensors"),
-                             ("--vae", args.vae, "diffusion_pytorch_model.safetensors"),
-                             ("--classifier", args.classifier, "model.safetensors")):
+    for what, path, name in (
+        ("--model", args.model, "diffusion_pytorch_model.safetensors"),
+        ("--vae", args.vae, "diffusion_pytorch_model.safetensors"),
+        ("--classifier", args.classifier, "model.safetensors"),
+    ):
         if not (Path(path) / name).is_file():
             raise ValueError(f"{what} {path}: expected a folder holding {name}")
 
@@ -123,8 +143,13 @@ def run(args) -> dict:
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> np.ndarray:  # (B, 1, 32, 32) -> (B, 64)
-        return torch.cat([classifier.embed(images[i:i + 500].to(device)).cpu()
-                          for i in range(0, len(images), 500)]).double().numpy()
+        return (
+            torch.cat(
+                [classifier.embed(images[i : i + 500].to(device)).cpu() for i in range(0, len(images), 500)]
+            )
+            .double()
+            .numpy()
+        )
 
     # the reference: held-out real digits, a second real set, and the VAE's reconstructions of the first
     real = real_digits(args.real, args.seed)
@@ -132,16 +157,32 @@ def run(args) -> dict:
     rows = []
     with torch.no_grad():
         rgb = real.repeat(1, 3, 1, 1)  # (real, 3, 32, 32): the VAE is RGB
-        recon = torch.cat([vae.decode(vae.encode(rgb[i:i + 250].to(device)).mean).clamp(-1, 1)
-                           for i in range(0, len(real), 250)]).mean(1, keepdim=True).cpu()
+        recon = (
+            torch.cat(
+                [
+                    vae.decode(vae.encode(rgb[i : i + 250].to(device)).mean).clamp(-1, 1)
+                    for i in range(0, len(real), 250)
+                ]
+            )
+            .mean(1, keepdim=True)
+            .cpu()
+        )
     other = real_digits(args.n, args.seed + 1)
-    floors = (("real digits (a second held-out set)", other), ("VAE reconstructions", recon[:args.n]))
+    floors = (("real digits (a second held-out set)", other), ("VAE reconstructions", recon[: args.n]))
     for name, images in floors:
         feats = features(images)
         fd, fd_lo, fd_hi = bootstrap_fd(feats, real_feats, args.bootstrap, args.seed)
-        rows.append({"sampler": name, "steps": None, "unet_evals": 0, "samples": len(images),
-                     "fd": round(fd, 3), "fd_lo": round(fd_lo, 3),
-                     "fd_hi": round(fd_hi, 3)})
+        rows.append(
+            {
+                "sampler": name,
+                "steps": None,
+                "unet_evals": 0,
+                "samples": len(images),
+                "fd": round(fd, 3),
+                "fd_lo": round(fd_lo, 3),
+                "fd_hi": round(fd_hi, 3),
+            }
+        )
         print(f"{name:<36} FD {rows[-1]['fd']:.3f} [{fd_lo:.3f}, {fd_hi:.3f}]")
 
     y = torch.arange(10).repeat_interleave(args.n // 10).to(device)  # (n,) digits asked for
@@ -160,21 +201,41 @@ def run(args) -> dict:
             acc_lo, acc_hi = wilson_interval(hits, args.n)
             fd, fd_lo, fd_hi = bootstrap_fd(feats, real_feats, args.bootstrap, args.seed)
             evals = steps * (2 if args.guidance != 1.0 else 1)  # a guided step runs the UNet on 2 batches
-            rows.append({"sampler": name, "steps": steps, "unet_evals": evals, "samples": args.n,
-                         "seconds": round(seconds, 2), "accuracy": round(hits / args.n, 4),
-                         "acc_lo": round(acc_lo, 4), "acc_hi": round(acc_hi, 4),
-                         "fd": round(fd, 3), "fd_lo": round(fd_lo, 3),
-                         "fd_hi": round(fd_hi, 3)})
+            rows.append(
+                {
+                    "sampler": name,
+                    "steps": steps,
+                    "unet_evals": evals,
+                    "samples": args.n,
+                    "seconds": round(seconds, 2),
+                    "accuracy": round(hits / args.n, 4),
+                    "acc_lo": round(acc_lo, 4),
+                    "acc_hi": round(acc_hi, 4),
+                    "fd": round(fd, 3),
+                    "fd_lo": round(fd_lo, 3),
+                    "fd_hi": round(fd_hi, 3),
+                }
+            )
             r = rows[-1]
-            print(f"{name:<9} {steps:>3} steps  accuracy {r['accuracy']:.3f} [{acc_lo:.3f}, {acc_hi:.3f}]  "
-                  f"FD {r['fd']:.3f} [{fd_lo:.3f}, {fd_hi:.3f}]  {seconds:.1f} s", flush=True)
+            print(
+                f"{name:<9} {steps:>3} steps  accuracy {r['accuracy']:.3f} [{acc_lo:.3f}, {acc_hi:.3f}]  "
+                f"FD {r['fd']:.3f} [{fd_lo:.3f}, {fd_hi:.3f}]  {seconds:.1f} s",
+                flush=True,
+            )
             if steps == 4:
                 grids[name] = images[torch.arange(10) * (args.n // 10)]  # the first sample of each digit
 
-    result = {"command": "python 03_latent_ddpm/compare_samplers.py " + " ".join(sys.argv[1:]),
-              "model": Path(args.model).name, "guidance": args.guidance, "samples": args.n, "real": args.real,
-              "bootstrap": args.bootstrap, "features": "digits classifier, pooled (64-d)",
-              "timestep_spacing": "trailing", "rows": rows}
+    result = {
+        "command": "python 03_latent_ddpm/compare_samplers.py " + " ".join(sys.argv[1:]),
+        "model": Path(args.model).name,
+        "guidance": args.guidance,
+        "samples": args.n,
+        "real": args.real,
+        "bootstrap": args.bootstrap,
+        "features": "digits classifier, pooled (64-d)",
+        "timestep_spacing": "trailing",
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "samplers.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -193,8 +254,10 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         label = LABELS.get(r["sampler"], r["sampler"])
         acc = f"{r['accuracy']:.3f} [{r['acc_lo']:.3f}, {r['acc_hi']:.3f}]" if "accuracy" in r else ""
-        lines.append(f"| {label} | {r['steps'] or ''} | {r['unet_evals'] or ''} | {acc} | "
-                     f"{r['fd']:.2f} [{r['fd_lo']:.2f}, {r['fd_hi']:.2f}] |")
+        lines.append(
+            f"| {label} | {r['steps'] or ''} | {r['unet_evals'] or ''} | {acc} | "
+            f"{r['fd']:.2f} [{r['fd_lo']:.2f}, {r['fd_hi']:.2f}] |"
+        )
     return "\n".join(lines)
 
 
@@ -248,8 +311,10 @@ def main(argv=None) -> dict:
     try:
         args.steps = [int(s) for s in (args.steps or budget(fast="2,4", cpu="2,4,8,16,50")).split(",")]
     except ValueError:
-        print(f"compare_samplers.py: error: --steps {args.steps!r}: expected integers like 2,4,8",
-              file=sys.stderr)
+        print(
+            f"compare_samplers.py: error: --steps {args.steps!r}: expected integers like 2,4,8",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     try:
         check_args(args)

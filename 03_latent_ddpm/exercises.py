@@ -32,7 +32,9 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------- 2. the forward process
-def add_noise(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+def add_noise(
+    z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
     """Sample q(z_t | z_0) in closed form (Ho et al. 2020, eq. 4):
 
         z_t = sqrt(alpha_bar_t) * z0 + sqrt(1 - alpha_bar_t) * eps
@@ -45,7 +47,9 @@ def add_noise(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumpr
 
 
 # ---------------------------------------------------------------------------- 3. one DDIM step
-def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float) -> torch.Tensor:
+def ddim_step(
+    eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float
+) -> torch.Tensor:
     """One deterministic DDIM step (Song et al. 2021, eq. 12 with eta = 0) from z_t to z_{t_prev}.
 
     1. "predicted x0":   x0_pred = (z_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t)
@@ -59,8 +63,13 @@ def ddim_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alp
 
 
 # ---------------------------------------------------------------------------- 4. one DDPM step (posterior)
-def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod: torch.Tensor,
-              generator: torch.Generator) -> torch.Tensor:
+def ddpm_step(
+    eps_pred: torch.Tensor,
+    t: int,
+    z_t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """One ancestral DDPM step from z_t to z_{t-1} on the full chain (Ho et al. 2020, eqs. 6-7, Algorithm 2).
 
     The notebook derives the posterior q(z_{t-1} | z_t, z_0) by completing the square; here you sample it with
@@ -83,9 +92,14 @@ def ddpm_step(eps_pred: torch.Tensor, t: int, z_t: torch.Tensor, alphas_cumprod:
 
 
 # ---------------------------------------------------------------------------- 5. the timestep embedding
-def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
-                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
-                       max_period: float = 10_000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10_000.0,
+) -> torch.Tensor:
     """The sinusoidal timestep embedding with all of diffusers' options (``get_timestep_embedding``).
 
     With half = dim // 2 and k = 0 .. half - 1:
@@ -101,8 +115,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
 
 
 # ---------------------------------------------------------------------------- 6. one DPM-Solver++ step
-def dpmpp_first_order_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float,
-                           alpha_bar_prev: float) -> torch.Tensor:
+def dpmpp_first_order_step(
+    eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float
+) -> torch.Tensor:
     """One first-order DPM-Solver++ step from z_t to z_s, the noise level alpha_bar_prev (Lu et al. 2022,
     eq. 9).
 
@@ -124,8 +139,9 @@ def dpmpp_first_order_step(eps_pred: torch.Tensor, z_t: torch.Tensor, alpha_bar_
 
 
 # ---------------------------------------------------------------------------- 7. the latent diffusion loss
-def ldm_loss(unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+def ldm_loss(
+    unet, z0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """The training loss of a class-conditional latent diffusion model on 8x8 Digits latents (Rombach et al.
     2022 eq. 2, Ho et al. 2020 eq. 14):
 
@@ -154,15 +170,24 @@ def latent_snr(z0: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 9. the scaling factor (open-ended)
-def scaling_factor_experiment(latents: torch.Tensor, labels: torch.Tensor, make_unet, alphas_cumprod: torch.Tensor,
-                              factors: dict[str, float], *, steps: int = 20, batch_size: int = 32,
-                              lr: float = 1e-3, seed: int = 0) -> dict:
+# ------------------------------------------------------------------------- 9. the scaling factor (open-ended)
+def scaling_factor_experiment(
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    make_unet,
+    alphas_cumprod: torch.Tensor,
+    factors: dict[str, float],
+    *,
+    steps: int = 20,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict:
     """Experiment with the latent scaling factor (Rombach et al. 2022, sec. 4.3.2 and appendix G).
 
-    For each (name, factor) in ``factors`` (e.g. {"1.0": 1.0, "computed": 1 / latents.std(), "0.18215": 0.18215}):
-    train a fresh ``make_unet()`` for ``steps`` AdamW steps on batches of ``latents * factor`` (random batches of
-    ``batch_size`` with their ``labels``) with your ``ldm_loss``, and record
+    For each (name, factor) in ``factors`` (e.g. {"1.0": 1.0, "computed": 1 / latents.std(), "0.18215":
+    0.18215}): train a fresh ``make_unet()`` for ``steps`` AdamW steps on batches of ``latents * factor``
+    (random batches of ``batch_size`` with their ``labels``) with your ``ldm_loss``, and record
 
         {"factor": float, "std": std of latents * factor, "losses": [one float per step],
          "snr": latent_snr(latents * factor, alphas_cumprod) (T,), "snr_mid": its value at t = T // 2,
@@ -178,9 +203,19 @@ def scaling_factor_experiment(latents: torch.Tensor, labels: torch.Tensor, make_
 
 
 # ------------------------------------------------------------------------- 7. train the digits LDM yourself
-def train_digits_ldm(z0: torch.Tensor, labels: torch.Tensor, config, alphas_cumprod: torch.Tensor, *,
-                     steps: int, batch_size: int = 64, lr: float = 1e-3, p_uncond: float = 0.1,
-                     ema_decay: float = 0.995, seed: int = 0):
+def train_digits_ldm(
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    config,
+    alphas_cumprod: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    p_uncond: float = 0.1,
+    ema_decay: float = 0.995,
+    seed: int = 0,
+):
     """Train the class-conditional digits UNet on frozen VAE latents: the loop `train_ldm.py` runs, by hand.
 
     z0: (N, 4, 8, 8) scaled latents of N training digits (the frozen Digits VAE's posterior means times its

@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,7 +40,8 @@ CASES = {  # name -> (preset, pixel (C, H), latent (C, h)); the presets come fro
 
 
 def saved_activation_bytes(step_fn) -> int:
-    """Bytes of the tensors autograd saves for backward while ``step_fn()`` builds its graph (each storage once)."""
+    """Bytes of the tensors autograd saves for backward while ``step_fn()`` builds its
+    graph (each storage once)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -56,7 +56,8 @@ def saved_activation_bytes(step_fn) -> int:
 
 
 def measure(config: UNetConfig, channels: int, side: int, batch_size: int, repeats: int, device) -> dict:
-    """One training step of ``config`` (with in/out channels set to ``channels``) on (B, channels, side, side)."""
+    """One training step of ``config`` (with in/out channels set to ``channels``) on
+    (B, channels, side, side)."""
     config = dataclasses.replace(config, in_channels=channels, out_channels=channels, sample_size=side)
     torch.manual_seed(0)
     unet = UNet(config).to(device)
@@ -88,10 +89,15 @@ def measure(config: UNetConfig, channels: int, side: int, batch_size: int, repea
     optimizer.zero_grad(set_to_none=True)
     activations = saved_activation_bytes(forward)
     n_params = sum(p.numel() for p in unet.parameters())
-    row = {"input": f"{side}x{side}x{channels}", "positions": side * side, "seconds_per_step": statistics.median(times),
-           "cpu_seconds_per_step": statistics.median(cpu_times),
-           "activation_MB": activations / 2**20, "params": n_params,
-           "params_grads_adam_MB": 4 * n_params * 4 / 2**20}  # fp32 weights + grads + Adam's two moments
+    row = {
+        "input": f"{side}x{side}x{channels}",
+        "positions": side * side,
+        "seconds_per_step": statistics.median(times),
+        "cpu_seconds_per_step": statistics.median(cpu_times),
+        "activation_MB": activations / 2**20,
+        "params": n_params,
+        "params_grads_adam_MB": 4 * n_params * 4 / 2**20,
+    }  # fp32 weights + grads + Adam's two moments
     if device.type == "cuda":
         row["cuda_peak_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
@@ -111,26 +117,40 @@ def compare(case: str, batch_size: int, repeats: int, device, width: int | None 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | space | input | wall s / step | CPU s / step | activations MB | params + grads + AdamW MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| case | space | input | wall s / step | CPU s / step | activations MB | "
+        "params + grads + AdamW MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['space']} | {r['input']} | {r['seconds_per_step']:.3f} | {r['cpu_seconds_per_step']:.3f} | "
-                     f"{r['activation_MB']:.1f} | {r['params_grads_adam_MB']:.1f} |")
+        lines.append(
+            f"| {r['case']} | {r['space']} | {r['input']} | {r['seconds_per_step']:.3f} | "
+            f"{r['cpu_seconds_per_step']:.3f} | {r['activation_MB']:.1f} | {r['params_grads_adam_MB']:.1f} |"
+        )
     for case in dict.fromkeys(r["case"] for r in rows):
         pix, lat = [r for r in rows if r["case"] == case]
-        lines.append(f"\n{case}: latent is {pix['seconds_per_step'] / lat['seconds_per_step']:.1f}x faster per step (wall; "
-                     f"{pix['cpu_seconds_per_step'] / lat['cpu_seconds_per_step']:.1f}x in CPU time) and "
-                     f"holds {pix['activation_MB'] / lat['activation_MB']:.1f}x less activation memory")
+        lines.append(
+            f"\n{case}: latent is {pix['seconds_per_step'] / lat['seconds_per_step']:.1f}x faster per step "
+            f"(wall; {pix['cpu_seconds_per_step'] / lat['cpu_seconds_per_step']:.1f}x in CPU time) and "
+            f"holds {pix['activation_MB'] / lat['activation_MB']:.1f}x less activation memory"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = cli.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--cases", default="digits,shapes", help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--batch-size", type=cli.positive_int, default=None, help="default: fast 4 / cpu 32")
-    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed steps per row (default: fast 1 / cpu 5)")
-    p.add_argument("--width", type=cli.positive_int, default=None, help="base UNet width (default: the presets')")
+    p.add_argument(
+        "--repeats", type=cli.positive_int, default=None, help="timed steps per row (default: fast 1 / cpu 5)"
+    )
+    p.add_argument(
+        "--width", type=cli.positive_int, default=None, help="base UNet width (default: the presets')"
+    )
     p.add_argument("--out", default="runs/pixel_vs_latent", help="writes result.json here")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)

@@ -28,7 +28,9 @@ def _close(ours, ref, what: str, tol: float = TOL) -> None:
     assert torch.is_tensor(ours), f"{what}: expected a tensor, got {type(ours).__name__}"
     assert ours.shape == ref.shape, f"{what}: expected shape {tuple(ref.shape)}, got {tuple(ours.shape)}"
     diff = (ours.float() - ref.float()).abs().max().item()
-    assert diff <= tol * max(1.0, ref.abs().max().item()), f"{what}: max |ours - reference| = {diff:.3g} (> {tol:g})"
+    assert diff <= tol * max(1.0, ref.abs().max().item()), (
+        f"{what}: max |ours - reference| = {diff:.3g} (> {tol:g})"
+    )
 
 
 def check_scaled_dot_product_attention(m):
@@ -39,14 +41,24 @@ def check_scaled_dot_product_attention(m):
     _close(m.scaled_dot_product_attention(q, k, v6), F.scaled_dot_product_attention(q, k, v6), "d_v != d")
     keep = torch.rand(7, 5, generator=g) > 0.4
     keep[:, 0] = True  # every query keeps at least one key
-    _close(m.scaled_dot_product_attention(q, k, v, keep), F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
-           "a bool mask (True = may attend)")
+    _close(
+        m.scaled_dot_product_attention(q, k, v, keep),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+        "a bool mask (True = may attend)",
+    )
     bias = torch.randn(2, 1, 7, 5, generator=g)
-    _close(m.scaled_dot_product_attention(q, k, v, bias), F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
-           "a float mask added to the scores")
+    _close(
+        m.scaled_dot_product_attention(q, k, v, bias),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+        "a float mask added to the scores",
+    )
     big = torch.randn(1, 1, 4, 64, generator=g) * 30  # large scores: the softmax must not overflow
-    _close(m.scaled_dot_product_attention(big, big, big), F.scaled_dot_product_attention(big, big, big),
-           "large scores (subtract the max before exp, or use .softmax)", tol=1e-4)
+    _close(
+        m.scaled_dot_product_attention(big, big, big),
+        F.scaled_dot_product_attention(big, big, big),
+        "large scores (subtract the max before exp, or use .softmax)",
+        tol=1e-4,
+    )
 
 
 def check_multi_head_attention(m):
@@ -62,16 +74,18 @@ def check_multi_head_attention(m):
     x, c = torch.randn(2, 9, D, generator=g), torch.randn(2, 5, D_c, generator=g)
     with torch.no_grad():
         ref = mha(x, c, c, need_weights=False)[0]
-        ours = m.multi_head_attention(x, c, mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight,
-                                      mha.out_proj.weight, h)
+        ours = m.multi_head_attention(
+            x, c, mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight, mha.out_proj.weight, h
+        )
     _close(ours, ref, "multi_head_attention against nn.MultiheadAttention with the same weights")
     from common.attention import MultiHeadAttention
 
     layer = MultiHeadAttention(query_dim=D, context_dim=D_c, heads=h, dim_head=D // h).eval()
     with torch.no_grad():
         layer.to_out[0].bias.zero_()
-        ours = m.multi_head_attention(x, c, layer.to_q.weight, layer.to_k.weight, layer.to_v.weight,
-                                      layer.to_out[0].weight, h)
+        ours = m.multi_head_attention(
+            x, c, layer.to_q.weight, layer.to_k.weight, layer.to_v.weight, layer.to_out[0].weight, h
+        )
         _close(ours, layer(x, c), "multi_head_attention against common.attention.MultiHeadAttention")
 
 
@@ -84,8 +98,16 @@ def check_classifier_free_guidance(m):
     from common.samplers import as_generator, randn
 
     pipe, s, prompt = tiny_pipeline(), 5.0, "a small red circle above a large blue square"
-    ref = pipe(prompt, num_inference_steps=1, guidance_scale=s, generator=0, output_type="latent", height=32,
-               width=32, progress=False).images
+    ref = pipe(
+        prompt,
+        num_inference_steps=1,
+        guidance_scale=s,
+        generator=0,
+        output_type="latent",
+        height=32,
+        width=32,
+        progress=False,
+    ).images
     gen = as_generator(0)
     sampler = pipe.make_sampler(None, 1)
     z = randn(ref.shape, gen, torch.empty(0)) * sampler.init_noise_sigma
@@ -104,12 +126,18 @@ def check_attention_mass_in_mask(m):
     mask[:2] = True  # the top quarter
     uniform = torch.full((H, W), 0.3)
     share, chance = m.attention_mass_in_mask(uniform, mask)
-    assert abs(float(chance) - 0.25) < 1e-6, f"chance should be the mask's area fraction 0.25, got {float(chance)}"
-    assert abs(float(share) - 0.25) < 1e-6, f"a uniform map puts 0.25 of its mass in a 1/4 mask, got {float(share)}"
+    assert abs(float(chance) - 0.25) < 1e-6, (
+        f"chance should be the mask's area fraction 0.25, got {float(chance)}"
+    )
+    assert abs(float(share) - 0.25) < 1e-6, (
+        f"a uniform map puts 0.25 of its mass in a 1/4 mask, got {float(share)}"
+    )
     top_half = torch.zeros(H, W)
     top_half[:4] = 2.0  # unnormalised on purpose: the share must not depend on the map's total
     share, _ = m.attention_mass_in_mask(top_half, mask)
-    assert abs(float(share) - 0.5) < 1e-6, f"a map spread over the top half has 0.5 of its mass in the top quarter, got {float(share)}"
+    assert abs(float(share) - 0.5) < 1e-6, (
+        f"a map spread over the top half has 0.5 of its mass in the top quarter, got {float(share)}"
+    )
     inside = torch.zeros(H, W)
     inside[0, 3] = 1.0
     share, _ = m.attention_mass_in_mask(inside, mask)
@@ -127,22 +155,31 @@ def check_attention_mass_in_mask(m):
     except ValueError:
         pass
     else:
-        raise AssertionError("a map and a mask of different shapes should raise ValueError (resize the map first)")
+        raise AssertionError(
+            "a map and a mask of different shapes should raise ValueError (resize the map first)"
+        )
 
 
 def check_guidance_scale_sweep(m):
     pipe, scales = tiny_pipeline(), [1.0, 3.0, 9.0]
-    images = m.guidance_scale_sweep(pipe, "a small red circle above a large blue square", scales, seed=0, steps=2,
-                                    size=32)
-    assert torch.is_tensor(images) and tuple(images.shape) == (3, 3, 32, 32), \
+    images = m.guidance_scale_sweep(
+        pipe, "a small red circle above a large blue square", scales, seed=0, steps=2, size=32
+    )
+    assert torch.is_tensor(images) and tuple(images.shape) == (3, 3, 32, 32), (
         f"expected a tensor (S, 3, H, W) = (3, 3, 32, 32), got {getattr(images, 'shape', type(images))}"
+    )
     assert images.min() >= 0 and images.max() <= 1, "images should be in [0, 1] (output_type='pt')"
-    again = m.guidance_scale_sweep(pipe, "a small red circle above a large blue square", scales[:1], seed=0,
-                                   steps=2, size=32)
-    assert torch.allclose(again[0], images[0], atol=1e-5), "the same seed should give the same image at a scale"
+    again = m.guidance_scale_sweep(
+        pipe, "a small red circle above a large blue square", scales[:1], seed=0, steps=2, size=32
+    )
+    assert torch.allclose(again[0], images[0], atol=1e-5), (
+        "the same seed should give the same image at a scale"
+    )
     gaps = [(images[i] - images[0]).abs().mean().item() for i in range(1, len(scales))]
-    assert all(b > a for a, b in zip(gaps, gaps[1:])), \
-        f"images should move further from the s = 1 image as s grows (same seed at every scale); mean |x_s - x_1| = {gaps}"
+    assert all(b > a for a, b in zip(gaps, gaps[1:])), (
+        "images should move further from the s = 1 image as s grows (same seed at every scale); "
+        f"mean |x_s - x_1| = {gaps}"
+    )
 
 
 CHECKS = [

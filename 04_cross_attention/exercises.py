@@ -1,12 +1,12 @@
-"""Chapter 04 exercises: attention written out, the multi-head reshape, classifier-free guidance, how much of a
-word's attention falls on its object, and a guidance-scale sweep.
+"""Chapter 04 exercises: attention written out, the multi-head reshape, classifier-free guidance, how much of
+a word's attention falls on its object, and a guidance-scale sweep.
 
 Fill in each function, then grade your file:
 
     python -m common.grade 04
 
-Legend (as in common/attention.py): B batch, h heads, N_q query tokens (the pixels), N_k key tokens (the words),
-d head width, D model width, D_c context width. Do not call ``F.scaled_dot_product_attention`` or
+Legend (as in common/attention.py): B batch, h heads, N_q query tokens (the pixels), N_k key tokens
+(the words), d head width, D model width, D_c context width. Do not call ``F.scaled_dot_product_attention`` or
 ``nn.MultiheadAttention`` here: the checks compare your code with them.
 """
 
@@ -16,8 +16,9 @@ import torch
 
 
 # ---------------------------------------------------------------------------- 1. scaled dot-product attention
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d) + M) V (Vaswani et al. 2017, eq. 1).
 
     q (..., N_q, d), k (..., N_k, d), v (..., N_k, d_v); any leading dims (batch, heads) broadcast.
@@ -46,8 +47,15 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError
 
 
-def multi_head_attention(x: torch.Tensor, context: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
-                         w_v: torch.Tensor, w_o: torch.Tensor, heads: int) -> torch.Tensor:
+def multi_head_attention(
+    x: torch.Tensor,
+    context: torch.Tensor,
+    w_q: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
+    w_o: torch.Tensor,
+    heads: int,
+) -> torch.Tensor:
     """Cross-attention from pixels x (B, N_q, D) to words ``context`` (B, N_k, D_c), no biases.
 
     The weights are in ``nn.Linear``'s (out, in) layout: w_q (h*d, D), w_k and w_v (h*d, D_c), w_o (D, h*d).
@@ -60,7 +68,9 @@ def multi_head_attention(x: torch.Tensor, context: torch.Tensor, w_q: torch.Tens
 
 
 # ---------------------------------------------------------------------------- 3. classifier-free guidance
-def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+def classifier_free_guidance(
+    eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float
+) -> torch.Tensor:
     """Combine the unconditional and the conditional noise predictions (Ho & Salimans 2022, eq. 6).
 
     eps_hat = eps_u + s (eps_c - eps_u): s = 0 gives eps_u, s = 1 gives eps_c, s > 1 goes past eps_c, further
@@ -75,26 +85,27 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, g
 def attention_mass_in_mask(attn_map: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How much of one token's attention falls inside a region, against chance.
 
-    attn_map (..., H, W): a token's attention over the pixels (non-negative, any total); mask (..., H, W) bool,
-    the same shape (raise ValueError otherwise: resize the map first).
+    attn_map (..., H, W): a token's attention over the pixels (non-negative, any total); mask (..., H, W)
+    bool, the same shape (raise ValueError otherwise: resize the map first).
     share  = sum over the mask of the map / sum of the map (the map normalised to total 1, then summed in M);
     chance = the mask's area fraction |M| / (H W): the share a uniform map would have.
     Returns (share, chance), each of shape (...) (0-d tensors for a single map).
-    ``attention_maps.py`` reports this for each object word of a generated image: share well above chance means
-    the word's attention found its object.
+    ``attention_maps.py`` reports this for each object word of a generated image: share well above chance
+    means the word's attention found its object.
     """
     raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------- 5. a guidance-scale sweep (open-ended)
-def guidance_scale_sweep(pipe, prompt: str, scales: list[float], *, seed: int = 0, steps: int = 10,
-                         size: int | None = None) -> torch.Tensor:
+# --------------------------------------------------------------------- 5. a guidance-scale sweep (open-ended)
+def guidance_scale_sweep(
+    pipe, prompt: str, scales: list[float], *, seed: int = 0, steps: int = 10, size: int | None = None
+) -> torch.Tensor:
     """Generate ``prompt`` at each guidance scale from the same seed: a tensor (S, 3, H, W) in [0, 1].
 
     ``pipe`` is a ``common.pipeline.StableDiffusion``: call it with ``num_inference_steps=steps``,
     ``guidance_scale=s``, ``generator=seed``, ``height=size``, ``width=size``, ``output_type="pt"``.
     The check asks for shapes, the value range, the same image for the same seed, and images that move further
-    from the s = 1 image as s grows. Then look: on the course model (``checkpoints/course_t2i``), at which scale
-    do the colours and shapes match the prompt, and what goes wrong at s = 15?
+    from the s = 1 image as s grows. Then look: on the course model (``checkpoints/course_t2i``), at which
+    scale do the colours and shapes match the prompt, and what goes wrong at s = 15?
     """
     raise NotImplementedError

@@ -69,38 +69,63 @@ def sweep_prompts(n: int, seed: int = 1234) -> list[str]:
     return one + Shapes.prompts("test", n - n // 2, seed, n_objects=(2,))
 
 
-def generate(pipe, prompt: str, s: float, *, seeds: int, steps: int, seed: int,
-             size: int | None) -> torch.Tensor:
+def generate(
+    pipe, prompt: str, s: float, *, seeds: int, steps: int, seed: int, size: int | None
+) -> torch.Tensor:
     """(seeds, 3, H, W) images in [0, 1] for one prompt at guidance scale s; the same z_T batch at every s."""
     if s == 0.0:  # eps_hat = eps_u: the empty prompt, one pass (the pipeline guides only for s > 1)
         prompts, s = [""] * seeds, 1.0
     else:
         prompts = [prompt] * seeds
-    return pipe(prompts, num_inference_steps=steps, guidance_scale=s, generator=seed, height=size, width=size,
-                output_type="pt", progress=False).images
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=s,
+        generator=seed,
+        height=size,
+        width=size,
+        output_type="pt",
+        progress=False,
+    ).images
 
 
-def run(pipe, judge, prompts: list[str], scales, *, seeds: int, steps: int, seed: int, size: int | None,
-        ) -> tuple[dict, dict]:
+def run(
+    pipe,
+    judge,
+    prompts: list[str],
+    scales,
+    *,
+    seeds: int,
+    steps: int,
+    seed: int,
+    size: int | None,
+) -> tuple[dict, dict]:
     """Generate and grade everything; returns (results for the JSON, {prompt: (S, seeds, 3, H, W) images})."""
     from common.shapes import parse
 
     per_prompt, images = {}, {}
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        x = torch.stack([generate(pipe, prompt, s, seeds=seeds, steps=steps, seed=seed, size=size)
-                         for s in scales])  # (S, seeds, 3, H, W)
+        x = torch.stack(
+            [generate(pipe, prompt, s, seeds=seeds, steps=steps, seed=seed, size=size) for s in scales]
+        )  # (S, seeds, 3, H, W)
         images[prompt] = x
         per_prompt[prompt] = {
             "objects": len(parse(prompt).objects),
-            "all": [[bool(r["all"]) for r in judge.score(x[k], [prompt] * seeds)["records"]]
-                    for k in range(len(scales))],  # (S, seeds)
+            "all": [
+                [bool(r["all"]) for r in judge.score(x[k], [prompt] * seeds)["records"]]
+                for k in range(len(scales))
+            ],  # (S, seeds)
             "diversity": [mean_pairwise_distance(x[k]) for k in range(len(scales))],  # (S,)
-            "change_from_s1": [float((x[k] - x[list(scales).index(1.0)]).abs().mean())
-                               for k in range(len(scales))],  # mean |x_s - x_1| per s
+            "change_from_s1": [
+                float((x[k] - x[list(scales).index(1.0)]).abs().mean()) for k in range(len(scales))
+            ],  # mean |x_s - x_1| per s
         }
-        print(f"  {i + 1}/{len(prompts)} prompts, {time.perf_counter() - t0:.0f} s: {prompt!r} right per s: "
-              + " ".join(f"{np.mean(a):.2f}" for a in per_prompt[prompt]["all"]), flush=True)
+        print(
+            f"  {i + 1}/{len(prompts)} prompts, {time.perf_counter() - t0:.0f} s: {prompt!r} right per s: "
+            + " ".join(f"{np.mean(a):.2f}" for a in per_prompt[prompt]["all"]),
+            flush=True,
+        )
     return per_prompt, images
 
 
@@ -130,20 +155,23 @@ def pick_for_grid(per_prompt: dict, scales) -> list[str]:
     k1, k3 = list(scales).index(1.0), list(scales).index(3.0)
     picked = []
     for n_obj in (1, 2):
-        cands = [(float(np.mean(r["all"][k3]) - np.mean(r["all"][k1])), r["change_from_s1"][k3], p)
-                 for p, r in per_prompt.items() if r["objects"] == n_obj]
+        cands = [
+            (float(np.mean(r["all"][k3]) - np.mean(r["all"][k1])), r["change_from_s1"][k3], p)
+            for p, r in per_prompt.items()
+            if r["objects"] == n_obj
+        ]
         if cands:
             picked.append(max(cands)[2])
     return picked
 
 
 def seeds_for_grid(per_prompt: dict, scales, n: int = GRID_SEEDS) -> list[int]:
-    """The seeds a grid row shows: up to n // 2 whose verdict goes from wrong at s = 1 to right at s = 3 (where
-    guidance changes the outcome), then the lowest-numbered others, in seed order."""
+    """The seeds a grid row shows: up to n // 2 whose verdict goes from wrong at s = 1 to right at s = 3
+    (where guidance changes the outcome), then the lowest-numbered others, in seed order."""
     k1, k3 = list(scales).index(1.0), list(scales).index(3.0)
     verdicts = per_prompt["all"]
-    flipped = [j for j in range(len(verdicts[k1])) if not verdicts[k1][j] and verdicts[k3][j]][:n // 2]
-    rest = [j for j in range(len(verdicts[k1])) if j not in flipped][:n - len(flipped)]
+    flipped = [j for j in range(len(verdicts[k1])) if not verdicts[k1][j] and verdicts[k3][j]][: n // 2]
+    rest = [j for j in range(len(verdicts[k1])) if j not in flipped][: n - len(flipped)]
     return sorted(flipped + rest)
 
 
@@ -162,7 +190,7 @@ def figure(result: dict, images: dict, path: Path) -> None:
     grid_spec = fig.add_gridspec(len(ratios), len(scales) + 4, height_ratios=ratios, wspace=0.08, hspace=0.12)
     row = 0
     for prompt in picked:
-        header = fig.add_subplot(grid_spec[row, :len(scales)])
+        header = fig.add_subplot(grid_spec[row, : len(scales)])
         header.axis("off")
         header.text(0.0, 1.0, f'"{prompt}"', fontsize=9, ha="left", va="top", transform=header.transAxes)
         row += 1
@@ -181,7 +209,7 @@ def figure(result: dict, images: dict, path: Path) -> None:
                 if k == 0:
                     ax.set_ylabel(f"seed {j}", fontsize=7)
             row += 1
-    right_col = grid_spec[:, len(scales) + 1:].subgridspec(2, 1, hspace=0.45)
+    right_col = grid_spec[:, len(scales) + 1 :].subgridspec(2, 1, hspace=0.45)
     ax_a, ax_d = fig.add_subplot(right_col[0]), fig.add_subplot(right_col[1])
     x = np.arange(len(scales))
     colours = {"one object": "tab:blue", "two objects": "tab:orange", "all prompts": "black"}
@@ -194,8 +222,10 @@ def figure(result: dict, images: dict, path: Path) -> None:
             lo, hi = np.array([v["lo"] for v in c[key]]), np.array([v["hi"] for v in c[key]])
             ax.plot(x, mean, "o-", color=colours[group], label=group, markersize=3)
             ax.fill_between(x, lo, hi, color=colours[group], alpha=0.2)
-    for ax, ylabel, title in ((ax_a, "judged all right", "prompt adherence (95% Wilson)"),
-                              (ax_d, "mean pairwise RMS distance", "diversity across seeds (95% bootstrap)")):
+    for ax, ylabel, title in (
+        (ax_a, "judged all right", "prompt adherence (95% Wilson)"),
+        (ax_d, "mean pairwise RMS distance", "diversity across seeds (95% bootstrap)"),
+    ):
         ax.set_xticks(x, [f"{s:g}" for s in scales], fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
         ax.set_xlabel("guidance scale s (0 = unconditional)", fontsize=7)
@@ -204,10 +234,12 @@ def figure(result: dict, images: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     ax_a.set_ylim(-0.02, 1.02)
     ax_a.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{result['model']}: {len(result['per_prompt'])} held-out prompts x {result['seeds']} "
-                 f"seeds, DDIM {result['steps']} steps; frame: green = the judge finds the prompt right, "
-                 "red = wrong",
-                 fontsize=9)
+    fig.suptitle(
+        f"{result['model']}: {len(result['per_prompt'])} held-out prompts x {result['seeds']} "
+        f"seeds, DDIM {result['steps']} steps; frame: green = the judge finds the prompt right, "
+        "red = wrong",
+        fontsize=9,
+    )
     margin = 0.7 / fig.get_figheight()  # 0.7 inch above and below
     fig.subplots_adjust(left=0.03, right=0.99, top=1 - margin, bottom=margin)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -216,8 +248,11 @@ def figure(result: dict, images: dict, path: Path) -> None:
 
 
 def report(result: dict) -> str:
-    lines = [f"{'s':>5} " + " ".join(f"{g + ' adherence':>28}" for g in ("one object", "two objects"))
-             + f" {'diversity (all prompts)':>26}"]
+    lines = [
+        f"{'s':>5} "
+        + " ".join(f"{g + ' adherence':>28}" for g in ("one object", "two objects"))
+        + f" {'diversity (all prompts)':>26}"
+    ]
     c = result["curves"]
     for k, s in enumerate(result["scales"]):
         cells = []
@@ -228,28 +263,46 @@ def report(result: dict) -> str:
             else:
                 cells.append(f"{'-':>28}")
         d = c["all prompts"]["diversity"][k]
-        lines.append(f"{s:>5g} " + " ".join(f"{x:>28}" for x in cells)
-                     + f" {d['mean']:>12.3f} [{d['lo']:.3f}, {d['hi']:.3f}]")
+        lines.append(
+            f"{s:>5g} "
+            + " ".join(f"{x:>28}" for x in cells)
+            + f" {d['mean']:>12.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="auto",
-                   help="'auto' (checkpoints/course_t2i; the tiny random pipeline under COURSE_FAST), "
-                        "'tiny', or a diffusers folder")
-    p.add_argument("--prompts", type=int, default=None,
-                   help="held-out prompts, half with one object (default 2 fast, 8 otherwise)")
-    p.add_argument("--seeds", type=int, default=None,
-                   help="images per prompt and scale (default 2 fast, 24 cpu, 50 gpu)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="'auto' (checkpoints/course_t2i; the tiny random pipeline under COURSE_FAST), "
+        "'tiny', or a diffusers folder",
+    )
+    p.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="held-out prompts, half with one object (default 2 fast, 8 otherwise)",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=None, help="images per prompt and scale (default 2 fast, 24 cpu, 50 gpu)"
+    )
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 2 fast, 20 otherwise)")
-    p.add_argument("--scales", type=float, nargs="+", default=list(SCALES),
-                   help="guidance scales; must include 1 and 3 (the grid's choice); 0 means unconditional")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=list(SCALES),
+        help="guidance scales; must include 1 and 3 (the grid's choice); 0 means unconditional",
+    )
     p.add_argument("--seed", type=int, default=0, help="the generator seed of the starting noises")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: what common.runtime picks)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "04_guidance_sweep"),
-                   help="folder for the JSON and the figure")
+    p.add_argument(
+        "--out", default=str(ROOT / "runs" / "04_guidance_sweep"), help="folder for the JSON and the figure"
+    )
     args = p.parse_args(argv)
     for name in ("prompts", "seeds", "steps"):
         value = getattr(args, name)
@@ -277,28 +330,41 @@ def main(argv: list[str] | None = None) -> int:
     prompts = sweep_prompts(n_prompts)
 
     t0 = time.perf_counter()
-    per_prompt, images = run(pipe, judge, prompts, args.scales, seeds=seeds, steps=steps, seed=args.seed,
-                             size=size)
+    per_prompt, images = run(
+        pipe, judge, prompts, args.scales, seeds=seeds, steps=steps, seed=args.seed, size=size
+    )
     seconds = time.perf_counter() - t0
     grid_prompts = pick_for_grid(per_prompt, args.scales)
-    result = {"model": model_name, "steps": steps, "seeds": seeds, "seed": args.seed, "scales": args.scales,
-              "seconds": seconds, "device": str(device),
-              "command": " ".join(["python 04_cross_attention/guidance_sweep.py", *(argv or sys.argv[1:])]),
-              "curves": curves(per_prompt, args.scales),
-              "grid_prompts": grid_prompts,
-              "grid_seeds": {p: seeds_for_grid(per_prompt[p], args.scales, min(GRID_SEEDS, seeds))
-                             for p in grid_prompts},
-              "per_prompt": per_prompt}
-    print(f"model: {model_name}; {len(prompts)} prompts x {seeds} seeds x {len(args.scales)} scales, "
-          f"DDIM {steps} steps, {seconds:.1f} s")
+    result = {
+        "model": model_name,
+        "steps": steps,
+        "seeds": seeds,
+        "seed": args.seed,
+        "scales": args.scales,
+        "seconds": seconds,
+        "device": str(device),
+        "command": " ".join(["python 04_cross_attention/guidance_sweep.py", *(argv or sys.argv[1:])]),
+        "curves": curves(per_prompt, args.scales),
+        "grid_prompts": grid_prompts,
+        "grid_seeds": {
+            p: seeds_for_grid(per_prompt[p], args.scales, min(GRID_SEEDS, seeds)) for p in grid_prompts
+        },
+        "per_prompt": per_prompt,
+    }
+    print(
+        f"model: {model_name}; {len(prompts)} prompts x {seeds} seeds x {len(args.scales)} scales, "
+        f"DDIM {steps} steps, {seconds:.1f} s"
+    )
     print(report(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "guidance_sweep.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "guidance_sweep.json")
-    torch.save({p: images[p][:, result["grid_seeds"][p]].clone() for p in result["grid_prompts"]},
-               out / "grid_images.pt")  # (S, seeds shown, 3, H, W) per grid prompt
+    torch.save(
+        {p: images[p][:, result["grid_seeds"][p]].clone() for p in result["grid_prompts"]},
+        out / "grid_images.pt",
+    )  # (S, seeds shown, 3, H, W) per grid prompt
     figure(result, images, out / "guidance_sweep.png")
     print(f"wrote {out / 'guidance_sweep.json'} and {out / 'guidance_sweep.png'}")
     return 0
@@ -313,8 +379,10 @@ def load_pipeline(model: str, device=None):
         return tiny_random_pipeline(0).to(get_device(device)), "tiny random pipeline"
     path = COURSE_MODEL if model == "auto" else Path(model)
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"--model: no model at {path} (no model_index.json): pass --model PATH to a "
-                         "diffusers folder, or --model tiny for the untrained baseline")
+        raise ValueError(
+            f"--model: no model at {path} (no model_index.json): pass --model PATH to a "
+            "diffusers folder, or --model tiny for the untrained baseline"
+        )
     name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     return StableDiffusion.from_pretrained(path, device=device), str(name)
 

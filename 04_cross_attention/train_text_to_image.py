@@ -1,7 +1,7 @@
 """Chapter 04's text-to-image run: the course's first model that draws what a caption says.
 
-    python 04_cross_attention/train_text_to_image.py                  # CPU config, 1,200 steps (~9 min, one thread)
-    python 04_cross_attention/train_text_to_image.py --steps 400      # a first look in ~3 min
+    python 04_cross_attention/train_text_to_image.py              # CPU config: 1,200 steps, ~9 min, 1 thread
+    python 04_cross_attention/train_text_to_image.py --steps 400  # a first look in ~3 min
     COURSE_FAST=1 python 04_cross_attention/train_text_to_image.py --out /tmp/t2i04   # seconds
 
 The frozen shipped VAE (checkpoints/vae_shapes) turns each 64 px Shapes image into 4 x 16 x 16 latents, once
@@ -11,9 +11,9 @@ latent pixel read the words (Q from pixels, K and V from c). Captions are droppe
 the same network also predicts eps(z_t, t, "") and sampling can use classifier-free guidance.
 
 Then it draws the held-out prompts (``Shapes.prompts("test")``: every prompt holds a colour/shape pair never
-seen in training) and the judge (``common/judge.py``, checkpoints/shapes_judge) reports colour, shape, size and
-position accuracy for one-object prompts, and objects + relation for two-object prompts. All the logic lives
-in common/text_to_image.py (shared with chapter 06's train_text_to_image.py).
+seen in training) and the judge (``common/judge.py``, checkpoints/shapes_judge) reports colour, shape, size
+and position accuracy for one-object prompts, and objects + relation for two-object prompts. All the logic
+lives in common/text_to_image.py (shared with chapter 06's train_text_to_image.py).
 """
 
 from __future__ import annotations
@@ -35,15 +35,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> dict:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 1200; fast: 4)")
-    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
+    p = cli.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--steps", type=cli.positive_int, default=None, help="optimizer steps (default 1200; fast: 4)"
+    )
+    p.add_argument(
+        "--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)"
+    )
     p.add_argument("--judge", default=str(JUDGE_DIR), help="the Shapes judge's folder")
-    p.add_argument("--n", type=cli.positive_int, default=None, help="held-out prompts per object count (default 32; fast 2)")
-    p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--sampling-steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; fast 4)")
+    p.add_argument(
+        "--n",
+        type=cli.positive_int,
+        default=None,
+        help="held-out prompts per object count (default 32; fast 2)",
+    )
+    p.add_argument(
+        "--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale"
+    )
+    p.add_argument(
+        "--sampling-steps", type=cli.positive_int, default=None, help="DDIM steps (default 25; fast 4)"
+    )
     p.add_argument("--out", default=str(ROOT / "runs" / "04_t2i"))
-    p.add_argument("--cache-dir", default=None, help="latent cache folder (default ~/.cache/latent_diffusion_course)")
+    p.add_argument(
+        "--cache-dir", default=None, help="latent cache folder (default ~/.cache/latent_diffusion_course)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--no-resume", action="store_true")
@@ -54,14 +71,24 @@ def main(argv=None) -> dict:
     seed_everything(args.seed)
     print(describe(device))
     config = (TextToImageConfig.tiny() if is_fast() else TextToImageConfig.cpu()).with_overrides(
-        steps=args.steps if args.steps is not None else budget(fast=4, cpu=1200))
+        steps=args.steps if args.steps is not None else budget(fast=4, cpu=1200)
+    )
     vae = load_vae(args.vae, device)
-    trainer, tokenizer = train(config, vae, args.out, seed=args.seed, device=device, resume=not args.no_resume,
-                               cache_dir=args.cache_dir)
+    trainer, tokenizer = train(
+        config,
+        vae,
+        args.out,
+        seed=args.seed,
+        device=device,
+        resume=not args.no_resume,
+        cache_dir=args.cache_dir,
+    )
     model = trainer.ema_model()
-    print(f"UNet {count_parameters(model['unet']) / 1e6:.2f} M + text encoder "
-          f"{count_parameters(model['text_encoder']) / 1e6:.2f} M parameters, {config.steps} steps x batch "
-          f"{config.batch_size}")
+    print(
+        f"UNet {count_parameters(model['unet']) / 1e6:.2f} M + text encoder "
+        f"{count_parameters(model['text_encoder']) / 1e6:.2f} M parameters, {config.steps} steps x batch "
+        f"{config.batch_size}"
+    )
     pipe = build_pipeline(model, tokenizer, vae, config, device=device)
     judge = Judge.load(args.judge)
     n = args.n if args.n is not None else budget(fast=2, cpu=32)
@@ -69,8 +96,14 @@ def main(argv=None) -> dict:
     results = {}
     for objects in (1, 2):
         prompts = Shapes.prompts("test", n, n_objects=(objects,))
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=args.guidance, output_type="pt",
-                      generator=torch.Generator().manual_seed(args.seed), progress=False).images
+        images = pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=False,
+        ).images
         scores = judge.score(images, prompts)
         results[objects] = scores["single"] if objects == 1 else scores["pair"]
         if objects == 1:
@@ -78,11 +111,15 @@ def main(argv=None) -> dict:
 
             save_image(images[:16], Path(args.out) / "heldout_samples.png", nrow=8)
     s, pr = results[1], results[2]
-    print(f"held-out one-object prompts (n={s['n']}, DDIM {steps} steps, guidance {args.guidance}): colour "
-          f"{s['color']:.3f}  shape {s['shape']:.3f}  size {s['size']:.3f}  position {s['position']:.3f}  "
-          f"all {s['all']:.3f}")
-    print(f"held-out two-object prompts (n={pr['n']}): both objects right {pr['objects']:.3f}  "
-          f"objects + relation {pr['all']:.3f}")
+    print(
+        f"held-out one-object prompts (n={s['n']}, DDIM {steps} steps, guidance {args.guidance}): colour "
+        f"{s['color']:.3f}  shape {s['shape']:.3f}  size {s['size']:.3f}  position {s['position']:.3f}  "
+        f"all {s['all']:.3f}"
+    )
+    print(
+        f"held-out two-object prompts (n={pr['n']}): both objects right {pr['objects']:.3f}  "
+        f"objects + relation {pr['all']:.3f}"
+    )
     return results
 
 

@@ -7,8 +7,8 @@ Columns: time, peak extra memory, max |output - baseline output| for ours and fo
 diffusers' equivalent built with the same config and the same (random, seeded) weights, and the ratios
 ours / diffusers. Real SD weights change the numbers of neither time nor memory, so none are needed.
 
-    python 05_memory_efficient_diffusion/benchmark.py --quick --out runs/bench05_quick   # small configs, ~1 min
-    nice -n 5 python 05_memory_efficient_diffusion/benchmark.py --out runs/bench05       # SD 1.5 sizes, CPU: ~1 h
+    python 05_memory_efficient_diffusion/benchmark.py --quick --out runs/bench05_quick  # small sizes, ~1 min
+    nice -n 5 python 05_memory_efficient_diffusion/benchmark.py --out runs/bench05      # SD 1.5 sizes: ~1 h
     python 05_memory_efficient_diffusion/benchmark.py --device cuda --out runs/bench05_gpu
 
 Writes ``table.md``, ``table.csv`` and ``targets.md`` (the chapter's targets, met or missed) under --out.
@@ -23,7 +23,6 @@ and where its time goes (text encoder, each UNet call, VAE decode); it writes ``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
@@ -39,10 +38,10 @@ from common.runtime import get_device, is_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
 # ------------------------------------------------------------------------------------------------------
 # Sizes: SD 1.5 (the real thing) and a quick version with the same structure at toy sizes
 # ------------------------------------------------------------------------------------------------------
+
 
 def sizes(quick: bool) -> dict:
     from common.autoencoder import AutoencoderConfig
@@ -50,29 +49,56 @@ def sizes(quick: bool) -> dict:
 
     if quick:
         return dict(
-            unet=UNetConfig.tiny(), unet_side=32, unet_batch=2, ctx_tokens=77,  # 1,024 tokens at level 0
-            slice_size=128, ff_chunk=256, diffusers_slice=1,
-            vae=AutoencoderConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                  sample_size=64),  # f = 2; diffusers tiles above sample_size / f = 32 latents
-            vae_small=32, vae_large=64, vae_slice_side=16, vae_slice_batch=4,
-            train=UNetConfig.tiny(), train_side=16, train_batch=8,
-            label_small="64 px", label_large="128 px", label_unet="32x32 latents",
+            unet=UNetConfig.tiny(),
+            unet_side=32,
+            unet_batch=2,
+            ctx_tokens=77,  # 1,024 tokens at level 0
+            slice_size=128,
+            ff_chunk=256,
+            diffusers_slice=1,
+            vae=AutoencoderConfig(
+                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=64
+            ),  # f = 2; diffusers tiles above sample_size / f = 32 latents
+            vae_small=32,
+            vae_large=64,
+            vae_slice_side=16,
+            vae_slice_batch=4,
+            train=UNetConfig.tiny(),
+            train_side=16,
+            train_batch=8,
+            label_small="64 px",
+            label_large="128 px",
+            label_unet="32x32 latents",
         )
     return dict(
-        unet=UNetConfig.sd15(), unet_side=64, unet_batch=2, ctx_tokens=77,  # 512 px, CFG batch of 2
+        unet=UNetConfig.sd15(),
+        unet_side=64,
+        unet_batch=2,
+        ctx_tokens=77,  # 512 px, CFG batch of 2
         # 256 query rows x all 16 (batch x head) pairs = the 4096 x 4096 weights of ONE head, which is what
         # diffusers' SlicedAttnProcessor(slice_size=1) holds at once: the same memory, sliced two ways
         # ff_chunk: diffusers requires the chunk to divide every level's token count (4096, 1024, 256, mid 64)
-        slice_size=256, ff_chunk=64, diffusers_slice=1,
-        vae=AutoencoderConfig.sd15(), vae_small=64, vae_large=128, vae_slice_side=32, vae_slice_batch=4,
-        train=UNetConfig.shapes_text(), train_side=16, train_batch=32,
-        label_small="512 px", label_large="1024 px", label_unet="512 px",
+        slice_size=256,
+        ff_chunk=64,
+        diffusers_slice=1,
+        vae=AutoencoderConfig.sd15(),
+        vae_small=64,
+        vae_large=128,
+        vae_slice_side=32,
+        vae_slice_batch=4,
+        train=UNetConfig.shapes_text(),
+        train_side=16,
+        train_batch=32,
+        label_small="512 px",
+        label_large="1024 px",
+        label_unet="512 px",
     )
 
 
 # ------------------------------------------------------------------------------------------------------
 # The rows
 # ------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -90,40 +116,92 @@ def rows(s: dict, compile_row: bool = False) -> list[Row]:
     out = [
         Row("unet_math", "unet_math", f"UNet forward {u}, CFG batch 2, math attention", dict(backend="math")),
         Row("unet_sdpa", "unet_math", f"UNet forward {u}, SDPA", dict(backend="sdpa")),
-        Row("unet_sliced", "unet_math", f"UNet forward {u}, sliced attention ({s['slice_size']} query rows; "
-            f"diffusers: slice_size={s['diffusers_slice']})", dict(backend="sliced")),
-        Row("unet_chunked_ff", "unet_math", f"UNet forward {u}, SDPA + feed-forward in chunks of "
-            f"{s['ff_chunk']} tokens", dict(backend="sdpa", chunk_ff=True)),
-        Row("unet_channels_last", "unet_math", f"UNet forward {u}, SDPA + channels_last",
-            dict(backend="sdpa", channels_last=True)),
-        Row("unet_bf16", "unet_math", f"UNet forward {u}, SDPA under bf16 autocast",
-            dict(backend="sdpa", autocast="bf16"), full=False),
+        Row(
+            "unet_sliced",
+            "unet_math",
+            f"UNet forward {u}, sliced attention ({s['slice_size']} query rows; "
+            f"diffusers: slice_size={s['diffusers_slice']})",
+            dict(backend="sliced"),
+        ),
+        Row(
+            "unet_chunked_ff",
+            "unet_math",
+            f"UNet forward {u}, SDPA + feed-forward in chunks of {s['ff_chunk']} tokens",
+            dict(backend="sdpa", chunk_ff=True),
+        ),
+        Row(
+            "unet_channels_last",
+            "unet_math",
+            f"UNet forward {u}, SDPA + channels_last",
+            dict(backend="sdpa", channels_last=True),
+        ),
+        Row(
+            "unet_bf16",
+            "unet_math",
+            f"UNet forward {u}, SDPA under bf16 autocast",
+            dict(backend="sdpa", autocast="bf16"),
+            full=False,
+        ),
         Row("vae_decode_small", "vae_decode_small", f"VAE decode {sm}", dict(side=s["vae_small"])),
         Row("vae_decode_large", "vae_decode_large", f"VAE decode {lg}", dict(side=s["vae_large"])),
-        Row("vae_decode_large_tiled", "vae_decode_large", f"VAE decode {lg}, tiled ({tile} latents, overlap {tile // 4})",
-            dict(side=s["vae_large"], tiled=True)),
-        Row("vae_decode_batch", "vae_decode_batch", f"VAE decode batch of {s['vae_slice_batch']} at "
-            f"{s['vae_slice_side']} latents", dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"])),
-        Row("vae_decode_batch_sliced", "vae_decode_batch", "  the same, one image at a time (batch slicing)",
-            dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"], sliced=True)),
+        Row(
+            "vae_decode_large_tiled",
+            "vae_decode_large",
+            f"VAE decode {lg}, tiled ({tile} latents, overlap {tile // 4})",
+            dict(side=s["vae_large"], tiled=True),
+        ),
+        Row(
+            "vae_decode_batch",
+            "vae_decode_batch",
+            f"VAE decode batch of {s['vae_slice_batch']} at {s['vae_slice_side']} latents",
+            dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"]),
+        ),
+        Row(
+            "vae_decode_batch_sliced",
+            "vae_decode_batch",
+            "  the same, one image at a time (batch slicing)",
+            dict(side=s["vae_slice_side"], batch=s["vae_slice_batch"], sliced=True),
+        ),
         Row("vae_encode_large", "vae_encode_large", f"VAE encode {lg}", dict(side=s["vae_large"])),
-        Row("vae_encode_large_tiled", "vae_encode_large", f"VAE encode {lg}, tiled",
-            dict(side=s["vae_large"], tiled=True)),
-        Row("train", "train", f"training step (forward + backward), course UNet, batch {s['train_batch']}",
-            dict(checkpointing=False)),
-        Row("train_checkpointing", "train", "  the same with gradient checkpointing", dict(checkpointing=True)),
-        Row("unet_offload", "unet_math", f"UNet forward {u}, SDPA, model CPU offload (GPU only)",
-            dict(backend="sdpa", offload=True), cuda_only=True),
+        Row(
+            "vae_encode_large_tiled",
+            "vae_encode_large",
+            f"VAE encode {lg}, tiled",
+            dict(side=s["vae_large"], tiled=True),
+        ),
+        Row(
+            "train",
+            "train",
+            f"training step (forward + backward), course UNet, batch {s['train_batch']}",
+            dict(checkpointing=False),
+        ),
+        Row(
+            "train_checkpointing", "train", "  the same with gradient checkpointing", dict(checkpointing=True)
+        ),
+        Row(
+            "unet_offload",
+            "unet_math",
+            f"UNet forward {u}, SDPA, model CPU offload (GPU only)",
+            dict(backend="sdpa", offload=True),
+            cuda_only=True,
+        ),
     ]
     if compile_row:
-        out.append(Row("unet_compile", "unet_math", f"UNet forward {u}, SDPA, torch.compile",
-                       dict(backend="sdpa", compile=True)))
+        out.append(
+            Row(
+                "unet_compile",
+                "unet_math",
+                f"UNet forward {u}, SDPA, torch.compile",
+                dict(backend="sdpa", compile=True),
+            )
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------------
 # Building one side of one row (runs in the child process)
 # ------------------------------------------------------------------------------------------------------
+
 
 def _diffusers_twin(ours: torch.nn.Module) -> torch.nn.Module:
     """diffusers' model with our weights, sharing the tensors (no second copy in memory)."""
@@ -145,7 +223,8 @@ def _seeded(make, seed: int):
 
 
 def build_case(*, row: str, side: str, quick: bool, device: str, seed: int = 0, compile_row: bool = False):
-    """Build the model and inputs of ``row`` for ``side`` ("ours" or "diffusers"); return the call to measure."""
+    """Build the model and inputs of ``row`` for ``side`` ("ours" or "diffusers");
+    return the call to measure."""
     from common.autoencoder import AutoencoderKL
     from common.unet import UNet
 
@@ -183,7 +262,7 @@ def build_case(*, row: str, side: str, quick: bool, device: str, seed: int = 0, 
     raise ValueError(f"unknown row {row!r}")
 
 
-def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
+def _unet_case(s, o, side, dev, g, seed, init):
     from common.attention import attention_backend, set_chunk_feed_forward
     from common.offload import enable_model_cpu_offload
     from common.unet import UNet
@@ -203,8 +282,11 @@ def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
 
         model = _diffusers_twin(unet)
         del unet
-        processor = {"math": AttnProcessor(), "sdpa": AttnProcessor2_0(),
-                     "sliced": SlicedAttnProcessor(s["diffusers_slice"])}[o["backend"]]
+        processor = {
+            "math": AttnProcessor(),
+            "sdpa": AttnProcessor2_0(),
+            "sliced": SlicedAttnProcessor(s["diffusers_slice"]),
+        }[o["backend"]]
         model.set_attn_processor(processor)
         if o.get("chunk_ff"):  # UNet2DConditionModel has no enable_forward_chunking: set it per block
             for block in model.modules():
@@ -237,6 +319,7 @@ def _unet_case(s, o, side, dev, g, seed, init=torch.device("cpu")):
                 return _forward(run, side, z, t, context)
             with amp:
                 return _forward(run, side, z, t, context)
+
     call.note = note
     return call
 
@@ -312,6 +395,7 @@ def _train_call(model, s, o, side, dev, g):
 # Running the table
 # ------------------------------------------------------------------------------------------------------
 
+
 def run(args) -> list[dict]:
     device = get_device(args.device)
     quick = args.quick or is_fast()
@@ -337,18 +421,29 @@ def run(args) -> list[dict]:
             if side == "diffusers" and r.options.get("offload"):
                 continue  # diffusers offloads whole models of a pipeline: no like-for-like single-model row
             t0 = time.perf_counter()
-            case = dict(row=r.name, side=side, quick=quick, device=str(device), seed=args.seed,
-                        compile_row=args.compile)
+            case = dict(
+                row=r.name,
+                side=side,
+                quick=quick,
+                device=str(device),
+                seed=args.seed,
+                compile_row=args.compile,
+            )
             try:
                 if isolation == "process":
-                    m, out = measure_isolated(build_case, case, device=device, repeats=repeats, warmup=warmup,
-                                              keep_output=True)
+                    m, out = measure_isolated(
+                        build_case, case, device=device, repeats=repeats, warmup=warmup, keep_output=True
+                    )
                 else:
                     fn = build_case(**case)
                     m, out = measure(fn, device=device, repeats=repeats, warmup=warmup)
                     m.note, out = str(getattr(fn, "note", "")), flatten_output(out)
                     del fn
-            except (RuntimeError, TimeoutError, ValueError) as e:  # one failed row (out of memory, ...) keeps the rest
+            except (
+                RuntimeError,
+                TimeoutError,
+                ValueError,
+            ) as e:  # one failed row (out of memory, ...) keeps the rest
                 print(f"{r.name:<24} {side:<9} FAILED: {str(e)[-400:]}", flush=True)
                 res["note"] = f"{side} failed: {str(e).strip().splitlines()[-1][:120]}"
                 continue
@@ -359,8 +454,11 @@ def run(args) -> list[dict]:
             res[f"{side}_s"], res[f"{side}_peak_MiB"], res[f"{side}_maxdiff"] = m.seconds, m.peak_mib, diff
             if m.note:
                 res["note"] = m.note
-            print(f"{r.name:<24} {side:<9} {m.seconds:8.3f} s  +{m.peak_mib:9.1f} MiB  diff {diff}  "
-                  f"({time.perf_counter() - t0:.0f} s with setup) {m.note}", flush=True)
+            print(
+                f"{r.name:<24} {side:<9} {m.seconds:8.3f} s  +{m.peak_mib:9.1f} MiB  diff {diff}  "
+                f"({time.perf_counter() - t0:.0f} s with setup) {m.note}",
+                flush=True,
+            )
             del out
             gc.collect()
         if "diffusers_s" in res and "ours_s" in res:
@@ -372,8 +470,19 @@ def run(args) -> list[dict]:
     return table
 
 
-COLUMNS = ["row", "what", "ours_s", "ours_peak_MiB", "ours_maxdiff", "diffusers_s", "diffusers_peak_MiB",
-           "diffusers_maxdiff", "time_ratio", "mem_ratio", "note"]
+COLUMNS = [
+    "row",
+    "what",
+    "ours_s",
+    "ours_peak_MiB",
+    "ours_maxdiff",
+    "diffusers_s",
+    "diffusers_peak_MiB",
+    "diffusers_maxdiff",
+    "time_ratio",
+    "mem_ratio",
+    "note",
+]
 
 
 def targets(table: list[dict]) -> list[dict]:
@@ -388,7 +497,9 @@ def targets(table: list[dict]) -> list[dict]:
         if row in by and "time_ratio" in by[row]:
             r = by[row]
             add(f"{row}: time <= 1.0x diffusers", f"{r['time_ratio']:.2f}x", r["time_ratio"] <= 1.0)
-            add(f"{row}: peak extra memory <= 1.0x diffusers", f"{r['mem_ratio']:.2f}x", r["mem_ratio"] <= 1.0)
+            add(
+                f"{row}: peak extra memory <= 1.0x diffusers", f"{r['mem_ratio']:.2f}x", r["mem_ratio"] <= 1.0
+            )
     if "unet_sliced" in by and "unet_math" in by:
         ratio = by["unet_sliced"]["ours_peak_MiB"] / by["unet_math"]["ours_peak_MiB"]
         add("sliced attention peak <= 1/4 of math's (UNet forward)", f"{ratio:.3f}", ratio <= 0.25)
@@ -402,8 +513,11 @@ def targets(table: list[dict]) -> list[dict]:
         a, b = by["vae_decode_large"], by["vae_decode_large_tiled"]
         ratio = b["ours_peak_MiB"] / a["ours_peak_MiB"]
         add("tiled decode (large): peak <= 1/3 of untiled", f"{ratio:.3f}", ratio <= 1 / 3)
-        add("tiled decode (large): max abs diff from untiled (stated)",
-            f"ours {b['ours_maxdiff']:.3g}, diffusers {b.get('diffusers_maxdiff') or float('nan'):.3g}", True)
+        add(
+            "tiled decode (large): max abs diff from untiled (stated)",
+            f"ours {b['ours_maxdiff']:.3g}, diffusers {b.get('diffusers_maxdiff') or float('nan'):.3g}",
+            True,
+        )
     return out
 
 
@@ -448,17 +562,34 @@ def checkpointing_main(args, device: torch.device) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small configs, seconds per row (also under COURSE_FAST=1)")
+    p.add_argument(
+        "--quick", action="store_true", help="small configs, seconds per row (also under COURSE_FAST=1)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/bench05"), help="folder for table.md/.csv, targets.md")
-    p.add_argument("--rows", nargs="*", help="run only these rows, in this order (a row's baseline row first)")
-    p.add_argument("--repeats", type=cli.positive_int, help="timed calls per measurement (default: 3 quick/GPU, 1 CPU full)")
-    p.add_argument("--warmup", type=cli.nonnegative_int, help="untimed calls first (default: 1 quick/GPU, 0 CPU full)")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile row (slow to compile on a CPU)")
-    p.add_argument("--isolation", choices=("process", "none"),
-                   help="process: each side of each row in a fresh process (default for the full table); none: "
-                        "all in this process, peaks still reset per call (default for --quick: no 20 s start-ups)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/bench05"), help="folder for table.md/.csv, targets.md"
+    )
+    p.add_argument(
+        "--rows", nargs="*", help="run only these rows, in this order (a row's baseline row first)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=cli.positive_int,
+        help="timed calls per measurement (default: 3 quick/GPU, 1 CPU full)",
+    )
+    p.add_argument(
+        "--warmup", type=cli.nonnegative_int, help="untimed calls first (default: 1 quick/GPU, 0 CPU full)"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="add a torch.compile row (slow to compile on a CPU)"
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("process", "none"),
+        help="process: each side of each row in a fresh process (default for the full table); none: "
+        "all in this process, peaks still reset per call (default for --quick: no 20 s start-ups)",
+    )
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     e2e = p.add_argument_group("end to end (--end-to-end)")
     e2e.add_argument("--end-to-end", action="store_true",
@@ -494,8 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         write_table(goals, args.out, "targets")
         text += "\n\n" + format_table(goals)
     print(text)
-    print(f"\nwrote {md} and {csv_path} in {time.perf_counter() - t0:.0f} s "
-          f"(peak extra memory in MiB; ratios ours / diffusers; maxdiff vs the row's baseline, ours)")
+    print(
+        f"\nwrote {md} and {csv_path} in {time.perf_counter() - t0:.0f} s "
+        f"(peak extra memory in MiB; ratios ours / diffusers; maxdiff vs the row's baseline, ours)"
+    )
     return 0
 
 

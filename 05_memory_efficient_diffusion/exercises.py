@@ -2,7 +2,8 @@
 
 From easy to open-ended:
 
-1. ``sliced_attention``: attention over chunks of queries, equal to full attention for a fraction of the memory.
+1. ``sliced_attention``: attention over chunks of queries, equal to full attention for
+   a fraction of the memory.
 2. ``attention_memory_bytes``: predict the bytes of one layer's attention weights at a given resolution.
 3. ``blend_tiles``: the overlap blending of tiled VAE decoding, graded by its seam error against untiled.
 4. ``largest_side``: the largest image that fits a memory budget (open-ended; checked against the formula
@@ -24,29 +25,31 @@ def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_si
     Full attention holds the (B, h, N_q, N_k) weight matrix at once; each query row's softmax needs only its
     own row of scores, so the rows can be computed in slices and the peak drops to (B, h, slice_size, N_k).
 
-    Hints: allocate the output with ``torch.empty_like(q)``; loop ``start`` over ``range(0, N_q, slice_size)``;
-    the last slice may be shorter; scale by 1 / sqrt(d) with d = q.shape[-1].
+    Hints: allocate the output with ``torch.empty_like(q)``; loop ``start`` over
+    ``range(0, N_q, slice_size)``; the last slice may be shorter; scale by 1 / sqrt(d) with d = q.shape[-1].
     """
     raise NotImplementedError("exercise 1: compute attention slice_size query rows at a time")
 
 
-def attention_memory_bytes(*, image_side: int, batch: int, heads: int, f: int = 8, level: int = 0,
-                           bytes_per_element: int = 4) -> int:
+def attention_memory_bytes(
+    *, image_side: int, batch: int, heads: int, f: int = 8, level: int = 0, bytes_per_element: int = 4
+) -> int:
     """Bytes of ONE self-attention layer's weight matrix in the UNet, for square images of ``image_side`` px.
 
     The VAE shrinks the image by f (SD: 8), and each UNet level but the first halves it again, so at ``level``
     the feature map is (image_side / f / 2**level) pixels on a side, and each of its pixels is a token:
     N = side**2 tokens attend to N tokens, in every one of ``heads`` heads, for every image of the batch.
 
-    Example: SD 1.5 at 512 px with classifier-free guidance (batch 2), 8 heads, level 0: 64 x 64 = 4096 tokens,
-    2 * 8 * 4096 * 4096 * 4 bytes = 1 GiB, for one matrix (the math path holds two at its peak: the scores
-    and their softmax).
+    Example: SD 1.5 at 512 px with classifier-free guidance (batch 2), 8 heads, level 0: 64 x 64 = 4096
+    tokens, 2 * 8 * 4096 * 4096 * 4 bytes = 1 GiB, for one matrix (the math path holds two at its peak: the
+    scores and their softmax).
     """
     raise NotImplementedError("exercise 2: batch x heads x N x N x bytes, with N the tokens at that level")
 
 
-def blend_tiles(rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]],
-                x_spans: list[tuple[int, int]]) -> torch.Tensor:
+def blend_tiles(
+    rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]], x_spans: list[tuple[int, int]]
+) -> torch.Tensor:
     """Assemble overlapping decoded tiles into one image, cross-fading linearly across every overlap.
 
     rows[i][j] (B, C, y1 - y0, x1 - x0) covers output rows y_spans[i] = (y0, y1) and columns
@@ -61,8 +64,9 @@ def blend_tiles(rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]],
     raise NotImplementedError("exercise 3: accumulate weighted tiles and divide by the summed weights")
 
 
-def largest_side(budget_bytes: int, *, batch: int, heads: int, f: int = 8, step: int = 64,
-                 bytes_per_element: int = 4) -> int:
+def largest_side(
+    budget_bytes: int, *, batch: int, heads: int, f: int = 8, step: int = 64, bytes_per_element: int = 4
+) -> int:
     """The largest square image side (px, a multiple of ``step``) whose first-level math-path attention fits.
 
     Count the peak of one self-attention layer on the math path at level 0: the scores AND their softmax,

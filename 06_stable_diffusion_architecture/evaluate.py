@@ -1,10 +1,12 @@
-"""Evaluate a text-to-image model on Shapes: prompt adherence by the judge, a small FID, per sampler and step count.
+"""Evaluate a text-to-image model on Shapes: prompt adherence by the judge, a small FID,
+per sampler and step count.
 
-    python 06_stable_diffusion_architecture/evaluate.py                          # the shipped course model
+    python 06_stable_diffusion_architecture/evaluate.py                 # the shipped course model
     python 06_stable_diffusion_architecture/evaluate.py --model runs/ship --samplers ddim --steps 25
-    python 06_stable_diffusion_architecture/evaluate.py --update-card            # write the metrics into its card
-    python 06_stable_diffusion_architecture/evaluate.py --train-judge            # train a judge into runs/06_eval
-    python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge checkpoints/shapes_judge  # replace it
+    python 06_stable_diffusion_architecture/evaluate.py --update-card   # write the metrics into its card
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge   # train a judge into runs/06_eval
+    # train a judge and replace the shipped one:
+    python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge checkpoints/shapes_judge
     COURSE_FAST=1 python 06_stable_diffusion_architecture/evaluate.py --out /tmp/eval   # seconds
 
 Prompt sets (fixed seeds, so every run grades the same prompts):
@@ -46,17 +48,30 @@ SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "para
 
 def prompt_sets(n: int, seed: int = 1234) -> dict[str, list[str]]:
     """The four fixed prompt sets, ``n`` prompts each."""
-    para1 = [s.caption(1 + i % (N_PARAPHRASES - 1)) for i, s in enumerate(Shapes.scenes("train", n, seed + 1, (1,)))]
+    para1 = [
+        s.caption(1 + i % (N_PARAPHRASES - 1))
+        for i, s in enumerate(Shapes.scenes("train", n, seed + 1, (1,)))
+    ]
     para2 = [s.caption(1 + i % 5) for i, s in enumerate(Shapes.scenes("train", n, seed + 2, (2,)))]
-    return {SETS[0]: Shapes.prompts("test", n, seed, (1,)), SETS[1]: Shapes.prompts("test", n, seed, (2,)),
-            SETS[2]: para1, SETS[3]: para2}
+    return {
+        SETS[0]: Shapes.prompts("test", n, seed, (1,)),
+        SETS[1]: Shapes.prompts("test", n, seed, (2,)),
+        SETS[2]: para1,
+        SETS[3]: para2,
+    }
 
 
 def headline(scores: dict) -> dict[str, float]:
     """The numbers a row reports: one-object all/colour/shape/size/position, two-object objects/all."""
     s, p = scores["single"], scores["pair"]
     if s["n"]:
-        return {"all": s["all"], "color": s["color"], "shape": s["shape"], "size": s["size"], "position": s["position"]}
+        return {
+            "all": s["all"],
+            "color": s["color"],
+            "shape": s["shape"],
+            "size": s["size"],
+            "position": s["position"],
+        }
     return {"all": p["all"], "objects": p["objects"], "count": p["count"]}
 
 
@@ -117,7 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER:STEPS",
                    help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 32; fast 2)")
-    p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument(
+        "--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale"
+    )
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per pipeline call")
     p.add_argument("--out", default=str(ROOT / "runs" / "06_eval"))
     p.add_argument("--update-card", action="store_true", help="write the results into the model's README.md")
@@ -126,12 +143,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def generate(pipe, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int, batch: int) -> torch.Tensor:
+def generate(
+    pipe, prompts: list[str], sampler: str, steps: int, guidance: float, seed: int, batch: int
+) -> torch.Tensor:
     out = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
-        out.append(pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                        output_type="pt", sampler=sampler, progress=False, height=64, width=64).images)
+        out.append(
+            pipe(
+                prompts[i : i + batch],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=g,
+                output_type="pt",
+                sampler=sampler,
+                progress=False,
+                height=64,
+                width=64,
+            ).images
+        )
     return torch.cat(out)  # (B, 3, 64, 64) in [0, 1]
 
 
@@ -148,8 +178,9 @@ def main(argv=None) -> list[dict]:
         try:
             runs = [(r.split(":")[0], cli.positive_int(r.split(":")[1])) for r in args.runs]
         except (IndexError, ValueError, argparse.ArgumentTypeError):
-            raise ValueError(f"--runs takes SAMPLER:STEPS pairs such as ddim:25 (steps >= 1), got {args.runs}") \
-                from None
+            raise ValueError(
+                f"--runs takes SAMPLER:STEPS pairs such as ddim:25 (steps >= 1), got {args.runs}"
+            ) from None
     else:
         runs = [(s, k) for s in args.samplers or DEFAULT_SAMPLERS
                 for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
@@ -165,8 +196,10 @@ def main(argv=None) -> list[dict]:
         cli.check_ship(dest, "judge", overwrite=args.overwrite, what="--judge")
     elif args.update_card:
         if is_fast() and cli.in_checkpoints(Path(args.model)):
-            raise cli.UsageError(f"--update-card would write COURSE_FAST=1 numbers (a few prompts) into the card of "
-                                 f"{args.model}; unset COURSE_FAST to measure the shipped model")
+            raise cli.UsageError(
+                f"--update-card would write COURSE_FAST=1 numbers (a few prompts) into the card of "
+                f"{args.model}; unset COURSE_FAST to measure the shipped model"
+            )
         if not (Path(args.model) / "model_index.json").is_file():
             raise cli.UsageError(f"--model {args.model}: no diffusers pipeline there (no model_index.json)")
     seed_everything(args.seed)
@@ -188,13 +221,29 @@ def main(argv=None) -> list[dict]:
     for name, prompts in sets.items():  # the judge on real renders: its own accuracy, and the FID's reference
         real = real_renders(prompts, seed=args.seed)
         real_feats[name] = judge.features(real)
-        rows.append({"sampler": "real renders", "steps": "", "set": name, "n": len(prompts),
-                     **headline(judge.score(real, prompts)), "fid": 0.0, "seconds": 0.0})
+        rows.append(
+            {
+                "sampler": "real renders",
+                "steps": "",
+                "set": name,
+                "n": len(prompts),
+                **headline(judge.score(real, prompts)),
+                "fid": 0.0,
+                "seconds": 0.0,
+            }
+        )
         recon = reconstruct(pipe, real)  # what the model's VAE can show at best: its ceiling
-        rows.append({"sampler": "VAE reconstructions", "steps": "", "set": name, "n": len(prompts),
-                     **headline(judge.score(recon, prompts)), "fid": frechet_distance(judge.features(recon),
-                                                                                     real_feats[name]),
-                     "seconds": 0.0})
+        rows.append(
+            {
+                "sampler": "VAE reconstructions",
+                "steps": "",
+                "set": name,
+                "n": len(prompts),
+                **headline(judge.score(recon, prompts)),
+                "fid": frechet_distance(judge.features(recon), real_feats[name]),
+                "seconds": 0.0,
+            }
+        )
     for sampler, steps in runs:
         for name, prompts in sets.items():
             t0 = time.perf_counter()
@@ -203,15 +252,38 @@ def main(argv=None) -> list[dict]:
             scores = judge.score(images, prompts)
             feats = judge.features(images)
             fid = frechet_distance(feats, real_feats[name]) if len(feats) >= 2 else float("nan")
-            row = {"sampler": sampler, "steps": steps, "set": name, "n": len(prompts), **headline(scores),
-                   "fid": fid, "seconds": seconds}
+            row = {
+                "sampler": sampler,
+                "steps": steps,
+                "set": name,
+                "n": len(prompts),
+                **headline(scores),
+                "fid": fid,
+                "seconds": seconds,
+            }
             rows.append(row)
-            print(f"{sampler:8s} {steps:3d} steps  {name:22s} {fmt(headline(scores))}  FID {fid:.1f}  "
-                  f"({seconds:.0f} s)", flush=True)
+            print(
+                f"{sampler:8s} {steps:3d} steps  {name:22s} {fmt(headline(scores))}  FID {fid:.1f}  "
+                f"({seconds:.0f} s)",
+                flush=True,
+            )
             if (sampler, steps) == runs[0] and name in SETS[:2]:  # the grid: 8 held-out prompts of each kind
                 grid.append((images[:8], prompts[:8]))
-    keys = ["sampler", "steps", "set", "n", "all", "color", "shape", "size", "position", "objects", "count", "fid",
-            "seconds"]
+    keys = [
+        "sampler",
+        "steps",
+        "set",
+        "n",
+        "all",
+        "color",
+        "shape",
+        "size",
+        "position",
+        "objects",
+        "count",
+        "fid",
+        "seconds",
+    ]
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -239,20 +311,53 @@ def results_markdown(rows: list[dict], args, n: int) -> str:
     one = [r for r in rows if "1 object" in r["set"]]
     two = [r for r in rows if "2 objects" in r["set"]]
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    md = (f"Measured with `{command}` ({describe()}); {n} prompts per set, guidance {args.guidance}, seed {args.seed}.\n"
-          f"\"all\": every attribute right (one object: exactly one object with the right colour, shape, size and "
-          f"position; two objects: exactly two, both right, and the relation right). FID: Frechet distance of the "
-          f"judge's CNN features of the objects, generated vs real renders of the same prompts (small-scale: compare "
-          f"only within this table). \"VAE reconstructions\": the judge on D(E(x)) of the real renders through the model's own VAE, "
-          f"the best the diffusion model could score.\n\n### One-object prompts\n\n"
-          "| sampler | steps | set | n | all | colour | shape | size | position | FID | seconds |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    md += "\n".join("| " + " | ".join(cell(r, k) for k in ("sampler", "steps", "set", "n", "all", "color", "shape",
-                                                          "size", "position", "fid", "seconds")) + " |" for r in one)
-    md += ("\n\n### Two-object prompts\n\n| sampler | steps | set | n | all (objects + relation) | objects | count "
-           "| FID | seconds |\n|---|---|---|---|---|---|---|---|---|\n")
-    md += "\n".join("| " + " | ".join(cell(r, k) for k in ("sampler", "steps", "set", "n", "all", "objects", "count",
-                                                          "fid", "seconds")) + " |" for r in two)
+    md = (
+        f"Measured with `{command}` ({describe()}); {n} prompts per set, "
+        f"guidance {args.guidance}, seed {args.seed}.\n"
+        '"all": every attribute right (one object: exactly one object with the right colour, shape, '
+        "size and "
+        "position; two objects: exactly two, both right, and the relation right). FID: "
+        "Frechet distance of the judge's CNN features of the objects, "
+        "generated vs real renders of the same prompts (small-scale: compare "
+        'only within this table). "VAE reconstructions": the judge on D(E(x)) '
+        "of the real renders through the model's own VAE, "
+        f"the best the diffusion model could score.\n\n### One-object prompts\n\n"
+        "| sampler | steps | set | n | all | colour | shape | size | position | FID | seconds |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    md += "\n".join(
+        "| "
+        + " | ".join(
+            cell(r, k)
+            for k in (
+                "sampler",
+                "steps",
+                "set",
+                "n",
+                "all",
+                "color",
+                "shape",
+                "size",
+                "position",
+                "fid",
+                "seconds",
+            )
+        )
+        + " |"
+        for r in one
+    )
+    md += (
+        "\n\n### Two-object prompts\n\n| sampler | steps | set | n | all (objects + relation) | objects | "
+        "count | FID | seconds |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    md += "\n".join(
+        "| "
+        + " | ".join(
+            cell(r, k) for k in ("sampler", "steps", "set", "n", "all", "objects", "count", "fid", "seconds")
+        )
+        + " |"
+        for r in two
+    )
     return md + "\n"
 
 

@@ -5,12 +5,12 @@
     accelerate launch 06_stable_diffusion_architecture/train_text_to_image.py --config gpu   # N GPUs, bf16
     COURSE_FAST=1 python 06_stable_diffusion_architecture/train_text_to_image.py --out /tmp/t2i   # seconds
 
-Frozen shipped VAE (checkpoints/vae_shapes), a CLIP-architecture text encoder trained from scratch jointly with
-the cross-attention UNet, caption dropout for classifier-free guidance, EMA weights, bf16 on a GPU, checkpoints
-every ``checkpoint_every`` steps and exact resume (run the same command again after a kill). The logic lives in
-common/text_to_image.py; this script reads arguments, prints what it measures and ships the model:
-``--ship DIR`` writes a diffusers-format folder through ``StableDiffusion.save_pretrained`` and a model card
-(fill its metrics with ``evaluate.py --model DIR --update-card``).
+Frozen shipped VAE (checkpoints/vae_shapes), a CLIP-architecture text encoder trained from scratch jointly
+with the cross-attention UNet, caption dropout for classifier-free guidance, EMA weights, bf16 on a GPU,
+checkpoints every ``checkpoint_every`` steps and exact resume (run the same command again after a kill). The
+logic lives in common/text_to_image.py; this script reads arguments, prints what it measures and ships the
+model: ``--ship DIR`` writes a diffusers-format folder through ``StableDiffusion.save_pretrained`` and a model
+card (fill its metrics with ``evaluate.py --model DIR --update-card``).
 """
 
 from __future__ import annotations
@@ -37,16 +37,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help=f"one of {', '.join(CONFIG_NAMES)} (default: tiny under "
-                   "COURSE_FAST, gpu on CUDA, else cpu)")
-    p.add_argument("--steps", type=cli.positive_int, default=None, help="override the config's optimizer steps")
-    p.add_argument("--batch-size", type=cli.positive_int, default=None, help="override the config's batch size")
+    p = cli.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help=f"one of {', '.join(CONFIG_NAMES)} (default: tiny under COURSE_FAST, gpu on CUDA, else cpu)",
+    )
+    p.add_argument(
+        "--steps", type=cli.positive_int, default=None, help="override the config's optimizer steps"
+    )
+    p.add_argument(
+        "--batch-size", type=cli.positive_int, default=None, help="override the config's batch size"
+    )
     p.add_argument("--lr", type=cli.positive_float, default=None, help="override the config's learning rate")
-    p.add_argument("--train-size", type=cli.positive_int, default=None,
-                   help="override the number of cached training items")
-    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="override the config's mixed precision (no = fp32)")
+    p.add_argument(
+        "--train-size",
+        type=cli.positive_int,
+        default=None,
+        help="override the number of cached training items",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("no", "bf16", "fp16"),
+        default=None,
+        help="override the config's mixed precision (no = fp32)",
+    )
     p.add_argument("--ema-decay", type=cli.fraction, default=None, help="override the config's EMA decay")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=None, help="override the config's LR warm-up steps")
     p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
@@ -97,8 +114,10 @@ def main(argv=None) -> dict:
     if args.ship:
         cli.check_ship(args.ship, "pipeline", overwrite=args.overwrite)
     if args.init_from and not (Path(args.init_from) / "model_index.json").is_file():
-        raise cli.UsageError(f"--init-from {args.init_from}: no course pipeline there (no model_index.json); give a "
-                             "folder that --ship wrote, e.g. checkpoints/course_t2i")
+        raise cli.UsageError(
+            f"--init-from {args.init_from}: no course pipeline there (no model_index.json); give a "
+            "folder that --ship wrote, e.g. checkpoints/course_t2i"
+        )
     seed_everything(args.seed)
     print(describe(device))
     vae = load_vae(args.vae, device)
@@ -113,22 +132,34 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t0
     if not trainer.accelerator.is_main_process:
         return {}
-    timing = {"seconds": previous.get("seconds", 0.0) + seconds, "invocations": previous.get("invocations", 0) + 1,
-              "steps": config.steps}
+    timing = {
+        "seconds": previous.get("seconds", 0.0) + seconds,
+        "invocations": previous.get("invocations", 0) + 1,
+        "steps": config.steps,
+    }
     timing_path.write_text(json.dumps(timing, indent=2) + "\n")
     model = trainer.ema_model()  # the EMA weights: what the shipped model samples with
     pipe = build_pipeline(model, tokenizer, vae, config, device=device)
     n_unet, n_text = count_parameters(model["unet"]), count_parameters(model["text_encoder"])
     final_loss = trainer._log_rows()[-1]["loss"] if trainer._log_rows() else "n/a"
-    print(f"config {name}: UNet {n_unet / 1e6:.2f} M, text encoder {n_text / 1e6:.2f} M parameters; "
-          f"{config.steps} steps x batch {config.batch_size}; final loss {final_loss}; "
-          f"wall time {seconds:.0f} s this run, {timing['seconds']:.0f} s over {timing['invocations']} invocation(s)")
+    print(
+        f"config {name}: UNet {n_unet / 1e6:.2f} M, text encoder {n_text / 1e6:.2f} M parameters; "
+        f"{config.steps} steps x batch {config.batch_size}; final loss {final_loss}; "
+        f"wall time {seconds:.0f} s this run, {timing['seconds']:.0f} s over "
+        f"{timing['invocations']} invocation(s)"
+    )
     with torch.no_grad():  # one look at the result: the first held-out prompts, 4 samples
         from common.shapes import Shapes
 
         prompts = Shapes.prompts("test", 4)
-        images = pipe(prompts, num_inference_steps=10 if is_fast() else 25, guidance_scale=3.0,
-                      generator=torch.Generator().manual_seed(args.seed), output_type="pt", progress=False).images
+        images = pipe(
+            prompts,
+            num_inference_steps=10 if is_fast() else 25,
+            guidance_scale=3.0,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="pt",
+            progress=False,
+        ).images
         from torchvision.utils import save_image
 
         save_image(images, out / "samples.png", nrow=4)

@@ -63,7 +63,9 @@ def attention_backend(backend: str, slice_size: int | None = None):
         _state.update(saved)
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d) + mask) V, written out. q: (B, h, N_q, d), k and v: (B, h, N_k, d).
 
     ``mask`` is additive (0 to keep, -inf to drop) and broadcasts to (B, h, N_q, N_k).
@@ -130,7 +132,8 @@ def attention(
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d) + mask): (B, h, N_q, N_k), each row sums to 1. What attention-map capture keeps."""
+    """softmax(Q K^T / sqrt(d) + mask): (B, h, N_q, N_k), each row sums to 1. What
+    attention-map capture keeps."""
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)  # (B, h, N_q, N_k)
     if mask is not None:
         scores = scores + mask
@@ -145,8 +148,15 @@ class MultiHeadAttention(nn.Module):
     then ``to_out.0`` mixes them back to D. No bias on Q, K, V, as in Stable Diffusion.
     """
 
-    def __init__(self, *, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        *,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
@@ -157,17 +167,23 @@ class MultiHeadAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(dropout)])
         self.captured: list[torch.Tensor] | None = None  # a list while capture_attention_maps records here
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N_q, D); context: (B, N_k, D_c) or None; mask: additive, broadcastable to (B, h, N_q, N_k)."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, N_q, D); context: (B, N_k, D_c) or None; mask: additive,
+        broadcastable to (B, h, N_q, N_k)."""
         if context is None:
             if self.is_cross_attention:
-                raise ValueError(f"this is a cross-attention layer: pass context of shape (B, N_k, "
-                                 f"{self.to_k.in_features}), got None")
+                raise ValueError(
+                    f"this is a cross-attention layer: pass context of shape (B, N_k, "
+                    f"{self.to_k.in_features}), got None"
+                )
             context = x
         if context.shape[-1] != self.to_k.in_features:
-            raise ValueError(f"context has width {context.shape[-1]}, expected {self.to_k.in_features} "
-                             f"(context shape (B, N_k, {self.to_k.in_features}))")
+            raise ValueError(
+                f"context has width {context.shape[-1]}, expected {self.to_k.in_features} "
+                f"(context shape (B, N_k, {self.to_k.in_features}))"
+            )
         B, N_q, _ = x.shape
         N_k = context.shape[1]
         h = self.heads
@@ -204,8 +220,9 @@ class FeedForward(nn.Module):
     def __init__(self, *, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner_dim = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim_in=dim, dim_out=inner_dim), nn.Dropout(dropout),
-                                  nn.Linear(inner_dim, dim)])
+        self.net = nn.ModuleList(
+            [GEGLU(dim_in=dim, dim_out=inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -226,8 +243,9 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = MultiHeadAttention(query_dim=dim, heads=heads, dim_head=dim_head, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = MultiHeadAttention(query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head,
-                                        dropout=dropout)
+        self.attn2 = MultiHeadAttention(
+            query_dim=dim, context_dim=context_dim, heads=heads, dim_head=dim_head, dropout=dropout
+        )
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim=dim, dropout=dropout)
         self.chunk_size: int | None = None
@@ -254,8 +272,17 @@ class SpatialTransformer(nn.Module):
     -> the H*W pixels as tokens through ``depth`` TransformerBlocks -> proj_out -> + input.
     """
 
-    def __init__(self, *, channels: int, heads: int, dim_head: int, context_dim: int, depth: int = 1,
-                 norm_num_groups: int = 32, use_linear_projection: bool = False):
+    def __init__(
+        self,
+        *,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int,
+        depth: int = 1,
+        norm_num_groups: int = 32,
+        use_linear_projection: bool = False,
+    ):
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -264,10 +291,12 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Linear(channels, inner_dim)
         else:
             self.proj_in = nn.Conv2d(channels, inner_dim, kernel_size=1)
-        self.transformer_blocks = nn.ModuleList([
-            TransformerBlock(dim=inner_dim, heads=heads, dim_head=dim_head, context_dim=context_dim)
-            for _ in range(depth)
-        ])
+        self.transformer_blocks = nn.ModuleList(
+            [
+                TransformerBlock(dim=inner_dim, heads=heads, dim_head=dim_head, context_dim=context_dim)
+                for _ in range(depth)
+            ]
+        )
         if use_linear_projection:
             self.proj_out = nn.Linear(inner_dim, channels)
         else:
@@ -299,7 +328,8 @@ def set_chunk_feed_forward(model: nn.Module, chunk_size: int | None, dim: int = 
     """Run every TransformerBlock's feed-forward over chunks of ``chunk_size`` along ``dim``.
 
     dim 1 chunks the tokens (B, N, D), dim 0 the batch; ``chunk_size=None`` switches chunking off.
-    Returns the number of blocks changed. Results are unchanged up to rounding; chapter 05 measures the memory.
+    Returns the number of blocks changed. Results are unchanged up to rounding;
+    chapter 05 measures the memory.
     """
     if dim not in (0, 1):
         raise ValueError(f"dim must be 0 (batch) or 1 (tokens), got {dim!r}")
@@ -318,8 +348,11 @@ def set_chunk_feed_forward(model: nn.Module, chunk_size: int | None, dim: int = 
 
 def cross_attention_layers(model: nn.Module) -> dict[str, MultiHeadAttention]:
     """The model's cross-attention layers by name, in forward order (``...transformer_blocks.0.attn2``)."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, MultiHeadAttention) and m.is_cross_attention}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, MultiHeadAttention) and m.is_cross_attention
+    }
 
 
 @contextmanager

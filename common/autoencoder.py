@@ -72,19 +72,30 @@ class AutoencoderConfig:
         Small enough to train on a laptop CPU in minutes; ``scaling_factor`` is a placeholder that
         ``train_vae.py`` replaces with 1 / std of the latents it measures on the data.
         """
-        return cls(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=64,
-                   scaling_factor=1.0)
+        return cls(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            norm_num_groups=16,
+            sample_size=64,
+            scaling_factor=1.0,
+        )
 
     # --- the conversion contract: diffusers.AutoencoderKL(**config.to_diffusers()) has our parameters ---
     def to_diffusers(self) -> dict:
         """Keyword arguments for ``diffusers.AutoencoderKL`` that build the same architecture."""
         levels = len(self.block_out_channels)
         return dict(
-            in_channels=self.in_channels, out_channels=self.out_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
-            act_fn="silu", latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
-            sample_size=self.sample_size, scaling_factor=self.scaling_factor,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            act_fn="silu",
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_num_groups,
+            sample_size=self.sample_size,
+            scaling_factor=self.scaling_factor,
         )
 
     @classmethod
@@ -95,20 +106,33 @@ class AutoencoderConfig:
         no mid-block attention, latent shift/normalisation) are errors rather than silently ignored.
         """
         mapping = dict(mapping)
-        fixed = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-                 "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+        fixed = {
+            "act_fn": "silu",
+            "use_quant_conv": True,
+            "use_post_quant_conv": True,
+            "mid_block_add_attention": True,
+            "shift_factor": None,
+            "latents_mean": None,
+            "latents_std": None,
+        }
         for key, expected in fixed.items():
             if key in mapping and mapping[key] != expected:
-                raise ValueError(f"unsupported AutoencoderKL option {key}={mapping[key]!r}; "
-                                 f"the course's AutoencoderKL needs {key}={expected!r}")
+                raise ValueError(
+                    f"unsupported AutoencoderKL option {key}={mapping[key]!r}; "
+                    f"the course's AutoencoderKL needs {key}={expected!r}"
+                )
         for key, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             if key in mapping and any(t != kind for t in mapping[key]):
                 raise ValueError(f"unsupported {key}={mapping[key]!r}; expected only {kind!r} blocks")
         ours = {f.name for f in fields(cls)}
-        known = ours | set(fixed) | {"down_block_types", "up_block_types", "force_upcast"}  # force_upcast: fp16 hint
+        known = (
+            ours | set(fixed) | {"down_block_types", "up_block_types", "force_upcast"}
+        )  # force_upcast: fp16 hint
         unknown = sorted(k for k in mapping if k not in known and not k.startswith("_"))
         if unknown:
-            raise ValueError(f"unknown AutoencoderKL config keys {unknown}; expected keys among {sorted(known)}")
+            raise ValueError(
+                f"unknown AutoencoderKL config keys {unknown}; expected keys among {sorted(known)}"
+            )
         return cls(**{k: v for k, v in mapping.items() if k in ours})
 
 
@@ -143,7 +167,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts of a transposed conv)."""
+    """Double H and W: nearest-neighbour x2, then a 3x3 conv (no checkerboard artefacts
+    of a transposed conv)."""
 
     def __init__(self, *, channels: int):
         super().__init__()
@@ -183,8 +208,9 @@ class MidBlock(nn.Module):
     def __init__(self, *, channels: int, groups: int):
         super().__init__()
         self.attentions = nn.ModuleList([SelfAttention(channels=channels, groups=groups)])
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels=channels, out_channels=channels, groups=groups)
-                                      for _ in range(2)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_channels=channels, out_channels=channels, groups=groups) for _ in range(2)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resnets[0](x)
@@ -192,14 +218,23 @@ class MidBlock(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: ResNet blocks, then an optional Down- or Upsample (diffusers' Down/UpDecoderBlock2D)."""
+    """One resolution level: ResNet blocks, then an optional Down- or Upsample
+    (diffusers' Down/UpDecoderBlock2D)."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, num_layers: int, groups: int, resample: str | None):
+    def __init__(
+        self, *, in_channels: int, out_channels: int, num_layers: int, groups: int, resample: str | None
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels, groups=groups)
-            for i in range(num_layers)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    in_channels=in_channels if i == 0 else out_channels,
+                    out_channels=out_channels,
+                    groups=groups,
+                )
+                for i in range(num_layers)
+            ]
+        )
         if resample == "down":
             self.downsamplers = nn.ModuleList([Downsample(channels=out_channels)])
         elif resample == "up":
@@ -230,11 +265,18 @@ class Encoder(nn.Module):
         super().__init__()
         widths, groups = config.block_out_channels, config.norm_num_groups
         self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            Level(in_channels=widths[max(i - 1, 0)], out_channels=widths[i], num_layers=config.layers_per_block,
-                  groups=groups, resample="down" if i < len(widths) - 1 else None)
-            for i in range(len(widths))
-        ])
+        self.down_blocks = nn.ModuleList(
+            [
+                Level(
+                    in_channels=widths[max(i - 1, 0)],
+                    out_channels=widths[i],
+                    num_layers=config.layers_per_block,
+                    groups=groups,
+                    resample="down" if i < len(widths) - 1 else None,
+                )
+                for i in range(len(widths))
+            ]
+        )
         self.mid_block = MidBlock(channels=widths[-1], groups=groups)
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)  # mean and logvar
@@ -249,18 +291,26 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z (B, latent_channels, h, w) -> x (B, 3, h*f, w*f); the encoder mirrored, one extra ResNet per level."""
+    """z (B, latent_channels, h, w) -> x (B, 3, h*f, w*f); the encoder mirrored, one
+    extra ResNet per level."""
 
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         widths, groups = tuple(reversed(config.block_out_channels)), config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(channels=widths[0], groups=groups)
-        self.up_blocks = nn.ModuleList([
-            Level(in_channels=widths[max(i - 1, 0)], out_channels=widths[i], num_layers=config.layers_per_block + 1,
-                  groups=groups, resample="up" if i < len(widths) - 1 else None)
-            for i in range(len(widths))
-        ])
+        self.up_blocks = nn.ModuleList(
+            [
+                Level(
+                    in_channels=widths[max(i - 1, 0)],
+                    out_channels=widths[i],
+                    num_layers=config.layers_per_block + 1,
+                    groups=groups,
+                    resample="up" if i < len(widths) - 1 else None,
+                )
+                for i in range(len(widths))
+            ]
+        )
         self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], config.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
@@ -328,16 +378,20 @@ class AutoencoderKL(nn.Module):
 
     # --- encode / decode; chapter 05 adds tiling and batch slicing around the *_tile seams ---
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> q(z | x) over (B, latent_channels, H/f, W/f)."""
+        """x (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> q(z | x) over
+        (B, latent_channels, H/f, W/f)."""
         self._check(x, self.config.in_channels, "image", "x")
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
-            raise ValueError(f"image sides must be multiples of the downsampling factor {f}; got H x W = "
-                             f"{x.shape[-2]} x {x.shape[-1]} (crop or pad to a multiple of {f})")
+            raise ValueError(
+                f"image sides must be multiples of the downsampling factor {f}; got H x W = "
+                f"{x.shape[-2]} x {x.shape[-1]} (crop or pad to a multiple of {f})"
+            )
         return DiagonalGaussian(self._encode_tile(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B, latent_channels, h, w), unscaled (divide by scaling_factor first) -> x (B, out_channels, h*f, w*f)."""
+        """z (B, latent_channels, h, w), unscaled (divide by scaling_factor first) -> x
+        (B, out_channels, h*f, w*f)."""
         self._check(z, self.config.latent_channels, "latent", "z")
         return self._decode_tile(z)
 
@@ -347,9 +401,11 @@ class AutoencoderKL(nn.Module):
     def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """Reconstruct x through a sampled latent (training) or the posterior mean; returns (x_hat, posterior)."""
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruct x through a sampled latent (training) or the posterior mean;
+        returns (x_hat, posterior)."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
@@ -357,11 +413,14 @@ class AutoencoderKL(nn.Module):
     @staticmethod
     def _check(t: torch.Tensor, channels: int, what: str, name: str) -> None:
         if t.ndim != 4 or t.shape[1] != channels:
-            raise ValueError(f"{name} must be an {what} batch of shape (B, {channels}, H, W); got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be an {what} batch of shape (B, {channels}, H, W); got {tuple(t.shape)}"
+            )
 
     # --- weights in and out ---
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """As nn.Module's, but a checkpoint of another config fails with a ValueError naming the key and shapes."""
+        """As nn.Module's, but a checkpoint of another config fails with a ValueError
+        naming the key and shapes."""
         ours = self.state_dict()
         if not strict:  # only the keys both sides have must agree in shape
             ours = {k: v for k, v in ours.items() if k in state_dict}
@@ -386,4 +445,3 @@ class AutoencoderKL(nn.Module):
         model = cls(AutoencoderConfig.from_diffusers(config))
         model.load_state_dict(weights)
         return model.to(device) if device is not None else model
-

@@ -63,7 +63,11 @@ class DigitClassifier(nn.Module):
         c_in = cfg.in_channels
         for c in cfg.widths:
             for k in range(2):
-                layers += [nn.Conv2d(c_in if k == 0 else c, c, 3, padding=1), nn.GroupNorm(cfg.groups, c), nn.SiLU()]
+                layers += [
+                    nn.Conv2d(c_in if k == 0 else c, c, 3, padding=1),
+                    nn.GroupNorm(cfg.groups, c),
+                    nn.SiLU(),
+                ]
             layers.append(nn.MaxPool2d(2))
             c_in = c
         self.features = nn.Sequential(*layers)
@@ -79,7 +83,9 @@ class DigitClassifier(nn.Module):
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must have shape (B, {cfg.in_channels}, H, W); got {tuple(x.shape)}")
         if x.shape[-1] != cfg.resolution or x.shape[-2] != cfg.resolution:
-            x = F.interpolate(x, size=(cfg.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(cfg.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False
+            )
         h = self.features(x)  # (B, C_last, H / 2**levels, W / 2**levels)
         return h.mean(dim=(2, 3))  # (B, C_last)
 
@@ -89,7 +95,9 @@ class DigitClassifier(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        out = torch.cat([self(x[i:i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)])
+        out = torch.cat(
+            [self(x[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)]
+        )
         self.train(was_training)
         return out
 
@@ -101,18 +109,23 @@ class DigitClassifier(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path / WEIGHTS_NAME)
+        )
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> DigitClassifier:
-        """Build from a folder written by ``save`` (config.json + model.safetensors); returned in eval mode."""
+        """Build from a folder written by ``save`` (config.json + model.safetensors);
+        returned in eval mode."""
         from safetensors.torch import load_file
 
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a folder written by "
-                                    "DigitClassifier.save; train one with 03_latent_ddpm/train_classifier.py)")
+            raise FileNotFoundError(
+                f"{path} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a folder written by "
+                "DigitClassifier.save; train one with 03_latent_ddpm/train_classifier.py)"
+            )
         config = ClassifierConfig(**json.loads((path / CONFIG_NAME).read_text()))
         model = cls(config)
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))

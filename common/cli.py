@@ -1,7 +1,7 @@
 """What every course command shares: one-line errors, checked arguments, and writes that never lose a file.
 
-A user error (a bad flag value, a missing file, a folder that cannot be written) ends a command with one line on
-stderr that says what is wrong and how to fix it, and exit status 2; a traceback means a bug in the course.
+A user error (a bad flag value, a missing file, a folder that cannot be written) ends a command with one line
+on stderr that says what is wrong and how to fix it, and exit status 2; a traceback means a bug in the course.
 
     def main(argv=None):
         p = cli.ArgumentParser(description=...)              # argparse, but its errors are one line
@@ -12,11 +12,11 @@ stderr that says what is wrong and how to fix it, and exit status 2; a traceback
     if __name__ == "__main__":
         sys.exit(cli.run(main))                              # UsageError & co -> "prog: error: ..." + exit 2
 
-Files. ``atomic_write`` writes through a temporary file in the same folder and renames it into place, so a kill
-never leaves half a file under the real name. ``ship`` writes a model folder: it refuses a non-empty folder the
-course did not write (unless ``overwrite``), keeps every file it did not write, and replaces only the files
-listed in the folder's manifest (``.course_manifest``), which it writes last. Shipping into ``checkpoints/``
-is refused under ``COURSE_FAST=1``: a seconds-long run never replaces a shipped model.
+Files. ``atomic_write`` writes through a temporary file in the same folder and renames it into place, so a
+kill never leaves half a file under the real name. ``ship`` writes a model folder: it refuses a non-empty
+folder the course did not write (unless ``overwrite``), keeps every file it did not write, and replaces only
+the files listed in the folder's manifest (``.course_manifest``), which it writes last. Shipping into
+``checkpoints/`` is refused under ``COURSE_FAST=1``: a seconds-long run never replaces a shipped model.
 """
 
 from __future__ import annotations
@@ -43,10 +43,28 @@ class UsageError(Exception):
 
 
 # the exceptions a user's input causes; the library raises ValueError naming the allowed values
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-# OS errors that name a file are about the user's paths (a read-only folder, a full disk), not the course's code
-USER_OS_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
-                  errno.EEXIST, errno.ENAMETOOLONG, errno.EDQUOT}
+USER_ERRORS = (
+    UsageError,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+# OS errors that name a file are about the user's paths
+# (a read-only folder, a full disk), not the course's code
+USER_OS_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.ENOENT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,
+    errno.EDQUOT,
+}
 
 
 def one_line(message: object) -> str:
@@ -56,8 +74,8 @@ def one_line(message: object) -> str:
 def run(main: Callable, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Call ``main(argv)``; a user error becomes ``prog: error: <one line>`` on stderr and exit status 2.
 
-    ``COURSE_DEBUG=1`` re-raises instead, to see the traceback. ``main`` may return an int (the exit status) or
-    anything else (0).
+    ``COURSE_DEBUG=1`` re-raises instead, to see the traceback. ``main`` may return an int (the exit status)
+    or anything else (0).
     """
     prog = prog or Path(sys.argv[0]).name
     try:
@@ -86,9 +104,13 @@ def is_user_error(e: BaseException) -> bool:
 
 def describe_error(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        hint = {errno.EACCES: "pick a path you can write to", errno.EPERM: "pick a path you can write to",
-                errno.EROFS: "pick a folder on a writable disk", errno.ENOSPC: "free some disk space",
-                errno.EISDIR: "give a file name, not a folder"}.get(e.errno, "check the path")
+        hint = {
+            errno.EACCES: "pick a path you can write to",
+            errno.EPERM: "pick a path you can write to",
+            errno.EROFS: "pick a folder on a writable disk",
+            errno.ENOSPC: "free some disk space",
+            errno.EISDIR: "give a file name, not a folder",
+        }.get(e.errno, "check the path")
         return f"{e.filename}: {e.strerror.lower()}; {hint}"
     if isinstance(e, (FileNotFoundError, KeyError)) and e.args:
         return str(e.args[0])
@@ -108,7 +130,9 @@ def _number(kind: type, text: str) -> int | float:
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -119,10 +143,14 @@ def _at_least(kind: type, low: float, strict: bool = False) -> Callable[[str], i
         value = _number(kind, text)
         if value < low or (strict and value == low):
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what} {'>' if strict else '>='} {low:g}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected {what} {'>' if strict else '>='} {low:g}, got {text!r}"
+            )
         return value
 
-    parse.__name__ = f"{kind.__name__} {'>' if strict else '>='} {low:g}"  # what argparse names in its messages
+    parse.__name__ = (
+        f"{kind.__name__} {'>' if strict else '>='} {low:g}"  # what argparse names in its messages
+    )
     return parse
 
 
@@ -157,8 +185,9 @@ def writable_dir(path: str | Path, what: str = "--out") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"{what} {path}: cannot write there ({e.strerror or e}); pick a folder you can write to") \
-            from None
+        raise UsageError(
+            f"{what} {path}: cannot write there ({e.strerror or e}); pick a folder you can write to"
+        ) from None
     return path
 
 
@@ -169,7 +198,10 @@ def output_file(path: str | Path, what: str = "--out", suffixes: tuple[str, ...]
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise UsageError(f"{what} {path}: expected a file name ending in {', '.join(suffixes)}")
     if path.is_dir():
-        raise UsageError(f"{what} {path} is a folder; expected a file name such as {path / ('out' + (suffixes or ('',))[0])}")
+        raise UsageError(
+            f"{what} {path} is a folder; expected a file name such as "
+            f"{path / ('out' + (suffixes or ('',))[0])}"
+        )
     writable_dir(path.parent if str(path.parent) else Path("."), f"the folder of {what}")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{what} {path} is read-only; pick another file name")
@@ -212,7 +244,9 @@ def remove_stale_tmp(folder: Path, pattern: str) -> None:
         except (ValueError, IndexError):
             continue
         if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
+                missing_ok=True
+            )
 
 
 # ----------------------------------------------------------------------------------------- shipping
@@ -227,7 +261,9 @@ def read_manifest(folder: Path) -> dict | None:
 def write_manifest(folder: str | Path, kind: str) -> Path:
     """Record every file now in ``folder`` as the course's ``kind`` ship (for a folder shipped by hand)."""
     folder = Path(folder)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
     return atomic_write(folder / MANIFEST, json.dumps({"kind": kind, "files": files}, indent=1))
 
 
@@ -240,21 +276,27 @@ def check_ship(dest: str | Path, kind: str, *, overwrite: bool = False, what: st
     dest = Path(dest)
     flag = "--overwrite" if what.startswith("--") else "overwrite=True"
     if is_fast() and in_checkpoints(dest):
-        raise UsageError(f"{what} {dest}: COURSE_FAST=1 never writes into checkpoints/ (a seconds-long run would "
-                         "replace a shipped model); unset COURSE_FAST or ship somewhere else")
+        raise UsageError(
+            f"{what} {dest}: COURSE_FAST=1 never writes into checkpoints/ (a seconds-long run would "
+            "replace a shipped model); unset COURSE_FAST or ship somewhere else"
+        )
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{what} {dest} is a file; expected a folder (new or empty)")
     if dest.is_dir() and not overwrite:
         manifest = read_manifest(dest)
         if manifest is not None and manifest.get("kind") != kind:
-            raise UsageError(f"{what} {dest} holds a {manifest.get('kind')} the course shipped, not a {kind}; ship "
-                             f"into a new folder, or pass {flag} to replace it (other files are kept)")
+            raise UsageError(
+                f"{what} {dest} holds a {manifest.get('kind')} the course shipped, not a {kind}; ship "
+                f"into a new folder, or pass {flag} to replace it (other files are kept)"
+            )
         if manifest is None:
             theirs = sorted(p.name for p in dest.iterdir())
             if theirs:
-                raise UsageError(f"{what} {dest} is not empty and was not shipped by the course (it holds "
-                                 f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); ship into a new or "
-                                 f"empty folder, or pass {flag} to write over same-named files (the others are kept)")
+                raise UsageError(
+                    f"{what} {dest} is not empty and was not shipped by the course (it holds "
+                    f"{', '.join(theirs[:3])}{', ...' if len(theirs) > 3 else ''}); ship into a new or "
+                    f"empty folder, or pass {flag} to write over same-named files (the others are kept)"
+                )
     writable_dir(dest.parent, f"the folder of {what}")
     return dest
 
@@ -263,15 +305,23 @@ def _relative_files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def ship(dest: str | Path, kind: str, write: Callable[[Path], None], *, overwrite: bool = False,
-         what: str = "--ship") -> Path:
+def ship(
+    dest: str | Path,
+    kind: str,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    what: str = "--ship",
+) -> Path:
     """Write a ``kind`` folder (``"pipeline"``, ``"vae"``, ...) to ``dest`` without losing a file.
 
-    ``write(tmp)`` fills an empty temporary folder beside ``dest``; its files then move into ``dest`` one by one
-    (each an atomic rename), the files of the previous ship that this one does not write are removed, and the
-    manifest naming the files is written last. A file in ``dest`` that no ship listed is never touched.
+    ``write(tmp)`` fills an empty temporary folder beside ``dest``; its files then move into ``dest`` one by
+    one (each an atomic rename), the files of the previous ship that this one does not write are removed, and
+    the manifest naming the files is written last. A file in ``dest`` that no ship listed is never touched.
     """
-    dest = check_ship(dest, kind, overwrite=overwrite, what=what).resolve()  # "." and ".." get their real names
+    dest = check_ship(
+        dest, kind, overwrite=overwrite, what=what
+    ).resolve()  # "." and ".." get their real names
     parent = dest.parent
     remove_stale_tmp(parent, f".{dest.name}.ship-*.tmp")
     tmp = parent / f".{dest.name}.ship-{os.getpid()}.tmp"
@@ -283,7 +333,9 @@ def ship(dest: str | Path, kind: str, write: Callable[[Path], None], *, overwrit
         old = (read_manifest(dest) or {}).get("files", []) if dest.is_dir() else []
         dest.mkdir(exist_ok=True)
         # listed before the move, so a kill half-way leaves a folder the next ship recognises and finishes
-        atomic_write(dest / MANIFEST, json.dumps({"kind": kind, "files": sorted(set(old) | set(new))}, indent=1))
+        atomic_write(
+            dest / MANIFEST, json.dumps({"kind": kind, "files": sorted(set(old) | set(new))}, indent=1)
+        )
         for rel in new:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / rel, dest / rel)

@@ -1,7 +1,7 @@
 """Moving weights between the course's modules and diffusers / transformers.
 
-Because the course's AutoencoderKL, UNet, MMDiT and CLIP text model have exactly the parameter names and shapes
-of diffusers' ``AutoencoderKL``, ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and transformers'
+Because the course's AutoencoderKL, UNet, MMDiT and CLIP text model have exactly the parameter names and
+shapes of diffusers' ``AutoencoderKL``, ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and transformers'
 ``CLIPTextModel`` for the same
 configuration, conversion is two steps: translate the config, then ``load_state_dict(strict=True)``.
 Nothing is renamed, so nothing can be renamed wrongly; a strict load fails loudly on any mismatch.
@@ -122,7 +122,8 @@ def _copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
 
 
 def from_diffusers(module: nn.Module) -> nn.Module:
-    """The course's equivalent of a diffusers ``AutoencoderKL`` or ``UNet2DConditionModel``, holding its weights."""
+    """The course's equivalent of a diffusers ``AutoencoderKL`` or
+    ``UNet2DConditionModel``, holding its weights."""
     import diffusers
 
     if isinstance(module, diffusers.AutoencoderKL):
@@ -131,8 +132,10 @@ def from_diffusers(module: nn.Module) -> nn.Module:
         return _copy_weights(module, UNet(unet_config_from_diffusers(module.config)))
     if isinstance(module, diffusers.SD3Transformer2DModel):
         return _copy_weights(module, MMDiT(MMDiTConfig.from_diffusers(dict(module.config))))
-    raise ValueError(f"from_diffusers converts diffusers.AutoencoderKL, UNet2DConditionModel or "
-                     f"SD3Transformer2DModel, got {type(module).__name__}")
+    raise ValueError(
+        f"from_diffusers converts diffusers.AutoencoderKL, UNet2DConditionModel or "
+        f"SD3Transformer2DModel, got {type(module).__name__}"
+    )
 
 
 def to_diffusers(module: nn.Module) -> nn.Module:
@@ -146,8 +149,10 @@ def to_diffusers(module: nn.Module) -> nn.Module:
         return _copy_weights(module, reference)
     if isinstance(module, MMDiT):
         return _copy_weights(module, diffusers.SD3Transformer2DModel(**module.config.to_diffusers()))
-    raise ValueError(f"to_diffusers converts common.autoencoder.AutoencoderKL, common.unet.UNet or "
-                     f"common.mmdit.MMDiT, got {type(module).__name__}")
+    raise ValueError(
+        f"to_diffusers converts common.autoencoder.AutoencoderKL, common.unet.UNet or "
+        f"common.mmdit.MMDiT, got {type(module).__name__}"
+    )
 
 
 def from_transformers(module: nn.Module) -> nn.Module:
@@ -155,7 +160,9 @@ def from_transformers(module: nn.Module) -> nn.Module:
     import transformers
 
     if not isinstance(module, transformers.CLIPTextModel):
-        raise ValueError(f"from_transformers converts transformers.CLIPTextModel, got {type(module).__name__}")
+        raise ValueError(
+            f"from_transformers converts transformers.CLIPTextModel, got {type(module).__name__}"
+        )
     ours = CLIPTextModel(CLIPTextConfig.from_transformers(module.config))
     ours.load_state_dict(normalize_clip_keys(module.state_dict()), strict=True)
     return ours.to(next(module.parameters()).dtype).eval()
@@ -166,14 +173,18 @@ def to_transformers(module: nn.Module) -> nn.Module:
     import transformers
 
     if not isinstance(module, CLIPTextModel):
-        raise ValueError(f"to_transformers converts common.text_encoder.CLIPTextModel, got {type(module).__name__}")
+        raise ValueError(
+            f"to_transformers converts common.text_encoder.CLIPTextModel, got {type(module).__name__}"
+        )
     ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**module.config.to_transformers()))
     state = normalize_clip_keys(module.state_dict())
     ref_keys = set(ref.state_dict())
     if not (set(state) <= ref_keys):  # an older transformers keeps the `text_model.` prefix
         state = {f"text_model.{k}": v for k, v in state.items()}
     ref.load_state_dict(state, strict=False)
-    missing = sorted(ref_keys - set(state) - {"text_model.embeddings.position_ids", "embeddings.position_ids"})
+    missing = sorted(
+        ref_keys - set(state) - {"text_model.embeddings.position_ids", "embeddings.position_ids"}
+    )
     if missing:
         raise ValueError(f"transformers' CLIPTextModel has parameters the course model lacks: {missing[:5]}")
     return ref.to(next(module.parameters()).dtype).eval()

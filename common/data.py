@@ -102,14 +102,17 @@ def _photo_path(name: str):
 
 
 def load_photo(name: str) -> Image.Image:
-    """One of PHOTOS as an RGB PIL image (grey ones as grey RGB), read from its package's folder (never downloaded)."""
+    """One of PHOTOS as an RGB PIL image (grey ones as grey RGB), read from its package's
+    folder (never downloaded)."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; expected one of {', '.join(PHOTOS)}")
     if name not in _PHOTO_CACHE:
         path = _photo_path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"photo {name!r} is not at {path}: the {PHOTOS[name][0]} wheel installed here does "
-                                    f"not bundle it (pip install -r requirements.txt installs one that does)")
+            raise FileNotFoundError(
+                f"photo {name!r} is not at {path}: the {PHOTOS[name][0]} wheel installed here does "
+                f"not bundle it (pip install -r requirements.txt installs one that does)"
+            )
         with Image.open(str(path)) as f:
             _PHOTO_CACHE[name] = f.convert("RGB")
     return _PHOTO_CACHE[name]
@@ -124,14 +127,26 @@ class Photos(torch.utils.data.Dataset):
     every photo but ``TEST_PHOTO``; ``split="test"`` only that one.
     """
 
-    def __init__(self, resolution: int = 64, split: str = "train", length: int = 10_000, seed: int = 0,
-                 min_scale: float = 0.25):
+    def __init__(
+        self,
+        resolution: int = 64,
+        split: str = "train",
+        length: int = 10_000,
+        seed: int = 0,
+        min_scale: float = 0.25,
+    ):
         if not 8 <= resolution <= 512:
             raise ValueError(f"resolution must be between 8 and 512 pixels, got {resolution}")
         if not 0 < min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
         _check_split(split)
-        self.resolution, self.split, self.length, self.seed, self.min_scale = resolution, split, length, seed, min_scale
+        self.resolution, self.split, self.length, self.seed, self.min_scale = (
+            resolution,
+            split,
+            length,
+            seed,
+            min_scale,
+        )
         self.photos = [TEST_PHOTO] if split == "test" else [p for p in PHOTOS if p != TEST_PHOTO]
 
     def __len__(self) -> int:
@@ -149,8 +164,9 @@ class Photos(torch.utils.data.Dataset):
         lo = min(short, max(self.resolution, self.min_scale * short))
         side = float(rng.uniform(lo, short))
         x0, y0 = float(rng.uniform(0, W - side)), float(rng.uniform(0, H - side))
-        crop = photo.resize((self.resolution,) * 2, Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side),
-                            reducing_gap=2.0)  # box-shrink first, then bicubic: 2x faster, same look
+        crop = photo.resize(
+            (self.resolution,) * 2, Image.BICUBIC, box=(x0, y0, x0 + side, y0 + side), reducing_gap=2.0
+        )  # box-shrink first, then bicubic: 2x faster, same look
         array = np.asarray(crop)
         if rng.random() < 0.5:
             array = array[:, ::-1]
@@ -160,9 +176,20 @@ class Photos(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Digits
 DIGIT_FONTS = {  # matplotlib's bundled fonts (mpl-data/fonts/ttf); test fonts are never seen in training
-    "train": ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
-              "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
-              "STIXGeneral.ttf", "STIXGeneralBol.ttf", "cmr10.ttf", "cmss10.ttf"),
+    "train": (
+        "DejaVuSans.ttf",
+        "DejaVuSans-Bold.ttf",
+        "DejaVuSans-Oblique.ttf",
+        "DejaVuSans-BoldOblique.ttf",
+        "DejaVuSerif.ttf",
+        "DejaVuSerif-Bold.ttf",
+        "DejaVuSansMono.ttf",
+        "DejaVuSansMono-Bold.ttf",
+        "STIXGeneral.ttf",
+        "STIXGeneralBol.ttf",
+        "cmr10.ttf",
+        "cmss10.ttf",
+    ),
     "test": ("DejaVuSerif-Italic.ttf", "STIXGeneralItalic.ttf", "DejaVuSansMono-Oblique.ttf", "cmtt10.ttf"),
 }
 DIGIT_SOURCES = ("auto", "mnist", "rendered")
@@ -193,8 +220,15 @@ class Digits(torch.utils.data.Dataset):
     (rotation +-15 deg, scale 0.85-1.05, shear +-0.3, shift +-2/28 of the side) and an elastic distortion.
     """
 
-    def __init__(self, resolution: int = 32, split: str = "train", length: int | None = None, seed: int = 0,
-                 source: str = "auto", root: str | Path | None = None):
+    def __init__(
+        self,
+        resolution: int = 32,
+        split: str = "train",
+        length: int | None = None,
+        seed: int = 0,
+        source: str = "auto",
+        root: str | Path | None = None,
+    ):
         if not 16 <= resolution <= 256:
             raise ValueError(f"resolution must be between 16 and 256 pixels, got {resolution}")
         _check_split(split)
@@ -210,7 +244,9 @@ class Digits(torch.utils.data.Dataset):
                 print(f"Digits: MNIST not on disk under {self.root}; using digits rendered from fonts "
                       "(`python -m common.weights fetch mnist` gets MNIST)")
         else:
-            print(f"Digits: using {'MNIST from ' + str(self.root) if source == 'mnist' else 'rendered digits'}")
+            print(
+                f"Digits: using {'MNIST from ' + str(self.root) if source == 'mnist' else 'rendered digits'}"
+            )
         self.source = source
         self.mnist = None
         full = 60_000 if split == "train" else 10_000
@@ -233,8 +269,13 @@ class Digits(torch.utils.data.Dataset):
             image, label = self.mnist.data[index], int(self.mnist.targets[index])
             image = image.float()[None] / 127.5 - 1.0  # (1, 28, 28)
             if self.resolution != 28:
-                image = F.interpolate(image[None], size=(self.resolution,) * 2, mode="bilinear",
-                                      antialias=True, align_corners=False)[0]
+                image = F.interpolate(
+                    image[None],
+                    size=(self.resolution,) * 2,
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
+                )[0]
             return image, label
         rng = np.random.default_rng([self.seed, index, 11 + (self.split == "test")])
         label = int(rng.integers(10))
@@ -246,8 +287,10 @@ class Digits(torch.utils.data.Dataset):
     def glyphs(self) -> dict[str, np.ndarray]:
         """font file -> (10, H, W) float32 glyphs in [0, 1], drawn once per dataset."""
         if self._glyphs is None:
-            self._glyphs = {f: np.stack([render_digit(d, f, self.resolution) for d in range(10)])
-                            for f in DIGIT_FONTS[self.split]}
+            self._glyphs = {
+                f: np.stack([render_digit(d, f, self.resolution) for d in range(10)])
+                for f in DIGIT_FONTS[self.split]
+            }
         return self._glyphs
 
 
@@ -257,8 +300,9 @@ def render_digit(digit: int, font: str, resolution: int) -> np.ndarray:
 
     big = 4 * resolution  # draw large, then shrink: anti-aliased strokes
     canvas = Image.new("L", (2 * big, 2 * big), 0)
-    ImageDraw.Draw(canvas).text((big, big), str(digit), fill=255, anchor="mm",
-                                font=ImageFont.truetype(str(font_dir() / font), big))
+    ImageDraw.Draw(canvas).text(
+        (big, big), str(digit), fill=255, anchor="mm", font=ImageFont.truetype(str(font_dir() / font), big)
+    )
     canvas = canvas.crop(canvas.getbbox())
     box = 20 / 28 * resolution  # MNIST: the digit fits a 20 x 20 box of the 28 x 28 image
     scale = box / max(canvas.size)
@@ -270,7 +314,7 @@ def render_digit(digit: int, font: str, resolution: int) -> np.ndarray:
     out = np.zeros((resolution, resolution), np.float32)
     top, left = int(round(resolution / 2 - cy)), int(round(resolution / 2 - cx))
     top, left = min(max(top, 0), resolution - h), min(max(left, 0), resolution - w)
-    out[top:top + h, left:left + w] = glyph
+    out[top : top + h, left : left + w] = glyph
     return out.clip(0, 1)
 
 
@@ -283,8 +327,11 @@ def distort(glyph: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     angle = np.deg2rad(rng.uniform(-15, 15))
     scale, shear = rng.uniform(0.85, 1.05), rng.uniform(-0.3, 0.3)
     shift = rng.uniform(-2, 2, size=2) * unit
-    forward = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) \
-        @ np.array([[1.0, shear], [0.0, 1.0]]) * scale  # acts on (x, y)
+    forward = (
+        np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        @ np.array([[1.0, shear], [0.0, 1.0]])
+        * scale
+    )  # acts on (x, y)
     inverse = np.linalg.inv(forward)
     ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
     c = np.array([(W - 1) / 2, (H - 1) / 2])
@@ -308,7 +355,8 @@ class DatasetUnavailable(RuntimeError):
 
 
 class ToCourseTensor:
-    """PIL image -> float32 (C, H, W) in [-1, 1], resized to ``resolution`` (a class: DataLoader workers pickle it)."""
+    """PIL image -> float32 (C, H, W) in [-1, 1], resized to ``resolution`` (a class:
+    DataLoader workers pickle it)."""
 
     def __init__(self, resolution: int | None = None):
         self.resolution = resolution
@@ -316,13 +364,19 @@ class ToCourseTensor:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         x = _to_unit(np.asarray(image))
         if self.resolution is not None and x.shape[-1] != self.resolution:
-            x = F.interpolate(x[None], size=(self.resolution,) * 2, mode="bilinear", antialias=True,
-                              align_corners=False)[0]
+            x = F.interpolate(
+                x[None], size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False
+            )[0]
         return x
 
 
-def torchvision_dataset(name: str, root: str | Path | None = None, train: bool = True,
-                        resolution: int | None = None, download: bool = True):
+def torchvision_dataset(
+    name: str,
+    root: str | Path | None = None,
+    train: bool = True,
+    resolution: int | None = None,
+    download: bool = True,
+):
     """MNIST, FashionMNIST or CIFAR-10 from torchvision: items (image (C, H, W) in [-1, 1], label int).
 
     ``name``: "mnist", "fashionmnist" or "cifar10" (case, "-" and "_" ignored). Downloads into ``root``

@@ -33,8 +33,15 @@ import torch
 
 # options of FlowMatchEulerDiscreteScheduler that change the sigmas and that this course does not implement;
 # a config that sets one is refused rather than sampled on a silently different schedule
-_UNSUPPORTED = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-                "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
+_UNSUPPORTED = (
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
 
 
 def shift_sigma(sigma, shift: float):
@@ -58,8 +65,9 @@ def velocity_target(z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - z0
 
 
-def sample_sigmas_logit_normal(batch: int, mean: float = 0.0, std: float = 1.0,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_sigmas_logit_normal(
+    batch: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """t = sigmoid(u), u ~ N(mean, std^2): SD 3's training timesteps (eq. 19), favouring the middle of [0, 1].
 
     Draws exactly what diffusers' ``compute_density_for_timestep_sampling("logit_normal", ...)`` draws; on the
@@ -107,8 +115,9 @@ class FlowSchedule:
         """sigma = t / T for one of the sampler's timesteps."""
         return float(t) / self.num_train_timesteps
 
-    def predict_x0(self, model_output: torch.Tensor, z: torch.Tensor, t: float | torch.Tensor
-                   ) -> torch.Tensor:
+    def predict_x0(
+        self, model_output: torch.Tensor, z: torch.Tensor, t: float | torch.Tensor
+    ) -> torch.Tensor:
         """x0 = z_t - t v: walk the straight line back to t = 0 (the velocity is constant along it)."""
         return z - self.sigma_of(t) * model_output
 
@@ -129,8 +138,10 @@ class FlowEulerSampler:
     def __init__(self, schedule: FlowSchedule, num_inference_steps: int = 28):
         T = schedule.num_train_timesteps
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int between 1 and "
-                             f"num_train_timesteps={T}")
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps!r} must be an int between 1 and "
+                f"num_train_timesteps={T}"
+            )
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
         # as diffusers: the training grid t = 1/T .. 1, shifted, gives t_min; n points evenly from 1 to t_min,
@@ -158,16 +169,22 @@ class FlowEulerSampler:
     def index_of(self, t: float | torch.Tensor) -> int:
         hits = (self.timesteps - float(t)).abs() < 1e-4
         if not hits.any():
-            raise ValueError(f"timestep {float(t)} is not one of this sampler's timesteps "
-                             f"{self.timesteps.tolist()}")
+            raise ValueError(
+                f"timestep {float(t)} is not one of this sampler's timesteps {self.timesteps.tolist()}"
+            )
         return int(hits.nonzero()[0])
 
     def add_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Noise a clean latent to the sampler's timestep t (img2img starts from here)."""
         return add_noise(z0, eps, self.sigmas[self.index_of(t)])
 
-    def step(self, model_output: torch.Tensor, t: float | torch.Tensor, z: torch.Tensor,
-             generator: torch.Generator | int | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: float | torch.Tensor,
+        z: torch.Tensor,
+        generator: torch.Generator | int | None = None,
+    ) -> torch.Tensor:
         """One Euler step z_{t_next} = z_t + (t_next - t) v_theta(z_t, t); ``generator`` is unused.
 
         t_next < t, so the step moves against the velocity eps - z_0: away from the noise, to the data."""

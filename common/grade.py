@@ -47,7 +47,9 @@ def chapter_dir(chapter: str) -> Path:
     """The folder of chapter ``"03"`` (or ``"3"``, or its full name)."""
     chapter = str(chapter)
     prefix = chapter.zfill(2) if chapter.isdigit() else chapter
-    found = sorted(p for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and p.name.startswith(prefix))
+    found = sorted(
+        p for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and p.name.startswith(prefix)
+    )
     if len(found) != 1:
         names = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit())
         raise ValueError(f"no single chapter matches {chapter!r}; chapters are {names}")
@@ -55,7 +57,8 @@ def chapter_dir(chapter: str) -> Path:
 
 
 def load_module(path: str | Path, name: str | None = None) -> ModuleType:
-    """Import a Python file by path (chapter folders start with a digit, so they cannot be imported by name)."""
+    """Import a Python file by path (chapter folders start with a digit, so they cannot
+    be imported by name)."""
     path = Path(path).resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -83,9 +86,9 @@ def grade(chapter: str, file: str | Path | None = None, only: list[str] | None =
           timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
     """Run the chapter's checks on ``file`` (default: the chapter's ``exercises.py``).
 
-    The checks run in a worker process, one after the other: an exercise that loops is stopped after ``timeout``
-    seconds and reported as timed out, one that calls ``sys.exit`` or ends its process is reported as failed,
-    and the checks after it still run (in a fresh worker).
+    The checks run in a worker process, one after the other: an exercise that loops is stopped after
+    ``timeout`` seconds and reported as timed out, one that calls ``sys.exit`` or ends its process is reported
+    as failed, and the checks after it still run (in a fresh worker).
     """
     folder = chapter_dir(chapter)
     target = Path(file) if file is not None else folder / "exercises.py"
@@ -94,14 +97,16 @@ def grade(chapter: str, file: str | Path | None = None, only: list[str] | None =
     names = [name for name, _ in _load_checks(folder / "checks.py")]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
-        raise ValueError(f"no exercise named {', '.join(unknown)} in chapter {folder.name}; "
-                         f"the exercises are {', '.join(names)}")
+        raise ValueError(
+            f"no exercise named {', '.join(unknown)} in chapter {folder.name}; "
+            f"the exercises are {', '.join(names)}"
+        )
     todo = [n for n in names if not only or n in only]
     results: list[Result] = []
     while todo:  # a worker stops at an exercise that hangs or exits; a fresh one grades the rest
         done = _grade_in_worker(folder / "checks.py", target, todo, timeout)
         results += done
-        todo = todo[len(done):]
+        todo = todo[len(done) :]
     return results
 
 
@@ -111,9 +116,9 @@ def _load_checks(checks_path: Path) -> list[tuple[str, object]]:
 
 def _start_method() -> str:
     """How the worker starts: forked from a clean server process that has imported torch and run nothing
-    (``forkserver``), so a worker starts in milliseconds. Forking this process itself would be faster still but
-    can deadlock: once torch has run a parallel op here, the child inherits OpenMP's locks and hangs at its first
-    convolution. ``spawn`` where no forkserver exists (Windows)."""
+    (``forkserver``), so a worker starts in milliseconds. Forking this process itself would be faster still
+    but can deadlock: once torch has run a parallel op here, the child inherits OpenMP's locks and hangs at
+    its first convolution. ``spawn`` where no forkserver exists (Windows)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         return "forkserver"
     return "spawn"
@@ -126,8 +131,13 @@ def _grade_in_worker(checks_path: Path, target: Path, names: list[str], timeout:
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload(["torch"])  # imported once, in the server; no thread has run there
     receive, send = ctx.Pipe(duplex=False)
-    setting = (dict(os.environ), os.getcwd())  # the worker sees this process's environment now, not the server's
-    worker = ctx.Process(target=_worker, args=(str(checks_path), str(target), names, send, setting), daemon=True)
+    setting = (
+        dict(os.environ),
+        os.getcwd(),
+    )  # the worker sees this process's environment now, not the server's
+    worker = ctx.Process(
+        target=_worker, args=(str(checks_path), str(target), names, send, setting), daemon=True
+    )
     worker.start()
     send.close()
     results: list[Result] = []
@@ -136,20 +146,38 @@ def _grade_in_worker(checks_path: Path, target: Path, names: list[str], timeout:
             t0 = time.perf_counter()
             if not receive.poll(timeout + (LOAD_TIMEOUT if not results else 0)):
                 if worker.is_alive():
-                    results.append(Result(name, ERROR, f"timed out after {timeout:g} s (an endless loop? "
-                                                       "--timeout sets the limit)", time.perf_counter() - t0))
+                    results.append(
+                        Result(
+                            name,
+                            ERROR,
+                            f"timed out after {timeout:g} s (an endless loop? --timeout sets the limit)",
+                            time.perf_counter() - t0,
+                        )
+                    )
                 else:
                     worker.join()
-                    results.append(Result(name, ERROR, f"the exercise ended the grader's process (exit status "
-                                                       f"{worker.exitcode}); an exercise must return or raise",
-                                          time.perf_counter() - t0))
+                    results.append(
+                        Result(
+                            name,
+                            ERROR,
+                            f"the exercise ended the grader's process (exit status "
+                            f"{worker.exitcode}); an exercise must return or raise",
+                            time.perf_counter() - t0,
+                        )
+                    )
                 return results
             try:
                 results.append(receive.recv())
             except EOFError:  # the worker died between two checks
                 worker.join()
-                results.append(Result(name, ERROR, f"the exercise ended the grader's process (exit status "
-                                                   f"{worker.exitcode}); an exercise must return or raise"))
+                results.append(
+                    Result(
+                        name,
+                        ERROR,
+                        f"the exercise ended the grader's process (exit status "
+                        f"{worker.exitcode}); an exercise must return or raise",
+                    )
+                )
                 return results
         return results
     finally:
@@ -200,7 +228,10 @@ def _run_check(name: str, check, target: ModuleType) -> Result:
         res = Result(name, TODO, "the stub still raises NotImplementedError")
     except AssertionError as e:
         res = Result(name, FAILED, str(e) or "an assertion failed")
-    except (SystemExit, KeyboardInterrupt) as e:  # the exercise's, not the grader's: a failure of that exercise
+    except (
+        SystemExit,
+        KeyboardInterrupt,
+    ) as e:  # the exercise's, not the grader's: a failure of that exercise
         res = Result(name, FAILED, _describe(e))
     except Exception as e:  # a crash in the learner's code is a result, not a crash of the grader
         res = Result(name, ERROR, _describe(e))
@@ -222,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("chapter", help="chapter number, e.g. 03")
     p.add_argument("--file", help="the file to grade (default: the chapter's exercises.py)")
     p.add_argument("--only", nargs="+", help="grade only these exercises")
-    p.add_argument("--timeout", type=cli.positive_float, default=DEFAULT_TIMEOUT,
-                   help=f"seconds an exercise may take before it is stopped (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument(
+        "--timeout",
+        type=cli.positive_float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds an exercise may take before it is stopped (default {DEFAULT_TIMEOUT:g})",
+    )
     args = p.parse_args(argv)
     results = grade(args.chapter, args.file, args.only, timeout=args.timeout)
     print(report(results))

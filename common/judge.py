@@ -1,8 +1,8 @@
 """The Shapes judge: does a generated image show what its prompt asked for? (prompt adherence, measured)
 
 A text-to-image model is graded the way GenEval (Ghosh et al. 2023) grades real ones: find the objects in the
-image, read off their attributes, and compare with what the prompt says. On Shapes the prompt's ground truth is
-exact (``common.shapes.parse``), and so is most of the reading:
+image, read off their attributes, and compare with what the prompt says. On Shapes the prompt's ground truth
+is exact (``common.shapes.parse``), and so is most of the reading:
 
 1. segment: the background is the plain ``BACKGROUND`` grey, so an object is an 8-connected component of the
    pixels whose RGB distance from it exceeds ``FOREGROUND``; components under ``MIN_AREA`` pixels are specks;
@@ -10,9 +10,9 @@ exact (``common.shapes.parse``), and so is most of the reading:
 3. shape: a small CNN (``ShapeNet``) trained on ground-truth crops of real renders; it sees only the
    component's mask cropped to a square around it, so it cannot use colour (held-out colour/shape pairs are
    then no harder than the others);
-4. size: the area against a per-shape threshold, the geometric mean of the small and large areas of a canonical
-   render; position: the grid cell whose centre is nearest to the centroid; relation: the sign of the centroid
-   offset along the relation's axis, which must also be the larger of the two offsets.
+4. size: the area against a per-shape threshold, the geometric mean of the small and large areas of a
+   canonical render; position: the grid cell whose centre is nearest to the centroid; relation: the sign of
+   the centroid offset along the relation's axis, which must also be the larger of the two offsets.
 
 Scores: for one-object prompts, per-attribute accuracy and "all" (exactly one object, every attribute right);
 for two-object prompts, "objects" (exactly two objects, matching the prompt's two in shape, colour and size)
@@ -45,7 +45,8 @@ _COLOR_RGB = np.asarray([COLORS[c] for c in _COLOR_NAMES], np.float32)  # (6, 3)
 
 
 class ShapeNet(nn.Module):
-    """(B, 1, 24, 24) object mask in [0, 1] -> (logits (B, 6), features (B, 64)): three conv levels, GroupNorm."""
+    """(B, 1, 24, 24) object mask in [0, 1] -> (logits (B, 6), features (B, 64)): three
+    conv levels, GroupNorm."""
 
     def __init__(self, *, widths: tuple[int, ...] = (16, 32, 64), num_classes: int = len(SHAPES)):
         super().__init__()
@@ -111,7 +112,9 @@ def crop(mask: np.ndarray, jitter: np.random.Generator | None = None) -> torch.T
     gx = (cx + lin[None, :].expand(CROP, CROP)) / (W - 1) * 2 - 1
     grid = torch.stack([gx, gy], dim=-1)[None].float()  # (1, CROP, CROP, 2)
     m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
-    return F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]  # (1, CROP, CROP)
+    return F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[
+        0
+    ]  # (1, CROP, CROP)
 
 
 def object_color(rgb: np.ndarray, mask: np.ndarray) -> str:
@@ -123,11 +126,14 @@ def object_color(rgb: np.ndarray, mask: np.ndarray) -> str:
 
 @functools.lru_cache(maxsize=8)
 def size_thresholds(resolution: int = 64) -> dict[str, float]:
-    """Per shape, the area (pixels) between small and large: the geometric mean of canonical renders' areas."""
+    """Per shape, the area (pixels) between small and large: the geometric mean of
+    canonical renders' areas."""
     out = {}
     for shape in SHAPES:
-        areas = [int(render(Scene((ShapeObject(shape, "red", size, "center"),)), resolution)[1].sum())
-                 for size in SIZES]
+        areas = [
+            int(render(Scene((ShapeObject(shape, "red", size, "center"),)), resolution)[1].sum())
+            for size in SIZES
+        ]
         out[shape] = float(np.sqrt(np.prod(areas)))
     return out
 
@@ -138,10 +144,12 @@ def nearest_position(center: tuple[float, float], resolution: int) -> str:
 
 
 def relation_holds(relation: str, c0: tuple[float, float], c1: tuple[float, float]) -> bool:
-    """``objects[0] <relation> objects[1]`` for centroids c0, c1 (x, y; y down): the right sign along the axis,
-    and the offset along it larger than the offset across it."""
+    """``objects[0] <relation> objects[1]`` for centroids c0, c1 (x, y; y down): the right sign along the
+    axis, and the offset along it larger than the offset across it."""
     dx, dy = c1[0] - c0[0], c1[1] - c0[1]
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[
+        relation
+    ]
     return along > 0 and abs(along) > abs(across)
 
 
@@ -161,8 +169,10 @@ class Judge:
 
         path = Path(path)
         if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"no judge at {path} (expected model.safetensors and config.json): train it with "
-                                    f"`python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge {path}`")
+            raise FileNotFoundError(
+                f"no judge at {path} (expected model.safetensors and config.json): train it with "
+                f"`python 06_stable_diffusion_architecture/evaluate.py --train-judge --judge {path}`"
+            )
         config = json.loads((path / "config.json").read_text())
         net = ShapeNet(widths=tuple(config["widths"]))
         net.load_state_dict(load_file(path / "model.safetensors"))
@@ -173,11 +183,23 @@ class Judge:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()},
-                  str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps({"widths": list(self.net.widths), "classes": list(SHAPES),
-                                                      "crop": CROP, "foreground": FOREGROUND,
-                                                      "min_area": MIN_AREA}, indent=2) + "\n")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()},
+            str(path / "model.safetensors"),
+        )
+        (path / "config.json").write_text(
+            json.dumps(
+                {
+                    "widths": list(self.net.widths),
+                    "classes": list(SHAPES),
+                    "crop": CROP,
+                    "foreground": FOREGROUND,
+                    "min_area": MIN_AREA,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return path
 
     # --- reading images -------------------------------------------------------------------------------
@@ -205,7 +227,9 @@ class Judge:
                 ys, xs = np.nonzero(m)
                 center, area, shape = (float(xs.mean()), float(ys.mean())), int(m.sum()), shapes[k]
                 size = "large" if area > size_thresholds(res)[shape] else "small"
-                dets.append(Detection(shape, object_color(rgb, m), size, nearest_position(center, res), center, area))
+                dets.append(
+                    Detection(shape, object_color(rgb, m), size, nearest_position(center, res), center, area)
+                )
                 k += 1
             out.append(dets)
         return out
@@ -222,43 +246,72 @@ class Judge:
         if len(scene.objects) == 1:
             want = scene.objects[0]
             if not dets:
-                return {"objects": 1, "count": False, "color": False, "shape": False, "size": False,
-                        "position": False, "all": False}
+                return {
+                    "objects": 1,
+                    "count": False,
+                    "color": False,
+                    "shape": False,
+                    "size": False,
+                    "position": False,
+                    "all": False,
+                }
             d = dets[0]
-            r = {"objects": 1, "count": len(dets) == 1, "color": d.color == want.color, "shape": d.shape == want.shape,
-                 "size": d.size == want.size, "position": d.position == want.position}
+            r = {
+                "objects": 1,
+                "count": len(dets) == 1,
+                "color": d.color == want.color,
+                "shape": d.shape == want.shape,
+                "size": d.size == want.size,
+                "position": d.position == want.position,
+            }
             r["all"] = all(r[k] for k in ("count", "color", "shape", "size", "position"))
             return r
         r = {"objects": 2, "count": len(dets) == 2, "pair_objects": False, "relation": False, "all": False}
         if len(dets) == 2:
             for order in itertools.permutations(range(2)):
-                match = all((dets[i].shape, dets[i].color, dets[i].size) == (o.shape, o.color, o.size)
-                            for i, o in zip(order, scene.objects))
+                match = all(
+                    (dets[i].shape, dets[i].color, dets[i].size) == (o.shape, o.color, o.size)
+                    for i, o in zip(order, scene.objects)
+                )
                 if match:  # two identical objects match both ways round: either may satisfy the relation
                     r["pair_objects"] = True
-                    r["relation"] |= relation_holds(scene.relation, dets[order[0]].center, dets[order[1]].center)
+                    r["relation"] |= relation_holds(
+                        scene.relation, dets[order[0]].center, dets[order[1]].center
+                    )
                     r["all"] = r["relation"]
         return r
 
     def score(self, images: torch.Tensor, prompts: list[str], value_range=(0.0, 1.0)) -> dict:
-        """Prompt adherence of ``images`` (B, 3, H, W) to ``prompts`` (B); returns {"single": {...}, "pair": {...},
-        "records": per-image dicts}. single: n, color, shape, size, position, count, all (fractions); pair: n,
-        count, objects (both objects right), all (both objects and the relation right)."""
+        """Prompt adherence of ``images`` (B, 3, H, W) to ``prompts`` (B); returns {"single": {...}, "pair":
+        {...}, "records": per-image dicts}. single: n, color, shape, size, position, count, all (fractions);
+        pair: n, count, objects (both objects right), all (both objects and the relation right)."""
         if len(prompts) != len(images):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt")
-        records = [self.grade(d, p) | {"prompt": p, "detections": [asdict(x) for x in d]}
-                   for d, p in zip(self.detect(images, value_range), prompts)]
+            raise ValueError(
+                f"got {len(images)} images for {len(prompts)} prompts; expected one image per prompt"
+            )
+        records = [
+            self.grade(d, p) | {"prompt": p, "detections": [asdict(x) for x in d]}
+            for d, p in zip(self.detect(images, value_range), prompts)
+        ]
         single = [r for r in records if r["objects"] == 1]
         pair = [r for r in records if r["objects"] == 2]
 
         def mean(rs, key):
             return float(np.mean([r[key] for r in rs])) if rs else float("nan")
 
-        return {"single": {"n": len(single), **{k: mean(single, k) for k in
-                                                ("color", "shape", "size", "position", "count", "all")}},
-                "pair": {"n": len(pair), "count": mean(pair, "count"), "objects": mean(pair, "pair_objects"),
-                         "all": mean(pair, "all")},
-                "records": records}
+        return {
+            "single": {
+                "n": len(single),
+                **{k: mean(single, k) for k in ("color", "shape", "size", "position", "count", "all")},
+            },
+            "pair": {
+                "n": len(pair),
+                "count": mean(pair, "count"),
+                "objects": mean(pair, "pair_objects"),
+                "all": mean(pair, "all"),
+            },
+            "records": records,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,10 +326,11 @@ def _degrade(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(x.astype(np.float32)).clamp(-1, 1)
 
 
-def judge_dataset(n_images: int, split: str = "train", seed: int = 0, degrade: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops (N, 1, CROP, CROP) and shape labels (N,) from ``n_images`` Shapes renders, segmented as ``detect``
-    segments; each component is labelled with the ground-truth object it overlaps most."""
+def judge_dataset(
+    n_images: int, split: str = "train", seed: int = 0, degrade: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crops (N, 1, CROP, CROP) and shape labels (N,) from ``n_images`` Shapes renders, segmented as
+    ``detect`` segments; each component is labelled with the ground-truth object it overlaps most."""
     ds = Shapes(64, split, n_images, seed)
     rng = np.random.default_rng(seed)
     crops, labels = [], []
@@ -294,9 +348,17 @@ def judge_dataset(n_images: int, split: str = "train", seed: int = 0, degrade: b
     return torch.stack(crops), torch.tensor(labels)
 
 
-def train_judge(n_images: int = 3000, steps: int = 600, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                device=None, verbose: bool = True) -> Judge:
-    """Train ``ShapeNet`` on crops of ``n_images`` training renders (blurred and noised); returns the Judge."""
+def train_judge(
+    n_images: int = 3000,
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device=None,
+    verbose: bool = True,
+) -> Judge:
+    """Train ``ShapeNet`` on crops of ``n_images`` training renders
+    (blurred and noised); returns the Judge."""
     torch.manual_seed(seed)
     x, y = judge_dataset(n_images, "train", seed)
     net = ShapeNet().to(device or "cpu")
@@ -327,8 +389,12 @@ def real_renders(prompts: list[str], resolution: int = 64, seed: int = 0) -> tor
     images = []
     for p in prompts:
         scene = parse(p)
-        scene = layout(Scene(tuple(o.__class__(o.shape, o.color, o.size, o.position) for o in scene.objects),
-                             scene.relation), rng)
+        scene = layout(
+            Scene(
+                tuple(o.__class__(o.shape, o.color, o.size, o.position) for o in scene.objects),
+                scene.relation,
+            ),
+            rng,
+        )
         images.append(render(scene, resolution)[0])
     return (torch.stack(images) + 1) / 2
-

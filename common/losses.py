@@ -1,4 +1,5 @@
-"""The autoencoder's training objective (Rombach et al. 2022, sec. 3 and appendix G; Esser et al. 2021, eq. 5-7).
+"""The autoencoder's training objective (Rombach et al. 2022, sec. 3 and appendix G;
+Esser et al. 2021, eq. 5-7).
 
 Stage one of latent diffusion trains the VAE with a reconstruction term, a perceptual term, a small KL
 penalty and, later in training, a patch-based adversarial term:
@@ -14,8 +15,8 @@ L_rec              ``reconstruction_loss``: mean |x - x_hat| over pixels and bat
 LPIPS (Zhang 18)   ``LPIPS``: distance between normalised AlexNet/VGG features, one value per image
 KL                 ``kl_loss``: sum over the latent dims (C, h, w), mean over the batch
 D, L_adv           ``PatchDiscriminator`` (pix2pix / taming NLayerDiscriminator), ``hinge_*_loss``
-lambda             ``adaptive_weight``: ||grad_last L_rec|| / (||grad_last L_adv|| + 1e-4), eq. 7 of Esser et al.
-=================  =============================================================================
+lambda             ``adaptive_weight``: ||grad_last L_rec|| / (||grad_last L_adv|| + 1e-4), eq. 7 of Esser et
+al. =================  =============================================================================
 
 Scale of the terms: taming-transformers sums |x - x_hat| (plus LPIPS at every pixel) over the pixels,
 which is this file's per-pixel mean times H*W*3. The ratio rec : lpips is the same (1 : 1); the KL
@@ -59,8 +60,14 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
-                    *, eps: float = 1e-4, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor,
+    gan_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    *,
+    eps: float = 1e-4,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
     """lambda = ||grad_last L_rec|| / (||grad_last L_adv|| + eps), clamped to [0, max_weight] and detached.
 
     Balances the two terms where they meet, at the decoder's last layer, so the adversarial gradient is
@@ -78,7 +85,11 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
 # ---------------------------------------------------------------------------- LPIPS
 
 LPIPS_NETS = ("alex", "vgg", "squeeze")
-_TORCHVISION_NAMES = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}  # lpips net -> torchvision
+_TORCHVISION_NAMES = {
+    "alex": "alexnet",
+    "vgg": "vgg16",
+    "squeeze": "squeezenet1_1",
+}  # lpips net -> torchvision
 
 
 def backbone_weights(net: str):
@@ -119,9 +130,11 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(
                 f"LPIPS needs the torchvision {net} ImageNet weights at {path}, and they are not there. "
                 f"Get them once with network access:\n"
-                f"    python -c \"import torchvision; torchvision.models.get_model('{_TORCHVISION_NAMES[net]}', weights='IMAGENET1K_V1')\"\n"
+                '    python -c "import torchvision; '
+                f"torchvision.models.get_model('{_TORCHVISION_NAMES[net]}', weights='IMAGENET1K_V1')\"\n"
                 f"or download {weights.url} into {path.parent} (set TORCH_HOME to use another cache). "
-                f"Alternatively train without the perceptual term (lpips weight 0).")
+                f"Alternatively train without the perceptual term (lpips weight 0)."
+            )
         with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` flag
             warnings.simplefilter("ignore", UserWarning)
             self.model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
@@ -152,13 +165,21 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, base_channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),
+        ]
         mult = 1
         for n in range(1, n_layers + 1):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1  # the last block keeps the resolution
-            layers += [nn.Conv2d(base_channels * prev, base_channels * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(base_channels * mult), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(
+                    base_channels * prev, base_channels * mult, 4, stride=stride, padding=1, bias=False
+                ),
+                nn.BatchNorm2d(base_channels * mult),
+                nn.LeakyReLU(0.2),
+            ]
         layers.append(nn.Conv2d(base_channels * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
         self.apply(self._init_weights)
@@ -196,8 +217,13 @@ class VAELoss(nn.Module):
     optimiser's grads before its backward (the generator loss also sends gradients into D).
     """
 
-    def __init__(self, weights: VAELossWeights | None = None, *, lpips: nn.Module | None = None,
-                 discriminator: nn.Module | None = None):
+    def __init__(
+        self,
+        weights: VAELossWeights | None = None,
+        *,
+        lpips: nn.Module | None = None,
+        discriminator: nn.Module | None = None,
+    ):
         super().__init__()
         self.weights = weights or VAELossWeights()
         if self.weights.lpips > 0 and lpips is None:
@@ -210,9 +236,17 @@ class VAELoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.weights.gan > 0 and step >= self.weights.disc_start
 
-    def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, posterior, *, step: int,
-                       last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """L_G for a batch; ``last_layer`` (``vae.last_layer``) is needed once the discriminator has started."""
+    def generator_loss(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        posterior,
+        *,
+        step: int,
+        last_layer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """L_G for a batch; ``last_layer`` (``vae.last_layer``) is needed once the
+        discriminator has started."""
         w = self.weights
         rec = reconstruction_loss(x, x_hat)
         perceptual = self.lpips(x, x_hat).mean() if w.lpips > 0 else torch.zeros((), device=x.device)
@@ -222,16 +256,19 @@ class VAELoss(nn.Module):
         gan = lam = torch.zeros((), device=x.device)
         if self.gan_active(step):
             if last_layer is None:
-                raise ValueError("last_layer (the decoder's last weight, vae.last_layer) is needed once "
-                                 f"step >= disc_start={w.disc_start}")
+                raise ValueError(
+                    "last_layer (the decoder's last weight, vae.last_layer) is needed once "
+                    f"step >= disc_start={w.disc_start}"
+                )
             gan = hinge_g_loss(self.discriminator(x_hat))
             lam = adaptive_weight(nll, gan, last_layer)
             total = total + lam * w.gan * gan
         terms = {"rec": rec, "lpips": perceptual, "kl": kl, "gan": gan, "gan_weight": lam, "total": total}
         return total, {k: v.detach() for k, v in terms.items()}
 
-    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, *, step: int
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_loss(
+        self, x: torch.Tensor, x_hat: torch.Tensor, *, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_D for a batch (x_hat is detached here); 0, with no discriminator forward, before disc_start."""
         if not self.gan_active(step):
             zero = torch.zeros((), device=x.device)
@@ -239,5 +276,8 @@ class VAELoss(nn.Module):
         logits_real = self.discriminator(x.detach())
         logits_fake = self.discriminator(x_hat.detach())
         loss = hinge_d_loss(logits_real, logits_fake)
-        return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),
-                      "logits_fake": logits_fake.detach().mean()}
+        return loss, {
+            "disc": loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }

@@ -10,7 +10,8 @@ Measuring (what ``measure`` and ``measure_isolated`` report):
   its RSS before the call, read in the first way that works here (``RSS_METHOD`` says which):
 
   ``vmhwm``      Linux: write "5" to /proc/self/clear_refs, which resets the kernel's high-water mark
-                 VmHWM to the current RSS, run the call, read VmHWM from /proc/self/status. Exact, no overhead.
+                 VmHWM to the current RSS, run the call, read VmHWM from /proc/self/status. Exact, no
+                 overhead.
   ``sampler``    Linux without a writable clear_refs: a thread reads /proc/self/statm every ~1 ms and keeps
                  the maximum. May miss a peak shorter than a millisecond.
   ``ru_maxrss``  elsewhere (macOS): ``resource.getrusage(...).ru_maxrss``, the process's lifetime peak. Only
@@ -26,15 +27,16 @@ Measuring (what ``measure`` and ``measure_isolated`` report):
 
 The switches (each documented where it lives; chapter 05 measures each one in ``benchmark.py``):
 
-=====================  ==========================================================================================
-attention backends     ``common.attention.attention_backend("math" | "sdpa" | "sliced", slice_size=...)``
-chunked feed-forward   ``common.attention.set_chunk_feed_forward(unet, chunk_size, dim=1)``
-gradient checkpointing ``unet.enable_gradient_checkpointing()`` / ``vae.enable_gradient_checkpointing()``
-autocast               ``autocast(device, "bf16" | "fp16")`` here; ``decode_fp32(vae, z)`` keeps the VAE in fp32
-VAE tiling, slicing    ``common.tiling.tiled_decode / tiled_encode / sliced_decode / sliced_encode``
-model CPU offload      ``common.offload.enable_model_cpu_offload(model, device)``
-channels_last, compile ``to_channels_last(model)``, ``compile_model(model)`` here
-=====================  ==========================================================================================
+=====================
+========================================================================================== attention backends
+``common.attention.attention_backend("math" | "sdpa" | "sliced", slice_size=...)`` chunked feed-forward
+``common.attention.set_chunk_feed_forward(unet, chunk_size, dim=1)`` gradient checkpointing
+``unet.enable_gradient_checkpointing()`` / ``vae.enable_gradient_checkpointing()`` autocast
+``autocast(device, "bf16" | "fp16")`` here; ``decode_fp32(vae, z)`` keeps the VAE in fp32 VAE tiling, slicing
+``common.tiling.tiled_decode / tiled_encode / sliced_decode / sliced_encode`` model CPU offload
+``common.offload.enable_model_cpu_offload(model, device)`` channels_last, compile ``to_channels_last(model)``,
+``compile_model(model)`` here =====================
+==========================================================================================
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ FP16_MAX = torch.finfo(torch.float16).max  # 65,504: anything larger becomes inf
 # ------------------------------------------------------------------------------------------------------
 # Reading the resident set size
 # ------------------------------------------------------------------------------------------------------
+
 
 def _status_kib(field: str) -> int | None:
     try:
@@ -154,8 +157,9 @@ def fix_malloc_threshold(threshold: int = 131072) -> bool:
     try:
         libc = ctypes.CDLL(libc_name)
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
-        _malloc_fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                              threshold))
+        _malloc_fixed = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, threshold)
+        )
     except (OSError, AttributeError):
         return False
     return _malloc_fixed
@@ -183,6 +187,7 @@ class _Sampler(threading.Thread):
 # Measuring a call
 # ------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Measurement:
     seconds: float  # median wall-clock time of one call
@@ -191,7 +196,9 @@ class Measurement:
     method: str  # how peak_bytes was read: vmhwm, sampler, ru_maxrss or cuda
     device: str
     repeats: int
-    note: str = ""  # what the measured callable reports about itself (its ``note`` attribute): compile time, ...
+    note: str = (
+        ""  # what the measured callable reports about itself (its ``note`` attribute): compile time, ...
+    )
 
     @property
     def peak_mib(self) -> float:
@@ -237,8 +244,9 @@ def _measure_once(fn: Callable[[], object], device: torch.device):
     return out, seconds, max(peak - baseline, 0), baseline, RSS_METHOD
 
 
-def measure(fn: Callable[[], object], *, device: str | torch.device = "cpu", repeats: int = 1,
-            warmup: int = 0) -> tuple[Measurement, object]:
+def measure(
+    fn: Callable[[], object], *, device: str | torch.device = "cpu", repeats: int = 1, warmup: int = 0
+) -> tuple[Measurement, object]:
     """Time ``fn()`` and its peak extra memory in this process; returns ``(Measurement, last output)``.
 
     In a long-lived process (a notebook) an earlier peak cannot hide this one with the vmhwm and sampler
@@ -277,7 +285,8 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "13
 
 
 def flatten_output(out) -> torch.Tensor | None:
-    """A call's output as one fp32 CPU tensor: a tensor as is, a list / tuple of tensors flattened and joined."""
+    """A call's output as one fp32 CPU tensor: a tensor as is, a list / tuple of tensors
+    flattened and joined."""
     if torch.is_tensor(out):
         return out.detach().float().cpu()
     if isinstance(out, (list, tuple)) and out and all(torch.is_tensor(t) for t in out):
@@ -285,9 +294,16 @@ def flatten_output(out) -> torch.Tensor | None:
     return None
 
 
-def measure_isolated(setup: Callable[..., Callable[[], object]], kwargs: dict | None = None, *,
-                     device: str | torch.device = "cpu", repeats: int = 1, warmup: int = 0,
-                     keep_output: bool = False, timeout: float | None = None):
+def measure_isolated(
+    setup: Callable[..., Callable[[], object]],
+    kwargs: dict | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    repeats: int = 1,
+    warmup: int = 0,
+    keep_output: bool = False,
+    timeout: float | None = None,
+):
     """Measure ``setup(**kwargs)()`` in a fresh (spawned) process; returns ``(Measurement, output or None)``.
 
     ``setup`` must be importable by name (a function at the top of a module or of the script being run, not a
@@ -297,8 +313,9 @@ def measure_isolated(setup: Callable[..., Callable[[], object]], kwargs: dict | 
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.pt")
-        proc = ctx.Process(target=_child, args=(setup, kwargs or {}, str(device), repeats, warmup, keep_output,
-                                                path))
+        proc = ctx.Process(
+            target=_child, args=(setup, kwargs or {}, str(device), repeats, warmup, keep_output, path)
+        )
         # glibc serves big blocks with mmap (returned to the OS on free) only above a threshold that it raises
         # as blocks are freed; fixed at 128 KiB, every tensor's pages leave the RSS when it is freed, so the
         # peak counts live tensors, not the allocator's cache. The child reads this when it starts.
@@ -318,11 +335,15 @@ def measure_isolated(setup: Callable[..., Callable[[], object]], kwargs: dict | 
             proc.join()
             raise TimeoutError(f"{getattr(setup, '__name__', setup)}({kwargs}) ran past {timeout} s")
         if not os.path.exists(path):
-            raise RuntimeError(f"the measuring process died with exit code {proc.exitcode} (out of memory?) "
-                               f"running {getattr(setup, '__name__', setup)}({kwargs})")
+            raise RuntimeError(
+                f"the measuring process died with exit code {proc.exitcode} (out of memory?) "
+                f"running {getattr(setup, '__name__', setup)}({kwargs})"
+            )
         result = torch.load(path, weights_only=False)
     if "error" in result:
-        raise RuntimeError(f"{getattr(setup, '__name__', setup)}({kwargs}) failed in the child:\n{result['error']}")
+        raise RuntimeError(
+            f"{getattr(setup, '__name__', setup)}({kwargs}) failed in the child:\n{result['error']}"
+        )
     return Measurement(**result["measurement"]), result["output"]
 
 
@@ -330,7 +351,10 @@ def measure_isolated(setup: Callable[..., Callable[[], object]], kwargs: dict | 
 # Arithmetic, demos and tables
 # ------------------------------------------------------------------------------------------------------
 
-def attention_matrix_bytes(batch: int, heads: int, n_q: int, n_k: int, dtype: torch.dtype = torch.float32) -> int:
+
+def attention_matrix_bytes(
+    batch: int, heads: int, n_q: int, n_k: int, dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes of one layer's attention weight matrix: B x h x N_q x N_k elements of ``dtype``.
 
     The math path holds two such matrices at its peak (the scores and their softmax), the sliced path two
@@ -340,15 +364,19 @@ def attention_matrix_bytes(batch: int, heads: int, n_q: int, n_k: int, dtype: to
 
 
 def allocation_case(n_bytes: int) -> Callable[[], int]:
-    """A known allocation, for testing the meter: the call fills ``n_bytes`` of fresh memory, then frees it."""
+    """A known allocation, for testing the meter: the call fills ``n_bytes`` of fresh
+    memory, then frees it."""
+
     def call() -> int:
         buf = torch.ones(n_bytes // 4, dtype=torch.float32)  # ones: every page is written, so it is resident
         return int(buf.numel())
+
     return call
 
 
-def attention_case(*, backend: str, batch: int, heads: int, tokens: int, dim_head: int,
-                   slice_size: int = 1024, seed: int = 0) -> Callable[[], torch.Tensor]:
+def attention_case(
+    *, backend: str, batch: int, heads: int, tokens: int, dim_head: int, slice_size: int = 1024, seed: int = 0
+) -> Callable[[], torch.Tensor]:
     """One self-attention layer's core on random q, k, v of shape (batch, heads, tokens, dim_head)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, tokens, dim_head, generator=g) for _ in range(3))
@@ -356,6 +384,7 @@ def attention_case(*, backend: str, batch: int, heads: int, tokens: int, dim_hea
     def call() -> torch.Tensor:
         with torch.no_grad(), attention_backend(backend, slice_size=slice_size):
             return attention(q, k, v)
+
     return call
 
 
@@ -385,16 +414,19 @@ def decode_fp32(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
         return vae.decode(z.float())
 
 
-def max_activations(model: nn.Module, fn: Callable[[], object], kinds: tuple[type, ...] = (nn.Module,)
-                    ) -> dict[str, float]:
+def max_activations(
+    model: nn.Module, fn: Callable[[], object], kinds: tuple[type, ...] = (nn.Module,)
+) -> dict[str, float]:
     """Run ``fn()`` and return the largest |activation| each named submodule of ``model`` output."""
     found: dict[str, float] = {}
     handles = []
     for name, module in model.named_modules():
         if name and isinstance(module, kinds):
+
             def hook(mod, args, out, name=name):
                 if torch.is_tensor(out) and out.is_floating_point():
                     found[name] = max(found.get(name, 0.0), float(out.detach().abs().max()))
+
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -406,7 +438,8 @@ def max_activations(model: nn.Module, fn: Callable[[], object], kinds: tuple[typ
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """Store conv weights (and so activations) as (B, H, W, C) in memory: faster convs on many CPU/GPU kernels.
+    """Store conv weights (and so activations) as (B, H, W, C) in memory: faster convs
+    on many CPU/GPU kernels.
 
     The values are unchanged; only the strides differ. Inputs follow with ``x.to(memory_format=...)``.
     """
@@ -438,8 +471,9 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     return "\n".join(lines)
 
 
-def write_table(rows: Sequence[dict], out: str | Path, name: str = "table", columns: Sequence[str] | None = None
-                ) -> tuple[Path, Path]:
+def write_table(
+    rows: Sequence[dict], out: str | Path, name: str = "table", columns: Sequence[str] | None = None
+) -> tuple[Path, Path]:
     """Write ``name.md`` (markdown) and ``name.csv`` under ``out`` atomically; returns both paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), per_image: bool = False):
-    """Peak signal-to-noise ratio in dB (skimage.metrics.peak_signal_noise_ratio, data range 1 after rescaling)."""
+    """Peak signal-to-noise ratio in dB (skimage.metrics.peak_signal_noise_ratio, data
+    range 1 after rescaling)."""
     from skimage.metrics import peak_signal_noise_ratio
 
     _check_pair(pred, target)
@@ -53,8 +54,20 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), p
 
     _check_pair(pred, target)
     p, t = _to_numpy01(pred, value_range), _to_numpy01(target, value_range)
-    vals = [float(structural_similarity(ti, pi, data_range=1.0, channel_axis=-1, gaussian_weights=True,
-                                        sigma=1.5, use_sample_covariance=False)) for pi, ti in zip(p, t)]
+    vals = [
+        float(
+            structural_similarity(
+                ti,
+                pi,
+                data_range=1.0,
+                channel_axis=-1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
+        )
+        for pi, ti in zip(p, t)
+    ]
     return vals if per_image else float(np.mean(vals))
 
 
@@ -106,8 +119,8 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z = 1.96) Wilson score interval of a proportion successes / n (Wilson 1927): it stays inside [0, 1]
-    and is not empty at 0 or n successes, unlike the normal approximation. NaN for n = 0."""
+    """95% (z = 1.96) Wilson score interval of a proportion successes / n (Wilson 1927): it stays inside
+    [0, 1] and is not empty at 0 or n successes, unlike the normal approximation. NaN for n = 0."""
     if n == 0:
         return float("nan"), float("nan")
     p_hat = successes / n

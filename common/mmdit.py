@@ -52,8 +52,10 @@ class MMDiTConfig:
 
     def __post_init__(self):
         if self.caption_projection_dim != self.num_attention_heads * self.attention_head_dim:
-            raise ValueError(f"caption_projection_dim={self.caption_projection_dim} must equal "
-                             f"num_attention_heads * attention_head_dim = {self.width}")
+            raise ValueError(
+                f"caption_projection_dim={self.caption_projection_dim} must equal "
+                f"num_attention_heads * attention_head_dim = {self.width}"
+            )
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"unknown qk_norm {self.qk_norm!r}; expected None or 'rms_norm'")
 
@@ -69,15 +71,26 @@ class MMDiTConfig:
     @classmethod
     def tiny(cls) -> MMDiTConfig:
         """A few-thousand-parameter model for tests and the notebook's toy."""
-        return cls(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
-                   num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
-                   pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
+        return cls(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=24,
+            caption_projection_dim=16,
+            pooled_projection_dim=12,
+            out_channels=4,
+            pos_embed_max_size=16,
+        )
 
     @classmethod
     def from_diffusers(cls, config: Mapping) -> MMDiTConfig:
         if tuple(config.get("dual_attention_layers") or ()):
-            raise ValueError("dual_attention_layers (SD 3.5 Medium's MMDiT-X) are not implemented; "
-                             "expected ()")
+            raise ValueError(
+                "dual_attention_layers (SD 3.5 Medium's MMDiT-X) are not implemented; expected ()"
+            )
         return cls(**{key: config[key] for key in asdict(cls()) if key in config})
 
     def to_diffusers(self) -> dict:
@@ -104,8 +117,9 @@ def sincos_2d(D: int, side: int, base_size: float) -> torch.Tensor:
 class PatchEmbed(nn.Module):
     """Patchify: a p x p stride-p convolution (one linear map per patch), plus the positions' centre crop."""
 
-    def __init__(self, *, patch_size: int, in_channels: int, width: int, pos_embed_max_size: int,
-                 base_size: int):
+    def __init__(
+        self, *, patch_size: int, in_channels: int, width: int, pos_embed_max_size: int, base_size: int
+    ):
         super().__init__()
         self.patch_size, self.max_size = patch_size, pos_embed_max_size
         self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
@@ -120,7 +134,7 @@ class PatchEmbed(nn.Module):
         x = self.proj(z).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D), row by row
         top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
         table = self.pos_embed.view(self.max_size, self.max_size, -1)
-        return x + table[top:top + h, left:left + w].reshape(1, h * w, -1)  # (B, N, D)
+        return x + table[top : top + h, left : left + w].reshape(1, h * w, -1)  # (B, N, D)
 
 
 def unpatchify(x: torch.Tensor, h: int, w: int, p: int, C: int) -> torch.Tensor:
@@ -235,8 +249,9 @@ class JointTransformerBlock(nn.Module):
         self.context_pre_only = context_pre_only
         self.norm1 = AdaLayerNormZero(width)
         self.norm1_context = AdaLayerNormContinuous(width) if context_pre_only else AdaLayerNormZero(width)
-        self.attn = JointAttention(width=width, heads=heads, qk_norm=qk_norm,
-                                   context_pre_only=context_pre_only)
+        self.attn = JointAttention(
+            width=width, heads=heads, qk_norm=qk_norm, context_pre_only=context_pre_only
+        )
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(width)
         if not context_pre_only:
@@ -271,8 +286,9 @@ class CombinedTimestepTextEmbedding(nn.Module):
     def __init__(self, *, width: int, pooled_dim: int):
         super().__init__()
         self.timestep_embedder = TimestepEmbedding(in_dim=256, time_embed_dim=width)
-        self.text_embedder = nn.ModuleDict({"linear_1": nn.Linear(pooled_dim, width),
-                                            "linear_2": nn.Linear(width, width)})
+        self.text_embedder = nn.ModuleDict(
+            {"linear_1": nn.Linear(pooled_dim, width), "linear_2": nn.Linear(width, width)}
+        )
 
     def forward(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         t_code = timestep_embedding(t, 256, flip_sin_to_cos=True, freq_shift=0)  # (B, 256), [cos, sin]
@@ -288,21 +304,32 @@ class MMDiT(nn.Module):
         super().__init__()
         self.config = cfg = config
         D = cfg.width
-        self.pos_embed = PatchEmbed(patch_size=cfg.patch_size, in_channels=cfg.in_channels, width=D,
-                                    pos_embed_max_size=cfg.pos_embed_max_size,
-                                    base_size=cfg.sample_size // cfg.patch_size)
+        self.pos_embed = PatchEmbed(
+            patch_size=cfg.patch_size,
+            in_channels=cfg.in_channels,
+            width=D,
+            pos_embed_max_size=cfg.pos_embed_max_size,
+            base_size=cfg.sample_size // cfg.patch_size,
+        )
         self.time_text_embed = CombinedTimestepTextEmbedding(width=D, pooled_dim=cfg.pooled_projection_dim)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, cfg.caption_projection_dim)
-        self.transformer_blocks = nn.ModuleList([
-            JointTransformerBlock(width=D, heads=cfg.num_attention_heads, qk_norm=cfg.qk_norm,
-                                  context_pre_only=(i == cfg.num_layers - 1))
-            for i in range(cfg.num_layers)
-        ])
+        self.transformer_blocks = nn.ModuleList(
+            [
+                JointTransformerBlock(
+                    width=D,
+                    heads=cfg.num_attention_heads,
+                    qk_norm=cfg.qk_norm,
+                    context_pre_only=(i == cfg.num_layers - 1),
+                )
+                for i in range(cfg.num_layers)
+            ]
+        )
         self.norm_out = AdaLayerNormContinuous(D)
         self.proj_out = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, pooled: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, pooled: torch.Tensor
+    ) -> torch.Tensor:
         """z: (B, C, H, W) noisy latent; t: (B,) or scalar timestep 1000 * sigma; context: (B, L, D_c) text
         tokens; pooled: (B, pooled_projection_dim). Returns the velocity (B, out_channels, H, W)."""
         B, C, H, W = z.shape

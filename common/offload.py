@@ -23,7 +23,8 @@ from torch import nn
 
 
 def offload_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The blocks offload moves one at a time: the model's children, with ModuleLists opened into their elements."""
+    """The blocks offload moves one at a time: the model's children, with ModuleLists
+    opened into their elements."""
     units = []
     for name, child in model.named_children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
@@ -47,7 +48,8 @@ def _to(value, device: torch.device):
 
 
 class ModelOffload:
-    """The hooks of one offloaded model; ``log`` records ("to" | "back", block name) in order; ``remove()`` undoes."""
+    """The hooks of one offloaded model; ``log`` records ("to" | "back", block name) in
+    order; ``remove()`` undoes."""
 
     def __init__(self, model: nn.Module, device: torch.device, offload_device: torch.device):
         self.model, self.device, self.offload_device = model, device, offload_device
@@ -55,8 +57,10 @@ class ModelOffload:
         self.handles = []
         params_outside = [n for n, _ in model.named_parameters(recurse=False)]
         if params_outside:
-            raise ValueError(f"parameters {params_outside} belong to the model itself, not to a block: offload "
-                             f"moves blocks, so wrap them in a submodule")
+            raise ValueError(
+                f"parameters {params_outside} belong to the model itself, not to a block: offload "
+                f"moves blocks, so wrap them in a submodule"
+            )
         model.to(offload_device)
         for name, unit in offload_units(model):
             self.handles.append(unit.register_forward_pre_hook(self._pre(name), with_kwargs=True))
@@ -67,12 +71,14 @@ class ModelOffload:
             module.to(self.device)
             self.log.append(("to", name))
             return _to(args, self.device), _to(kwargs, self.device)
+
         return hook
 
     def _post(self, name: str):
         def hook(module, args, output):
             module.to(self.offload_device)
             self.log.append(("back", name))
+
         return hook
 
     def remove(self) -> None:
@@ -81,9 +87,13 @@ class ModelOffload:
         self.handles = []
 
 
-def enable_model_cpu_offload(model: nn.Module, device: str | torch.device = "cuda",
-                             offload_device: str | torch.device = "cpu", *, quiet: bool = False
-                             ) -> ModelOffload | None:
+def enable_model_cpu_offload(
+    model: nn.Module,
+    device: str | torch.device = "cuda",
+    offload_device: str | torch.device = "cpu",
+    *,
+    quiet: bool = False,
+) -> ModelOffload | None:
     """Offload ``model`` block by block to ``offload_device``, bringing each to ``device`` while it runs.
 
     Returns the ``ModelOffload`` (``.remove()`` switches it off), or None when ``device`` is the
@@ -92,15 +102,20 @@ def enable_model_cpu_offload(model: nn.Module, device: str | torch.device = "cud
     """
     device, offload_device = torch.device(device), torch.device(offload_device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available here; use device='cpu' (a no-op)")
+        raise ValueError(
+            "device 'cuda' was asked for but CUDA is not available here; use device='cpu' (a no-op)"
+        )
     if device == offload_device:
         if not quiet:
-            print(f"model CPU offload: the model already runs on {device}, where its weights live; nothing to "
-                  f"offload (it saves GPU memory only)")
+            print(
+                f"model CPU offload: the model already runs on {device}, where its weights live; nothing to "
+                f"offload (it saves GPU memory only)"
+            )
         return None
     return ModelOffload(model, device, offload_device)
 
 
 def offload_for_test(model: nn.Module) -> ModelOffload:
-    """The hooks with ``device`` = ``offload_device`` = cpu: every move is a no-op, the log shows the order."""
+    """The hooks with ``device`` = ``offload_device`` = cpu: every move is a no-op,
+    the log shows the order."""
     return ModelOffload(model, torch.device("cpu"), torch.device("cpu"))

@@ -1,9 +1,10 @@
-"""The Stable Diffusion pipeline: text in, image out (Rombach et al. 2022, "High-Resolution Image Synthesis with
-Latent Diffusion Models", sec. 3.3 and fig. 3), with classifier-free guidance (Ho & Salimans 2022, eq. 6).
+"""The Stable Diffusion pipeline: text in, image out (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models", sec. 3.3 and fig. 3), with classifier-free guidance
+(Ho & Salimans 2022, eq. 6).
 
     prompt --tokenizer--> ids (B, N_k) --text encoder tau--> context c (B, N_k, D_c)
     z_T ~ N(0, I) (B, 4, H/f, W/f) * init_noise_sigma
-    for t in sampler.timesteps:                              (DDIM, DDPM or DPM-Solver++(2M): common/samplers.py)
+    for t in sampler.timesteps:                              (DDIM, DDPM or DPM-Solver++(2M), common/samplers)
         eps_u, eps_c = unet([z_t, z_t], t, [c_neg, c])       one batched call, diffusers' order [uncond, cond]
         eps = eps_u + s (eps_c - eps_u)                      classifier-free guidance, guidance scale s
         z_{t_prev} = sampler.step(eps, t, z_t)
@@ -61,7 +62,9 @@ COURSE_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "course_t2i
 @dataclass
 class PipelineOutput:
     images: list | torch.Tensor  # PIL images, or (B, 3, H, W) in [0, 1] ("pt"), or latents z_0 (B, 4, h, w)
-    attention_maps: torch.Tensor | None = None  # (B, N_k, H, W): cross-attention per token, averaged over steps
+    attention_maps: torch.Tensor | None = (
+        None  # (B, N_k, H, W): cross-attention per token, averaged over steps
+    )
     tokens: list[list[str]] | None = None  # the token strings the maps' N_k axis stands for, per prompt
 
 
@@ -70,7 +73,8 @@ def main_model_path() -> Path:
     if not (COURSE_MODEL / "model_index.json").is_file():
         raise FileNotFoundError(
             f"the course model is not at {COURSE_MODEL} (no model_index.json there): train it with "
-            "`python 06_stable_diffusion_architecture/train_text_to_image.py`, or pass --model PATH")
+            "`python 06_stable_diffusion_architecture/train_text_to_image.py`, or pass --model PATH"
+        )
     return COURSE_MODEL
 
 
@@ -83,14 +87,20 @@ class StableDiffusion:
         self.schedule = schedule or NoiseSchedule.sd15()
         self._check_sampler(sampler)
         if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-            raise ValueError(f"the UNet's cross_attention_dim ({unet.config.cross_attention_dim}) must equal the text "
-                             f"encoder's hidden_size ({text_encoder.config.hidden_size})")
+            raise ValueError(
+                f"the UNet's cross_attention_dim ({unet.config.cross_attention_dim}) must equal the text "
+                f"encoder's hidden_size ({text_encoder.config.hidden_size})"
+            )
         if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"the UNet's in_channels ({unet.config.in_channels}) must equal the VAE's "
-                             f"latent_channels ({vae.config.latent_channels})")
+            raise ValueError(
+                f"the UNet's in_channels ({unet.config.in_channels}) must equal the VAE's "
+                f"latent_channels ({vae.config.latent_channels})"
+            )
         if tokenizer.context_length > text_encoder.config.max_position_embeddings:
-            raise ValueError(f"the tokenizer's context_length ({tokenizer.context_length}) exceeds the text encoder's "
-                             f"max_position_embeddings ({text_encoder.config.max_position_embeddings})")
+            raise ValueError(
+                f"the tokenizer's context_length ({tokenizer.context_length}) exceeds the text encoder's "
+                f"max_position_embeddings ({text_encoder.config.max_position_embeddings})"
+            )
         self.tokenizer, self.text_encoder, self.unet, self.vae = tokenizer, text_encoder, unet, vae
         self.sampler_name = sampler
         # options of the samplers (spacing, steps_offset, ...) in diffusers' names, as a scheduler config
@@ -143,9 +153,12 @@ class StableDiffusion:
                 raise ValueError(f"eta={eta} is an option of the 'ddim' sampler only; got sampler {name!r}")
             return FlowEulerSampler(self.schedule, num_inference_steps)
         cls = SAMPLERS[name]
-        # an option the config leaves out means diffusers' default for that scheduler class, as from_config reads it
-        options = {key: default if self.sampler_options.get(key) is None else self.sampler_options[key]
-                   for key, default in cls.diffusers_defaults.items()}
+        # an option the config leaves out means diffusers' default for that scheduler
+        # class, as from_config reads it
+        options = {
+            key: default if self.sampler_options.get(key) is None else self.sampler_options[key]
+            for key, default in cls.diffusers_defaults.items()
+        }
         if name == "ddim":
             options["eta"] = eta
         elif eta != 0.0:
@@ -154,19 +167,29 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids -> the text encoder's last hidden state: the context c (B, N_k, D_c) the UNet attends to."""
+        """Token ids -> the text encoder's last hidden state: the context c
+        (B, N_k, D_c) the UNet attends to."""
         ids = self.tokenizer(prompts).to(self.device)  # (B, N_k); warns naming the words it drops
         return self.text_encoder(ids).last_hidden_state  # (B, N_k, D_c)
 
     def token_strings(self, prompt: str) -> list[str]:
-        """The prompt's tokens as strings, one per context position (what an attention map's N_k axis means)."""
+        """The prompt's tokens as strings, one per context position (what an attention
+        map's N_k axis means)."""
         ids = self.tokenizer([prompt])[0].tolist()
-        return [self.tokenizer.decode([i]) or {self.tokenizer.bos_id: "<bos>", self.tokenizer.eos_id: "<eos>",
-                                               self.tokenizer.pad_id: "<pad>"}.get(i, "?") for i in ids]
+        return [
+            self.tokenizer.decode([i])
+            or {
+                self.tokenizer.bos_id: "<bos>",
+                self.tokenizer.eos_id: "<eos>",
+                self.tokenizer.pad_id: "<pad>",
+            }.get(i, "?")
+            for i in ids
+        ]
 
     # --- inputs ---------------------------------------------------------------------------------------
     def _image_tensor(self, image, what: str = "image", channels: int = 3) -> torch.Tensor:
-        """A PIL image (or list), an array (H, W[, C]) or a tensor ([B,] C, H, W) in [0, 1] -> (B, C, H, W) float."""
+        """A PIL image (or list), an array (H, W[, C]) or a tensor ([B,] C, H, W) in [0, 1]
+        -> (B, C, H, W) float."""
         from PIL import Image
 
         if isinstance(image, Image.Image):
@@ -185,22 +208,31 @@ class StableDiffusion:
             elif x.ndim == 3:
                 x = x[None]
         else:
-            raise ValueError(f"{what} must be a PIL image, a list of them, or a tensor in [0, 1]; "
-                             f"got {type(image).__name__}")
+            raise ValueError(
+                f"{what} must be a PIL image, a list of them, or a tensor in [0, 1]; "
+                f"got {type(image).__name__}"
+            )
         if x.ndim != 4 or x.shape[1] != channels:
-            raise ValueError(f"{what} must have {channels} channel(s), shape ([B,] {channels}, H, W); "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"{what} must have {channels} channel(s), shape ([B,] {channels}, H, W); got {tuple(x.shape)}"
+            )
         if x.min() < 0 or x.max() > 1:
             raise ValueError(f"{what} values must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}]")
         return x
 
     def _check_size(self, height: int, width: int) -> None:
         m = self.size_multiple
-        if not (isinstance(height, int) and isinstance(width, int)) or height <= 0 or width <= 0 \
-                or height % m or width % m:
+        if (
+            not (isinstance(height, int) and isinstance(width, int))
+            or height <= 0
+            or width <= 0
+            or height % m
+            or width % m
+        ):
             raise ValueError(
                 f"height and width must be positive multiples of {m} (the VAE's downsampling factor); "
-                f"got {height} x {width}")
+                f"got {height} x {width}"
+            )
 
     def _check_prompts(self, prompt, negative_prompt) -> tuple[list[str], list[str]]:
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -211,24 +243,46 @@ class StableDiffusion:
         if negative_prompt is None:
             negatives = [""] * len(prompts)  # the unconditional prompt of classifier-free guidance
         else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = (
+                [negative_prompt] * len(prompts)
+                if isinstance(negative_prompt, str)
+                else list(negative_prompt)
+            )
             if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
-                raise ValueError(f"negative_prompt must be a str or a list of {len(prompts)} str (one per prompt)")
+                raise ValueError(
+                    f"negative_prompt must be a str or a list of {len(prompts)} str (one per prompt)"
+                )
         return list(prompts), negatives
 
     # --- the pipeline ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, generator=None,
-                 output_type: str = "pil", sampler: str | None = None, eta: float = 0.0, image=None,
-                 strength: float = 0.8, mask_image=None, capture_attention: bool = False,
-                 progress: bool = True) -> PipelineOutput:
-        """Generate images; ``image`` turns on img2img, ``image`` + ``mask_image`` inpainting (white = repaint)."""
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator=None,
+        output_type: str = "pil",
+        sampler: str | None = None,
+        eta: float = 0.0,
+        image=None,
+        strength: float = 0.8,
+        mask_image=None,
+        capture_attention: bool = False,
+        progress: bool = True,
+    ) -> PipelineOutput:
+        """Generate images; ``image`` turns on img2img, ``image`` + ``mask_image``
+        inpainting (white = repaint)."""
         # 1. check the inputs
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
         B = len(prompts)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}")
+            raise ValueError(
+                f"unknown output_type {output_type!r}; expected one of {', '.join(OUTPUT_TYPES)}"
+            )
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must lie in [0, 1] (0: keep the image, 1: ignore it), got {strength}")
         if mask_image is not None and image is None:
@@ -238,8 +292,10 @@ class StableDiffusion:
             x_init = self._image_tensor(image)  # (B_img, 3, H, W) in [0, 1]
             H_img, W_img = x_init.shape[-2:]
             if (height or H_img) != H_img or (width or W_img) != W_img:
-                raise ValueError(f"height x width {height} x {width} differ from the image's {H_img} x {W_img}; "
-                                 "leave them out with an image")
+                raise ValueError(
+                    f"height x width {height} x {width} differ from the image's {H_img} x {W_img}; "
+                    "leave them out with an image"
+                )
             height, width = H_img, W_img
             if x_init.shape[0] not in (1, B):
                 raise ValueError(f"got {x_init.shape[0]} images for {B} prompts; expected 1 or {B}")
@@ -262,18 +318,24 @@ class StableDiffusion:
         timesteps = sampler_.timesteps
         z0 = noise = keep = None
         if x_init is None:  # text-to-image: z_T ~ N(0, I), drawn as diffusers' prepare_latents draws it
-            z = randn(shape, generator, torch.empty(0, device=self.device, dtype=self.dtype)) \
+            z = (
+                randn(shape, generator, torch.empty(0, device=self.device, dtype=self.dtype))
                 * sampler_.init_noise_sigma
+            )
         else:  # img2img: skip the first (1 - strength) of the steps (diffusers' get_timesteps)
             n_init = min(int(num_inference_steps * strength), num_inference_steps)
-            timesteps = timesteps[num_inference_steps - n_init:]
+            timesteps = timesteps[num_inference_steps - n_init :]
             x = (2 * x_init - 1).to(self.device, self.dtype)  # (B_img, 3, H, W) in [-1, 1]
-            z0 = self.vae.encode(x).sample(generator) * self.vae.config.scaling_factor  # as diffusers' retrieve_latents
+            z0 = (
+                self.vae.encode(x).sample(generator) * self.vae.config.scaling_factor
+            )  # as diffusers' retrieve_latents
             z0 = z0.expand(B, -1, -1, -1) if z0.shape[0] == 1 else z0  # (B, 4, h, w)
             noise = randn(z0.shape, generator, z0)
             z = sampler_.add_noise(z0, noise, timesteps[0]) if len(timesteps) else z0
             if mask_image is not None:
-                keep = 1 - self._latent_mask(mask_image, (height, width), (h, w))  # (1 or B, 1, h, w): 1 = known
+                keep = 1 - self._latent_mask(
+                    mask_image, (height, width), (h, w)
+                )  # (1 or B, 1, h, w): 1 = known
 
         # 4. the denoising loop
         sampler_.reset()
@@ -300,8 +362,9 @@ class StableDiffusion:
         # 5. decode and convert, as diffusers' VaeImageProcessor.postprocess
         attention = None
         if maps_sum is not None:
-            attention = F.interpolate(maps_sum / len(timesteps), size=(height, width), mode="bilinear",
-                                      align_corners=False).cpu()  # (B, N_k, H, W)
+            attention = F.interpolate(
+                maps_sum / len(timesteps), size=(height, width), mode="bilinear", align_corners=False
+            ).cpu()  # (B, N_k, H, W)
         tokens = [self.token_strings(p) for p in prompts] if capture_attention else None
         if output_type == "latent":
             return PipelineOutput(z, attention, tokens)
@@ -311,23 +374,36 @@ class StableDiffusion:
             return PipelineOutput(x, attention, tokens)
         return PipelineOutput(to_pil(x), attention, tokens)
 
-    def _latent_mask(self, mask_image, image_size: tuple[int, int], latent_size: tuple[int, int]) -> torch.Tensor:
-        """The repaint mask at latent size (1 or B, 1, h, w): a latent cell is repainted if any of its pixels is."""
+    def _latent_mask(
+        self, mask_image, image_size: tuple[int, int], latent_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """The repaint mask at latent size (1 or B, 1, h, w): a latent cell is repainted if
+        any of its pixels is."""
         m = self._image_tensor(mask_image, "mask_image", channels=1)
         if tuple(m.shape[-2:]) != tuple(image_size):
-            raise ValueError(f"mask_image is {m.shape[-2]} x {m.shape[-1]} but the image is "
-                             f"{image_size[0]} x {image_size[1]}; expected the same size")
+            raise ValueError(
+                f"mask_image is {m.shape[-2]} x {m.shape[-1]} but the image is "
+                f"{image_size[0]} x {image_size[1]}; expected the same size"
+            )
         m = (m > 0.5).float()
         return F.adaptive_max_pool2d(m, latent_size).to(self.device, self.dtype)
 
     # --- loading and saving (common/pipeline_io.py, common/single_file.py) -----------------------------
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype: torch.dtype | None = None, *, sampler: str | None = None,
-                        tokenizer_path=None, config_dir=None) -> StableDiffusion:
+    def from_pretrained(
+        cls,
+        path,
+        device=None,
+        dtype: torch.dtype | None = None,
+        *,
+        sampler: str | None = None,
+        tokenizer_path=None,
+        config_dir=None,
+    ) -> StableDiffusion:
         """A diffusers-format folder, or a single-file SD 1.x checkpoint (.safetensors, CompVis key names).
 
-        For a single file the CLIP tokenizer comes from ``tokenizer_path`` (a local ``tokenizer/`` folder) and the
-        parts' configs are SD 1.5's, or those of the diffusers folder ``config_dir`` when given.
+        For a single file the CLIP tokenizer comes from ``tokenizer_path`` (a local ``tokenizer/`` folder) and
+        the parts' configs are SD 1.5's, or those of the diffusers folder ``config_dir`` when given.
         """
         return load_pipeline(cls, path, device=device, dtype=dtype, sampler=sampler, tokenizer_path=tokenizer_path,
                              config_dir=config_dir)
@@ -368,11 +444,27 @@ def tiny_random_pipeline(seed: int = 0, sampler: str = "ddim") -> StableDiffusio
     a fraction of a second, so tests and exercise checks can exercise every code path without a trained model."""
     torch.manual_seed(seed)
     tok = ShapesTokenizer.for_shapes()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-                                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
+    )
     unet = UNet(UNetConfig.tiny())
     with torch.no_grad():  # a visible output scale, so guidance and samplers change the image measurably
         unet.conv_out.weight.normal_(0, 0.05)
-    return StableDiffusion(tokenizer=tok, text_encoder=text, unet=unet, vae=AutoencoderKL(AutoencoderConfig.tiny()),
-                           sampler=sampler, device="cpu")
+    return StableDiffusion(
+        tokenizer=tok,
+        text_encoder=text,
+        unet=unet,
+        vae=AutoencoderKL(AutoencoderConfig.tiny()),
+        sampler=sampler,
+        device="cpu",
+    )

@@ -1,7 +1,8 @@
 """Loading and saving a whole pipeline in diffusers' folder layout (``StableDiffusion.from_pretrained`` /
 ``save_pretrained``), and dispatching single-file SD 1.x checkpoints to ``common/single_file.py``.
 
-A diffusers folder (what ``diffusers.StableDiffusionPipeline.save_pretrained`` writes, and what SD 1.5 ships as):
+A diffusers folder (what ``diffusers.StableDiffusionPipeline.save_pretrained`` writes,
+and what SD 1.5 ships as):
 
     model_index.json                the parts and their classes
     unet/config.json                UNet2DConditionModel config    + diffusion_pytorch_model.safetensors
@@ -59,9 +60,11 @@ def sampler_of(scheduler_config: dict, where: Path) -> str:
     (never a silent swap for another sampler)."""
     name = scheduler_config.get("_class_name")
     if name not in SAMPLER_OF_SCHEDULER:
-        raise ValueError(f"{where} names the scheduler {name!r}, which the course does not implement (it has "
-                         f"{', '.join(SAMPLER_OF_SCHEDULER)}); pick a sampler explicitly: sampler= / --sampler, one "
-                         f"of {', '.join(SAMPLERS)}")
+        raise ValueError(
+            f"{where} names the scheduler {name!r}, which the course does not implement (it has "
+            f"{', '.join(SAMPLER_OF_SCHEDULER)}); pick a sampler explicitly: sampler= / --sampler, one "
+            f"of {', '.join(SAMPLERS)}"
+        )
     return SAMPLER_OF_SCHEDULER[name]
 
 
@@ -78,8 +81,9 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         if tokenizer_path is not None:  # a tokenizer asked for by name replaces the folder's own
             parts = (*parts[:3], load_tokenizer(Path(tokenizer_path)), parts[4])
     else:
-        raise FileNotFoundError(f"no model at {path}: expected a diffusers folder (with model_index.json) or a "
-                                ".safetensors file")
+        raise FileNotFoundError(
+            f"no model at {path}: expected a diffusers folder (with model_index.json) or a .safetensors file"
+        )
     unet, vae, text_encoder, tokenizer, scheduler_config = parts
     if scheduler_config.get("_class_name") == FLOW_SCHEDULER:  # the velocity eps - z_0, not a noise schedule
         schedule, options = FlowSchedule.from_diffusers(scheduler_config), {}
@@ -88,8 +92,17 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         options = {k: v for k, v in scheduler_config.items()
                    if k not in SCHEDULE_KEYS and not k.startswith("_")}
     sampler = sampler or sampler_of(scheduler_config, path if path.is_file() else path / "scheduler")
-    return cls(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, schedule=schedule,
-               sampler=sampler, device=device, dtype=dtype, sampler_options=options)
+    return cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        schedule=schedule,
+        sampler=sampler,
+        device=device,
+        dtype=dtype,
+        sampler_options=options,
+    )
 
 
 def load_folder(path: Path):
@@ -103,11 +116,16 @@ def load_folder(path: Path):
     unet_cfg = unet_config_from_diffusers(read_json(path / "unet/config.json", "the unet config"))
     unet = load_weights(build_on_meta(UNet, unet_cfg, big), load_part_weights(path / "unet", "unet"), str(path / "unet"))
     vae_cfg = AutoencoderConfig.from_diffusers(read_json(path / "vae/config.json", "the vae config"))
-    vae = load_weights(build_on_meta(AutoencoderKL, vae_cfg, big), load_part_weights(path / "vae", "vae"),
-                       str(path / "vae"))
-    text_cfg = CLIPTextConfig.from_transformers(read_json(path / "text_encoder/config.json", "the text encoder config"))
+    vae = load_weights(
+        build_on_meta(AutoencoderKL, vae_cfg, big), load_part_weights(path / "vae", "vae"), str(path / "vae")
+    )
+    text_cfg = CLIPTextConfig.from_transformers(
+        read_json(path / "text_encoder/config.json", "the text encoder config")
+    )
     text_state = normalize_clip_keys(load_part_weights(path / "text_encoder", "text_encoder"))
-    text_encoder = load_weights(build_on_meta(CLIPTextModel, text_cfg, big), text_state, str(path / "text_encoder"))
+    text_encoder = load_weights(
+        build_on_meta(CLIPTextModel, text_cfg, big), text_state, str(path / "text_encoder")
+    )
     tokenizer = load_tokenizer(path / "tokenizer")
     scheduler_config = read_json(path / "scheduler/scheduler_config.json", "the scheduler config")
     return unet, vae, text_encoder, tokenizer, scheduler_config
@@ -120,14 +138,17 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
         tokenizer.save(folder)
         return ["transformers", "CLIPTokenizer"]
     if not isinstance(tokenizer, ShapesTokenizer):
-        raise ValueError(f"cannot save a {type(tokenizer).__name__}; expected ClipTokenizer or ShapesTokenizer")
+        raise ValueError(
+            f"cannot save a {type(tokenizer).__name__}; expected ClipTokenizer or ShapesTokenizer"
+        )
     tokenizer.save(folder)  # tokenizer.json, which also pads and truncates to the context by itself
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.context_length,
               "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
               "clean_up_tokenization_spaces": False, "padding_side": "right", "truncation_side": "right"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}, indent=2) + "\n"
+    )
     return ["transformers", "PreTrainedTokenizerFast"]
 
 
@@ -157,13 +178,25 @@ def write_pipeline(pipe, tmp: Path, dtype: torch.dtype = torch.float32) -> None:
     pipe.text_encoder.to(pipe.device, pipe.dtype)
     tokenizer_entry = save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
     scheduler_class = DIFFUSERS_SCHEDULERS[pipe.sampler_name]
-    scheduler = {"_class_name": scheduler_class, "_diffusers_version": DIFFUSERS_VERSION,
-                 **pipe.schedule.to_diffusers(), **pipe.sampler_options}
+    scheduler = {
+        "_class_name": scheduler_class,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **pipe.schedule.to_diffusers(),
+        **pipe.sampler_options,
+    }
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-             "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": tokenizer_entry,
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": tokenizer_entry,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

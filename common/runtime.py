@@ -49,7 +49,9 @@ def get_device(name: str | torch.device | None = None) -> torch.device:
         return torch.device("cpu")
     kind = str(name).split(":")[0]
     if kind not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICES)} (optionally 'cuda:N')")
+        raise ValueError(
+            f"unknown device {name!r}; expected one of {', '.join(DEVICES)} (optionally 'cuda:N')"
+        )
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use 'cpu'")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -70,7 +72,8 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def mode(device: str | torch.device | None = None) -> str:
-    """``"fast"`` under COURSE_FAST, else ``"gpu"`` on a CUDA device, else ``"cpu"`` (MPS counts as cpu-sized)."""
+    """``"fast"`` under COURSE_FAST, else ``"gpu"`` on a CUDA device, else ``"cpu"``
+    (MPS counts as cpu-sized)."""
     if is_fast():
         return "fast"
     return "gpu" if get_device(device).type == "cuda" else "cpu"
@@ -90,9 +93,14 @@ def budget(*, fast: T, cpu: T, gpu: T | None = None, device: str | torch.device 
 
 
 def describe(device: str | torch.device | None = None) -> str:
-    """One line a notebook prints first: mode, device and torch version, so every figure says where it came from."""
+    """One line a notebook prints first: mode, device and torch version, so every figure
+    says where it came from."""
     dev = get_device(device)
-    extra = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else f" ({torch.get_num_threads()} threads)"
+    extra = (
+        f" ({torch.cuda.get_device_name(dev)})"
+        if dev.type == "cuda"
+        else f" ({torch.get_num_threads()} threads)"
+    )
     return f"mode={mode(dev)} device={dev}{extra} torch={torch.__version__}"
 
 

@@ -19,8 +19,8 @@ share one interface so a pipeline can swap them:
 or simply ``sample_loop(lambda z, t: unet(z, t), z, sampler, generator=seed)``.
 
 Timestep spacing (Lin et al. 2023, table 2) decides which of the T training timesteps are visited:
-"leading" (0, k, 2k, ... plus steps_offset; SD 1.x uses steps_offset=1), "trailing" (T-1, T-1-k, ...; reaches the
-noisiest timestep) and "linspace" (evenly rounded from 0 to T-1).
+"leading" (0, k, 2k, ... plus steps_offset; SD 1.x uses steps_offset=1), "trailing" (T-1, T-1-k, ...; reaches
+the noisiest timestep) and "linspace" (evenly rounded from 0 to T-1).
 """
 
 from __future__ import annotations
@@ -43,11 +43,14 @@ def as_generator(generator: torch.Generator | int | None) -> torch.Generator | N
         return generator
     if isinstance(generator, int) and not isinstance(generator, bool):
         return torch.Generator().manual_seed(generator)
-    raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    raise ValueError(
+        f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}"
+    )
 
 
 def randn(shape: torch.Size, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """N(0, I) noise drawn on the generator's device, then moved to ``like``'s: same seed, same noise anywhere."""
+    """N(0, I) noise drawn on the generator's device, then moved to ``like``'s: same
+    seed, same noise anywhere."""
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
@@ -83,7 +86,8 @@ class Sampler:
             )
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
-                f"unknown timestep_spacing {timestep_spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}"
+                f"unknown timestep_spacing {timestep_spacing!r}; "
+                f"expected one of {', '.join(TIMESTEP_SPACINGS)}"
             )
         self.schedule = schedule
         self.num_inference_steps = num_inference_steps
@@ -98,8 +102,8 @@ class Sampler:
             )
         if (np.diff(timesteps) >= 0).any():
             raise ValueError(
-                f"num_inference_steps={num_inference_steps} repeats timesteps with {timestep_spacing} spacing "
-                f"and num_train_timesteps={T}; use fewer steps"
+                f"num_inference_steps={num_inference_steps} repeats timesteps with {timestep_spacing} "
+                f"spacing and num_train_timesteps={T}; use fewer steps"
             )
         self.timesteps = torch.from_numpy(timesteps.copy())  # LongTensor, descending
         self.reset()
@@ -128,23 +132,34 @@ class Sampler:
             )
         return int(hits[0])
 
-    def step(self, model_output: torch.Tensor, t: int | torch.Tensor, z: torch.Tensor,
-             generator: torch.Generator | int | None = None) -> torch.Tensor:
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int | torch.Tensor,
+        z: torch.Tensor,
+        generator: torch.Generator | int | None = None,
+    ) -> torch.Tensor:
         """z_{t_prev} from z_t and the network's output at t. An int generator seeds a fresh one for this
         step only, so a loop should pass one torch.Generator to every step (sample_loop does)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(steps={self.num_inference_steps}, spacing={self.timestep_spacing}, "
-                f"steps_offset={self.steps_offset}, prediction_type={self.prediction_type})")
+        return (
+            f"{type(self).__name__}(steps={self.num_inference_steps}, spacing={self.timestep_spacing}, "
+            f"steps_offset={self.steps_offset}, prediction_type={self.prediction_type})"
+        )
 
 
 class DDPMSampler(Sampler):
     """Ancestral sampling from the posterior q(z_{t_prev} | z_t, x0_pred) (Ho et al. 2020)."""
 
     name = "ddpm"
-    diffusers_defaults = {"timestep_spacing": "leading", "steps_offset": 0, "variance_type": "fixed_small",
-                          "clip_sample": True}
+    diffusers_defaults = {
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "variance_type": "fixed_small",
+        "clip_sample": True,
+    }
 
     def __init__(
         self,
@@ -156,10 +171,15 @@ class DDPMSampler(Sampler):
         variance_type: str = "fixed_small",
         clip_sample: bool = False,
     ):
-        # steps_offset=0 by default so the full 1000-step chain of the paper (999 .. 0) fits; SD uses 1 with fewer
+        # steps_offset=0 by default so the full 1000-step chain of the paper (999 .. 0)
+        # fits; SD uses 1 with fewer
         if variance_type not in ("fixed_small", "fixed_large"):
-            raise ValueError(f"unknown variance_type {variance_type!r}; expected one of fixed_small, fixed_large")
-        self.variance_type = variance_type  # fixed_small: tilde-beta_t (diffusers' default); fixed_large: beta_t
+            raise ValueError(
+                f"unknown variance_type {variance_type!r}; expected one of fixed_small, fixed_large"
+            )
+        self.variance_type = (
+            variance_type  # fixed_small: tilde-beta_t (diffusers' default); fixed_large: beta_t
+        )
         self.clip_sample = clip_sample  # clamp x0_pred to [-1, 1]: for pixels, never for SD latents
         super().__init__(
             schedule, num_inference_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset
@@ -168,8 +188,9 @@ class DDPMSampler(Sampler):
     def step(self, model_output, t, z, generator=None):
         """One ancestral step z_t -> z_{t_prev}.
 
-        Notation, paper -> code (with skipped timesteps, alpha_t and beta_t are the effective one-step values):
-            alpha_bar_t, alpha_bar_{t-1}      alpha_bar_t, alpha_bar_prev  (alpha_bar_prev = 1 after the last step)
+        Notation, paper -> code (with skipped timesteps, alpha_t and beta_t are the
+        effective one-step values):
+            alpha_bar_t, alpha_bar_{t-1}      alpha_bar_t, alpha_bar_prev  (alpha_bar_prev = 1 after the end)
             alpha_t, beta_t                   alpha_t = alpha_bar_t / alpha_bar_prev, beta_t = 1 - alpha_t
             x_0 estimate                      x0_pred
             tilde-mu_t(x_t, x_0)              mean
@@ -189,8 +210,9 @@ class DDPMSampler(Sampler):
             x0_pred = x0_pred.clamp(-1, 1)
 
         # 3. posterior mean tilde-mu_t (eq. 7)
-        mean = (alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)) * x0_pred \
-            + (alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * z
+        mean = (alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)) * x0_pred + (
+            alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        ) * z
 
         # 4. posterior variance tilde-beta_t (eq. 7), clamped away from 0 as diffusers does
         variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)
@@ -198,9 +220,9 @@ class DDPMSampler(Sampler):
             variance = beta_t
         sigma_t = variance**0.5
 
-        # 5. z_{t_prev} ~ N(mean, sigma_t^2 I) (eq. 6); no noise on the final step (Algorithm 2), which returns
-        #    the mean. diffusers noises every t > 0, so with steps_offset=1 it also noises the last step (t = 1):
-        #    by ~1e-10 for fixed_small, by sqrt(beta_t) for fixed_large
+        # 5. z_{t_prev} ~ N(mean, sigma_t^2 I) (eq. 6); no noise on the final step (Algorithm 2), which
+        #    returns the mean. diffusers noises every t > 0, so with steps_offset=1 it also noises the last
+        #    step (t = 1): by ~1e-10 for fixed_small, by sqrt(beta_t) for fixed_large
         if is_last:
             return mean
         return mean + sigma_t * randn(model_output.shape, as_generator(generator), model_output)
@@ -210,8 +232,12 @@ class DDIMSampler(Sampler):
     """Denoising diffusion implicit models (Song et al. 2021): deterministic at eta = 0."""
 
     name = "ddim"
-    diffusers_defaults = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
-                          "clip_sample": True}
+    diffusers_defaults = {
+        "timestep_spacing": "leading",
+        "steps_offset": 0,
+        "set_alpha_to_one": True,
+        "clip_sample": True,
+    }
 
     def __init__(
         self,
@@ -245,7 +271,8 @@ class DDIMSampler(Sampler):
             "direction pointing to x_t"       dir_z_t
         """
         # 1. previous timestep: t minus the stride T // steps, as diffusers does for every spacing (so with
-        #    "trailing" and T not a multiple of steps, t_prev can differ by one from the next visited timestep)
+        #    "trailing" and T not a multiple of steps, t_prev can differ by one from
+        #    the next visited timestep)
         t = int(t)
         t_prev = t - self.schedule.num_train_timesteps // self.num_inference_steps
         alpha_bar_t = self.schedule.alpha_bar[t]
@@ -257,7 +284,8 @@ class DDIMSampler(Sampler):
         if self.clip_sample:
             x0_pred = x0_pred.clamp(-1, 1)
 
-        # 3. sigma_t(eta) = eta sqrt((1 - alpha_prev) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_prev)  (eq. 16)
+        # 3. sigma_t(eta) = eta sqrt((1 - alpha_prev) / (1 - alpha_t))
+        #    sqrt(1 - alpha_t / alpha_prev)  (eq. 16)
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
         sigma_t = self.eta * variance**0.5
 
@@ -281,8 +309,12 @@ class DPMSolverPP2MSampler(Sampler):
     """
 
     name = "dpmpp_2m"
-    diffusers_defaults = {"timestep_spacing": "linspace", "steps_offset": 0, "lower_order_final": True,
-                          "final_sigmas_type": "zero"}
+    diffusers_defaults = {
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "lower_order_final": True,
+        "final_sigmas_type": "zero",
+    }
 
     def __init__(
         self,
@@ -295,7 +327,9 @@ class DPMSolverPP2MSampler(Sampler):
         final_sigmas_type: str = "zero",
     ):
         if final_sigmas_type not in ("zero", "sigma_min"):
-            raise ValueError(f"unknown final_sigmas_type {final_sigmas_type!r}; expected one of zero, sigma_min")
+            raise ValueError(
+                f"unknown final_sigmas_type {final_sigmas_type!r}; expected one of zero, sigma_min"
+            )
         # below 15 steps, end with a first-order step: the second-order one is unstable there
         self.lower_order_final = lower_order_final
         # end at sigma = 0 (alpha_bar = 1, fully clean) or at the schedule's smallest noise alpha_bar[0]
@@ -315,7 +349,9 @@ class DPMSolverPP2MSampler(Sampler):
         # final step then goes from the smallest visited t to the clean end point
         T, n = self.schedule.num_train_timesteps, self.num_inference_steps
         if self.timestep_spacing == "leading":
-            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + self.steps_offset
+            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(
+                np.int64
+            ) + self.steps_offset
         if self.timestep_spacing == "linspace":
             return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         return spaced_timesteps(T, n, "trailing", self.steps_offset)
@@ -325,7 +361,8 @@ class DPMSolverPP2MSampler(Sampler):
         self._x0_pred_last = None  # x_theta at the previous (noisier) timestep, for the second-order term
 
     def step(self, model_output, t, z, generator=None):
-        """One step z_t -> z_{t_prev} of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2). ``generator`` is unused.
+        """One step z_t -> z_{t_prev} of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2).
+        ``generator`` is unused.
 
         Notation, paper -> code (sampling runs t_{i-1} -> t_i; the paper's alpha_t is sqrt(alpha_bar_t)):
             alpha_t, sigma_t                    alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
@@ -342,8 +379,10 @@ class DPMSolverPP2MSampler(Sampler):
         if i >= len(self.timesteps):
             raise ValueError(f"all {i} steps of this run are done; call sampler.reset() before a new run")
         if int(t) != int(self.timesteps[i]):
-            raise ValueError(f"expected timestep {int(self.timesteps[i])} (step {i}), got {int(t)}; "
-                             "call sampler.reset() before a new run")
+            raise ValueError(
+                f"expected timestep {int(self.timesteps[i])} (step {i}), got {int(t)}; "
+                "call sampler.reset() before a new run"
+            )
         is_last = i == len(self.timesteps) - 1
 
         # 2. alpha, sigma, lambda at t, at t_prev (the clean end point after the last step) and at the last t
@@ -367,8 +406,10 @@ class DPMSolverPP2MSampler(Sampler):
         # 4. first order on the first step (no history yet) and on the final step when asked for:
         #    DPM-Solver++1, the same as DDIM with eta = 0:
         #    z_prev = (sigma_prev / sigma_t) z - alpha_prev (e^{-h} - 1) x0_pred
-        first_order = self._x0_pred_last is None or (is_last and (
-            self.final_sigmas_type == "zero" or (self.lower_order_final and len(self.timesteps) < 15)))
+        first_order = self._x0_pred_last is None or (
+            is_last
+            and (self.final_sigmas_type == "zero" or (self.lower_order_final and len(self.timesteps) < 15))
+        )
         if first_order:
             D = x0_pred
         else:
@@ -394,7 +435,8 @@ SAMPLER_OF_SCHEDULER = {scheduler: name for name, scheduler in DIFFUSERS_SCHEDUL
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options) -> Sampler:
-    """Build a sampler by name; ``options`` are that sampler's keyword arguments (a misspelt one is an error)."""
+    """Build a sampler by name; ``options`` are that sampler's keyword arguments
+    (a misspelt one is an error)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name](schedule, steps, **options)
@@ -412,21 +454,30 @@ def sampler_from_diffusers(name: str, config: Mapping, steps: int) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join([*SAMPLERS, 'flow_euler'])}")
     cls = SAMPLERS[name]
-    options = {key: default if config.get(key) is None else config[key]
-               for key, default in cls.diffusers_defaults.items()}
+    options = {
+        key: default if config.get(key) is None else config[key]
+        for key, default in cls.diffusers_defaults.items()
+    }
     return cls(NoiseSchedule.from_diffusers(config), steps, **options)
 
 
 @torch.no_grad()
-def sample_loop(denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z_T: torch.Tensor,
-                sampler: Sampler, generator: torch.Generator | int | None = None,
-                callback: Callable | None = None, *, start_index: int = 0) -> torch.Tensor:
+def sample_loop(
+    denoise_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    z_T: torch.Tensor,
+    sampler: Sampler,
+    generator: torch.Generator | int | None = None,
+    callback: Callable | None = None,
+    *,
+    start_index: int = 0,
+) -> torch.Tensor:
     """Run the reverse process from z_T and return z_0.
 
     ``denoise_fn(z, t)`` returns the network's output (eps, v or x0, per the schedule) for latents z at the
-    0-d LongTensor timestep t. ``callback(i, t, z, x0_pred)`` is called after each step with the new latents and
-    the x0 predicted at t, for drawing trajectories. ``start_index`` skips the first steps (img2img: start from
-    ``sampler.add_noise(z0, eps, sampler.timesteps[start_index])``). An int ``generator`` seeds a fresh one.
+    0-d LongTensor timestep t. ``callback(i, t, z, x0_pred)`` is called after each step with the new latents
+    and the x0 predicted at t, for drawing trajectories. ``start_index`` skips the first steps (img2img: start
+    from ``sampler.add_noise(z0, eps, sampler.timesteps[start_index])``). An int
+    ``generator`` seeds a fresh one.
     """
     generator = as_generator(generator)
     sampler.reset()

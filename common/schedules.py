@@ -4,8 +4,8 @@ Papers and equations:
 
 * Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM): the forward process
   q(z_t | z_0) = N(sqrt(alpha_bar_t) z_0, (1 - alpha_bar_t) I)            (eq. 4)
-  so z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, and the simple loss ||eps - eps_theta(z_t, t)||^2
-  (eq. 14); x0 from a noise prediction (eq. 15).
+  so z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps, and the simple loss ||eps -
+  eps_theta(z_t, t)||^2 (eq. 14); x0 from a noise prediction (eq. 15).
 * Nichol & Dhariwal 2021, "Improved DDPM": the cosine schedule alpha_bar(t) = f(t) / f(0),
   f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, betas capped at 0.999
   (eq. 17; diffusers calls it "squaredcos_cap_v2").
@@ -23,11 +23,12 @@ Notation, paper -> code:
     T                          num_train_timesteps      (timesteps are integers 0 .. T-1, as in diffusers)
     beta_t                     betas[t]
     alpha_t = 1 - beta_t       alphas[t]
-    alpha_bar_t = prod alpha   alpha_bar[t]             (diffusers' ``alphas_cumprod``: a float32 cumprod, as there)
+    alpha_bar_t = prod alpha   alpha_bar[t]             (diffusers' ``alphas_cumprod``: float32 cumprod too)
     SNR(t)                     alpha_bar_t / (1 - alpha_bar_t)
 
 The numbers match diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler exactly for the same
-configuration (tests/test_schedules.py checks it), so a model trained with either library samples with the other.
+configuration (tests/test_schedules.py checks it), so a model trained with either
+library samples with the other.
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ _TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", 
 _FROM_DIFFUSERS_SCHEDULE = {v: k for k, v in _TO_DIFFUSERS_SCHEDULE.items()}
 
 
-def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+def make_betas(
+    beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float
+) -> torch.Tensor:
     """The T betas of a named schedule, float32, computed the way diffusers computes them."""
     T = num_train_timesteps
     if beta_schedule == "linear":  # Ho et al. 2020, section 4: 1e-4 .. 0.02
         return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
     if beta_schedule == "scaled_linear":  # latent diffusion: linear in sqrt(beta), gentler near t = 0
         return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
-    if beta_schedule == "cosine":  # Nichol & Dhariwal 2021 eq. 17; computed in float64, then cast, like diffusers
+    if (
+        beta_schedule == "cosine"
+    ):  # Nichol & Dhariwal 2021 eq. 17; computed in float64, then cast, like diffusers
 
         def f(u: float) -> float:  # alpha_bar as a function of u = t / T in [0, 1]
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -66,7 +71,8 @@ def make_betas(beta_schedule: str, num_train_timesteps: int, beta_start: float, 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Betas whose alpha_bar ends at exactly 0 (Lin et al. 2023, Algorithm 1), computed as diffusers does.
 
-    With s_t = sqrt(alpha_bar_t): s'_t = (s_t - s_{T-1}) * s_0 / (s_0 - s_{T-1}), so s'_0 = s_0 and s'_{T-1} = 0.
+    With s_t = sqrt(alpha_bar_t): s'_t = (s_t - s_{T-1}) * s_0 / (s_0 - s_{T-1}), so
+    s'_0 = s_0 and s'_{T-1} = 0.
     """
     sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
     s_first, s_last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
@@ -138,12 +144,15 @@ class NoiseSchedule:
         course does not implement are an error rather than a silently different schedule.
         """
         if config.get("trained_betas") is not None:
-            raise ValueError("scheduler config has explicit trained_betas; only named beta schedules are supported "
-                             f"({', '.join(_FROM_DIFFUSERS_SCHEDULE)})")
+            raise ValueError(
+                "scheduler config has explicit trained_betas; only named beta schedules are supported "
+                f"({', '.join(_FROM_DIFFUSERS_SCHEDULE)})"
+            )
         name = config.get("beta_schedule", "linear")
         if name not in _FROM_DIFFUSERS_SCHEDULE:
             raise ValueError(
-                f"unknown diffusers beta_schedule {name!r}; expected one of {', '.join(_FROM_DIFFUSERS_SCHEDULE)}"
+                f"unknown diffusers beta_schedule {name!r}; "
+                f"expected one of {', '.join(_FROM_DIFFUSERS_SCHEDULE)}"
             )
         # defaults are diffusers' own, so a config that omits a key means what it means to diffusers
         return cls(
@@ -183,8 +192,9 @@ class NoiseSchedule:
     def alpha_bar_at(self, t: int | torch.Tensor, like: torch.Tensor, validate: bool = True) -> torch.Tensor:
         """alpha_bar_t on ``like``'s device and dtype, shaped to broadcast against it: (B, 1, ..., 1) or 0-d.
 
-        ``validate=False`` skips the range check, for timesteps from ``sample_timesteps`` (valid by construction):
-        on a GPU the check reads t back to the host, which stalls the training loop once a call."""
+        ``validate=False`` skips the range check, for timesteps from ``sample_timesteps``
+        (valid by construction): on a GPU the check reads t back to the host, which stalls the
+        training loop once a call."""
         t = (self.check_timesteps(t) if validate else torch.as_tensor(t).long()).to(like.device)
         alpha_bar_t = self.alpha_bar.to(device=like.device, dtype=like.dtype)[t]
         if alpha_bar_t.ndim == 1:  # one t per batch item -> (B, 1, ..., 1)
@@ -198,20 +208,23 @@ class NoiseSchedule:
         return alpha_bar_t / (1 - alpha_bar_t)
 
     # ---- the forward process and the training targets -------------------------------------------------
-    def add_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
-                  ) -> torch.Tensor:
+    def add_noise(
+        self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """Sample q(z_t | z_0) (Ho et al. eq. 4): z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps."""
         alpha_bar_t = self.alpha_bar_at(t, z0, validate)
         return alpha_bar_t**0.5 * z0 + (1 - alpha_bar_t) ** 0.5 * eps
 
-    def v_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
-                 ) -> torch.Tensor:
+    def v_target(
+        self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """The velocity v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (Salimans & Ho 2022)."""
         alpha_bar_t = self.alpha_bar_at(t, z0, validate)
         return alpha_bar_t**0.5 * eps - (1 - alpha_bar_t) ** 0.5 * z0
 
-    def training_target(self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
-                        ) -> torch.Tensor:
+    def training_target(
+        self, z0: torch.Tensor, eps: torch.Tensor, t: int | torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """What the network should output at (z_t, t) under this schedule's prediction_type."""
         if self.prediction_type == "epsilon":
             return eps
@@ -222,7 +235,8 @@ class NoiseSchedule:
     def sample_timesteps(
         self, batch: int, generator: torch.Generator | None = None, device: str | torch.device | None = None
     ) -> torch.Tensor:
-        """t ~ Uniform{0, ..., T-1}, one per batch item (Ho et al. Algorithm 1), drawn on the generator's device."""
+        """t ~ Uniform{0, ..., T-1}, one per batch item (Ho et al. Algorithm 1), drawn on
+        the generator's device."""
         gen_device = generator.device if generator is not None else device
         t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device) if device is not None else t

@@ -49,14 +49,28 @@ COLORS = {  # sRGB 0..255, chosen far apart (the closest pair, orange/yellow, is
 }
 SIZES = {"small": 0.12, "large": 0.20}  # the object's scale as a fraction of the image side (areas ~1 : 2.8)
 POSITIONS = {  # name -> (x, y) of the cell's centre, as fractions of the image side (y grows downwards)
-    "top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
-    "left": (0.27, 0.5), "center": (0.5, 0.5), "right": (0.73, 0.5),
-    "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73),
+    "top left": (0.27, 0.27),
+    "top": (0.5, 0.27),
+    "top right": (0.73, 0.27),
+    "left": (0.27, 0.5),
+    "center": (0.5, 0.5),
+    "right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73),
+    "bottom": (0.5, 0.73),
+    "bottom right": (0.73, 0.73),
 }
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-HELD_OUT = frozenset({("red", "star"), ("green", "triangle"), ("blue", "cross"),
-                      ("yellow", "circle"), ("purple", "square"), ("orange", "diamond")})
+HELD_OUT = frozenset(
+    {
+        ("red", "star"),
+        ("green", "triangle"),
+        ("blue", "cross"),
+        ("yellow", "circle"),
+        ("purple", "square"),
+        ("orange", "diamond"),
+    }
+)
 BACKGROUND = (235, 235, 235)  # plain light grey: every colour in COLORS stands out against it
 SPLITS = ("train", "test", "all")
 MAX_OBJECTS = 2
@@ -82,8 +96,20 @@ OUTLINES: dict[str, tuple] = {
     "triangle": ((0.0, -1.1), (1.1 * _S3, 0.55), (-1.1 * _S3, 0.55)),  # equilateral, pointing up
     "diamond": ((0.0, -1.05), (0.75, 0.0), (0.0, 1.05), (-0.75, 0.0)),
     "star": tuple(_star(5, 1.1, 0.45)),
-    "cross": ((-0.3, -0.9), (0.3, -0.9), (0.3, -0.3), (0.9, -0.3), (0.9, 0.3), (0.3, 0.3), (0.3, 0.9),
-              (-0.3, 0.9), (-0.3, 0.3), (-0.9, 0.3), (-0.9, -0.3), (-0.3, -0.3)),
+    "cross": (
+        (-0.3, -0.9),
+        (0.3, -0.9),
+        (0.3, -0.3),
+        (0.9, -0.3),
+        (0.9, 0.3),
+        (0.3, 0.3),
+        (0.3, 0.9),
+        (-0.3, 0.9),
+        (-0.3, 0.3),
+        (-0.9, 0.3),
+        (-0.9, -0.3),
+        (-0.3, -0.3),
+    ),
 }
 
 
@@ -101,7 +127,8 @@ def extent(shape: str) -> tuple[float, float, float, float]:
 # Scenes
 @dataclass(frozen=True)
 class ShapeObject:
-    """One object of a scene. ``center`` is (x, y) in fractions of the image side; None: the canonical spot."""
+    """One object of a scene. ``center`` is (x, y) in fractions of the image side;
+    None: the canonical spot."""
 
     shape: str
     color: str
@@ -110,14 +137,19 @@ class ShapeObject:
     center: tuple[float, float] | None = None
 
     def __post_init__(self):
-        for name, value, allowed in (("shape", self.shape, SHAPES), ("color", self.color, tuple(COLORS)),
-                                     ("size", self.size, tuple(SIZES))):
+        for name, value, allowed in (
+            ("shape", self.shape, SHAPES),
+            ("color", self.color, tuple(COLORS)),
+            ("size", self.size, tuple(SIZES)),
+        ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
         if self.position is not None and self.position not in POSITIONS:
             raise ValueError(f"unknown position {self.position!r}; expected one of {', '.join(POSITIONS)}")
         if self.center is not None and not all(0.0 <= v <= 1.0 for v in self.center):
-            raise ValueError(f"center must be (x, y) in fractions of the image side, in [0, 1]; got {self.center}")
+            raise ValueError(
+                f"center must be (x, y) in fractions of the image side, in [0, 1]; got {self.center}"
+            )
 
 
 @dataclass(frozen=True)
@@ -135,11 +167,13 @@ class Scene:
         if n == 1 and (self.relation is not None or self.objects[0].position is None):
             raise ValueError("a one-object scene needs a position (one of POSITIONS) and no relation")
         if n == 2 and self.relation not in RELATIONS:
-            raise ValueError(f"a two-object scene needs a relation, one of {', '.join(RELATIONS)}; "
-                             f"got {self.relation!r}")
+            raise ValueError(
+                f"a two-object scene needs a relation, one of {', '.join(RELATIONS)}; got {self.relation!r}"
+            )
 
     def caption(self, paraphrase: int = 0) -> str:
-        """The caption of this scene in paraphrase number ``paraphrase`` (any int; taken modulo their count)."""
+        """The caption of this scene in paraphrase number ``paraphrase`` (any int;
+        taken modulo their count)."""
         return caption(self, paraphrase)
 
     def key(self) -> tuple:
@@ -160,8 +194,9 @@ class Scene:
 def layout(scene: Scene, rng: np.random.Generator | None = None) -> Scene:
     """Fill in each object's centre: random within the rules if ``rng`` is given, else the canonical spot.
 
-    A scene whose objects all have centres comes back unchanged. The rules: a one-object scene sits near its grid cell; two
-    objects sit on either side of a gap of at least ``_GAP`` along the relation's axis, inside the image.
+    A scene whose objects all have centres comes back unchanged. The rules: a one-object scene sits near its
+    grid cell; two objects sit on either side of a gap of at least ``_GAP`` along the
+    relation's axis, inside the image.
     """
     if all(o.center is not None for o in scene.objects):
         return scene
@@ -194,7 +229,9 @@ def layout(scene: Scene, rng: np.random.Generator | None = None) -> Scene:
     across = []
     for e in (e0, e1):  # across the axis: near the middle, inside the image
         lo, hi = e[2 * (1 - axis)], e[2 * (1 - axis) + 1]
-        across.append(float(np.clip(0.5 + u(-_CROSS_JITTER, _CROSS_JITTER, 0.0), _MARGIN - lo, 1 - _MARGIN - hi)))
+        across.append(
+            float(np.clip(0.5 + u(-_CROSS_JITTER, _CROSS_JITTER, 0.0), _MARGIN - lo, 1 - _MARGIN - hi))
+        )
     c0 = (along0, across[0]) if axis == 0 else (across[0], along0)
     c1 = (along1, across[1]) if axis == 0 else (across[1], along1)
     first, second = replace(first, center=c0), replace(second, center=c1)
@@ -229,7 +266,8 @@ def sample_scene(rng: np.random.Generator, split: str = "all", n_objects: tuple[
 # ----------------------------------------------------------------------------------------------------------
 # Rendering
 def render(scene: Scene, resolution: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw a scene: ``(image (3, H, W) float32 in [-1, 1], masks (n_objects, H, W) bool)``, H = W = resolution.
+    """Draw a scene:
+    ``(image (3, H, W) float32 in [-1, 1], masks (n_objects, H, W) bool)``, H = W = resolution.
 
     Objects without a centre are drawn at their canonical spot (``layout(scene)``).
     """
@@ -313,8 +351,12 @@ def caption(scene: Scene, paraphrase: int = 0) -> str:
     a, b = (f"{o.size} {o.color} {o.shape}" for o in scene.objects)
     template = PAIR_TEMPLATES[paraphrase % len(PAIR_TEMPLATES)]
     variant = (paraphrase // len(PAIR_TEMPLATES)) % 3
-    return template.format(A=a, B=b, rel=RELATION_PHRASES[scene.relation][variant],
-                           inverse=RELATION_PHRASES[INVERSE[scene.relation]][variant])
+    return template.format(
+        A=a,
+        B=b,
+        rel=RELATION_PHRASES[scene.relation][variant],
+        inverse=RELATION_PHRASES[INVERSE[scene.relation]][variant],
+    )
 
 
 _WORD = re.compile(r"[a-z]+|[^\sa-z]")
@@ -327,8 +369,17 @@ def words(text: str) -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word and punctuation mark a caption can hold, sorted (the tokenizer's word list)."""
-    pieces = [*SHAPES, *COLORS, *SIZES, "a", "an", *itertools.chain(*WHERE.values()),
-              *itertools.chain(*RELATION_PHRASES.values()), *SINGLE_TEMPLATES, *PAIR_TEMPLATES]
+    pieces = [
+        *SHAPES,
+        *COLORS,
+        *SIZES,
+        "a",
+        "an",
+        *itertools.chain(*WHERE.values()),
+        *itertools.chain(*RELATION_PHRASES.values()),
+        *SINGLE_TEMPLATES,
+        *PAIR_TEMPLATES,
+    ]
     return sorted({w for p in pieces for w in words(re.sub(r"\{\w+\}", " ", p))})
 
 
@@ -344,8 +395,10 @@ def _parse_object(chunk: str, where: str | None, text: str) -> ShapeObject:
     for name, allowed in (("shape", SHAPES), ("color", tuple(COLORS)), ("size", tuple(SIZES))):
         hits = [t for t in tokens if t in allowed]
         if len(hits) != 1:
-            raise ValueError(f"cannot parse {text!r}: expected one {name} word (one of {', '.join(allowed)}) "
-                             f"per object, found {hits or 'none'} in {chunk.strip()!r}")
+            raise ValueError(
+                f"cannot parse {text!r}: expected one {name} word (one of {', '.join(allowed)}) "
+                f"per object, found {hits or 'none'} in {chunk.strip()!r}"
+            )
         picked[name] = hits[0]
     return ShapeObject(picked["shape"], picked["color"], picked["size"], where)
 
@@ -364,8 +417,10 @@ def parse(text: str) -> Scene:
     else:
         where = _find_phrase(lowered, WHERE)
         if where is None:
-            raise ValueError(f"cannot parse {text!r}: no position phrase (e.g. 'at the top left') and no "
-                             f"relation (one of {', '.join(RELATIONS)})")
+            raise ValueError(
+                f"cannot parse {text!r}: no position phrase (e.g. 'at the top left') and no "
+                f"relation (one of {', '.join(RELATIONS)})"
+            )
         position, phrase = where
         scene = Scene((_parse_object(lowered.replace(phrase, " "), position, text),))
     return layout(scene)
@@ -399,8 +454,15 @@ class Shapes(torch.utils.data.Dataset):
         multiple_of: the resolution must be divisible by it (8 suits a VAE that downsamples 8x).
     """
 
-    def __init__(self, resolution: int = 64, split: str = "train", length: int = 10_000, seed: int = 0,
-                 n_objects: int | tuple[int, ...] = (1, 2), multiple_of: int = 8):
+    def __init__(
+        self,
+        resolution: int = 64,
+        split: str = "train",
+        length: int = 10_000,
+        seed: int = 0,
+        n_objects: int | tuple[int, ...] = (1, 2),
+        multiple_of: int = 8,
+    ):
         if not 32 <= resolution <= 256:
             raise ValueError(f"resolution must be between 32 and 256 pixels, got {resolution}")
         if multiple_of < 1 or resolution % multiple_of:
@@ -439,10 +501,24 @@ class Shapes(torch.utils.data.Dataset):
         text = caption(scene, int(rng.integers(N_PARAPHRASES)))
         image, masks = render_numpy(scene, self.resolution)
         r = self.resolution
-        objects = [{"shape": o.shape, "color": o.color, "size": o.size, "position": o.position,
-                    "center": (o.center[0] * r, o.center[1] * r)} for o in scene.objects]
-        return {"image": torch.from_numpy(image), "caption": text, "objects": objects,
-                "relation": scene.relation, "masks": torch.from_numpy(masks), "index": index % self.length}
+        objects = [
+            {
+                "shape": o.shape,
+                "color": o.color,
+                "size": o.size,
+                "position": o.position,
+                "center": (o.center[0] * r, o.center[1] * r),
+            }
+            for o in scene.objects
+        ]
+        return {
+            "image": torch.from_numpy(image),
+            "caption": text,
+            "objects": objects,
+            "relation": scene.relation,
+            "masks": torch.from_numpy(masks),
+            "index": index % self.length,
+        }
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
@@ -477,8 +553,12 @@ def collate(items: list[dict]) -> dict:
     masks = torch.zeros(B, MAX_OBJECTS, H, W, dtype=torch.bool)
     for b, item in enumerate(items):
         masks[b, : len(item["masks"])] = item["masks"]
-    return {"image": torch.stack([item["image"] for item in items]), "masks": masks,
-            "n_objects": torch.tensor([len(item["objects"]) for item in items]),
-            "index": torch.tensor([item["index"] for item in items]),
-            "caption": [item["caption"] for item in items], "objects": [item["objects"] for item in items],
-            "relation": [item["relation"] for item in items]}
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "masks": masks,
+        "n_objects": torch.tensor([len(item["objects"]) for item in items]),
+        "index": torch.tensor([item["index"] for item in items]),
+        "caption": [item["caption"] for item in items],
+        "objects": [item["objects"] for item in items],
+        "relation": [item["relation"] for item in items],
+    }

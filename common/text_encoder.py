@@ -53,8 +53,14 @@ class CLIPTextConfig:
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
 
@@ -70,13 +76,27 @@ class CLIPTextConfig:
     @classmethod
     def tiny(cls) -> CLIPTextConfig:
         """A few-thousand-parameter model for tests; uses the modern "first eos position" pooling rule."""
-        return cls(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                   num_attention_heads=4, max_position_embeddings=77, bos_token_id=97, eos_token_id=98,
-                   pad_token_id=1)
+        return cls(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=97,
+            eos_token_id=98,
+            pad_token_id=1,
+        )
 
     @classmethod
-    def shapes(cls, vocab_size: int | None = None, *, bos_token_id: int = 2, eos_token_id: int = 3,
-               pad_token_id: int = 0) -> CLIPTextConfig:
+    def shapes(
+        cls,
+        vocab_size: int | None = None,
+        *,
+        bos_token_id: int = 2,
+        eos_token_id: int = 3,
+        pad_token_id: int = 0,
+    ) -> CLIPTextConfig:
         """The course's small text encoder for Shapes captions: 3.2 M parameters at the Shapes vocabulary.
 
         ``vocab_size=None`` takes ``ShapesTokenizer.for_shapes().vocab_size`` (42); the id defaults are
@@ -86,9 +106,17 @@ class CLIPTextConfig:
         """
         if vocab_size is None:
             vocab_size = ShapesTokenizer.for_shapes().vocab_size
-        return cls(vocab_size=vocab_size, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                   num_attention_heads=4, max_position_embeddings=32, bos_token_id=bos_token_id,
-                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        return cls(
+            vocab_size=vocab_size,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
 
     @classmethod
     def from_transformers(cls, config) -> CLIPTextConfig:
@@ -189,9 +217,13 @@ class CLIPEncoder(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.layers = nn.ModuleList(
-            CLIPEncoderLayer(width=config.hidden_size, heads=config.num_attention_heads,
-                             mlp_hidden=config.intermediate_size, act=config.hidden_act,
-                             eps=config.layer_norm_eps)
+            CLIPEncoderLayer(
+                width=config.hidden_size,
+                heads=config.num_attention_heads,
+                mlp_hidden=config.intermediate_size,
+                act=config.hidden_act,
+                eps=config.layer_norm_eps,
+            )
             for _ in range(config.num_hidden_layers)
         )
 
@@ -201,8 +233,9 @@ class CLIPEncoder(nn.Module):
         return x
 
 
-def attention_bias(N: int, attention_mask: torch.Tensor | None, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
+def attention_bias(
+    N: int, attention_mask: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """The additive mask: 0 where token i may look at token j (j <= i, and j not padding), else a large
     negative number. Returns (1, 1, N, N), or (B, 1, N, N) with a padding ``attention_mask`` (B, N) of 1/0.
 
@@ -221,8 +254,11 @@ class CLIPTextModel(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config
-        self.embeddings = CLIPTextEmbeddings(vocab_size=config.vocab_size, width=config.hidden_size,
-                                             max_positions=config.max_position_embeddings)
+        self.embeddings = CLIPTextEmbeddings(
+            vocab_size=config.vocab_size,
+            width=config.hidden_size,
+            max_positions=config.max_position_embeddings,
+        )
         self.encoder = CLIPEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.apply(self._init_weights)
@@ -243,18 +279,24 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"input_ids must have shape (B, N), got {tuple(input_ids.shape)}")
         B, N = input_ids.shape
         if B == 0 or N == 0:
-            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}; "
-                             "expected B >= 1 and N >= 1")
+            raise ValueError(
+                f"input_ids is empty: shape {tuple(input_ids.shape)}; expected B >= 1 and N >= 1"
+            )
         if N > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {N} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings}; truncate prompts when tokenizing")
+            raise ValueError(
+                f"sequence length {N} exceeds max_position_embeddings="
+                f"{cfg.max_position_embeddings}; truncate prompts when tokenizing"
+            )
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one read-back from a GPU, not two
         if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size - 1}] (vocab_size="
-                             f"{cfg.vocab_size}), got ids in [{lo}, {hi}]; is the tokenizer the model's own?")
+            raise ValueError(
+                f"token ids must lie in [0, {cfg.vocab_size - 1}] (vocab_size="
+                f"{cfg.vocab_size}), got ids in [{lo}, {hi}]; is the tokenizer the model's own?"
+            )
         if attention_mask is not None and tuple(attention_mask.shape) != (B, N):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(B, N)}, "
-                             f"got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {(B, N)}, got {tuple(attention_mask.shape)}"
+            )
 
     def pool_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Where each sequence's end-of-text token sits, (B,), as transformers 5 decides it.
@@ -296,7 +338,7 @@ def normalize_clip_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     out = {}
     for key, value in state_dict.items():
         if key.startswith(TEXT_MODEL_PREFIX):
-            key = key[len(TEXT_MODEL_PREFIX):]
+            key = key[len(TEXT_MODEL_PREFIX) :]
         if key == "embeddings.position_ids":
             continue
         out[key] = value

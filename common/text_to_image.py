@@ -18,11 +18,11 @@ the same with a BERT-style transformer), so ``model`` is one ``nn.ModuleDict({"u
 ``common.training.Trainer`` optimises jointly.
 
 The VAE is frozen, so every image is encoded once. ``cache_latents`` stores the posterior's mean and standard
-deviation, times s, for a fixed list of Shapes items in a tensor file keyed by the VAE's weights (sha256) and the
-dataset's parameters; a second run (or a resumed one) reads it back in a second. ``TextToImageConfig.latents``
-picks what the loss trains on: ``"mean"`` (default: z_0 = s * mu(x); the course VAE's posterior std is small
-and a deterministic target trains faster in a short CPU run) or ``"sample"`` (z_0 = s * (mu + sigma * e), e
-from the loss's generator, as the LDM code does).
+deviation, times s, for a fixed list of Shapes items in a tensor file keyed by the VAE's weights (sha256) and
+the dataset's parameters; a second run (or a resumed one) reads it back in a second.
+``TextToImageConfig.latents`` picks what the loss trains on: ``"mean"`` (default: z_0 = s * mu(x); the course
+VAE's posterior std is small and a deterministic target trains faster in a short CPU run) or ``"sample"``
+(z_0 = s * (mu + sigma * e), e from the loss's generator, as the LDM code does).
 
 The CPU preset weights the loss by Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t, which tempers the nearly noise-free timesteps.
@@ -76,10 +76,17 @@ DEFAULT_CACHE = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "la
 def _text_config(width: int, layers: int, heads: int, context_length: int) -> CLIPTextConfig:
     """A CLIP text transformer over the Shapes tokenizer's ids (pad 0, unk 1, bos 2, eos 3: 42 ids in all)."""
     tok = ShapesTokenizer.for_shapes(context_length)
-    return CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=width, intermediate_size=4 * width,
-                          num_hidden_layers=layers, num_attention_heads=heads,
-                          max_position_embeddings=max(32, context_length), bos_token_id=tok.bos_id,
-                          eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return CLIPTextConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max(32, context_length),
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
 
 
 @dataclass
@@ -95,7 +102,9 @@ class TextToImageConfig:
     mixed_precision: str = "no"  # "no" = fp32 (CPU); "bf16" on a GPU (Trainer's autocast)
     lr_schedule: str = "cosine"  # decays to 0 at `steps`: the last steps refine instead of bouncing
     caption_dropout: float = 0.1  # P(caption -> ""), so the model also learns eps(z_t, t, "") for guidance
-    latents: str = "mean"  # "mean": z_0 = s mu(x); "sample": z_0 = s (mu + sigma e)  (see the module docstring)
+    latents: str = (
+        "mean"  # "mean": z_0 = s mu(x); "sample": z_0 = s (mu + sigma e)  (see the module docstring)
+    )
     train_size: int = 20_000  # Shapes training items encoded into the latent cache (each with one paraphrase)
     context_length: int = 24  # tokens per prompt (the longest Shapes caption has 12 words)
     echo_prompt: bool = False  # the tokenizer writes the prompt twice (see ShapesTokenizer): relations bind
@@ -119,15 +128,17 @@ class TextToImageConfig:
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.unet.cross_attention_dim != self.text_encoder.hidden_size:
-            raise ValueError(f"unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal the text "
-                             f"encoder's hidden_size ({self.text_encoder.hidden_size})")
+            raise ValueError(
+                f"unet.cross_attention_dim ({self.unet.cross_attention_dim}) must equal the text "
+                f"encoder's hidden_size ({self.text_encoder.hidden_size})"
+            )
 
     # --- presets ---------------------------------------------------------------------------------------
     @classmethod
     def cpu(cls) -> TextToImageConfig:
         """The laptop's course model, sized for a shared 2-core CPU: UNet 4.2 M, text encoder 0.6 M parameters
-        (the shipped model is the ``gpu`` preset; 1,800 steps of this one learn colour and size, not yet shape or
-        position: chapter 06's README).
+        (the shipped model is the ``gpu`` preset; 1,800 steps of this one learn colour and size, not yet shape
+        or position: chapter 06's README).
 
         About 2 s a step at batch 32 on a busy 2-core machine (one thread: see the chapter README), so 1,200
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
@@ -142,9 +153,9 @@ class TextToImageConfig:
         """The full course model for one GPU (bf16): UNet 5.6 M, text encoder 0.6 M parameters, batch 1024.
 
         Sized to ship: with the Shapes VAE it is under 30 MB in fp32. It is wider than the CPU preset at every
-        level (64, 96, 128 channels). ``steps`` is an upper bound: ``train_text_to_image.py --minutes M`` fits the
-        run to a wall-clock budget. Measured on one H200: ~95 ms a step whatever the batch (256 or 1024: the
-        step is bound by Python and kernel launches at this size, so the large batch is free), and
+        level (64, 96, 128 channels). ``steps`` is an upper bound: ``train_text_to_image.py --minutes M`` fits
+        the run to a wall-clock budget. Measured on one H200: ~95 ms a step whatever the batch (256 or 1024:
+        the step is bound by Python and kernel launches at this size, so the large batch is free), and
         ``--minutes 3.5`` gives the shipped model (2,100 steps; see checkpoints/course_t2i/README.md).
         """
         width = 128
@@ -172,11 +183,25 @@ class TextToImageConfig:
         """A copy with some training fields changed (None values are ignored)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def train_config(self, seed: int = 0, progress: bool = True, time_budget_s: float | None = None) -> TrainConfig:
-        return TrainConfig(steps=self.steps, time_budget_s=time_budget_s, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
-                           lr_schedule=self.lr_schedule, ema_decay=self.ema_decay, ema_start=self.ema_start,
-                           mixed_precision=self.mixed_precision, checkpoint_every=self.checkpoint_every,
-                           grad_clip=1.0, seed=seed, progress=progress, log_every=10)
+    def train_config(
+        self, seed: int = 0, progress: bool = True, time_budget_s: float | None = None
+    ) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            time_budget_s=time_budget_s,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            lr_schedule=self.lr_schedule,
+            ema_decay=self.ema_decay,
+            ema_start=self.ema_start,
+            mixed_precision=self.mixed_precision,
+            checkpoint_every=self.checkpoint_every,
+            grad_clip=1.0,
+            seed=seed,
+            progress=progress,
+            log_every=10,
+        )
 
 
 def build_model(config: TextToImageConfig) -> nn.ModuleDict:
@@ -189,15 +214,25 @@ def build_model(config: TextToImageConfig) -> nn.ModuleDict:
 
 
 @torch.no_grad()
-def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int = 64, split: str = "train",
-                  seed: int = 0, cache_dir: str | Path | None = None, batch_size: int = 128,
-                  device: torch.device | str = "cpu", verbose: bool = True) -> dict:
+def cache_latents(
+    vae: AutoencoderKL,
+    tokenizer,
+    *,
+    length: int,
+    resolution: int = 64,
+    split: str = "train",
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    verbose: bool = True,
+) -> dict:
     """Encode ``Shapes(resolution, split, length, seed)`` once; returns {"mean", "std" (N, C, h, w) times s,
     "input_ids" (N, context_length), "captions" list[str], "path": the cache file, "hit": bool}.
 
     The file name holds the VAE's sha256, s, the dataset's parameters and the tokenizer's context length, so a
-    changed VAE or dataset never reuses a stale cache. Written atomically (tmp + rename): processes launched by
-    ``accelerate`` may race here safely.
+    changed VAE or dataset never reuses a stale cache. Written atomically (tmp + rename): processes launched
+    by ``accelerate`` may race here safely.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     s = float(vae.config.scaling_factor)
@@ -228,10 +263,12 @@ def cache_latents(vae: AutoencoderKL, tokenizer, *, length: int, resolution: int
 
 # ----------------------------------------------------------------------------------------------------------
 # The loss
-def drop_captions(input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_captions(
+    input_ids: torch.Tensor, empty_ids: torch.Tensor, p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each row of ``input_ids`` (B, N_k) by the empty prompt's ids with probability p; returns
-    (ids, dropped (B,) bool). The coin flips come from ``generator``, so a resumed run drops the same captions."""
+    (ids, dropped (B,) bool). The coin flips come from ``generator``, so a resumed run
+    drops the same captions."""
     B = input_ids.shape[0]
     dropped = torch.rand(B, generator=generator, device=generator.device).to(input_ids.device) < p  # (B,)
     ids = torch.where(dropped[:, None], empty_ids.to(input_ids.device)[None, :], input_ids)  # (B, N_k)
@@ -275,7 +312,10 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
             weight = snr.clamp(max=gamma) / (snr + 1)
         elif schedule.prediction_type == "sample":
             weight = snr.clamp(max=gamma)
-        return (weight * per_item).mean(), {"dropped": dropped.float().mean(), "mse": per_item.mean().detach()}
+        return (weight * per_item).mean(), {
+            "dropped": dropped.float().mean(),
+            "mse": per_item.mean().detach(),
+        }
 
     return loss_fn
 
@@ -323,8 +363,10 @@ def load_vae(path: str | Path, device=None) -> AutoencoderKL:
     """The frozen VAE (a diffusers-format folder); a clear error when it is not there."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no VAE at {path} (expected config.json and diffusion_pytorch_model.safetensors): "
-                                "train and ship it with chapter 01's train_vae.py, or pass --vae PATH")
+        raise FileNotFoundError(
+            f"no VAE at {path} (expected config.json and diffusion_pytorch_model.safetensors): "
+            "train and ship it with chapter 01's train_vae.py, or pass --vae PATH"
+        )
     vae = AutoencoderKL.load(path, device=device)
     vae.requires_grad_(False)
     return vae.eval()
@@ -353,11 +395,20 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     dev = get_device(device)
     state = PartialState(cpu=dev.type == "cpu")
     with state.main_process_first():
-        cache = cache_latents(vae, tokenizer, length=config.train_size, resolution=config.resolution, seed=seed,
-                              cache_dir=cache_dir, device=dev if state.num_processes == 1 else state.device)
+        cache = cache_latents(
+            vae,
+            tokenizer,
+            length=config.train_size,
+            resolution=config.resolution,
+            seed=seed,
+            cache_dir=cache_dir,
+            device=dev if state.num_processes == 1 else state.device,
+        )
     if state.is_main_process:
-        print(f"latent cache: {cache['path']} ({'reused' if cache['hit'] else 'written'}; "
-              f"{len(cache['mean'])} items, z_0 std {cache['mean'].std():.3f})")
+        print(
+            f"latent cache: {cache['path']} ({'reused' if cache['hit'] else 'written'}; "
+            f"{len(cache['mean'])} items, z_0 std {cache['mean'].std():.3f})"
+        )
     empty_ids = tokenizer([""])[0]  # (N_k,): bos, eos, pad...
     model = build_model(config)
     if init_from is not None:
@@ -424,7 +475,10 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
     FileNotFoundError, a missing or unknown key or a wrong shape a ValueError, each naming it.
     """
     folder = Path(folder)
-    for name, file in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+    for name, file in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
         path = weights_file(folder / name, (file,), name)
         load_weights(model[name], read_safetensors(path), f"--init-from {path}: not this config's {name}")
 

@@ -1,4 +1,5 @@
-"""VAE tiling and batch slicing: decode (or encode) a large image a piece at a time, for a fraction of the memory.
+"""VAE tiling and batch slicing: decode (or encode) a large image a piece at a time, for
+a fraction of the memory.
 
 The VAE decoder's activations grow with the image: at 1024 px the last level holds 128 x 1024 x 1024 floats
 per feature map (512 MiB), four times 512 px. Tiled decoding cuts the latent z into overlapping tiles of
@@ -30,7 +31,8 @@ from common.autoencoder import AutoencoderKL, DiagonalGaussian
 
 
 def tile_spans(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, stop) spans of length ``tile`` (the last may be shorter) covering 0..n, neighbours sharing ``overlap``."""
+    """[start, stop) spans of length ``tile`` (the last may be shorter) covering 0..n,
+    neighbours sharing ``overlap``."""
     if not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be a positive int (latent pixels), got {tile!r}")
     if not isinstance(overlap, int) or not 0 <= overlap < tile:
@@ -50,7 +52,7 @@ def ramp(length: int, before: int, after: int) -> torch.Tensor:
     if before:
         w[:before] = (torch.arange(before) + 0.5) / before
     if after:
-        w[length - after:] = torch.minimum(w[length - after:], (after - torch.arange(after) - 0.5) / after)
+        w[length - after :] = torch.minimum(w[length - after :], (after - torch.arange(after) - 0.5) / after)
     return w
 
 
@@ -64,8 +66,9 @@ def _ramps(spans: list[tuple[int, int]]) -> list[torch.Tensor]:
     return out
 
 
-def blend_tiles(rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]],
-                x_spans: list[tuple[int, int]]) -> torch.Tensor:
+def blend_tiles(
+    rows: list[list[torch.Tensor]], y_spans: list[tuple[int, int]], x_spans: list[tuple[int, int]]
+) -> torch.Tensor:
     """Assemble decoded tiles into one image with linear cross-fades across their overlaps.
 
     rows[i][j]: the tile covering rows ``y_spans[i]`` and columns ``x_spans[j]`` of the output, each
@@ -100,22 +103,28 @@ def tiled_decode(vae: AutoencoderKL, z: torch.Tensor, *, tile: int = 64, overlap
     return blend_tiles(rows, [(a * f, b * f) for a, b in y_spans], [(a * f, b * f) for a, b in x_spans])
 
 
-def tiled_encode(vae: AutoencoderKL, x: torch.Tensor, *, tile: int = 64, overlap: int = 16) -> DiagonalGaussian:
-    """``vae.encode(x)`` one tile at a time: image tiles of ``tile * f`` px, overlapping by ``overlap * f`` px.
+def tiled_encode(
+    vae: AutoencoderKL, x: torch.Tensor, *, tile: int = 64, overlap: int = 16
+) -> DiagonalGaussian:
+    """``vae.encode(x)`` one tile at a time: image tiles of ``tile * f`` px,
+    overlapping by ``overlap * f`` px.
 
     The posterior's moments (mean and log-variance) are blended in latent space with the same linear ramps.
     """
     vae._check(x, vae.config.in_channels, "image", "x")
     f = vae.downsample_factor
     if x.shape[-2] % f or x.shape[-1] % f:
-        raise ValueError(f"image sides must be multiples of the downsampling factor {f}; got "
-                         f"{x.shape[-2]} x {x.shape[-1]}")
+        raise ValueError(
+            f"image sides must be multiples of the downsampling factor {f}; got {x.shape[-2]} x {x.shape[-1]}"
+        )
     h, w = x.shape[-2] // f, x.shape[-1] // f
     y_spans, x_spans = tile_spans(h, tile, overlap), tile_spans(w, tile, overlap)
     if len(y_spans) == 1 and len(x_spans) == 1:
         return vae.encode(x)
-    rows = [[vae._encode_tile(x[:, :, y0 * f:y1 * f, x0 * f:x1 * f]) for (x0, x1) in x_spans]
-            for (y0, y1) in y_spans]  # each (B, 2 * latent_channels, y1 - y0, x1 - x0)
+    rows = [
+        [vae._encode_tile(x[:, :, y0 * f : y1 * f, x0 * f : x1 * f]) for (x0, x1) in x_spans]
+        for (y0, y1) in y_spans
+    ]  # each (B, 2 * latent_channels, y1 - y0, x1 - x0)
     return DiagonalGaussian(blend_tiles(rows, y_spans, x_spans))
 
 

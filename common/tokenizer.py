@@ -59,8 +59,9 @@ class Tokenizer:
         if not isinstance(prompts, (list, tuple)):
             raise ValueError(f"prompts must be a str or a list of str, got {type(prompts).__name__}")
         if len(prompts) == 0:
-            raise ValueError("prompts is an empty list; expected at least one prompt (use \"\" for the "
-                             "unconditional prompt)")
+            raise ValueError(
+                'prompts is an empty list; expected at least one prompt (use "" for the unconditional prompt)'
+            )
         L = self.context_length
         rows = []
         for i, text in enumerate(prompts):
@@ -68,10 +69,13 @@ class Tokenizer:
                 raise ValueError(f"prompts[{i}] must be a str, got {type(text).__name__}")
             ids = self._encode(text)
             if len(ids) > L:
-                dropped = self._decode(ids[L - 1:-1])
-                warnings.warn(f"prompt {i} is longer than the {L}-token context and was truncated; "
-                              f"dropped: {dropped!r}", stacklevel=2)
-                ids = ids[:L - 1] + [self.eos_id]
+                dropped = self._decode(ids[L - 1 : -1])
+                warnings.warn(
+                    f"prompt {i} is longer than the {L}-token context and was truncated; "
+                    f"dropped: {dropped!r}",
+                    stacklevel=2,
+                )
+                ids = ids[: L - 1] + [self.eos_id]
             rows.append(ids + [self.pad_id] * (L - len(ids)))
         return torch.tensor(rows, dtype=torch.long)  # (B, L)
 
@@ -84,8 +88,10 @@ class Tokenizer:
         return self._decode(list(ids))
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, context_length={self.context_length}, "
-                f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})")
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, context_length={self.context_length}, "
+            f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+        )
 
 
 class ClipTokenizer(Tokenizer):
@@ -170,8 +176,9 @@ class ShapesTokenizer(Tokenizer):
             raise ValueError(f"context_length must be >= 2 (room for bos and eos), got {context_length}")
         for token in SPECIAL_TOKENS:
             if tokenizer.token_to_id(token) is None:
-                raise ValueError(f"the tokenizer lacks the special token {token!r}; expected all of "
-                                 f"{SPECIAL_TOKENS}")
+                raise ValueError(
+                    f"the tokenizer lacks the special token {token!r}; expected all of {SPECIAL_TOKENS}"
+                )
         tokenizer.no_truncation()  # truncation and padding are ours (warnings name the dropped words)
         tokenizer.no_padding()
         self._tk = tokenizer

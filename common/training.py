@@ -17,7 +17,7 @@ a run with SIGKILL and compare the final weights).
 Checkpoint layout (``out_dir/checkpoints/step_000100/``)::
 
     model.safetensors   the trained weights            ema.safetensors   their exponential moving average
-    state.pt            optimizer, LR schedule, step   (plain tensors and numbers: ``weights_only=True`` loads it)
+    state.pt            optimizer, LR schedule, step   (plain tensors and numbers: ``weights_only=True``)
     done                written last; a folder without it is an interrupted write and is ignored
 
 A checkpoint is written to a temporary folder and renamed into place, so a crash mid-write never leaves a
@@ -55,8 +55,19 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 # what a run is: a resume with any of these changed would train a different run and record it as this one
 # (steps may grow: a resumed run can be extended; the time budget only lowers it)
-PLAN_FIELDS = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "lr_schedule", "grad_clip", "grad_accum",
-               "ema_decay", "ema_start", "seed")
+PLAN_FIELDS = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "lr_schedule",
+    "grad_clip",
+    "grad_accum",
+    "ema_decay",
+    "ema_start",
+    "seed",
+)
 
 
 @dataclass
@@ -88,7 +99,9 @@ class TrainConfig:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+            raise ValueError(
+                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.grad_accum < 1 or self.batch_size < 1:
@@ -101,7 +114,9 @@ class TrainConfig:
 
 def plan_changes(saved: dict, cfg: TrainConfig, step: int = 0) -> list[str]:
     """The plan fields of ``cfg`` that differ from a checkpoint's saved config, as ``name old -> new``.
-    A warm-up length that changes after both warm-ups ended (a run extended with more steps) changes nothing."""
+    A warm-up length that changes after both warm-ups ended
+    (a run extended with more steps) changes nothing."""
+
     def norm(v):
         return tuple(v) if isinstance(v, (list, tuple)) else v
 
@@ -113,7 +128,8 @@ def plan_changes(saved: dict, cfg: TrainConfig, step: int = 0) -> list[str]:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    """Multiplier of the base LR at optimizer step ``step`` (0-based): linear warm-up,
+    then constant or cosine."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
@@ -122,8 +138,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def batch_indices(step: int, micro: int, *, n: int, batch_size: int, grad_accum: int, seed: int,
-                  rank: int = 0, world: int = 1) -> list[int]:
+def batch_indices(
+    step: int,
+    micro: int,
+    *,
+    n: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+) -> list[int]:
     """The dataset indices of one process's micro-batch: a pure function of (seed, step), so resume is exact.
 
     Each epoch is a fresh permutation; the global batch of a step is cut into ``grad_accum`` micro-batches,
@@ -144,11 +169,14 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 class EMA:
-    """Exponential moving average of a module's floating-point tensors: theta_ema <- d theta_ema + (1 - d) theta."""
+    """Exponential moving average of a module's floating-point tensors: theta_ema <- d
+    theta_ema + (1 - d) theta."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {
+            k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module, copy_only: bool = False) -> None:
@@ -163,7 +191,9 @@ class EMA:
 
     def copy_to(self, model: nn.Module) -> None:
         state = model.state_dict()
-        model.load_state_dict({k: self.shadow[k].to(state[k].dtype) if k in self.shadow else v for k, v in state.items()})
+        model.load_state_dict(
+            {k: self.shadow[k].to(state[k].dtype) if k in self.shadow else v for k, v in state.items()}
+        )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -176,12 +206,21 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and _complete(p)),
-                  key=lambda p: int(p.name.split("_")[1]))
+    return sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and _complete(p)),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, ema: EMA | None,
-                    optimizer: torch.optim.Optimizer, extra: dict | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    ema: EMA | None,
+    optimizer: torch.optim.Optimizer,
+    extra: dict | None = None,
+    keep: int = 2,
+) -> Path:
     """Write ``out_dir/checkpoints/step_{step}`` atomically, then drop all but the newest ``keep``."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -207,19 +246,27 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, ema: EMA |
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, ema: EMA | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load one checkpoint folder into ``model`` (and ``ema``, ``optimizer``); returns its state dict (step, extra).
+def load_checkpoint(
+    path: str | Path, model: nn.Module, ema: EMA | None = None, optimizer: torch.optim.Optimizer | None = None
+) -> dict:
+    """Load one checkpoint folder into ``model`` (and ``ema``, ``optimizer``); returns its
+    state dict (step, extra).
 
     Raises ``ValueError`` naming the file when it is missing, truncated or of another model's shape.
     """
     path = Path(path)
     if not _complete(path):
-        raise ValueError(f"{path} is not a complete checkpoint (expected model.safetensors, state.pt and done)")
+        raise ValueError(
+            f"{path} is not a complete checkpoint (expected model.safetensors, state.pt and done)"
+        )
     try:
         weights = load_file(path / "model.safetensors")
         state = torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-        ema_weights = load_file(path / "ema.safetensors") if ema is not None and (path / "ema.safetensors").exists() else None
+        ema_weights = (
+            load_file(path / "ema.safetensors")
+            if ema is not None and (path / "ema.safetensors").exists()
+            else None
+        )
     except Exception as e:  # a truncated safetensors header or zip archive
         raise ValueError(f"checkpoint {path} is corrupt or truncated: {e}") from e
     check_state(model.state_dict(), weights, f"checkpoint {path} does not fit this model")
@@ -247,10 +294,21 @@ class Trainer:
     path holds none. ``callbacks`` are called as ``fn(trainer, step)`` every ``callback_every`` steps.
     """
 
-    def __init__(self, model: nn.Module, dataset, loss_fn: Callable, cfg: TrainConfig, out_dir: str | Path, *,
-                 collate: Callable | None = None, device: str | torch.device | None = None,
-                 resume: bool | str | Path = True, callbacks: list[Callable] = (), callback_every: int = 0,
-                 params: list[nn.Parameter] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset,
+        loss_fn: Callable,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        *,
+        collate: Callable | None = None,
+        device: str | torch.device | None = None,
+        resume: bool | str | Path = True,
+        callbacks: list[Callable] = (),
+        callback_every: int = 0,
+        params: list[nn.Parameter] | None = None,
+    ):
         from accelerate import Accelerator  # imported here: a plain `import common.training` stays light
 
         self.cfg, self.out_dir = cfg, Path(out_dir)
@@ -261,20 +319,29 @@ class Trainer:
         precision = cfg.mixed_precision
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision,
-                                       gradient_accumulation_steps=cfg.grad_accum)
+        self.accelerator = Accelerator(
+            cpu=device.type == "cpu", mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum
+        )
         self.device = self.accelerator.device
         world = self.accelerator.num_processes
         if cfg.batch_size % (cfg.grad_accum * world):
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x processes "
-                             f"= {cfg.grad_accum} x {world}")
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by grad_accum x processes "
+                f"= {cfg.grad_accum} x {world}"
+            )
         if len(dataset) < 1:
             raise ValueError("the dataset is empty")
         model.to(self.device)
         trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-        # fused=True: one kernel for the whole update on a GPU (the same arithmetic as the default foreach path)
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                      fused=self.device.type == "cuda")
+        # fused=True: one kernel for the whole update on a GPU (the same arithmetic as
+        # the default foreach path)
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
+            fused=self.device.type == "cuda",
+        )
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.step = 0
         self._budget_fixed = False
@@ -285,9 +352,11 @@ class Trainer:
             saved = state.get("extra", {}).get("config", {})
             changed = plan_changes(saved, cfg, self.step)
             if changed:
-                raise ValueError(f"cannot resume from {self.resumed_from}: this command changes the run's "
-                                 f"{'; '.join(changed)}. Run it with the values the run used, or start a fresh run "
-                                 "(another output folder, or the script's no-resume option)")
+                raise ValueError(
+                    f"cannot resume from {self.resumed_from}: this command changes the run's "
+                    f"{'; '.join(changed)}. Run it with the values the run used, or start a fresh run "
+                    "(another output folder, or the script's no-resume option)"
+                )
             if cfg.time_budget_s is not None and saved.get("time_budget_s") is not None:
                 # the budgeted run being resumed already chose its step count (and its LR schedule)
                 self.cfg = replace(cfg, steps=min(cfg.steps, int(saved["steps"])))
@@ -302,8 +371,10 @@ class Trainer:
             path = Path(resume)
             ckpts = [path] if _complete(path) else list_checkpoints(path)
             if not ckpts:
-                raise ValueError(f"resume path {path} holds no complete checkpoint "
-                                 "(expected a step_* folder with model.safetensors, state.pt and done)")
+                raise ValueError(
+                    f"resume path {path} holds no complete checkpoint "
+                    "(expected a step_* folder with model.safetensors, state.pt and done)"
+                )
             return ckpts[-1]
         for path in reversed(list_checkpoints(self.out_dir)):  # newest first; skip a corrupt one
             try:
@@ -311,7 +382,7 @@ class Trainer:
                 torch.load(path / "state.pt", weights_only=True, map_location="cpu")
                 return path
             except Exception as e:
-                warnings.warn(f"skipping corrupt checkpoint {path}: {e}")
+                warnings.warn(f"skipping corrupt checkpoint {path}: {e}", stacklevel=1)
         return None
 
     @property
@@ -319,21 +390,31 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _batch(self, step: int, micro: int):
-        idx = batch_indices(step, micro, n=len(self.dataset), batch_size=self.cfg.batch_size,
-                            grad_accum=self.cfg.grad_accum, seed=self.cfg.seed,
-                            rank=self.accelerator.process_index, world=self.accelerator.num_processes)
+        idx = batch_indices(
+            step,
+            micro,
+            n=len(self.dataset),
+            batch_size=self.cfg.batch_size,
+            grad_accum=self.cfg.grad_accum,
+            seed=self.cfg.seed,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
         get_batch = getattr(self.dataset, "get_batch", None)  # a tensor dataset can gather a batch in one go
         batch = get_batch(idx) if get_batch is not None else self.collate([self.dataset[i] for i in idx])
         return _to_device(batch, self.device)
 
     def _check_budget(self, elapsed: float, first_step: int) -> None:
-        """The time budget, ``elapsed`` seconds into the loop: stop when it is spent; otherwise start timing at the
-        20th step of this invocation (after warm-up), and refit ``cfg.steps`` 10 and 50 steps later, then every 500
-        steps until half-way. Under accelerate every process takes the main process's step count."""
+        """The time budget, ``elapsed`` seconds into the loop: stop when it is spent; otherwise start timing
+        at the 20th step of this invocation (after warm-up), and refit ``cfg.steps`` 10 and 50 steps later,
+        then every 500 steps until half-way. Under accelerate every process takes the main
+        process's step count."""
         cfg, mark = self.cfg, self._budget_mark
         if elapsed >= cfg.time_budget_s:
             if self.accelerator.is_main_process:
-                print(f"time budget {cfg.time_budget_s:.0f} s spent: stopping at step {self.step}", flush=True)
+                print(
+                    f"time budget {cfg.time_budget_s:.0f} s spent: stopping at step {self.step}", flush=True
+                )
             self.cfg = replace(cfg, steps=self.step)
         elif mark is None:
             if self.step - first_step >= 20:
@@ -345,8 +426,11 @@ class Trainer:
                 fits = self.step + int((cfg.time_budget_s - elapsed) / per_step)
                 new = max(self.step + 1, min(self._max_steps, fits))
                 if new != cfg.steps and self.accelerator.is_main_process:
-                    print(f"time budget {cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> {new} steps "
-                          f"(was {cfg.steps})", flush=True)
+                    print(
+                        f"time budget {cfg.time_budget_s:.0f} s: {per_step * 1e3:.1f} ms a step -> {new} "
+                        f"steps (was {cfg.steps})",
+                        flush=True,
+                    )
                 self.cfg = replace(cfg, steps=new)
         if self.accelerator.num_processes > 1:  # every process stops at the step the main process chose
             from accelerate.utils import broadcast
@@ -371,13 +455,21 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         path = None
         if self.accelerator.is_main_process:
-            path = save_checkpoint(self.out_dir, self.step, self.unwrapped, self.ema, self.optimizer,
-                                   {"config": asdict(self.cfg)}, keep=self.cfg.keep)
+            path = save_checkpoint(
+                self.out_dir,
+                self.step,
+                self.unwrapped,
+                self.ema,
+                self.optimizer,
+                {"config": asdict(self.cfg)},
+                keep=self.cfg.keep,
+            )
         self.accelerator.wait_for_everyone()
         return path
 
     def fit(self) -> nn.Module:
-        """Train to ``cfg.steps``; returns the unwrapped model (raw weights; ``ema_model()`` gives the EMA ones)."""
+        """Train to ``cfg.steps``; returns the unwrapped model (raw weights;
+        ``ema_model()`` gives the EMA ones)."""
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -387,8 +479,13 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.resumed_from is not None:
                 print(f"resuming from {self.resumed_from} (step {self.step} of {cfg.steps})")
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="train",
-                   mininterval=2.0)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (main and cfg.progress),
+            desc="train",
+            mininterval=2.0,
+        )
         t0, window = time.perf_counter(), []
         self._max_steps, first_step = cfg.steps, self.step
         self._budget_mark = None  # (step, seconds into the loop) where the timing window starts
@@ -417,7 +514,8 @@ class Trainer:
             self.step += 1
             if self.ema is not None:
                 self.ema.update(self.unwrapped, copy_only=self.step <= cfg.ema_start)
-            # checked every step in one process; only on log steps under accelerate, where all processes must agree
+            # checked every step in one process; only on log steps under accelerate, where
+            # all processes must agree
             if fit_budget and (self.step % cfg.log_every == 0 or acc.num_processes == 1):
                 self._check_budget(time.perf_counter() - t0, first_step)
             window.append(terms["loss"])
@@ -425,13 +523,17 @@ class Trainer:
             if self.step % cfg.log_every == 0 or last:  # the only place the loop waits for the device
                 values = {k: float(v) for k, v in terms.items()}
                 if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(f"loss is {values['loss']} at step {self.step}; lower the LR or "
-                                             "check the data")
+                    raise FloatingPointError(
+                        f"loss is {values['loss']} at step {self.step}; lower the LR or check the data"
+                    )
                 if main:
-                    row = {"step": self.step, **{k: round(v, 6) for k, v in values.items()},
-                           "lr": self.optimizer.param_groups[0]["lr"],
-                           "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else "",
-                           "seconds": round(time.perf_counter() - t0, 3)}
+                    row = {
+                        "step": self.step,
+                        **{k: round(v, 6) for k, v in values.items()},
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": round(float(grad_norm), 6) if grad_norm is not None else "",
+                        "seconds": round(time.perf_counter() - t0, 3),
+                    }
                     rows.append(row)
                     _write_csv(self.log_path, rows)
                     bar.set_postfix(loss=f"{sum(float(w) for w in window) / len(window):.4f}")

@@ -32,7 +32,8 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 
 class UNet(nn.Module):
-    """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers' UNet2DConditionModel layout."""
+    """eps_theta(z_t, t, context, class_labels): the conditional UNet, diffusers'
+    UNet2DConditionModel layout."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -42,8 +43,13 @@ class UNet(nn.Module):
         temb_channels = channels[0] * 4  # T: the time embedding is 4x the base width, as in DDPM
         heads = cfg.heads_per_level
         depth = _per_block(cfg.transformer_layers_per_block, levels, "transformer_layers_per_block")
-        common = dict(temb_channels=temb_channels, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                      context_dim=cfg.cross_attention_dim, use_linear_projection=cfg.use_linear_projection)
+        common = dict(
+            temb_channels=temb_channels,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            context_dim=cfg.cross_attention_dim,
+            use_linear_projection=cfg.use_linear_projection,
+        )
 
         self.conv_in = nn.Conv2d(cfg.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(in_dim=channels[0], time_embed_dim=temb_channels)
@@ -55,27 +61,45 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             attn = kind == "CrossAttnDownBlock2D"
-            self.down_blocks.append(DownBlock(
-                in_channels=channels[max(i - 1, 0)], out_channels=channels[i], num_layers=cfg.layers_per_block,
-                add_downsample=i < levels - 1, heads=heads[i] if attn else None, transformer_depth=depth[i],
-                **common))
+            self.down_blocks.append(
+                DownBlock(
+                    in_channels=channels[max(i - 1, 0)],
+                    out_channels=channels[i],
+                    num_layers=cfg.layers_per_block,
+                    add_downsample=i < levels - 1,
+                    heads=heads[i] if attn else None,
+                    transformer_depth=depth[i],
+                    **common,
+                )
+            )
 
         if cfg.mid_block_type is None:
             self.mid_block = None
         else:
             attn = cfg.mid_block_type == "UNetMidBlock2DCrossAttn"
-            self.mid_block = MidBlock(channels=channels[-1], heads=heads[-1] if attn else None,
-                                      transformer_depth=depth[-1], **common)
+            self.mid_block = MidBlock(
+                channels=channels[-1],
+                heads=heads[-1] if attn else None,
+                transformer_depth=depth[-1],
+                **common,
+            )
 
         self.up_blocks = nn.ModuleList()
         rev_channels, rev_heads, rev_depth = channels[::-1], heads[::-1], depth[::-1]
         for i, kind in enumerate(cfg.up_block_types):
             attn = kind == "CrossAttnUpBlock2D"
-            self.up_blocks.append(UpBlock(
-                in_channels=rev_channels[min(i + 1, levels - 1)],
-                prev_output_channels=rev_channels[max(i - 1, 0)],
-                out_channels=rev_channels[i], num_layers=cfg.layers_per_block + 1, add_upsample=i < levels - 1,
-                heads=rev_heads[i] if attn else None, transformer_depth=rev_depth[i], **common))
+            self.up_blocks.append(
+                UpBlock(
+                    in_channels=rev_channels[min(i + 1, levels - 1)],
+                    prev_output_channels=rev_channels[max(i - 1, 0)],
+                    out_channels=rev_channels[i],
+                    num_layers=cfg.layers_per_block + 1,
+                    add_upsample=i < levels - 1,
+                    heads=rev_heads[i] if attn else None,
+                    transformer_depth=rev_depth[i],
+                    **common,
+                )
+            )
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, 3, padding=1)
@@ -96,24 +120,33 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape ({batch},); got shape "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"t must be a number, a 0-d tensor or a tensor of shape ({batch},); got shape "
+                f"{tuple(t.shape)}"
+            )
         return t.to(device).expand(batch)
 
-    def _check_inputs(self, z_t: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None):
+    def _check_inputs(
+        self, z_t: torch.Tensor, context: torch.Tensor | None, class_labels: torch.Tensor | None
+    ):
         cfg = self.config
         if z_t.ndim != 4 or z_t.shape[1] != cfg.in_channels:
-            raise ValueError(f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
-                             f"got {tuple(z_t.shape)}")
+            raise ValueError(
+                f"z_t must have shape (B, {cfg.in_channels}, H, W) (in_channels={cfg.in_channels}); "
+                f"got {tuple(z_t.shape)}"
+            )
         B, _, H, W = z_t.shape
         if H < 1 or W < 1:
             raise ValueError(f"the latent must have H, W >= 1; got {H}x{W}")
-        # any H, W works: a side that does not halve evenly is upsampled back to its skip's size (as diffusers)
+        # any H, W works: a side that does not halve evenly is upsampled back to its
+        # skip's size (as diffusers)
         if cfg.has_cross_attention:
             if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
                 got = None if context is None else tuple(context.shape)
-                raise ValueError(f"context must have shape (B, N_k, {cfg.cross_attention_dim}) "
-                                 f"(cross_attention_dim={cfg.cross_attention_dim}); got {got}")
+                raise ValueError(
+                    f"context must have shape (B, N_k, {cfg.cross_attention_dim}) "
+                    f"(cross_attention_dim={cfg.cross_attention_dim}); got {got}"
+                )
             if context.shape[0] != B:
                 raise ValueError(f"context batch {context.shape[0]} differs from the latent's batch {B}")
         elif context is not None:
@@ -121,20 +154,31 @@ class UNet(nn.Module):
         if cfg.num_class_embeds is not None:
             if class_labels is None or class_labels.shape != (B,):
                 got = None if class_labels is None else tuple(class_labels.shape)
-                raise ValueError(f"class_labels must be an int tensor of shape ({B},) with values in "
-                                 f"[0, {cfg.num_class_embeds}) (num_class_embeds={cfg.num_class_embeds}); "
-                                 f"got {got}")
+                raise ValueError(
+                    f"class_labels must be an int tensor of shape ({B},) with values in "
+                    f"[0, {cfg.num_class_embeds}) (num_class_embeds={cfg.num_class_embeds}); "
+                    f"got {got}"
+                )
         elif class_labels is not None:
-            raise ValueError("this UNet is not class-conditional (num_class_embeds=None); pass class_labels=None")
+            raise ValueError(
+                "this UNet is not class-conditional (num_class_embeds=None); pass class_labels=None"
+            )
 
-    def forward(self, z_t: torch.Tensor, t, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels: (B,) -> (B, C_out, H, W)."""
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        t,
+        context: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """z_t: (B, C_in, H, W); t: step(s); context: (B, N_k, D_c); class_labels:
+        (B,) -> (B, C_out, H, W)."""
         self._check_inputs(z_t, context, class_labels)
         cfg = self.config
         t = self._timesteps(t, z_t.shape[0], z_t.device)  # (B,)
-        t_code = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                    freq_shift=cfg.freq_shift)  # (B, C_0), always fp32
+        t_code = timestep_embedding(
+            t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        )  # (B, C_0), always fp32
         temb = self.time_embedding(t_code.to(z_t.dtype))  # (B, T)
         if self.class_embedding is not None:
             temb = temb + self.class_embedding(class_labels).to(temb.dtype)  # (B, T)

@@ -1,14 +1,14 @@
-"""The UNet's building blocks: time embedding, ResNet blocks, down / mid / up blocks (Ho et al. 2020, appendix B;
-Rombach et al. 2022, sec. 3.3 and appendix E.2).
+"""The UNet's building blocks: time embedding, ResNet blocks, down / mid / up blocks (Ho et al. 2020, appendix
+B; Rombach et al. 2022, sec. 3.3 and appendix E.2).
 
-* ``timestep_embedding``: the Transformer's sinusoidal position code (Vaswani et al. 2017, sec. 3.5) applied to
-  the diffusion step t, exactly as diffusers' ``get_timestep_embedding`` computes it;
+* ``timestep_embedding``: the Transformer's sinusoidal position code (Vaswani et al. 2017, sec. 3.5) applied
+  to the diffusion step t, exactly as diffusers' ``get_timestep_embedding`` computes it;
 * ``TimestepEmbedding``: an MLP (linear_1, SiLU, linear_2) on top of it, 4x the base width;
 * ``ResnetBlock2D``: two 3x3 convs with GroupNorm + SiLU, the time embedding added between them
   (a per-channel shift: "the network is told how noisy its input is");
-* ``DownBlock`` / ``UpBlock`` / ``MidBlock``: ResNet blocks, optionally each followed by a ``SpatialTransformer``
-  (cross-attention to the text), and a stride-2 conv down / nearest-neighbour x2 + conv up between levels.
-  With attention they are diffusers' ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` /
+* ``DownBlock`` / ``UpBlock`` / ``MidBlock``: ResNet blocks, optionally each followed by a
+  ``SpatialTransformer`` (cross-attention to the text), and a stride-2 conv down / nearest-neighbour x2 + conv
+  up between levels. With attention they are diffusers' ``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` /
   ``UNetMidBlock2DCrossAttn``; without, ``DownBlock2D`` / ``UpBlock2D`` / ``UNetMidBlock2D``. Parameter names
   (``resnets.{i}``, ``attentions.{i}``, ``downsamplers.0.conv``, ``upsamplers.0.conv``) are diffusers'.
 
@@ -28,8 +28,14 @@ from torch.utils.checkpoint import checkpoint
 from common.attention import SpatialTransformer
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-                       max_period: float = 10_000.0) -> torch.Tensor:
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10_000.0,
+) -> torch.Tensor:
     """Sinusoidal embedding of the timesteps t (B,) -> (B, dim), as diffusers' ``get_timestep_embedding``.
 
     freq_k = max_period ** (-k / (dim/2 - freq_shift)), k = 0 .. dim/2 - 1;  emb = [sin(t freq), cos(t freq)]
@@ -60,10 +66,12 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """x + conv2(SiLU(GN(conv1(SiLU(GN(x))) + W_t SiLU(temb)))), a 1x1 conv on the skip when the width changes."""
+    """x + conv2(SiLU(GN(conv1(SiLU(GN(x))) + W_t SiLU(temb)))), a 1x1 conv on the skip
+    when the width changes."""
 
-    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, groups: int,
-                 eps: float = 1e-5):
+    def __init__(
+        self, *, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float = 1e-5
+    ):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -75,7 +83,9 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W); temb: (B, T). Returns (B, C_out, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C_out) -> (B, C_out, 1, 1), per channel
+        h = (
+            h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        )  # (B, C_out) -> (B, C_out, 1, 1), per channel
         h = self.conv2(F.silu(self.norm2(h)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
@@ -136,11 +146,25 @@ class _Block(nn.Module):
         return module(*args)
 
 
-def _attention(*, channels: int, heads: int | None, context_dim: int | None, depth: int, groups: int,
-               use_linear_projection: bool) -> SpatialTransformer:
+def _attention(
+    *,
+    channels: int,
+    heads: int | None,
+    context_dim: int | None,
+    depth: int,
+    groups: int,
+    use_linear_projection: bool,
+) -> SpatialTransformer:
     # diffusers splits the channels evenly over the heads: dim_head = channels // heads
-    return SpatialTransformer(channels=channels, heads=heads, dim_head=channels // heads, context_dim=context_dim,
-                              depth=depth, norm_num_groups=groups, use_linear_projection=use_linear_projection)
+    return SpatialTransformer(
+        channels=channels,
+        heads=heads,
+        dim_head=channels // heads,
+        context_dim=context_dim,
+        depth=depth,
+        norm_num_groups=groups,
+        use_linear_projection=use_linear_projection,
+    )
 
 
 class DownBlock(_Block):
@@ -150,21 +174,48 @@ class DownBlock(_Block):
     ``heads=None`` gives diffusers' DownBlock2D (no attention); otherwise its CrossAttnDownBlock2D.
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, num_layers: int, groups: int,
-                 eps: float, add_downsample: bool, heads: int | None = None, context_dim: int | None = None,
-                 transformer_depth: int = 1, use_linear_projection: bool = False):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        groups: int,
+        eps: float,
+        add_downsample: bool,
+        heads: int | None = None,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
+        use_linear_projection: bool = False,
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels=in_channels if i == 0 else out_channels, out_channels=out_channels,
-                          temb_channels=temb_channels, groups=groups, eps=eps)
-            for i in range(num_layers)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D(
+                    in_channels=in_channels if i == 0 else out_channels,
+                    out_channels=out_channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                )
+                for i in range(num_layers)
+            ]
+        )
         if heads is not None:
-            self.attentions = nn.ModuleList([
-                _attention(channels=out_channels, heads=heads, context_dim=context_dim, depth=transformer_depth,
-                           groups=groups, use_linear_projection=use_linear_projection)
-                for _ in range(num_layers)
-            ])
+            self.attentions = nn.ModuleList(
+                [
+                    _attention(
+                        channels=out_channels,
+                        heads=heads,
+                        context_dim=context_dim,
+                        depth=transformer_depth,
+                        groups=groups,
+                        use_linear_projection=use_linear_projection,
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
         else:
             self.attentions = None
         self.downsamplers = nn.ModuleList([Downsample2D(channels=out_channels)]) if add_downsample else None
@@ -183,26 +234,52 @@ class DownBlock(_Block):
 
 
 class MidBlock(_Block):
-    """ResNet, then (SpatialTransformer, ResNet) when ``heads`` is set: the bottleneck at the lowest resolution.
+    """ResNet, then (SpatialTransformer, ResNet) when ``heads`` is set: the bottleneck
+    at the lowest resolution.
 
-    ``heads=None`` gives diffusers' UNetMidBlock2D as UNet2DConditionModel builds it (one ResNet, no attention);
-    otherwise UNetMidBlock2DCrossAttn.
+    ``heads=None`` gives diffusers' UNetMidBlock2D as UNet2DConditionModel builds it
+    (one ResNet, no attention); otherwise UNetMidBlock2DCrossAttn.
     """
 
-    def __init__(self, *, channels: int, temb_channels: int, groups: int, eps: float, heads: int | None = None,
-                 context_dim: int | None = None, transformer_depth: int = 1, use_linear_projection: bool = False):
+    def __init__(
+        self,
+        *,
+        channels: int,
+        temb_channels: int,
+        groups: int,
+        eps: float,
+        heads: int | None = None,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
+        use_linear_projection: bool = False,
+    ):
         super().__init__()
         n_resnets = 1 if heads is None else 2
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D(in_channels=channels, out_channels=channels, temb_channels=temb_channels, groups=groups,
-                          eps=eps)
-            for _ in range(n_resnets)
-        ])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D(
+                    in_channels=channels,
+                    out_channels=channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                )
+                for _ in range(n_resnets)
+            ]
+        )
         if heads is not None:
-            self.attentions = nn.ModuleList([
-                _attention(channels=channels, heads=heads, context_dim=context_dim, depth=transformer_depth,
-                           groups=groups, use_linear_projection=use_linear_projection)
-            ])
+            self.attentions = nn.ModuleList(
+                [
+                    _attention(
+                        channels=channels,
+                        heads=heads,
+                        context_dim=context_dim,
+                        depth=transformer_depth,
+                        groups=groups,
+                        use_linear_projection=use_linear_projection,
+                    )
+                ]
+            )
         else:
             self.attentions = None
 
@@ -221,30 +298,59 @@ class UpBlock(_Block):
     ``heads=None`` gives diffusers' UpBlock2D; otherwise its CrossAttnUpBlock2D.
     """
 
-    def __init__(self, *, in_channels: int, prev_output_channels: int, out_channels: int, temb_channels: int,
-                 num_layers: int, groups: int, eps: float, add_upsample: bool, heads: int | None = None,
-                 context_dim: int | None = None, transformer_depth: int = 1, use_linear_projection: bool = False):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        num_layers: int,
+        groups: int,
+        eps: float,
+        add_upsample: bool,
+        heads: int | None = None,
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
+        use_linear_projection: bool = False,
+    ):
         super().__init__()
         resnets = []
         for i in range(num_layers):
             # the last skip of a level comes from the previous (wider or equal) down level's output
             skip_channels = in_channels if i == num_layers - 1 else out_channels
             resnet_in = prev_output_channels if i == 0 else out_channels
-            resnets.append(ResnetBlock2D(in_channels=resnet_in + skip_channels, out_channels=out_channels,
-                                         temb_channels=temb_channels, groups=groups, eps=eps))
+            resnets.append(
+                ResnetBlock2D(
+                    in_channels=resnet_in + skip_channels,
+                    out_channels=out_channels,
+                    temb_channels=temb_channels,
+                    groups=groups,
+                    eps=eps,
+                )
+            )
         self.resnets = nn.ModuleList(resnets)
         if heads is not None:
-            self.attentions = nn.ModuleList([
-                _attention(channels=out_channels, heads=heads, context_dim=context_dim, depth=transformer_depth,
-                           groups=groups, use_linear_projection=use_linear_projection)
-                for _ in range(num_layers)
-            ])
+            self.attentions = nn.ModuleList(
+                [
+                    _attention(
+                        channels=out_channels,
+                        heads=heads,
+                        context_dim=context_dim,
+                        depth=transformer_depth,
+                        groups=groups,
+                        use_linear_projection=use_linear_projection,
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
         else:
             self.attentions = None
         self.upsamplers = nn.ModuleList([Upsample2D(channels=out_channels)]) if add_upsample else None
 
-    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
-                context: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
         """skips: this level's down-path states, consumed from the end of the list."""
         for i, resnet in enumerate(self.resnets):
             skip = skips.pop()
@@ -253,6 +359,9 @@ class UpBlock(_Block):
             if self.attentions is not None:
                 x = self.run(self.attentions[i], x, context)
         if self.upsamplers is not None:
-            # upsample to the next skip's size, as diffusers does for sides that are not multiples of 2**levels
-            x = self.upsamplers[0](x, size=tuple(skips[-1].shape[-2:]) if skips else None)  # (B, C_out, ~2H, ~2W)
+            # upsample to the next skip's size, as diffusers does for sides that are
+            # not multiples of 2**levels
+            x = self.upsamplers[0](
+                x, size=tuple(skips[-1].shape[-2:]) if skips else None
+            )  # (B, C_out, ~2H, ~2W)
         return x

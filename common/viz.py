@@ -76,8 +76,14 @@ def _wrap(text: str, width: int = 22) -> str:
     return "\n".join([*lines, line])
 
 
-def image_grid(images, captions: list[str] | None = None, ncols: int = 8, title: str | None = None,
-               value_range: ValueRange = (-1.0, 1.0), size: float = 1.6) -> Figure:
+def image_grid(
+    images,
+    captions: list[str] | None = None,
+    ncols: int = 8,
+    title: str | None = None,
+    value_range: ValueRange = (-1.0, 1.0),
+    size: float = 1.6,
+) -> Figure:
     """A grid of images, one axes each (``ncols`` per row), with an optional caption above each."""
     images = _as_list(images)
     if not images:
@@ -121,8 +127,12 @@ def save_grid(images, path: str | Path, captions: list[str] | None = None, ncols
     return path
 
 
-def side_by_side(rows: dict[str, object], value_range: ValueRange = (-1.0, 1.0), size: float = 1.6,
-                 title: str | None = None) -> Figure:
+def side_by_side(
+    rows: dict[str, object],
+    value_range: ValueRange = (-1.0, 1.0),
+    size: float = 1.6,
+    title: str | None = None,
+) -> Figure:
     """One row per entry of ``rows`` (label -> images), e.g. {"input": x, "reconstruction": x_hat}."""
     if not rows:
         raise ValueError("side_by_side needs at least one row")
@@ -145,8 +155,13 @@ def side_by_side(rows: dict[str, object], value_range: ValueRange = (-1.0, 1.0),
     return fig
 
 
-def plot_trajectory(images_per_step: list, steps: list | None = None, value_range: ValueRange = (-1.0, 1.0),
-                    size: float = 1.4, title: str | None = None) -> Figure:
+def plot_trajectory(
+    images_per_step: list,
+    steps: list | None = None,
+    value_range: ValueRange = (-1.0, 1.0),
+    size: float = 1.4,
+    title: str | None = None,
+) -> Figure:
     """A denoising trajectory: one column per step (x_T ... x_0), one row per sample in the batch.
 
     ``images_per_step[k]`` is the batch (B, C, H, W) (or one image) at step ``k``; ``steps[k]`` labels it
@@ -162,9 +177,13 @@ def plot_trajectory(images_per_step: list, steps: list | None = None, value_rang
     axes = fig.subplots(nrows, len(columns), squeeze=False)
     for c, column in enumerate(columns):
         if len(column) != nrows:
-            raise ValueError(f"every step needs the same number of images: step 0 has {nrows}, step {c} has {len(column)}")
+            raise ValueError(
+                f"every step needs the same number of images: step 0 has {nrows}, step {c} has {len(column)}"
+            )
         for r, image in enumerate(column):
-            _imshow(axes[r, c], image, value_range, f"t = {steps[c]}" if steps is not None and r == 0 else None)
+            _imshow(
+                axes[r, c], image, value_range, f"t = {steps[c]}" if steps is not None and r == 0 else None
+            )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -201,8 +220,13 @@ def _smooth(values: np.ndarray, smoothing: float) -> np.ndarray:
     return out
 
 
-def plot_loss_curves(log, keys: list[str] | None = None, smoothing: float = 0.0, logy: bool | None = None,
-                     title: str | None = None) -> Figure:
+def plot_loss_curves(
+    log,
+    keys: list[str] | None = None,
+    smoothing: float = 0.0,
+    logy: bool | None = None,
+    title: str | None = None,
+) -> Figure:
     """Loss curves from the training loop's CSV log (columns step, loss, ..., lr) or a dict of lists.
 
     ``keys``: the columns to plot (default: every numeric column but step, lr, seconds, grad_norm).
@@ -226,7 +250,7 @@ def plot_loss_curves(log, keys: list[str] | None = None, smoothing: float = 0.0,
     for k in keys:
         values = np.asarray(columns[k], dtype=float)
         if smoothing > 0:
-            line, = ax.plot(step, values, alpha=0.25)
+            (line,) = ax.plot(step, values, alpha=0.25)
             ax.plot(step, _smooth(values, smoothing), color=line.get_color(), label=k)
         else:
             ax.plot(step, values, label=k)
@@ -253,7 +277,11 @@ def show_latent_channels(z, size: float = 1.4, title: str | None = None) -> Figu
 
     Channels are scaled together per sample (one colour scale across a row) so their magnitudes compare.
     """
-    z = z.detach().float().cpu() if torch.is_tensor(z) else torch.as_tensor(np.asarray(z), dtype=torch.float32)
+    z = (
+        z.detach().float().cpu()
+        if torch.is_tensor(z)
+        else torch.as_tensor(np.asarray(z), dtype=torch.float32)
+    )
     if z.ndim == 3:
         z = z[None]
     if z.ndim != 4:
@@ -276,14 +304,25 @@ def show_latent_channels(z, size: float = 1.4, title: str | None = None) -> Figu
     return fig
 
 
-def overlay_attention(image, maps, tokens: list[str], value_range: ValueRange = (-1.0, 1.0), alpha: float = 0.55,
-                      size: float = 1.8, title: str | None = None) -> Figure:
+def overlay_attention(
+    image,
+    maps,
+    tokens: list[str],
+    value_range: ValueRange = (-1.0, 1.0),
+    alpha: float = 0.55,
+    size: float = 1.8,
+    title: str | None = None,
+) -> Figure:
     """Cross-attention heatmaps over an image: the image, then one panel per token with its map on top.
 
     ``maps``: (n_tokens, h, w) attention of each image position to each token (any h, w: upsampled
     bilinearly to the image); each map is scaled to its own [0, 1] so the spatial pattern shows.
     """
-    maps = maps.detach().float().cpu() if torch.is_tensor(maps) else torch.as_tensor(np.asarray(maps), dtype=torch.float32)
+    maps = (
+        maps.detach().float().cpu()
+        if torch.is_tensor(maps)
+        else torch.as_tensor(np.asarray(maps), dtype=torch.float32)
+    )
     if maps.ndim != 3:
         raise ValueError(f"maps must be (n_tokens, h, w), got shape {tuple(maps.shape)}")
     if len(tokens) != maps.shape[0]:
@@ -312,7 +351,8 @@ def overlay_attention(image, maps, tokens: list[str], value_range: ValueRange = 
 
 
 def show(fig: Figure, dpi: int = 72) -> None:
-    """Display a Figure in a notebook as a PNG at ``dpi`` (the stored notebook stays small); outside IPython, nothing."""
+    """Display a Figure in a notebook as a PNG at ``dpi`` (the stored notebook stays small);
+    outside IPython, nothing."""
     import io
 
     try:

@@ -1,4 +1,5 @@
-"""Attention: the three backends agree, the modules equal diffusers' with the same weights, capture and chunking."""
+"""Attention: the three backends agree, the modules equal diffusers' with the same weights,
+capture and chunking."""
 
 import pytest
 import torch
@@ -33,15 +34,18 @@ def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor):
 def qkv(n_q: int, n_k: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     B, h, d = 2, 3, 8
-    return (torch.randn(B, h, n_q, d, generator=g), torch.randn(B, h, n_k, d, generator=g),
-            torch.randn(B, h, n_k, d, generator=g))
+    return (
+        torch.randn(B, h, n_q, d, generator=g),
+        torch.randn(B, h, n_k, d, generator=g),
+        torch.randn(B, h, n_k, d, generator=g),
+    )
 
 
 def masks(n_q: int, n_k: int):
     """None, a key-padding mask (B, 1, 1, N_k) and a full (B, h, N_q, N_k) mask; no row is fully masked."""
     g = torch.Generator().manual_seed(1)
     padding = torch.zeros(2, 1, 1, n_k)
-    padding[1, ..., n_k // 2:] = float("-inf")  # the second sample ignores its last keys
+    padding[1, ..., n_k // 2 :] = float("-inf")  # the second sample ignores its last keys
     full = torch.where(torch.rand(2, 3, n_q, n_k, generator=g) < 0.3, float("-inf"), 0.0)
     full[..., 0] = 0.0  # keep one key per row
     return [None, padding, full]
@@ -54,7 +58,9 @@ def test_backends_agree(n_q, n_k, mask_index):
     mask = masks(n_q, n_k)[mask_index]
     ref = attention_math(q, k, v, mask)
     torch.testing.assert_close(attention(q, k, v, mask, backend="sdpa"), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(attention_sliced(q, k, v, 4, mask), ref, atol=1e-5, rtol=1e-5)  # 4 does not divide 17
+    torch.testing.assert_close(
+        attention_sliced(q, k, v, 4, mask), ref, atol=1e-5, rtol=1e-5
+    )  # 4 does not divide 17
     for backend in BACKENDS:
         with attention_backend(backend, slice_size=5):
             torch.testing.assert_close(attention(q, k, v, mask), ref, atol=1e-5, rtol=1e-5)
@@ -105,7 +111,9 @@ def test_transformer_block_matches_diffusers():
 
     torch.manual_seed(0)
     dim, heads, dim_head, context_dim = 32, 4, 8, 24
-    ref = BasicTransformerBlock(dim, heads, dim_head, cross_attention_dim=context_dim, activation_fn="geglu").eval()
+    ref = BasicTransformerBlock(
+        dim, heads, dim_head, cross_attention_dim=context_dim, activation_fn="geglu"
+    ).eval()
     ours = TransformerBlock(dim=dim, heads=heads, dim_head=dim_head, context_dim=context_dim).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x, context = torch.randn(2, 10, dim), torch.randn(2, 7, context_dim)
@@ -122,14 +130,27 @@ def test_spatial_transformer_matches_diffusers(linear):
 
     torch.manual_seed(0)
     channels, heads, context_dim = 32, 4, 24
-    ref = Transformer2DModel(num_attention_heads=heads, attention_head_dim=channels // heads, in_channels=channels,
-                             num_layers=2, cross_attention_dim=context_dim, norm_num_groups=8,
-                             use_linear_projection=linear).eval()
+    ref = Transformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=channels // heads,
+        in_channels=channels,
+        num_layers=2,
+        cross_attention_dim=context_dim,
+        norm_num_groups=8,
+        use_linear_projection=linear,
+    ).eval()
     with torch.no_grad():  # diffusers may zero-initialise some projections: give every weight a value
         for p in ref.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    ours = SpatialTransformer(channels=channels, heads=heads, dim_head=channels // heads, context_dim=context_dim,
-                              depth=2, norm_num_groups=8, use_linear_projection=linear).eval()
+    ours = SpatialTransformer(
+        channels=channels,
+        heads=heads,
+        dim_head=channels // heads,
+        context_dim=context_dim,
+        depth=2,
+        norm_num_groups=8,
+        use_linear_projection=linear,
+    ).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x, context = torch.randn(2, channels, 6, 4), torch.randn(2, 7, context_dim)
     with torch.no_grad():
@@ -139,7 +160,9 @@ def test_spatial_transformer_matches_diffusers(linear):
 
 def small_transformer():
     torch.manual_seed(0)
-    return SpatialTransformer(channels=16, heads=2, dim_head=8, context_dim=12, depth=2, norm_num_groups=4).eval()
+    return SpatialTransformer(
+        channels=16, heads=2, dim_head=8, context_dim=12, depth=2, norm_num_groups=4
+    ).eval()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -158,11 +181,15 @@ def test_capture_shapes_rows_and_output(backend):
         weights = calls[0]
         assert weights.shape == (3, 2, 4 * 6, 5)  # (B, heads, N_q = H*W, N_k)
         torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, 24))
-    assert all(layer.captured is None for layer in cross_attention_layers(model).values())  # switched off on exit
+    assert all(
+        layer.captured is None for layer in cross_attention_layers(model).values()
+    )  # switched off on exit
 
     image = attention_maps_to_image(maps, (8, 12))
     assert image.shape == (3, 5, 8, 12)  # (B, N_k, H, W)
-    torch.testing.assert_close(image.sum(1), torch.ones(3, 8, 12))  # per pixel, still a distribution over tokens
+    torch.testing.assert_close(
+        image.sum(1), torch.ones(3, 8, 12)
+    )  # per pixel, still a distribution over tokens
 
 
 def test_capture_layer_selection_and_errors():
@@ -187,7 +214,9 @@ def test_chunked_feed_forward_is_unchanged(chunk_size, dim):
     x, context = torch.randn(2, 16, 4, 6), torch.randn(2, 5, 12)
     with torch.no_grad():
         plain = model(x, context)
-        assert set_chunk_feed_forward(model, chunk_size, dim=dim) == 2  # 24 tokens in chunks of 5: a remainder
+        assert (
+            set_chunk_feed_forward(model, chunk_size, dim=dim) == 2
+        )  # 24 tokens in chunks of 5: a remainder
         chunked = model(x, context)
         set_chunk_feed_forward(model, None)
         assert all(block.chunk_size is None for block in model.transformer_blocks)

@@ -1,4 +1,5 @@
-"""AutoencoderKL: parity with diffusers (same weights, fp32 CPU), parameter names and counts, bad input, save/load."""
+"""AutoencoderKL: parity with diffusers (same weights, fp32 CPU), parameter names and counts,
+bad input, save/load."""
 
 import json
 
@@ -19,7 +20,8 @@ def assert_parity(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def make_pair(config: AutoencoderConfig, seed: int = 0):
-    """A diffusers AutoencoderKL with random weights (norm affines perturbed too) and ours holding the same."""
+    """A diffusers AutoencoderKL with random weights (norm affines perturbed too) and
+    ours holding the same."""
     torch.manual_seed(seed)
     ref = diffusers.AutoencoderKL(**config.to_diffusers()).eval()
     state = {k: v + 0.05 * torch.randn_like(v) for k, v in ref.state_dict().items()}
@@ -65,12 +67,16 @@ def test_state_dict_names_and_shapes_equal_diffusers(preset):
     config = getattr(AutoencoderConfig, preset)()
     with torch.device("meta"):  # shapes only: no memory, no init time
         ours = {k: tuple(v.shape) for k, v in AutoencoderKL(config).state_dict().items()}
-        ref = {k: tuple(v.shape) for k, v in diffusers.AutoencoderKL(**config.to_diffusers()).state_dict().items()}
+        ref = {
+            k: tuple(v.shape)
+            for k, v in diffusers.AutoencoderKL(**config.to_diffusers()).state_dict().items()
+        }
     assert ours == ref
 
 
 def test_sd15_parameter_counts():
-    """34,163,592 and 49,490,179 are the encoder and decoder alone; quant_conv (72) and post_quant_conv (20) are extra."""
+    """34,163,592 and 49,490,179 are the encoder and decoder alone; quant_conv (72) and
+    post_quant_conv (20) are extra."""
     with torch.device("meta"):
         vae = AutoencoderKL(AutoencoderConfig.sd15())
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -99,12 +105,15 @@ def test_config_diffusers_round_trip():
         assert AutoencoderConfig.from_diffusers(json.loads(json.dumps(dict(ref.config)))) == config
 
 
-@pytest.mark.parametrize("mapping, match", [
-    ({"act_fn": "relu"}, "act_fn"),
-    ({"mid_block_add_attention": False}, "mid_block_add_attention"),
-    ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "DownEncoderBlock2D"),
-    ({"block_out_chanels": [32, 64]}, "unknown"),
-])
+@pytest.mark.parametrize(
+    "mapping, match",
+    [
+        ({"act_fn": "relu"}, "act_fn"),
+        ({"mid_block_add_attention": False}, "mid_block_add_attention"),
+        ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}, "DownEncoderBlock2D"),
+        ({"block_out_chanels": [32, 64]}, "unknown"),
+    ],
+)
 def test_from_diffusers_rejects_unsupported(mapping, match):
     with pytest.raises(ValueError, match=match):
         AutoencoderConfig.from_diffusers({**AutoencoderConfig.tiny().to_diffusers(), **mapping})
@@ -130,12 +139,17 @@ def test_bad_input_errors():
 def test_checkpoint_of_another_config_names_key_and_shapes(tmp_path):
     other = AutoencoderKL(AutoencoderConfig.tiny())
     vae = AutoencoderKL(AutoencoderConfig(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8))
-    with pytest.raises(ValueError, match=r"encoder\.down_blocks\.1\.resnets\.0\.conv1\.weight.*\(64, 32, 3, 3\).*\(32, 32, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"encoder\.down_blocks\.1\.resnets\.0\.conv1\.weight.*\(64, 32, 3, 3\).*\(32, 32, 3, 3\)",
+    ):
         vae.load_state_dict(other.state_dict())
     other.save(tmp_path / "tiny")
     with pytest.raises(ValueError, match="does not fit this config"):
         vae.load_checkpoint(tmp_path / "tiny")
-    deeper = AutoencoderKL(AutoencoderConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8))
+    deeper = AutoencoderKL(
+        AutoencoderConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8)
+    )
     with pytest.raises(ValueError, match="missing keys"):
         deeper.load_state_dict(other.state_dict())
 
@@ -150,7 +164,9 @@ def test_posterior_matches_diffusers():
     assert ours.logvar.min().item() == -30.0
     torch.testing.assert_close(ours.kl(), ref.kl())
     torch.testing.assert_close(ours.mode(), ref.mode())
-    torch.testing.assert_close(ours.sample(torch.Generator().manual_seed(3)), ref.sample(torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(
+        ours.sample(torch.Generator().manual_seed(3)), ref.sample(torch.Generator().manual_seed(3))
+    )
 
 
 def test_forward_returns_reconstruction_and_posterior():

@@ -47,14 +47,16 @@ def ddpm_global_noise(eps_pred, t, z_t, alphas_cumprod, generator):
     return mean + variance.sqrt() * torch.randn(z_t.shape)
 
 
-def embedding_sin_first(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0,
-                        max_period=10_000.0):
+def embedding_sin_first(
+    t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0, max_period=10_000.0
+):
     """Ignores flip_sin_to_cos."""
     return solutions.timestep_embedding(t, dim, False, downscale_freq_shift, scale, max_period)
 
 
-def embedding_no_shift(t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0,
-                       max_period=10_000.0):
+def embedding_no_shift(
+    t, dim, flip_sin_to_cos=False, downscale_freq_shift=1.0, scale=1.0, max_period=10_000.0
+):
     """Ignores downscale_freq_shift (always divides by dim / 2)."""
     return solutions.timestep_embedding(t, dim, flip_sin_to_cos, 0.0, scale, max_period)
 

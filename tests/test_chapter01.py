@@ -8,8 +8,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = {"vae_ablation_l1": (0.0, 0.0), "vae_ablation_l1_kl": (1e-6, 0.0),
-             "vae_ablation_l1_kl_gan": (1e-6, 0.5)}  # name: (SD-convention KL weight, GAN weight)
+ABLATIONS = {
+    "vae_ablation_l1": (0.0, 0.0),
+    "vae_ablation_l1_kl": (1e-6, 0.0),
+    "vae_ablation_l1_kl_gan": (1e-6, 0.5),
+}  # name: (SD-convention KL weight, GAN weight)
 NOTEBOOK = ROOT / "01_latent_space_learning" / "01_latent_space_learning.ipynb"
 
 
@@ -57,8 +60,9 @@ def test_ablation_card_psnr_reproduces(name):
             recs.append(vae.decode(vae.encode(x).mode()).clamp(-1, 1))
             xs.append(x)
     value = psnr(torch.cat(recs), torch.cat(xs))
-    assert value == pytest.approx(card["metrics"]["psnr"], abs=0.02), \
+    assert value == pytest.approx(card["metrics"]["psnr"], abs=0.02), (
         f"{name}: {value:.3f} dB, card {card['metrics']['psnr']:.3f}"
+    )
 
 
 def test_kl_closed_form_matches_monte_carlo_and_torch():

@@ -5,8 +5,8 @@ width (tests/test_unet.py::test_bad_input_errors, tests/test_attention.py), a pr
 truncated with a warning naming the dropped words (tests/test_tokenizer.py for both tokenizers,
 tests/test_pipeline.py::test_bad_inputs), an empty prompt batch (the same two files).
 
-attention_maps.py runs in fast mode (a tiny random pipeline, seconds); its pieces are checked on Shapes renders
-whose masks are known. The notebook runs under nbval and the exercises under tests/test_exercises.py.
+attention_maps.py runs in fast mode (a tiny random pipeline, seconds); its pieces are checked on Shapes
+renders whose masks are known. The notebook runs under nbval and the exercises under tests/test_exercises.py.
 """
 
 import json
@@ -32,8 +32,14 @@ def am():
 
 def run(*args, timeout=300):
     env = {**os.environ, "COURSE_FAST": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -73,7 +79,12 @@ def test_generated_masks_find_rendered_objects(am):
         iou = (found[k] & masks[k].numpy()).sum() / (found[k] | masks[k].numpy()).sum()
         assert iou > 0.8, f"object {k}: IoU {iou:.2f}"
     # a colour that is not in the image leaves that object out
-    assert am.generated_masks((image + 1) / 2, parse("a large green circle to the left of a small blue square"))[0] is None
+    assert (
+        am.generated_masks((image + 1) / 2, parse("a large green circle to the left of a small blue square"))[
+            0
+        ]
+        is None
+    )
 
 
 def test_mass_in_mask_and_word_positions(am):
@@ -92,4 +103,3 @@ def test_mass_in_mask_and_word_positions(am):
     assert positions == [{"colour": 3, "shape": 4}, {"colour": 8, "shape": 9}]
     prompts = am.two_object_prompts(5, 1234)
     assert len(prompts) == 5 and all(parse(p).objects[0].color != parse(p).objects[1].color for p in prompts)
-

@@ -25,7 +25,10 @@ def no_network(monkeypatch):
     connect = socket.socket.connect
 
     def refuse(sock, address, *args):
-        if sock.family in (socket.AF_INET, socket.AF_INET6):  # local (Unix) sockets stay: DataLoader workers use them
+        if sock.family in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):  # local (Unix) sockets stay: DataLoader workers use them
             raise OSError("network access is disabled in the tests")
         return connect(sock, address, *args)
 
@@ -44,9 +47,20 @@ def shoelace(points) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # Shapes: bad input
-@pytest.mark.parametrize("kwargs", [dict(resolution=24), dict(resolution=264), dict(resolution=60),
-                                    dict(resolution=40, multiple_of=16), dict(n_objects=0), dict(n_objects=3),
-                                    dict(n_objects=(1, 3)), dict(split="val"), dict(length=-1)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(resolution=24),
+        dict(resolution=264),
+        dict(resolution=60),
+        dict(resolution=40, multiple_of=16),
+        dict(n_objects=0),
+        dict(n_objects=3),
+        dict(n_objects=(1, 3)),
+        dict(split="val"),
+        dict(length=-1),
+    ],
+)
 def test_shapes_rejects_bad_parameters(kwargs):
     with pytest.raises(ValueError):
         Shapes(**kwargs)
@@ -91,7 +105,7 @@ def test_item_format_and_collate():
     assert batch["masks"].shape == (8, shapes.MAX_OBJECTS, 64, 64)
     assert batch["n_objects"].tolist() == [len(o) for o in batch["objects"]]
     for b in range(8):  # padding masks are empty
-        assert not batch["masks"][b, batch["n_objects"][b]:].any()
+        assert not batch["masks"][b, batch["n_objects"][b] :].any()
 
 
 def test_deterministic_per_seed_and_index_whatever_the_order_or_workers():
@@ -128,14 +142,21 @@ def test_colour_relation_position_and_centre_are_in_the_pixels():
         for o, mask in zip(item["objects"], all_masks):
             assert mask.sum() > 20
             mean = rgb[:, mask].mean(1)
-            assert np.abs(mean - named[o["color"]]).max() < 40, (item["caption"], mean)  # edges mix with the background
+            assert np.abs(mean - named[o["color"]]).max() < 40, (
+                item["caption"],
+                mean,
+            )  # edges mix with the background
             assert min(named, key=lambda c: np.linalg.norm(mean - named[c])) == o["color"]
             inner = binary_erosion(mask, iterations=2)
             if inner.any():  # away from the anti-aliased edges the colour is exact
                 assert np.abs(rgb[:, inner].mean(1) - named[o["color"]]).max() < 0.5
             ys, xs = np.nonzero(mask)
             cx, cy = xs.mean(), ys.mean()
-            assert abs(cx - o["center"][0]) < 1.0 and abs(cy - o["center"][1]) < 1.0, (item["caption"], (cx, cy), o)
+            assert abs(cx - o["center"][0]) < 1.0 and abs(cy - o["center"][1]) < 1.0, (
+                item["caption"],
+                (cx, cy),
+                o,
+            )
             centroids.append((cx, cy))
         outside = rgb[:, ~all_masks.any(0)]  # plain background, but for anti-aliased edges
         assert np.allclose(np.median(outside, 1), background, atol=0.01)
@@ -144,14 +165,21 @@ def test_colour_relation_position_and_centre_are_in_the_pixels():
             (cx, cy), position = centroids[0], item["objects"][0]["position"]
             col = "left" if cx < res / 3 else "right" if cx > 2 * res / 3 else "center"
             row = "top" if cy < res / 3 else "bottom" if cy > 2 * res / 3 else "middle"
-            expected = {("middle", "center"): "center", ("middle", "left"): "left", ("middle", "right"): "right",
-                        ("top", "center"): "top", ("bottom", "center"): "bottom"}.get((row, col), f"{row} {col}")
+            expected = {
+                ("middle", "center"): "center",
+                ("middle", "left"): "left",
+                ("middle", "right"): "right",
+                ("top", "center"): "top",
+                ("bottom", "center"): "bottom",
+            }.get((row, col), f"{row} {col}")
             assert position == expected, (item["caption"], centroids)
         else:
             n_pairs += 1
             assert not (all_masks[0] & all_masks[1]).any()  # never overlap
             (x0, y0), (x1, y1) = centroids
-            along = {"left of": x1 - x0, "right of": x0 - x1, "above": y1 - y0, "below": y0 - y1}[item["relation"]]
+            along = {"left of": x1 - x0, "right of": x0 - x1, "above": y1 - y0, "below": y0 - y1}[
+                item["relation"]
+            ]
             across = abs(y1 - y0) if item["relation"] in ("left of", "right of") else abs(x1 - x0)
             assert along > 0.15 * res and along > across + 0.05 * res, (item["caption"], centroids)
     assert n_pairs > 100
@@ -165,8 +193,12 @@ def test_sizes_differ_clearly_in_area():
             areas[size] = int(masks.sum())
         assert areas["large"] > 2.3 * areas["small"], (shape, areas)
     # and across shapes: every large object is bigger than every small one
-    small = [int(render(Scene((ShapeObject(s, "red", "small", "center"),)), 64)[1].sum()) for s in shapes.SHAPES]
-    large = [int(render(Scene((ShapeObject(s, "red", "large", "center"),)), 64)[1].sum()) for s in shapes.SHAPES]
+    small = [
+        int(render(Scene((ShapeObject(s, "red", "small", "center"),)), 64)[1].sum()) for s in shapes.SHAPES
+    ]
+    large = [
+        int(render(Scene((ShapeObject(s, "red", "large", "center"),)), 64)[1].sum()) for s in shapes.SHAPES
+    ]
     assert min(large) > 1.5 * max(small)
 
 
@@ -230,7 +262,9 @@ def test_caption_examples_and_swapped_relations():
     assert one.caption(0) == "a small red circle at the top left"
     assert one.caption(5) == "a red circle, small, in the top left corner"
     assert Scene((ShapeObject("cross", "orange", "large", "left"),)).caption(1).startswith("an orange cross")
-    two = Scene((ShapeObject("square", "blue", "large"), ShapeObject("triangle", "green", "small")), "left of")
+    two = Scene(
+        (ShapeObject("square", "blue", "large"), ShapeObject("triangle", "green", "small")), "left of"
+    )
     assert two.caption(0) == "a large blue square to the left of a small green triangle"
     assert two.caption(3) == "a small green triangle right of a large blue square"
     swapped = parse(two.caption(3))
@@ -242,7 +276,10 @@ def test_caption_examples_and_swapped_relations():
 
 
 def test_render_any_prompt_ground_truth():
-    for text in ("a large yellow star below a small purple diamond", "an orange cross, small, at the bottom right"):
+    for text in (
+        "a large yellow star below a small purple diamond",
+        "an orange cross, small, at the bottom right",
+    ):
         scene = parse(text)
         image, masks = render(scene, 96)
         assert image.shape == (3, 96, 96) and masks.shape[0] == len(scene.objects)
@@ -308,8 +345,11 @@ def write_fake_mnist(root, n=12):
     labels = (np.arange(n) % 10).astype(np.uint8)
     for prefix in ("train", "t10k"):  # the same images in both splits
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
-            np.array([2051, n, 28, 28], ">i4").tobytes() + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], ">i4").tobytes() + labels.tobytes())
+            np.array([2051, n, 28, 28], ">i4").tobytes() + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, n], ">i4").tobytes() + labels.tobytes()
+        )
     return images, labels
 
 
@@ -376,7 +416,10 @@ def test_torchvision_dataset_on_disk(tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter imports torch
 def test_import_is_light():
-    code = "import sys, common.data; print(sorted(m for m in ('torchvision', 'scipy', 'skimage') if m in sys.modules))"
+    code = (
+        "import sys, common.data; "
+        "print(sorted(m for m in ('torchvision', 'scipy', 'skimage') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from common.grade import FAILED, PASSED, TODO, ERROR, chapter_dir, grade, main
+from common.grade import ERROR, FAILED, PASSED, TODO, chapter_dir, grade, main
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = sorted(p.name[:2] for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and (p / "checks.py").exists())
+CHAPTERS = sorted(
+    p.name[:2] for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and (p / "checks.py").exists()
+)
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
@@ -35,10 +37,12 @@ def test_grader_reports_each_outcome(tmp_path, capsys):
         "def c_bad(m): assert m.g() == 1, 'g() should return 1'\n"
         "def c_todo(m): m.h()\n"
         "def c_err(m): m.k()\n"
-        "CHECKS = [('f', c_ok), ('g', c_bad), ('h', c_todo), ('k', c_err)]\n")
+        "CHECKS = [('f', c_ok), ('g', c_bad), ('h', c_todo), ('k', c_err)]\n"
+    )
     (folder / "exercises.py").write_text(
         "def f(x): return x * x\ndef g(): return 0\n"
-        "def h(): raise NotImplementedError\ndef k(): return 1 / 0\n")
+        "def h(): raise NotImplementedError\ndef k(): return 1 / 0\n"
+    )
     import common.grade as g
 
     old = g.ROOT
@@ -78,7 +82,8 @@ def test_grading_after_torch_ran_parallel_ops_here_does_not_hang(tmp_path):
             "    y = m.f(torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(4, 8, 32, 32))\n"
             "    assert y.shape == (4, 8, 32, 32)\n"
             "    assert os.environ.get('GRADER_TEST_VAR') == 'set after the server started'\n"
-            "CHECKS = [('f', c)]\n")
+            "CHECKS = [('f', c)]\n"
+        )
         (folder / "exercises.py").write_text("def f(conv, x):\n    return conv(x)\n")
         old = g.ROOT
         g.ROOT = tmp_path

@@ -89,8 +89,9 @@ def test_forward_process_and_target_equal_diffusers():
 def test_logit_normal_sampling_equals_diffusers_and_matches_its_density():
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     ours = sample_sigmas_logit_normal(4096, 0.0, 1.0, g1)
-    ref = compute_density_for_timestep_sampling("logit_normal", 4096, logit_mean=0.0, logit_std=1.0,
-                                                generator=g2)
+    ref = compute_density_for_timestep_sampling(
+        "logit_normal", 4096, logit_mean=0.0, logit_std=1.0, generator=g2
+    )
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     # the density integrates to one and its histogram agrees with the samples
     grid = torch.linspace(1e-4, 1 - 1e-4, 20001, dtype=torch.float64)

@@ -24,8 +24,14 @@ def gs():
 
 def run(*args, timeout=600):
     env = {**os.environ, "COURSE_FAST": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_wilson_interval_against_scipy(gs):
@@ -57,12 +63,21 @@ def test_bootstrap_interval_brackets_the_mean(gs):
 def test_grid_picks_the_largest_rise_from_s1_to_s3(gs):
     scales = [0.0, 1.0, 3.0]
     per_prompt = {
-        "one flat": {"objects": 1, "all": [[False] * 4, [True] * 4, [True] * 4],
-                     "change_from_s1": [0, 0, 0.1]},
-        "one rising": {"objects": 1, "all": [[False] * 4, [False] * 4, [True] * 4],
-                       "change_from_s1": [0, 0, 0.1]},
-        "two rising": {"objects": 2, "all": [[False] * 4, [False] * 4, [True, True, False, False]],
-                       "change_from_s1": [0, 0, 0.2]},
+        "one flat": {
+            "objects": 1,
+            "all": [[False] * 4, [True] * 4, [True] * 4],
+            "change_from_s1": [0, 0, 0.1],
+        },
+        "one rising": {
+            "objects": 1,
+            "all": [[False] * 4, [False] * 4, [True] * 4],
+            "change_from_s1": [0, 0, 0.1],
+        },
+        "two rising": {
+            "objects": 2,
+            "all": [[False] * 4, [False] * 4, [True, True, False, False]],
+            "change_from_s1": [0, 0, 0.2],
+        },
     }
     assert gs.pick_for_grid(per_prompt, scales) == ["one rising", "two rising"]
 

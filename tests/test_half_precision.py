@@ -39,7 +39,9 @@ def test_fp16_logits_overflow_to_nan_and_fp32_logits_fix_it():
     assert plain.isnan().all(), "every logit overflows, so every softmax row is inf - inf"
     scaled = _weights(q.half(), k.half(), "scale, then product")
     assert torch.isfinite(scaled).all()
-    assert (scaled.float() - ref).abs().max() > 0.05, "in range, but fp16's spacing near 14,000 loses the logits"
+    assert (scaled.float() - ref).abs().max() > 0.05, (
+        "in range, but fp16's spacing near 14,000 loses the logits"
+    )
     upcast = _weights(q.half(), k.half(), "in float32")
     torch.testing.assert_close(upcast.float(), ref, atol=2e-3, rtol=0)  # only the inputs rounded
     bf16 = _weights(q.bfloat16(), k.bfloat16(), "product, then scale")
@@ -74,7 +76,8 @@ def test_fp16_decode_overflows_where_the_stream_passes_fp16_max_and_decode_fp32_
         with torch.no_grad():
             big.decoder.conv_in.weight.mul_(s)
             big.decoder.conv_in.bias.mul_(s)
-        peaks = max_activations(big.decoder, lambda: big.decode(z), kinds=(type(big.decoder.mid_block),))
+        kinds = (type(big.decoder.mid_block),)
+        peaks = max_activations(big.decoder, lambda: big.decode(z), kinds=kinds)  # noqa: B023  runs now
         assert (max(peaks.values()) > FP16_MAX) == overflows
         with torch.no_grad():
             with autocast("cpu", "bf16"):
@@ -82,7 +85,9 @@ def test_fp16_decode_overflows_where_the_stream_passes_fp16_max_and_decode_fp32_
             x16 = copy.deepcopy(big).half().decode(z.half())
             xbf16 = copy.deepcopy(big).bfloat16().decode(z.bfloat16())
         assert x32.dtype == torch.float32 and torch.isfinite(x32).all()
-        assert bool((~x16.isfinite()).all()) == overflows  # one inf reaches every pixel through the GroupNorms
+        assert (
+            bool((~x16.isfinite()).all()) == overflows
+        )  # one inf reaches every pixel through the GroupNorms
         if not overflows:
             assert (x16.float() - x32).abs().max() < 0.02
         assert (xbf16.float() - x32).abs().max() < 0.1  # bf16 has fp32's range: it never overflows here

@@ -1,12 +1,21 @@
 """The Shapes judge: near-perfect on real renders, segmentation and relation rules, save/load, bad input."""
 
-
 import numpy as np
 import pytest
 import torch
 
-from common.judge import (JUDGE_DIR, MIN_AREA, Judge, ShapeNet, relation_holds, real_renders, segment, size_thresholds,
-                          to_uint8, train_judge)
+from common.judge import (
+    JUDGE_DIR,
+    MIN_AREA,
+    Judge,
+    ShapeNet,
+    real_renders,
+    relation_holds,
+    segment,
+    size_thresholds,
+    to_uint8,
+    train_judge,
+)
 from common.shapes import BACKGROUND, SIZES, Shapes
 
 
@@ -79,6 +88,8 @@ def test_train_save_load_round_trip(tmp_path):
 
 def test_generated_looking_noise_scores_zero(judge):
     torch.manual_seed(0)
-    s = judge.score(torch.rand(2, 3, 64, 64), ["a small red circle at the top", "a small red circle above a large "
-                                                "blue square"])
+    s = judge.score(
+        torch.rand(2, 3, 64, 64),
+        ["a small red circle at the top", "a small red circle above a large blue square"],
+    )
     assert s["single"]["all"] == 0.0 and s["pair"]["all"] == 0.0

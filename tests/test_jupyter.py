@@ -31,8 +31,17 @@ def _free_port() -> int:
 def lab(tmp_path_factory):
     port, token = _free_port(), secrets.token_hex(16)
     runtime = tmp_path_factory.mktemp("jupyter-runtime")
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}", "--ServerApp.port_retries=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={ROOT}",
+        "--ServerApp.port_retries=0",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI and containers run as root; a learner does not
         cmd.append("--allow-root")
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime), "JUPYTER_NO_CONFIG": "1"}
@@ -48,7 +57,9 @@ def lab(tmp_path_factory):
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError("jupyter lab did not start:\n" + proc.stdout.read().decode(errors="replace")[-3000:])
+            raise AssertionError(
+                "jupyter lab did not start:\n" + proc.stdout.read().decode(errors="replace")[-3000:]
+            )
         time.sleep(0.5)
     yield base, token
     proc.terminate()
@@ -80,13 +91,31 @@ async def _execute(ws_url: str, code: str, timeout: float = 120.0) -> tuple[str,
 
     ws = await websocket_connect(ws_url)
     msg_id = uuid.uuid4().hex
-    ws.write_message(json.dumps({
-        "header": {"msg_id": msg_id, "username": "test", "session": uuid.uuid4().hex, "msg_type": "execute_request",
-                   "version": "5.3"},
-        "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
-        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
-    }))
+    ws.write_message(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "username": "test",
+                    "session": uuid.uuid4().hex,
+                    "msg_type": "execute_request",
+                    "version": "5.3",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "channel": "shell",
+                "buffers": [],
+                "content": {
+                    "code": code,
+                    "silent": False,
+                    "store_history": False,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": True,
+                },
+            }
+        )
+    )
     out, status = "", None
     deadline = time.monotonic() + timeout
     while status is None or not out:
@@ -114,9 +143,12 @@ async def _execute(ws_url: str, code: str, timeout: float = 120.0) -> tuple[str,
 
 def test_a_kernel_started_by_jupyter_lab_imports_common(lab):
     base, token = lab
-    req = urllib.request.Request(f"{base}/api/kernels?token={token}", method="POST",
-                                 data=json.dumps({"name": "python3"}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/api/kernels?token={token}",
+        method="POST",
+        data=json.dumps({"name": "python3"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         kernel = json.loads(r.read())
     try:

@@ -1,5 +1,5 @@
-"""Chapter 03's scripts: train_classifier.py, train_ldm.py and pixel_vs_latent.py in fast mode, resume, bad input,
-the digits classifier module, and the saved LDM folder loading into diffusers."""
+"""Chapter 03's scripts: train_classifier.py, train_ldm.py and pixel_vs_latent.py in fast mode, resume, bad
+input, the digits classifier module, and the saved LDM folder loading into diffusers."""
 
 from __future__ import annotations
 
@@ -21,19 +21,28 @@ ENV = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(CHAPTER / script), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(CHAPTER / script), *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc
 
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> Path:
-    """A random tiny VAE (f = 2: 32 px -> 16x16x4) saved in diffusers layout: the scripts only need the format."""
+    """A random tiny VAE (f = 2: 32 px -> 16x16x4) saved in diffusers layout: the scripts
+    only need the format."""
     from common.autoencoder import AutoencoderConfig, AutoencoderKL
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("vae") / "vae_tiny"
-    AutoencoderKL(dataclasses.replace(AutoencoderConfig.tiny(), sample_size=32, scaling_factor=0.5)).save(path)
+    AutoencoderKL(dataclasses.replace(AutoencoderConfig.tiny(), sample_size=32, scaling_factor=0.5)).save(
+        path
+    )
     return path
 
 
@@ -113,11 +122,25 @@ def test_train_ldm_fast_then_resume(tmp_path, tiny_vae, train_ldm):
     ref = UNet2DConditionModel.from_pretrained(ship).eval()
     z, t, y = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.tensor([3, 7])
     with torch.no_grad():
-        ours, theirs = unet(z, t, class_labels=y), ref(z, t, encoder_hidden_states=None, class_labels=y).sample
+        ours, theirs = (
+            unet(z, t, class_labels=y),
+            ref(z, t, encoder_hidden_states=None, class_labels=y).sample,
+        )
     torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, float(theirs.abs().max())), rtol=0)
     # resume: the same folder, more steps; the cache is reused
-    proc = run("train_ldm.py", "--vae", str(tiny_vae), "--out", str(out), "--steps", "6", "--samplers", "ddim:3",
-               "--scaling-factor", "computed")
+    proc = run(
+        "train_ldm.py",
+        "--vae",
+        str(tiny_vae),
+        "--out",
+        str(out),
+        "--steps",
+        "6",
+        "--samplers",
+        "ddim:3",
+        "--scaling-factor",
+        "computed",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "step 4 of 6" in proc.stdout and "encoded" not in proc.stdout
     result = json.loads((out / "result.json").read_text())
@@ -126,8 +149,19 @@ def test_train_ldm_fast_then_resume(tmp_path, tiny_vae, train_ldm):
 
 @pytest.mark.slow
 def test_train_ldm_shapes_unconditional_fast(tmp_path, tiny_vae):
-    proc = run("train_ldm.py", "--data", "shapes", "--vae", str(tiny_vae), "--out", str(tmp_path),
-               "--samplers", "dpmpp_2m:3", "--preview-t", "0,999")
+    proc = run(
+        "train_ldm.py",
+        "--data",
+        "shapes",
+        "--vae",
+        str(tiny_vae),
+        "--out",
+        str(tmp_path),
+        "--samplers",
+        "dpmpp_2m:3",
+        "--preview-t",
+        "0,999",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["unet"]["num_class_embeds"] is None and result["cfg_dropout"] == 0.0
@@ -135,16 +169,22 @@ def test_train_ldm_shapes_unconditional_fast(tmp_path, tiny_vae):
     assert row["samples"] == 8 and "accuracy" not in row and row["latent_fd"] >= 0
 
 
-@pytest.mark.parametrize("args, allowed", [
-    (["--schedule", "quadratic"], "linear, scaled_linear, cosine"),
-    (["--prediction-type", "noise"], "epsilon, v_prediction, sample"),
-    (["--samplers", "euler:20"], "ddpm, ddim, dpmpp_2m"),
-    (["--samplers", "ddim:2000"], "between 1 and num_train_timesteps=1000"),
-    (["--num-train-timesteps", "100", "--samplers", "ddpm:1000"], "between 1 and num_train_timesteps=100"),
-    (["--preview-t", "0,1000"], r"outside \[0, 999\]"),
-    (["--data", "cifar"], "digits, shapes"),
-    (["--scaling-factor", "big"], "'vae', 'computed' or a number"),
-])
+@pytest.mark.parametrize(
+    "args, allowed",
+    [
+        (["--schedule", "quadratic"], "linear, scaled_linear, cosine"),
+        (["--prediction-type", "noise"], "epsilon, v_prediction, sample"),
+        (["--samplers", "euler:20"], "ddpm, ddim, dpmpp_2m"),
+        (["--samplers", "ddim:2000"], "between 1 and num_train_timesteps=1000"),
+        (
+            ["--num-train-timesteps", "100", "--samplers", "ddpm:1000"],
+            "between 1 and num_train_timesteps=100",
+        ),
+        (["--preview-t", "0,1000"], r"outside \[0, 999\]"),
+        (["--data", "cifar"], "digits, shapes"),
+        (["--scaling-factor", "big"], "'vae', 'computed' or a number"),
+    ],
+)
 def test_train_ldm_bad_input_lists_what_is_allowed(args, allowed, train_ldm, capsys, tmp_path, tiny_vae):
     import re
 
@@ -162,9 +202,13 @@ def test_ldm_loss_and_scaling(train_ldm):
     unet = __import__("common.unet", fromlist=["UNet"]).UNet(train_ldm.unet_config("digits", 16))
     schedule = NoiseSchedule.sd15()
     z0 = torch.randn(4, 4, 8, 8)
-    loss = train_ldm.ldm_loss(unet, schedule, z0, torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0))
+    loss = train_ldm.ldm_loss(
+        unet, schedule, z0, torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0)
+    )
     assert loss.ndim == 0 and torch.isfinite(loss)
-    again = train_ldm.ldm_loss(unet, schedule, z0, torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0))
+    again = train_ldm.ldm_loss(
+        unet, schedule, z0, torch.tensor([0, 1, 2, 3]), torch.Generator().manual_seed(0)
+    )
     assert loss.item() == again.item()  # all randomness from the generator
     cache = {"mean": torch.randn(64, 4, 8, 8) * 4, "std": torch.full((64, 4, 8, 8), 0.1)}
     assert abs(train_ldm.computed_scaling_factor(cache) - 0.25) < 0.02
@@ -176,8 +220,14 @@ def test_pixel_vs_latent_fast(tmp_path):
     proc = run("pixel_vs_latent.py", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "result.json").read_text())["rows"]
-    assert [(r["case"], r["space"]) for r in rows] == [("digits", "pixel"), ("digits", "latent"),
-                                                       ("shapes", "pixel"), ("shapes", "latent")]
+    assert [(r["case"], r["space"]) for r in rows] == [
+        ("digits", "pixel"),
+        ("digits", "latent"),
+        ("shapes", "pixel"),
+        ("shapes", "latent"),
+    ]
     for pixel, latent in (rows[:2], rows[2:]):
-        assert pixel["params"] - latent["params"] < 2000  # same architecture (only conv_in/out channels differ)
+        assert (
+            pixel["params"] - latent["params"] < 2000
+        )  # same architecture (only conv_in/out channels differ)
         assert pixel["activation_MB"] > 4 * latent["activation_MB"]

@@ -24,8 +24,14 @@ ENV = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1", "MPLBACKEND": "
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CHAPTER / script), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(CHAPTER / script), *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +73,14 @@ def test_keep_checkpoints_and_stop_at_match_the_full_run(tmp_path, tiny_vae):
     assert any(not torch.equal(kept[k], init[k]) for k in kept)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--keep-checkpoints", "2,x"], "expected steps like 0,250,1000"),
-    (["--keep-checkpoints", "9"], r"must lie in 0..6"),
-    (["--stop-at", "7"], r"expected a step in 1..6"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--keep-checkpoints", "2,x"], "expected steps like 0,250,1000"),
+        (["--keep-checkpoints", "9"], r"must lie in 0..6"),
+        (["--stop-at", "7"], r"expected a step in 1..6"),
+    ],
+)
 def test_keep_checkpoints_bad_input(args, expected, tmp_path, tiny_vae, capsys):
     import re
 
@@ -155,13 +164,16 @@ def test_compare_samplers_fast(tmp_path, compare):
     assert "| DDIM | 4 | 4 |" in compare.table(result)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--n", "15"], "multiple of 10"),
-    (["--samplers", "euler"], "ddpm, ddim, dpmpp_2m"),
-    (["--steps", "2,x"], "integers like 2,4,8"),
-    (["--steps", "0"], "between 1 and 1000"),
-    (["--model", "/nonexistent"], "diffusion_pytorch_model.safetensors"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--n", "15"], "multiple of 10"),
+        (["--samplers", "euler"], "ddpm, ddim, dpmpp_2m"),
+        (["--steps", "2,x"], "integers like 2,4,8"),
+        (["--steps", "0"], "between 1 and 1000"),
+        (["--model", "/nonexistent"], "diffusion_pytorch_model.safetensors"),
+    ],
+)
 def test_compare_samplers_bad_input(args, expected, tmp_path, compare, capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare.main([*args, "--out", str(tmp_path)])
@@ -206,7 +218,8 @@ def test_train_digits_ldm_check_fails_a_loop_that_does_not_learn(tmp_path):
         "        loss = ref.ldm_loss(unet, z0[idx], labels[idx], alphas_cumprod, g)\n"
         "        loss.backward()  # but no optimizer step\n"
         "        losses.append(float(loss.detach()))\n"
-        "    return unet.eval(), losses\n")
+        "    return unet.eval(), losses\n"
+    )
     results = grade("03", mutant, only=["train_digits_ldm"])
     assert [r.status for r in results] == [FAILED], [(r.status, r.detail) for r in results]
     assert "held-out loss" in results[0].detail

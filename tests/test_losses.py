@@ -1,4 +1,5 @@
-"""The VAE objective: each term against a direct computation, hinge values, the adaptive weight, disc start, LPIPS."""
+"""The VAE objective: each term against a direct computation, hinge values, the adaptive
+weight, disc start, LPIPS."""
 
 import lpips as lpips_package
 import pytest
@@ -49,7 +50,9 @@ def test_hinge_losses():
     real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - real) = 0, 0.5, 2   -> mean 2.5 / 3
     fake = torch.tensor([-2.0, 0.0, 1.0])  # relu(1 + fake) = 0, 1, 2     -> mean 1
     assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (2.5 / 3 + 1.0))
-    assert hinge_d_loss(torch.full((4,), 1.5), torch.full((4,), -1.5)).item() == 0.0  # a confident D pays nothing
+    assert (
+        hinge_d_loss(torch.full((4,), 1.5), torch.full((4,), -1.5)).item() == 0.0
+    )  # a confident D pays nothing
     assert hinge_g_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.0) / 3)
 
 
@@ -98,7 +101,12 @@ def test_patch_discriminator_shape_and_init():
     d = PatchDiscriminator()
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
-        (3, 64, 2), (64, 128, 2), (128, 256, 2), (256, 512, 1), (512, 1, 1)]
+        (3, 64, 2),
+        (64, 128, 2),
+        (128, 256, 2),
+        (256, 512, 1),
+        (512, 1, 1),
+    ]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in d.modules()) == 3
     assert sum(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.2 for m in d.modules()) == 4
     assert d(images(0, side=64)).shape == (2, 1, 6, 6)  # 64 -> 32 -> 16 -> 8 -> 7 -> 6 patches
@@ -153,8 +161,11 @@ def setup():
     torch.manual_seed(0)
     vae = AutoencoderKL(AutoencoderConfig.tiny())
     weights = VAELossWeights(rec=1.0, lpips=0.5, kl=1e-3, gan=0.5, disc_start=10)
-    loss = VAELoss(weights, lpips=LPIPS(pretrained_backbone=False),
-                   discriminator=PatchDiscriminator(base_channels=8, n_layers=2))
+    loss = VAELoss(
+        weights,
+        lpips=LPIPS(pretrained_backbone=False),
+        discriminator=PatchDiscriminator(base_channels=8, n_layers=2),
+    )
     x = images(5, side=32)
     x_hat, posterior = vae(x, generator=torch.Generator().manual_seed(0))
     return vae, loss, x, x_hat, posterior

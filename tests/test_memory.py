@@ -15,11 +15,32 @@ import torch
 
 from common.attention import attention, attention_backend, set_chunk_feed_forward
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
-from common.memory import (FP16_MAX, MiB, RSS_METHOD, allocation_case, attention_case, attention_matrix_bytes,
-                           autocast, decode_fp32, format_table, max_activations, measure, measure_isolated,
-                           to_channels_last, write_table)
+from common.memory import (
+    FP16_MAX,
+    RSS_METHOD,
+    MiB,
+    allocation_case,
+    attention_case,
+    attention_matrix_bytes,
+    autocast,
+    decode_fp32,
+    format_table,
+    max_activations,
+    measure,
+    measure_isolated,
+    to_channels_last,
+    write_table,
+)
 from common.offload import enable_model_cpu_offload, offload_for_test, offload_units
-from common.tiling import blend_tiles, ramp, sliced_decode, sliced_encode, tile_spans, tiled_decode, tiled_encode
+from common.tiling import (
+    blend_tiles,
+    ramp,
+    sliced_decode,
+    sliced_encode,
+    tile_spans,
+    tiled_decode,
+    tiled_encode,
+)
 from common.unet import UNet, UNetConfig
 
 
@@ -40,6 +61,7 @@ def _close(a, b, tol):
 
 # ---- the meter ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_measure_detects_a_known_allocation_in_a_fresh_process():
     m, _ = measure_isolated(allocation_case, dict(n_bytes=200 * MiB))
@@ -58,8 +80,9 @@ def test_attention_matrix_prediction_matches_the_math_path():
     m, out = measure(attention_case(backend="math", batch=B, heads=h, tokens=N, dim_head=d), warmup=1)
     predicted = attention_matrix_bytes(B, h, N, N)  # scores and their softmax are alive at once: 2x
     assert 1.8 * predicted <= m.peak_bytes <= 2.4 * predicted, (m.peak_mib, predicted / MiB)
-    sliced, _ = measure(attention_case(backend="sliced", batch=B, heads=h, tokens=N, dim_head=d, slice_size=128),
-                        warmup=1)
+    sliced, _ = measure(
+        attention_case(backend="sliced", batch=B, heads=h, tokens=N, dim_head=d, slice_size=128), warmup=1
+    )
     assert sliced.peak_bytes < 0.3 * m.peak_bytes
 
 
@@ -76,6 +99,7 @@ def test_errors_and_tables(tmp_path):
 
 
 # ---- attention backends and chunked feed-forward ------------------------------------------------------
+
 
 def test_attention_backends_agree():
     g = torch.Generator().manual_seed(0)
@@ -129,6 +153,7 @@ def test_bf16_autocast_is_close():
 
 # ---- VAE: tiling, slicing, fp32 decode -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)
@@ -163,7 +188,9 @@ def test_blend_tiles_reassembles_an_image_exactly():
     img = torch.randn(1, 3, 40, 40)
     spans = tile_spans(40, 16, 6)
     rows = [[img[:, :, y0:y1, x0:x1] for x0, x1 in spans] for y0, y1 in spans]
-    _close(blend_tiles(rows, spans, spans), img, 1e-6)  # weights sum to 1 everywhere: consistent tiles come back
+    _close(
+        blend_tiles(rows, spans, spans), img, 1e-6
+    )  # weights sum to 1 everywhere: consistent tiles come back
 
 
 @pytest.mark.slow
@@ -195,6 +222,7 @@ def test_decode_fp32_and_max_activations(vae):
 
 
 # ---- model CPU offload --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_offload_hooks_move_each_block_around_its_call(capsys):

@@ -34,6 +34,8 @@ def test_frechet_distance_closed_forms():
     b = a + np.array([2.0, 0.0, 0.0])
     assert frechet_distance(a, b) == pytest.approx(4.0, rel=1e-6)
     # isotropic Gaussians with stds 1 and 2 in d dims: d (1 - 2)^2 = 3 (sampling error aside)
-    assert frechet_distance(rng.normal(size=(20000, 3)), 2 * rng.normal(size=(20000, 3))) == pytest.approx(3.0, rel=0.05)
+    assert frechet_distance(rng.normal(size=(20000, 3)), 2 * rng.normal(size=(20000, 3))) == pytest.approx(
+        3.0, rel=0.05
+    )
     with pytest.raises(ValueError, match="same D"):
         frechet_distance(a, a[:, :2])

@@ -14,8 +14,16 @@ TINY = MMDiTConfig.tiny().to_diffusers()
 CONFIGS = {
     "tiny": TINY,
     "qk_rms_norm": {**TINY, "qk_norm": "rms_norm"},
-    "wider_3_layers": {**TINY, "num_layers": 3, "attention_head_dim": 12, "num_attention_heads": 3,
-                       "caption_projection_dim": 36, "patch_size": 1, "out_channels": 6, "sample_size": 6},
+    "wider_3_layers": {
+        **TINY,
+        "num_layers": 3,
+        "attention_head_dim": 12,
+        "num_attention_heads": 3,
+        "caption_projection_dim": 36,
+        "patch_size": 1,
+        "out_channels": 6,
+        "sample_size": 6,
+    },
 }
 
 
@@ -24,7 +32,7 @@ def random_reference(config: dict, seed: int = 0) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
     ref = SD3Transformer2DModel(**config).eval()
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for p in ref.parameters():
             p.normal_(0, 0.2 if p.ndim > 1 else 0.1)
     return ref
 
@@ -46,8 +54,9 @@ def test_output_equals_diffusers(name, H, W):
     assert isinstance(ours, MMDiT)
     z, t, context, pooled = inputs(CONFIGS[name], H, W)
     with torch.no_grad():
-        expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled,
-                       timestep=t).sample
+        expected = ref(
+            hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled, timestep=t
+        ).sample
         got = ours(z, t, context, pooled)
     assert got.shape == expected.shape == (2, CONFIGS[name]["out_channels"], H, W)
     scale = expected.abs().max().item()
@@ -62,8 +71,9 @@ def test_to_diffusers_round_trips_a_course_model():
     ref = to_diffusers(ours)
     z, t, context, pooled = inputs(TINY, 8, 10)
     with torch.no_grad():
-        expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled,
-                       timestep=t).sample
+        expected = ref(
+            hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled, timestep=t
+        ).sample
         torch.testing.assert_close(ours(z, t, context, pooled), expected, atol=1e-4, rtol=0)
     assert ours(z, 500.0, context, pooled).shape == z.shape  # a scalar t is shared by the batch
 

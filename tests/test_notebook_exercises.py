@@ -9,11 +9,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = 6  # this many consecutive lines of a solution, found in a notebook, give the answer away
-CHAPTERS = sorted(p for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and (p / "solutions.py").exists())
+CHAPTERS = sorted(
+    p for p in ROOT.iterdir() if p.is_dir() and p.name[:2].isdigit() and (p / "solutions.py").exists()
+)
 
 
 def _normalise(lines):
-    """Code lines without indentation, blank lines or comments: copying is caught however it was re-indented."""
+    """Code lines without indentation, blank lines or comments: copying is caught
+    however it was re-indented."""
     out = []
     for line in lines:
         line = line.strip()
@@ -30,7 +33,11 @@ def solution_bodies(path: Path) -> dict:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             first = node.body[0]
-            start = first.end_lineno if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) else first.lineno - 1
+            start = (
+                first.end_lineno
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                else first.lineno - 1
+            )
             bodies[node.name] = _normalise(lines[start : node.end_lineno])
     return bodies
 
@@ -75,7 +82,9 @@ def test_no_notebook_shows_a_solution(chapter):
         cells = notebook_cells(nb)
         for name, body in bodies.items():
             for run in shared_runs(body, cells):
-                leaks.append(f"{nb.relative_to(ROOT)} shows {chapter.name}/solutions.py:{name}: {run[0]!r} ...")
+                leaks.append(
+                    f"{nb.relative_to(ROOT)} shows {chapter.name}/solutions.py:{name}: {run[0]!r} ..."
+                )
     assert not leaks, "a notebook gives an exercise's answer away:\n" + "\n".join(sorted(set(leaks)))
 
 
@@ -86,8 +95,10 @@ def test_the_leak_detector_finds_a_copied_body(tmp_path):
         "    d = c / 4\n    e = d ** 2\n    g = e + a\n    return g\n"
     )
     nb = tmp_path / "n.py"
-    nb.write_text("# %% [markdown]\n# a = x + 1\n# %%\nx = 1\na = x + 1\nb = a * 2\nc = b - 3\nd = c / 4\n"
-                  "e = d ** 2\n  g = e + a\n")
+    nb.write_text(
+        "# %% [markdown]\n# a = x + 1\n# %%\nx = 1\na = x + 1\nb = a * 2\nc = b - 3\nd = c / 4\n"
+        "e = d ** 2\n  g = e + a\n"
+    )
     body = solution_bodies(sol)["f"]
     assert len(shared_runs(body, notebook_cells(nb))) == 1
     nb.write_text("# %%\na = x + 1\nb = a * 2\nc = b - 3\nd = c / 4\ne = d ** 2\nprint(e)\n")

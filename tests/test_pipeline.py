@@ -1,8 +1,8 @@
 """The course pipeline against diffusers' StableDiffusionPipeline with the same (tiny, random) weights.
 
 A tiny diffusers pipeline (2-level UNet, 2-level VAE, 2-layer CLIP text model, a CLIP BPE tokenizer from a
-vocabulary the test writes) is saved to a temporary folder; the course pipeline loads it and must give the same
-image for the same prompt, seed, sampler, steps and guidance (within 1/255), and the other way round.
+vocabulary the test writes) is saved to a temporary folder; the course pipeline loads it and must give the
+same image for the same prompt, seed, sampler, steps and guidance (within 1/255), and the other way round.
 """
 
 import json
@@ -27,10 +27,15 @@ TOL = 1 / 255
 
 
 def write_clip_vocab(folder):
-    """A character-level CLIP BPE vocabulary with two merges: enough for CLIPTokenizer to load and split words."""
+    """A character-level CLIP BPE vocabulary with two merges: enough for CLIPTokenizer to
+    load and split words."""
     letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = ["!", '"'] + list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "<|startoftext|>",
-                                                                          "<|endoftext|>"]
+    tokens = (
+        ["!", '"']
+        + list(letters)
+        + [c + "</w>" for c in letters]
+        + ["re", "red</w>", "<|startoftext|>", "<|endoftext|>"]
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\n")
@@ -48,12 +53,25 @@ def tiny_diffusers_pipeline(folder, tmp):
     vae = diffusers.AutoencoderKL(**AutoencoderConfig.tiny().to_diffusers()).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing here, but give conv_out a visible scale anyway
         unet.conv_out.weight.mul_(3.0)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                        timestep_spacing="leading")  # explicit, so from_config carries it over
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )  # explicit, so from_config carries it over
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(folder))
     return pipe
 
@@ -76,15 +94,28 @@ def tiny(tmp_path_factory, one_thread):
 
 
 def ours_image(pipe, **kw):
-    args = dict(num_inference_steps=STEPS, guidance_scale=7.5, generator=0, output_type="pt", height=SIZE,
-                width=SIZE, progress=False)
+    args = dict(
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=0,
+        output_type="pt",
+        height=SIZE,
+        width=SIZE,
+        progress=False,
+    )
     args.update(kw)
     return pipe(PROMPT, **args).images
 
 
 def ref_image(ref, **kw):
-    args = dict(num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-                output_type="pt", height=SIZE, width=SIZE)
+    args = dict(
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        height=SIZE,
+        width=SIZE,
+    )
     args.update(kw)
     return ref(PROMPT, **args).images
 
@@ -112,10 +143,27 @@ def test_loads_diffusers_folder_and_matches(tiny, sampler):
 def test_ddim_eta_and_batch_match_diffusers(tiny):
     folder, ref = tiny
     ours = StableDiffusion.from_pretrained(folder)
-    a = ours(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=3.0, eta=1.0,
-             generator=1, output_type="pt", height=SIZE, width=SIZE, progress=False).images
-    b = ref(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=3.0, eta=1.0,
-            generator=torch.Generator().manual_seed(1), output_type="pt", height=SIZE, width=SIZE).images
+    a = ours(
+        ["a red circle", "a blue square"],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        eta=1.0,
+        generator=1,
+        output_type="pt",
+        height=SIZE,
+        width=SIZE,
+        progress=False,
+    ).images
+    b = ref(
+        ["a red circle", "a blue square"],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(1),
+        output_type="pt",
+        height=SIZE,
+        width=SIZE,
+    ).images
     assert (a - b).abs().max().item() <= TOL
 
 
@@ -136,10 +184,17 @@ def test_img2img_matches_diffusers(tiny):
     init = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     i2i = diffusers.StableDiffusionImg2ImgPipeline(**ref.components)
     i2i.set_progress_bar_config(disable=True)
-    a = ours(PROMPT, image=init, strength=0.6, num_inference_steps=5, generator=3, output_type="pt",
-             progress=False).images
-    b = i2i(PROMPT, image=init, strength=0.6, num_inference_steps=5, generator=torch.Generator().manual_seed(3),
-            output_type="pt").images
+    a = ours(
+        PROMPT, image=init, strength=0.6, num_inference_steps=5, generator=3, output_type="pt", progress=False
+    ).images
+    b = i2i(
+        PROMPT,
+        image=init,
+        strength=0.6,
+        num_inference_steps=5,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).images
     diff = (a - b).abs().max().item()
     print(f"img2img: max |ours - diffusers| = {diff:.2e}")
     assert diff <= TOL
@@ -155,13 +210,31 @@ def test_strength_zero_and_inpainting_keep_the_image(tiny):
     assert torch.allclose(same, z0, atol=1e-6)  # strength 0: no step, the image's own latents
     mask = torch.zeros(1, 1, SIZE, SIZE)
     mask[..., : SIZE // 2, :] = 1  # repaint the top half, keep the bottom
-    z = pipe(PROMPT, image=init, mask_image=mask, strength=1.0, num_inference_steps=3, generator=5,
-             output_type="latent", progress=False).images
+    z = pipe(
+        PROMPT,
+        image=init,
+        mask_image=mask,
+        strength=1.0,
+        num_inference_steps=3,
+        generator=5,
+        output_type="latent",
+        progress=False,
+    ).images
     h = z.shape[-2]
-    assert torch.allclose(z[..., h // 2:, :], z0[..., h // 2:, :], atol=1e-6)  # the known region is the image's
+    assert torch.allclose(
+        z[..., h // 2 :, :], z0[..., h // 2 :, :], atol=1e-6
+    )  # the known region is the image's
     assert (z[..., : h // 2, :] - z0[..., : h // 2, :]).abs().max() > 0.1  # the masked region was generated
-    out = pipe(PROMPT, image=init, mask_image=mask, strength=1.0, num_inference_steps=3, generator=5,
-               output_type="pt", progress=False).images
+    out = pipe(
+        PROMPT,
+        image=init,
+        mask_image=mask,
+        strength=1.0,
+        num_inference_steps=3,
+        generator=5,
+        output_type="pt",
+        progress=False,
+    ).images
     assert out.shape == (1, 3, SIZE, SIZE)
 
 
@@ -174,18 +247,38 @@ def test_save_pretrained_loads_in_diffusers(tmp_path):
 
     torch.manual_seed(0)
     tok = ShapesTokenizer.for_shapes()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=37,
-                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-                                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id))
-    pipe = StableDiffusion(tokenizer=tok, text_encoder=text, unet=UNet(UNetConfig.tiny()),
-                           vae=AutoencoderKL(AutoencoderConfig.tiny()), sampler="dpmpp_2m")
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.pad_id,
+        )
+    )
+    pipe = StableDiffusion(
+        tokenizer=tok,
+        text_encoder=text,
+        unet=UNet(UNetConfig.tiny()),
+        vae=AutoencoderKL(AutoencoderConfig.tiny()),
+        sampler="dpmpp_2m",
+    )
     pipe.save_pretrained(tmp_path / "course")
     ref = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "course"))
     ref.set_progress_bar_config(disable=True)
     assert type(ref.scheduler).__name__ == "DPMSolverMultistepScheduler"
     long_prompt = "a small red circle at the top left and a big blue square at the bottom right " * 2
-    hf_ids = ref.tokenizer([PROMPT, long_prompt], padding="max_length", max_length=ref.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids
+    hf_ids = ref.tokenizer(
+        [PROMPT, long_prompt],
+        padding="max_length",
+        max_length=ref.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(hf_ids, tok([PROMPT, long_prompt]))
@@ -195,11 +288,14 @@ def test_save_pretrained_loads_in_diffusers(tmp_path):
     print(f"ours saved -> diffusers: max diff = {diff:.2e}")
     assert diff <= TOL
     again = StableDiffusion.from_pretrained(tmp_path / "course")
-    assert again.sampler_name == "dpmpp_2m" and (ours_image(again, negative_prompt="blue") - a).abs().max() == 0
+    assert (
+        again.sampler_name == "dpmpp_2m" and (ours_image(again, negative_prompt="blue") - a).abs().max() == 0
+    )
 
 
 def test_clip_pipeline_round_trip(tiny, tmp_path):
-    """A pipeline with SD's kind of tokenizer (CLIP BPE), loaded, saved by us, loaded by diffusers and by us."""
+    """A pipeline with SD's kind of tokenizer (CLIP BPE), loaded, saved by us, loaded
+    by diffusers and by us."""
     folder, ref = tiny
     ours = StableDiffusion.from_pretrained(folder)
     ours.save_pretrained(tmp_path / "again")
@@ -208,7 +304,9 @@ def test_clip_pipeline_round_trip(tiny, tmp_path):
     back = diffusers.StableDiffusionPipeline.from_pretrained(str(tmp_path / "again"))
     back.set_progress_bar_config(disable=True)
     assert (ref_image(back) - ref_image(ref)).abs().max().item() <= TOL
-    assert (ours_image(StableDiffusion.from_pretrained(tmp_path / "again")) - ours_image(ours)).abs().max() == 0
+    assert (
+        ours_image(StableDiffusion.from_pretrained(tmp_path / "again")) - ours_image(ours)
+    ).abs().max() == 0
 
 
 def test_single_file_checkpoint(tiny, tmp_path):
@@ -262,8 +360,10 @@ def test_compvis_names_agree_with_diffusers_converter():
     assert converted == want
     vae_checkpoint = {compvis: torch.zeros(1) for compvis, (part, _) in names.items() if part == "vae"}
     for compvis in vae_checkpoint:
-        vae_checkpoint[compvis] = torch.full((1, 1, 1, 1) if ".attn_1." in compvis and compvis.endswith("weight")
-                                             else (1,), float(hash(compvis) % 10_000))
+        vae_checkpoint[compvis] = torch.full(
+            (1, 1, 1, 1) if ".attn_1." in compvis and compvis.endswith("weight") else (1,),
+            float(hash(compvis) % 10_000),
+        )
     converted = convert_ldm_vae_checkpoint(vae_checkpoint, vae_cfg.to_diffusers())
     for compvis, (part, key) in names.items():
         if part == "vae":
@@ -273,8 +373,15 @@ def test_compvis_names_agree_with_diffusers_converter():
 def test_attention_capture(tiny):
     folder, _ = tiny
     pipe = StableDiffusion.from_pretrained(folder)
-    out = pipe([PROMPT, "a blue square"], num_inference_steps=2, generator=0, height=SIZE, width=SIZE,
-               capture_attention=True, progress=False)
+    out = pipe(
+        [PROMPT, "a blue square"],
+        num_inference_steps=2,
+        generator=0,
+        height=SIZE,
+        width=SIZE,
+        capture_attention=True,
+        progress=False,
+    )
     assert len(out.images) == 2
     assert out.attention_maps.shape == (2, 77, SIZE, SIZE)
     assert torch.allclose(out.attention_maps.sum(1), torch.ones(2, SIZE, SIZE), atol=1e-4)
@@ -332,8 +439,10 @@ def test_main_model_path_says_how_to_get_it(monkeypatch, tmp_path):
         main_model_path()
 
 
-@pytest.mark.skipif(not (main_model_path.__globals__["COURSE_MODEL"] / "model_index.json").is_file(),
-                    reason="the course model is not shipped yet (06's train_text_to_image.py writes it)")
+@pytest.mark.skipif(
+    not (main_model_path.__globals__["COURSE_MODEL"] / "model_index.json").is_file(),
+    reason="the course model is not shipped yet (06's train_text_to_image.py writes it)",
+)
 def test_shipped_course_model_loads_in_diffusers():
     path = main_model_path()
     ours = StableDiffusion.from_pretrained(path, device="cpu")

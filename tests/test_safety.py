@@ -1,5 +1,5 @@
-"""Nothing lost, and every bad input a one-line error: common/cli.py, the grader's limits, shipping, resume, and the
-user-facing scripts' answers to bad input (exit status 2, one line on stderr, no traceback)."""
+"""Nothing lost, and every bad input a one-line error: common/cli.py, the grader's limits, shipping, resume,
+and the user-facing scripts' answers to bad input (exit status 2, one line on stderr, no traceback)."""
 
 import argparse
 import json
@@ -22,8 +22,14 @@ TRAIN_VAE = ROOT / "01_latent_space_learning" / "train_vae.py"
 
 def run_script(*args, cwd=None, timeout=300):
     env = dict(os.environ, COURSE_FAST="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(proc, *needles):
@@ -35,9 +41,19 @@ def assert_one_line_error(proc, *needles):
 
 
 # ----------------------------------------------------------------------------------------- argument types
-@pytest.mark.parametrize("parse, text", [(cli.positive_int, "0"), (cli.positive_int, "-3"), (cli.positive_int, "2.5"),
-                                         (cli.nonnegative_float, "-1"), (cli.finite_float, "inf"),
-                                         (cli.finite_float, "nan"), (cli.positive_float, "0"), (cli.fraction, "1.5")])
+@pytest.mark.parametrize(
+    "parse, text",
+    [
+        (cli.positive_int, "0"),
+        (cli.positive_int, "-3"),
+        (cli.positive_int, "2.5"),
+        (cli.nonnegative_float, "-1"),
+        (cli.finite_float, "inf"),
+        (cli.finite_float, "nan"),
+        (cli.positive_float, "0"),
+        (cli.fraction, "1.5"),
+    ],
+)
 def test_argument_types_refuse(parse, text):
     with pytest.raises(argparse.ArgumentTypeError):
         parse(text)
@@ -84,6 +100,7 @@ def _write(files: dict):
         for name, text in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text(text)
+
     return write
 
 
@@ -97,7 +114,9 @@ def test_ship_keeps_the_users_files_and_replaces_only_its_own(tmp_path):
     cli.ship(dest, "vae", _write({"config.json": "1", "sub/old.bin": "x"}), overwrite=True)
     (dest / "sub" / "user.txt").write_text("also mine")
     cli.ship(dest, "vae", _write({"config.json": "2"}))  # a previous ship of the same kind: no flag needed
-    assert (dest / "notes.txt").read_text() == "mine" and (dest / "sub" / "user.txt").read_text() == "also mine"
+    assert (dest / "notes.txt").read_text() == "mine" and (
+        dest / "sub" / "user.txt"
+    ).read_text() == "also mine"
     assert (dest / "config.json").read_text() == "2" and not (dest / "sub" / "old.bin").exists()
     assert json.loads((dest / cli.MANIFEST).read_text()) == {"kind": "vae", "files": ["config.json"]}
     with pytest.raises(cli.UsageError, match="holds a vae the course shipped, not a pipeline"):
@@ -132,7 +151,9 @@ def test_shipped_checkpoints_carry_a_manifest_of_their_files():
     for folder in sorted(p for p in cli.CHECKPOINTS.iterdir() if p.is_dir()):
         manifest = cli.read_manifest(folder)
         assert manifest is not None, folder
-        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {cli.MANIFEST}
+        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {
+            cli.MANIFEST
+        }
         assert set(manifest["files"]) == on_disk, folder
 
 
@@ -150,15 +171,17 @@ def demo_chapter(tmp_path, monkeypatch):
         "def c_kill(m): m.kill()\n"
         "def c_interrupt(m): m.interrupt()\n"
         "def c_after(m): assert m.f(3) == 9\n"
-        "CHECKS = [('f', c_ok), ('loop', c_loop), ('leave', c_exit), ('kill', c_kill), ('interrupt', c_interrupt),"
-        " ('after', c_after)]\n")
+        "CHECKS = [('f', c_ok), ('loop', c_loop), ('leave', c_exit), ('kill', c_kill), ('interrupt', "
+        "c_interrupt), ('after', c_after)]\n"
+    )
     (folder / "exercises.py").write_text(
         "import os, sys\n"
         "def f(x): return x * x\n"
         "def loop():\n    while True: pass\n"
         "def leave(): sys.exit(0)\n"
         "def kill(): os._exit(3)\n"
-        "def interrupt(): raise KeyboardInterrupt\n")
+        "def interrupt(): raise KeyboardInterrupt\n"
+    )
     monkeypatch.setattr(g, "ROOT", tmp_path)
     return folder
 
@@ -167,8 +190,14 @@ def test_grader_stops_loops_and_reports_exits(demo_chapter, capsys):
     from common.grade import grade, main
 
     results = {r.name: r for r in grade("99", timeout=1.0)}
-    assert {k: r.status for k, r in results.items()} == {"f": PASSED, "loop": ERROR, "leave": FAILED, "kill": ERROR,
-                                                         "interrupt": FAILED, "after": PASSED}
+    assert {k: r.status for k, r in results.items()} == {
+        "f": PASSED,
+        "loop": ERROR,
+        "leave": FAILED,
+        "kill": ERROR,
+        "interrupt": FAILED,
+        "after": PASSED,
+    }
     assert "timed out after 1 s" in results["loop"].detail
     assert "sys.exit(0)" in results["leave"].detail and "exit status 3" in results["kill"].detail
     assert main(["99", "--timeout", "1", "--only", "f", "leave"]) == 1  # anything failing: non-zero
@@ -201,7 +230,9 @@ def _toy_trainer(out, **cfg):
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     base = dict(steps=4, batch_size=8, lr=1e-2, progress=False, log_every=1, checkpoint_every=2)
     cfg = TrainConfig(**{**base, **cfg})
-    return Trainer(model, data, lambda m, b, g: torch.nn.functional.mse_loss(m(b[0]), b[1]), cfg, out, device="cpu")
+    return Trainer(
+        model, data, lambda m, b, g: torch.nn.functional.mse_loss(m(b[0]), b[1]), cfg, out, device="cpu"
+    )
 
 
 def test_resume_with_another_lr_or_batch_is_refused(tmp_path):
@@ -253,7 +284,9 @@ def test_truncated_and_foreign_safetensors_are_one_line_errors(tiny_folder, tmp_
     (tmp_path / "random.safetensors").write_bytes(os.urandom(100_000))
     for name in ("short", "random"):
         with pytest.raises(ValueError, match="not a readable .safetensors file"):
-            StableDiffusion.from_pretrained(tmp_path / f"{name}.safetensors")  # refused before SD 1.5 is built
+            StableDiffusion.from_pretrained(
+                tmp_path / f"{name}.safetensors"
+            )  # refused before SD 1.5 is built
 
 
 # ----------------------------------------------------------------------------------------- generate.py
@@ -267,24 +300,35 @@ def test_generate_writes_the_format_its_extension_names(generate, tiny_folder, t
 
     monkeypatch.setenv("COURSE_FAST", "1")
     for name, fmt in (("a.jpg", "JPEG"), ("b.webp", "WEBP"), ("c.png", "PNG")):
-        assert generate.main(["a red circle", "--model", str(tiny_folder), "--out", str(tmp_path / name)]) == 0
+        assert (
+            generate.main(["a red circle", "--model", str(tiny_folder), "--out", str(tmp_path / name)]) == 0
+        )
         assert Image.open(tmp_path / name).format == fmt
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "b.webp", "c.png"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.jpg",
+        "b.webp",
+        "c.png",
+    ]  # no temporary file left
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--guidance", "inf"], "argument --guidance: expected a finite number"),
-    (["--guidance", "nan"], "argument --guidance: expected a finite number"),
-    (["--guidance", "-2"], "argument --guidance: expected a number >= 0"),
-    (["--steps", "0"], "argument --steps: expected an integer >= 1"),
-    (["--height", "0"], "argument --height: expected an integer >= 1"),
-    (["--threads", "-3"], "argument --threads: expected an integer >= 1"),
-    (["--out", "picture.gif"], "expected a file name ending in .png, .jpg, .jpeg, .webp"),
-    (["--init-image", "{tmp}/not_an_image.png"], "is not an image PIL can read"),
-    (["--out", "{tmp}/not_an_image.png/x.png"], "is a file; expected a folder"),
-    (["--model", "{tmp}/random.safetensors"], "not a readable .safetensors file"),
-])
-def test_generate_bad_input_is_one_line_before_any_work(generate, tiny_folder, tmp_path, capsys, args, needle):
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--guidance", "inf"], "argument --guidance: expected a finite number"),
+        (["--guidance", "nan"], "argument --guidance: expected a finite number"),
+        (["--guidance", "-2"], "argument --guidance: expected a number >= 0"),
+        (["--steps", "0"], "argument --steps: expected an integer >= 1"),
+        (["--height", "0"], "argument --height: expected an integer >= 1"),
+        (["--threads", "-3"], "argument --threads: expected an integer >= 1"),
+        (["--out", "picture.gif"], "expected a file name ending in .png, .jpg, .jpeg, .webp"),
+        (["--init-image", "{tmp}/not_an_image.png"], "is not an image PIL can read"),
+        (["--out", "{tmp}/not_an_image.png/x.png"], "is a file; expected a folder"),
+        (["--model", "{tmp}/random.safetensors"], "not a readable .safetensors file"),
+    ],
+)
+def test_generate_bad_input_is_one_line_before_any_work(
+    generate, tiny_folder, tmp_path, capsys, args, needle
+):
     (tmp_path / "not_an_image.png").write_bytes(os.urandom(2000))
     (tmp_path / "random.safetensors").write_bytes(os.urandom(100_000))
     argv = ["a red circle", "--model", str(tiny_folder), *[a.format(tmp=tmp_path) for a in args]]
@@ -302,7 +346,11 @@ def test_generate_warns_before_a_large_request(generate, tiny_folder, capsys, mo
     assert capsys.readouterr().err == ""
     generate.check_size(pipe, 256, 256, 1, 2, 3.0)
     err = capsys.readouterr().err
-    assert "64x the area the model was trained at (32x32)" in err and "GiB of memory" in err and " s (2 steps" in err
+    assert (
+        "64x the area the model was trained at (32x32)" in err
+        and "GiB of memory" in err
+        and " s (2 steps" in err
+    )
     monkeypatch.setattr(generate, "available_bytes", lambda device: 1000)
     with pytest.raises(cli.UsageError, match="needs at least .* GiB to decode"):
         generate.check_size(pipe, 4096, 4096, 1, 2, 3.0)
@@ -329,14 +377,17 @@ def test_train_vae_refuses_a_ship_folder_with_the_users_files_before_training(tm
     assert sorted(os.listdir(ship)) == ["keep.txt"] and not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--steps", "0"], "argument --steps: expected an integer >= 1"),
-    (["--lr", "nan"], "argument --lr: expected a finite number"),
-    (["--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file"),
-    (["--resume", "{tmp}/nowhere"], "--resume {tmp}/nowhere: no such checkpoint folder"),
-    (["--resume", "{tmp}"], "holds no complete checkpoint"),
-    (["--init-from", "{tmp}/nowhere"], "--init-from {tmp}/nowhere: no trained VAE there"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--steps", "0"], "argument --steps: expected an integer >= 1"),
+        (["--lr", "nan"], "argument --lr: expected a finite number"),
+        (["--out", "{tmp}/file.txt"], "--out {tmp}/file.txt is a file"),
+        (["--resume", "{tmp}/nowhere"], "--resume {tmp}/nowhere: no such checkpoint folder"),
+        (["--resume", "{tmp}"], "holds no complete checkpoint"),
+        (["--init-from", "{tmp}/nowhere"], "--init-from {tmp}/nowhere: no trained VAE there"),
+    ],
+)
 def test_train_vae_bad_input(tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.setenv("COURSE_FAST", "1")
     (tmp_path / "file.txt").write_text("")
@@ -356,7 +407,13 @@ def test_evaluate_never_touches_shipped_artefacts_in_fast_mode(tmp_path, capsys,
     assert cli.run(evaluate.main, ["--update-card", "--out", str(tmp_path / "eval")], prog="evaluate.py") == 2
     assert "--update-card would write COURSE_FAST=1 numbers" in capsys.readouterr().err
     assert (card.read_bytes() if card.exists() else None) == before
-    argv = ["--train-judge", "--judge", str(cli.CHECKPOINTS / "shapes_judge"), "--out", str(tmp_path / "eval")]
+    argv = [
+        "--train-judge",
+        "--judge",
+        str(cli.CHECKPOINTS / "shapes_judge"),
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert cli.run(evaluate.main, argv, prog="evaluate.py") == 2
     assert "never writes into checkpoints" in capsys.readouterr().err
     assert cli.run(evaluate.main, ["--n", "0"], prog="evaluate.py") == 2

@@ -21,9 +21,11 @@ from common.schedules import NoiseSchedule
 
 REFERENCE = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 SD = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-SPACINGS = {"leading": dict(timestep_spacing="leading", steps_offset=1),  # SD 1.x
-            "trailing": dict(timestep_spacing="trailing", steps_offset=0),
-            "linspace": dict(timestep_spacing="linspace", steps_offset=0)}
+SPACINGS = {
+    "leading": dict(timestep_spacing="leading", steps_offset=1),  # SD 1.x
+    "trailing": dict(timestep_spacing="trailing", steps_offset=0),
+    "linspace": dict(timestep_spacing="linspace", steps_offset=0),
+}
 SHAPE = (2, 4, 8, 8)
 
 
@@ -109,7 +111,9 @@ def check_every_step(ours, ref, seed=0, eta=None):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("trailing", 30), ("linspace", 7)])
+@pytest.mark.parametrize(
+    "spacing,steps", [("leading", 50), ("trailing", 50), ("trailing", 30), ("linspace", 7)]
+)
 def test_ddim_steps_equal_diffusers(prediction_type, spacing, steps):
     ours, ref = pair("ddim", steps, prediction_type=prediction_type, spacing=spacing)
     check_every_step(ours, ref, eta=0.0)
@@ -142,7 +146,9 @@ def test_ddpm_fixed_large_and_clipping_equal_diffusers():
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("spacing,steps", [("leading", 50), ("trailing", 50), ("linspace", 10), ("leading", 3)])
+@pytest.mark.parametrize(
+    "spacing,steps", [("leading", 50), ("trailing", 50), ("linspace", 10), ("leading", 3)]
+)
 def test_dpmpp_2m_steps_equal_diffusers(prediction_type, spacing, steps):
     ours, ref = pair("dpmpp_2m", steps, prediction_type=prediction_type, spacing=spacing)
     check_every_step(ours, ref)
@@ -255,14 +261,24 @@ def test_dpmpp_2m_needs_reset_between_runs():
 
 
 def test_sd15_config_gives_the_samplers_a_diffusers_pipeline_would_use():
-    sd15 = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-            "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "trained_betas": None}
+    sd15 = {
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "trained_betas": None,
+    }
     for name, cls in REFERENCE.items():
         ref = cls.from_config(sd15)
         ref.set_timesteps(25)
         ours = sampler_from_diffusers(name, sd15, 25)
         assert torch.equal(ours.timesteps, ref.timesteps), name
-    assert sampler_from_diffusers("dpmpp_2m", sd15, 25).timestep_spacing == "linspace"  # diffusers' DPM default
+    assert (
+        sampler_from_diffusers("dpmpp_2m", sd15, 25).timestep_spacing == "linspace"
+    )  # diffusers' DPM default
     ddim = sampler_from_diffusers("ddim", sd15, 25)
     assert ddim.final_alpha_bar == ddim.schedule.alpha_bar[0] and not ddim.clip_sample
 

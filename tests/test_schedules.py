@@ -1,4 +1,5 @@
-"""Noise schedules and the forward process, pinned against diffusers' schedulers built with the same config."""
+"""Noise schedules and the forward process, pinned against diffusers' schedulers built
+with the same config."""
 
 import pytest
 import torch
@@ -8,9 +9,16 @@ from common.schedules import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule
 
 # SD 1.5's scheduler_config.json (a PNDMScheduler config): the file a pipeline folder ships
 SD15_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
     "clip_sample": False,
 }
 
@@ -106,7 +114,11 @@ def test_from_diffusers_reads_sd15_config_and_round_trips():
     assert s == NoiseSchedule.sd15()
     ref = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
     torch.testing.assert_close(s.alpha_bar, ref.alphas_cumprod, rtol=0, atol=0)
-    for schedule in [NoiseSchedule.ddpm(), NoiseSchedule.cosine(prediction_type="v_prediction"), NoiseSchedule()]:
+    for schedule in [
+        NoiseSchedule.ddpm(),
+        NoiseSchedule.cosine(prediction_type="v_prediction"),
+        NoiseSchedule(),
+    ]:
         rebuilt = DDPMScheduler(**schedule.to_diffusers())
         torch.testing.assert_close(rebuilt.alphas_cumprod, schedule.alpha_bar, rtol=0, atol=0)
         assert rebuilt.config.prediction_type == schedule.prediction_type

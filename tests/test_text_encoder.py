@@ -15,13 +15,27 @@ from common.weights import count_parameters
 
 # SD 1.5's text_encoder/config.json (written by transformers 4.x), as a learner's folder holds it
 SD15_TEXT_CONFIG = {
-    "_name_or_path": "openai/clip-vit-large-patch14", "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0, "eos_token_id": 2,
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
     "hidden_act": "quick_gelu",
-    "hidden_size": 768, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
-    "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
-    "torch_dtype": "float32", "transformers_version": "4.22.0.dev0", "vocab_size": 49408,
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+    "vocab_size": 49408,
 }
 
 
@@ -40,7 +54,7 @@ def padded_batch(cfg: CLIPTextConfig, lengths=(9, 77), N=77, seed=0):
     for b, n in enumerate(lengths):
         words = torch.randint(4, cfg.vocab_size - 2, (n - 2,), generator=g)
         words[words == eos] = 5
-        ids[b, 0], ids[b, 1:n - 1], ids[b, n - 1] = bos, words, eos
+        ids[b, 0], ids[b, 1 : n - 1], ids[b, n - 1] = bos, words, eos
         mask[b, :n] = 1
     return ids, mask
 
@@ -110,8 +124,10 @@ def test_config_round_trips():
         assert CLIPTextConfig.from_transformers(hf.to_dict()) == cfg
     assert CLIPTextConfig.from_transformers(SD15_TEXT_CONFIG) == CLIPTextConfig.vit_l14()
     # a full CLIPConfig (openai/clip-vit-large-patch14's config.json) carries the text tower inside
-    assert CLIPTextConfig.from_transformers({"text_config": SD15_TEXT_CONFIG, "vision_config": {}}) == \
-        CLIPTextConfig.vit_l14()
+    assert (
+        CLIPTextConfig.from_transformers({"text_config": SD15_TEXT_CONFIG, "vision_config": {}})
+        == CLIPTextConfig.vit_l14()
+    )
 
 
 def test_weights_round_trip_both_ways():
@@ -172,10 +188,18 @@ def test_shapes_preset_reads_shapes_tokens():
     torch.manual_seed(4)
     tok = ShapesTokenizer.for_shapes()
     cfg = CLIPTextConfig.shapes()
-    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == \
-        (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.max_position_embeddings) == \
-        (256, 4, 4, 32)
+    assert (cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+        tok.vocab_size,
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+    )
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.max_position_embeddings) == (
+        256,
+        4,
+        4,
+        32,
+    )
     model = CLIPTextModel(cfg).eval()
     ids = tok(["a red circle", ""])
     with torch.no_grad():

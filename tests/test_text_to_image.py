@@ -40,8 +40,14 @@ def judge_dir(tmp_path_factory):
 
 def _run(script, *args, check=True):
     env = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -66,8 +72,11 @@ def test_gpu_preset_ships_under_30_mb():
 
 def test_latent_dataset_gathers_a_batch_like_the_collate_of_its_items():
     g = torch.Generator().manual_seed(0)
-    cache = {"mean": torch.randn(10, 4, 2, 2, generator=g), "std": torch.rand(10, 4, 2, 2, generator=g),
-             "input_ids": torch.randint(0, 40, (10, 6), generator=g)}
+    cache = {
+        "mean": torch.randn(10, 4, 2, 2, generator=g),
+        "std": torch.rand(10, 4, 2, 2, generator=g),
+        "input_ids": torch.randint(0, 40, (10, 6), generator=g),
+    }
     ds = LatentDataset(cache)
     idx = [3, 0, 9, 3]
     fast, slow = ds.get_batch(idx), torch.utils.data.default_collate([ds[i] for i in idx])
@@ -128,9 +137,19 @@ def test_loss_is_finite_reproducible_and_reaches_both_parts(tmp_path, vae_dir):
 def test_build_pipeline_generates_64px(vae_dir):
     torch.manual_seed(0)
     config = TextToImageConfig.tiny()
-    pipe = build_pipeline(build_model(config), ShapesTokenizer.for_shapes(), AutoencoderKL.load(vae_dir), config)
-    out = pipe(["a small red circle at the top"], num_inference_steps=2, guidance_scale=3.0,
-               generator=torch.Generator().manual_seed(0), output_type="pt", progress=False, height=64, width=64)
+    pipe = build_pipeline(
+        build_model(config), ShapesTokenizer.for_shapes(), AutoencoderKL.load(vae_dir), config
+    )
+    out = pipe(
+        ["a small red circle at the top"],
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        progress=False,
+        height=64,
+        width=64,
+    )
     assert out.images.shape == (1, 3, 64, 64)
 
 
@@ -139,34 +158,95 @@ def test_train06_fast_resume_ship_and_evaluate(tmp_path, vae_dir, judge_dir):
     out, ship, cache = tmp_path / "run", tmp_path / "ship", tmp_path / "cache"
     first = _run(TRAIN06, "--vae", vae_dir, "--out", out, "--cache-dir", cache, "--steps", 2, "--no-progress")
     assert "written" in first.stdout and (out / "samples.png").is_file()
-    second = _run(TRAIN06, "--vae", vae_dir, "--out", out, "--cache-dir", cache, "--steps", 4, "--no-progress",
-                  "--ship", ship)
+    second = _run(
+        TRAIN06,
+        "--vae",
+        vae_dir,
+        "--out",
+        out,
+        "--cache-dir",
+        cache,
+        "--steps",
+        4,
+        "--no-progress",
+        "--ship",
+        ship,
+    )
     assert "resuming from" in second.stdout and "reused" in second.stdout, second.stdout
-    for part in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                 "tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "README.md"):
+    for part in (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer.json",
+        "scheduler/scheduler_config.json",
+        "README.md",
+    ):
         assert (ship / part).is_file(), part
     assert "sha256" in (ship / "README.md").read_text()
-    ev = _run(EVALUATE, "--model", ship, "--judge", judge_dir, "--out", tmp_path / "eval", "--samplers", "ddim",
-              "dpmpp_2m", "--update-card")
+    ev = _run(
+        EVALUATE,
+        "--model",
+        ship,
+        "--judge",
+        judge_dir,
+        "--out",
+        tmp_path / "eval",
+        "--samplers",
+        "ddim",
+        "dpmpp_2m",
+        "--update-card",
+    )
     assert (tmp_path / "eval" / "results.md").is_file() and (tmp_path / "eval" / "samples.png").is_file()
     csv_text = (tmp_path / "eval" / "results.csv").read_text()
     assert "real renders" in csv_text and "VAE reconstructions" in csv_text and "dpmpp_2m" in csv_text
     assert "### One-object prompts" in (ship / "README.md").read_text(), ev.stdout
     # --init-from: a fine-tune starts from the shipped weights, not from a fresh initialisation
-    tune = _run(TRAIN06, "--vae", vae_dir, "--out", tmp_path / "tune", "--cache-dir", cache, "--steps", 1,
-                "--seed", 1, "--lr", 1e-12, "--warmup", 0, "--no-progress", "--init-from", ship, "--ship", tmp_path / "ship2")
+    tune = _run(
+        TRAIN06,
+        "--vae",
+        vae_dir,
+        "--out",
+        tmp_path / "tune",
+        "--cache-dir",
+        cache,
+        "--steps",
+        1,
+        "--seed",
+        1,
+        "--lr",
+        1e-12,
+        "--warmup",
+        0,
+        "--no-progress",
+        "--init-from",
+        ship,
+        "--ship",
+        tmp_path / "ship2",
+    )
     assert "initialised from" in (tmp_path / "ship2" / "README.md").read_text(), tune.stdout
     from safetensors.torch import load_file
 
     before = load_file(str(ship / "unet" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(tmp_path / "ship2" / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # lr ~0 (seed 1 would draw other weights)
+    assert all(
+        torch.allclose(before[k], after[k], atol=1e-6) for k in before
+    )  # lr ~0 (seed 1 would draw other weights)
 
 
 @pytest.mark.slow
 def test_train04_fast_reports_attribute_accuracy(tmp_path, vae_dir, judge_dir):
-    proc = _run(TRAIN04, "--vae", vae_dir, "--judge", judge_dir, "--out", tmp_path / "run", "--cache-dir",
-                tmp_path / "cache")
+    proc = _run(
+        TRAIN04,
+        "--vae",
+        vae_dir,
+        "--judge",
+        judge_dir,
+        "--out",
+        tmp_path / "run",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert "colour" in proc.stdout and "position" in proc.stdout and "relation" in proc.stdout
 
 
@@ -174,12 +254,16 @@ def test_init_weights_refuses_another_config(tmp_path, vae_dir):
     from common.text_to_image import init_weights
 
     tiny = TextToImageConfig.named("tiny")
-    pipe = build_pipeline(build_model(tiny), ShapesTokenizer.for_shapes(tiny.context_length),
-                          AutoencoderKL.load(vae_dir), tiny)
+    pipe = build_pipeline(
+        build_model(tiny), ShapesTokenizer.for_shapes(tiny.context_length), AutoencoderKL.load(vae_dir), tiny
+    )
     pipe.save_pretrained(tmp_path / "tiny")
     model = build_model(tiny)
     init_weights(model, tmp_path / "tiny")
-    assert all(torch.equal(a, b) for a, b in zip(model["unet"].state_dict().values(), pipe.unet.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model["unet"].state_dict().values(), pipe.unet.state_dict().values())
+    )
     with pytest.raises(ValueError, match="not this config's unet"):
         init_weights(build_model(TextToImageConfig.named("cpu")), tmp_path / "tiny")
     with pytest.raises(FileNotFoundError, match="text_encoder/model.safetensors"):

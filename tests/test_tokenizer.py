@@ -44,8 +44,9 @@ PROMPTS = ["a red cat", "", "A RED Cat, and a dog!", "it's 3 cats", " ".join(["r
 def test_clip_matches_transformers(clip_folder):
     tok = ClipTokenizer.load(clip_folder)
     ref = CLIPTokenizer.from_pretrained(str(clip_folder))
-    expected = ref(PROMPTS, padding="max_length", max_length=77, truncation=True,
-                   return_tensors="pt").input_ids
+    expected = ref(
+        PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ids = tok(PROMPTS)
@@ -99,8 +100,9 @@ def test_empty_and_bad_batches_raise(clip_folder):
 def test_shapes_ids_padding_and_empty_prompt():
     tok = ShapesTokenizer.train(["A small red circle on the left", "two objects: a blue square"])
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
-    assert tok.vocabulary[4:] == sorted(["a", "small", "red", "circle", "on", "the", "left", "two", "objects",
-                                         ":", "blue", "square"])
+    assert tok.vocabulary[4:] == sorted(
+        ["a", "small", "red", "circle", "on", "the", "left", "two", "objects", ":", "blue", "square"]
+    )
     words = tok.vocabulary
     ids = tok(["a small RED circle", "", "two objects: a blue square"])
     assert ids.shape == (3, 24) and ids.dtype == torch.long

@@ -1,4 +1,5 @@
-"""01_latent_space_learning/train_vae.py end to end (fast mode), its bad-input errors, and the shipped Shapes VAE."""
+"""01_latent_space_learning/train_vae.py end to end (fast mode), its bad-input errors, and
+the shipped Shapes VAE."""
 
 import json
 import os
@@ -16,10 +17,18 @@ SHIPPED = ROOT / "checkpoints" / "vae_shapes"
 
 def run(*args, fast=True, check=True):
     env = {**os.environ, "COURSE_FAST": "1" if fast else "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"train_vae.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"train_vae.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -31,13 +40,20 @@ def test_fast_run_writes_model_card_and_resumes(tmp_path):
     second = run("--out", out, "--steps", 4, "--device", "cpu", "--ship", ship)
     assert "resuming from" in second.stdout and "step_0000002" in second.stdout
     for folder in (out / "final", ship):
-        for name in ("config.json", "diffusion_pytorch_model.safetensors", "README.md", "reconstructions.png"):
+        for name in (
+            "config.json",
+            "diffusion_pytorch_model.safetensors",
+            "README.md",
+            "reconstructions.png",
+        ):
             assert (folder / name).is_file(), f"{folder / name} missing"
     card = (ship / "README.md").read_text()
     for needed in ("command", "sha256", "PSNR", "scaling_factor", "hardware", "wall time"):
         assert needed in card, f"model card lacks {needed!r}"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and 0 < metrics["metrics"]["psnr"] < 100 and 0 < metrics["scaling_factor"] < 100
+    assert (
+        metrics["steps"] == 4 and 0 < metrics["metrics"]["psnr"] < 100 and 0 < metrics["scaling_factor"] < 100
+    )
     config = json.loads((ship / "config.json").read_text())
     assert config["scaling_factor"] == pytest.approx(metrics["scaling_factor"])
     assert config["latent_channels"] == 4 and config["block_out_channels"] == [32, 64, 64]
@@ -52,13 +68,16 @@ def test_fast_run_writes_model_card_and_resumes(tmp_path):
     assert digest in card
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--resolution", "66", "--factor", "4"], "not a multiple of --factor 4"),
-    (["--resolution", "36", "--factor", "8"], "not a multiple of --factor 8"),
-    (["--data", "cifar"], "invalid choice: 'cifar'"),
-    (["--factor", "3"], "invalid choice: 3"),
-    (["--device", "tpu"], "unknown device"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resolution", "66", "--factor", "4"], "not a multiple of --factor 4"),
+        (["--resolution", "36", "--factor", "8"], "not a multiple of --factor 8"),
+        (["--data", "cifar"], "invalid choice: 'cifar'"),
+        (["--factor", "3"], "invalid choice: 3"),
+        (["--device", "tpu"], "unknown device"),
+    ],
+)
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
     proc = run("--out", tmp_path, *args, check=False)
     assert proc.returncode != 0
@@ -70,7 +89,9 @@ def test_help():
     assert "--kl-weight" in proc.stdout and "--ship" in proc.stdout
 
 
-@pytest.mark.skipif(not (SHIPPED / "diffusion_pytorch_model.safetensors").exists(), reason="Shapes VAE not shipped yet")
+@pytest.mark.skipif(
+    not (SHIPPED / "diffusion_pytorch_model.safetensors").exists(), reason="Shapes VAE not shipped yet"
+)
 def test_shipped_shapes_vae_reconstructs_held_out_at_30db():
     from common.autoencoder import AutoencoderKL
     from common.data import Shapes

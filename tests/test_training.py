@@ -1,4 +1,5 @@
-"""The training loop: exact resume after SIGKILL, 2 processes under accelerate, atomic and validated checkpoints."""
+"""The training loop: exact resume after SIGKILL, 2 processes under accelerate, atomic and
+validated checkpoints."""
 
 import json
 import os
@@ -14,8 +15,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from common.training import (EMA, TrainConfig, Trainer, batch_indices, latest_checkpoint, list_checkpoints,
-                             load_checkpoint, lr_factor, save_checkpoint)
+from common.training import (
+    EMA,
+    TrainConfig,
+    Trainer,
+    batch_indices,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    lr_factor,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "tests" / "train_toy.py"
@@ -23,7 +33,9 @@ BIN = Path(sys.executable).parent
 
 
 def _run(args, **kw):
-    return subprocess.run([sys.executable, str(TOY), *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, str(TOY), *args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kw
+    )
 
 
 def _final_weights(out):
@@ -36,8 +48,12 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert _run(["--out", str(ref)]).returncode == 0
 
-    proc = subprocess.Popen([sys.executable, str(TOY), "--out", str(killed), "--sleep", "0.05"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(TOY), "--out", str(killed), "--sleep", "0.05"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / "step_0000020" / "done").exists():
         time.sleep(0.02)
@@ -62,8 +78,24 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
 def test_two_cpu_processes_under_accelerate_match_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert _run(["--out", str(one), "--noise", "0"]).returncode == 0
-    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(TOY), "--out", str(two), "--noise", "0"]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(TOY),
+        "--out",
+        str(two),
+        "--noise",
+        "0",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -135,8 +167,12 @@ def test_lr_schedule_and_batch_indices():
     assert lr_factor(55, cfg) == pytest.approx(0.5) and lr_factor(100, cfg) == pytest.approx(0.0)
     idx = [batch_indices(s, 0, n=10, batch_size=5, grad_accum=1, seed=0) for s in range(2)]
     assert sorted(idx[0] + idx[1]) == list(range(10)), "one epoch visits every item once"
-    shards = [batch_indices(3, 0, n=10, batch_size=4, grad_accum=1, seed=0, rank=r, world=2) for r in range(2)]
-    assert sorted(shards[0] + shards[1]) == sorted(batch_indices(3, 0, n=10, batch_size=4, grad_accum=1, seed=0))
+    shards = [
+        batch_indices(3, 0, n=10, batch_size=4, grad_accum=1, seed=0, rank=r, world=2) for r in range(2)
+    ]
+    assert sorted(shards[0] + shards[1]) == sorted(
+        batch_indices(3, 0, n=10, batch_size=4, grad_accum=1, seed=0)
+    )
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig(steps=1, mixed_precision="fp8")
 
@@ -166,8 +202,16 @@ def test_time_budget_lowers_the_steps_and_a_resume_keeps_the_plan(tmp_path):
         torch.manual_seed(0)
         model = nn.Linear(4, 1)
         data = [{"x": torch.randn(4), "y": torch.randn(1)} for _ in range(32)]
-        cfg = TrainConfig(steps=100_000, batch_size=8, lr=1e-2, progress=False, log_every=10, time_budget_s=1.0,
-                          warmup_steps=10, lr_schedule="cosine")
+        cfg = TrainConfig(
+            steps=100_000,
+            batch_size=8,
+            lr=1e-2,
+            progress=False,
+            log_every=10,
+            time_budget_s=1.0,
+            warmup_steps=10,
+            lr_schedule="cosine",
+        )
 
         def loss(m, b, g):
             time.sleep(0.01)  # about 100 steps fit the 1 s budget

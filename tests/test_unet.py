@@ -73,12 +73,29 @@ def test_sd15_parameter_count():
 def test_sd15_config_json_reads_as_the_preset():
     # runwayml/stable-diffusion-v1-5 unet/config.json, as shipped (keys at diffusers' defaults are left out)
     config_json = {
-        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu",
-        "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": "0.6.0",
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
         "cross_attention_dim": 768,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "down_block_types": [
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     }
     cfg = unet_config_from_diffusers(config_json)
@@ -140,8 +157,14 @@ def test_parity_with_diffusers(preset):
 
 
 def test_linear_projection_and_deeper_transformers_match_diffusers():
-    cfg = replace(UNetConfig.tiny(), use_linear_projection=True, transformer_layers_per_block=(2, 1),
-                  attention_head_dim=(2, 4), flip_sin_to_cos=False, freq_shift=1)
+    cfg = replace(
+        UNetConfig.tiny(),
+        use_linear_projection=True,
+        transformer_layers_per_block=(2, 1),
+        attention_head_dim=(2, 4),
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    )
     ours, ref = reference_pair(cfg)
     z_t, t, context, labels = inputs(cfg, size=8)
     with torch.no_grad():

@@ -79,7 +79,9 @@ def test_loss_curves_from_the_training_csv_and_a_dict(tmp_path):
         w = csv.DictWriter(f, ["step", "loss", "kl", "lr", "grad_norm", "seconds"])
         w.writeheader()
         for s in range(1, 41):
-            w.writerow({"step": s, "loss": 1 / s + 0.01, "kl": 0.1, "lr": 1e-4, "grad_norm": "", "seconds": s})
+            w.writerow(
+                {"step": s, "loss": 1 / s + 0.01, "kl": 0.1, "lr": 1e-4, "grad_norm": "", "seconds": s}
+            )
     fig = viz.plot_loss_curves(path, smoothing=0.6)
     assert visible_axes(fig) == 2  # losses, learning rate
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
@@ -98,7 +100,12 @@ def test_latent_channels_and_attention_overlay():
     assert visible_axes(viz.show_latent_channels(z[0])) == 4
     maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1))
     fig = viz.overlay_attention(images(1, side=32)[0], maps, ["red", "circle", "left"])
-    assert visible_axes(fig) == 4 and [ax.get_title() for ax in fig.axes] == ["image", "red", "circle", "left"]
+    assert visible_axes(fig) == 4 and [ax.get_title() for ax in fig.axes] == [
+        "image",
+        "red",
+        "circle",
+        "left",
+    ]
     with pytest.raises(ValueError, match="tokens"):
         viz.overlay_attention(images(1)[0], maps, ["red"])
 

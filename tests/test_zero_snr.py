@@ -7,14 +7,21 @@ the first step (alpha_bar = 0: pure noise, where an eps conversion would divide 
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from common.samplers import sample_loop, sampler_from_diffusers
 from common.schedules import NoiseSchedule
 from tests.test_samplers import SHAPE, assert_matches, denoiser, pair, reference_loop
 
-SD2 = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-           prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
+SD2 = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
+    rescale_betas_zero_snr=True,
+)
 ZERO_SNR = dict(prediction_type="v_prediction", spacing="trailing", rescale_betas_zero_snr=True)
 
 

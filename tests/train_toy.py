@@ -1,7 +1,7 @@
 """A toy run of common.training for the tests: kill-and-resume, and 2 processes under accelerate.
 
-    python tests/train_toy.py --out OUT [--steps 40] [--sleep 0.05] [--noise 0.1]
-    accelerate launch --cpu --num_processes 2 tests/train_toy.py --out OUT --noise 0
+python tests/train_toy.py --out OUT [--steps 40] [--sleep 0.05] [--noise 0.1]
+accelerate launch --cpu --num_processes 2 tests/train_toy.py --out OUT --noise 0
 """
 
 import argparse
@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from common.training import Trainer, TrainConfig
+from common.training import TrainConfig, Trainer
 
 
 class Toy(torch.utils.data.Dataset):
@@ -46,14 +46,25 @@ def main():
         x = batch["x"] + args.noise * torch.randn(batch["x"].shape, generator=generator)
         return nn.functional.mse_loss(model(x), batch["y"])
 
-    cfg = TrainConfig(steps=args.steps, batch_size=16, lr=3e-3, warmup_steps=5, ema_decay=0.9,
-                      checkpoint_every=args.checkpoint_every, log_every=5, grad_accum=args.grad_accum,
-                      progress=False)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        ema_decay=0.9,
+        checkpoint_every=args.checkpoint_every,
+        log_every=5,
+        grad_accum=args.grad_accum,
+        progress=False,
+    )
     trainer = Trainer(model, Toy(), loss_fn, cfg, args.out, device="cpu")
     trainer.fit()
     if trainer.accelerator.is_main_process:
-        info = {"world": trainer.accelerator.num_processes, "resumed_from": str(trainer.resumed_from),
-                "step": trainer.step}
+        info = {
+            "world": trainer.accelerator.num_processes,
+            "resumed_from": str(trainer.resumed_from),
+            "step": trainer.step,
+        }
         with open(f"{args.out}/run.json", "w") as f:
             json.dump(info, f)
 

@@ -1,4 +1,5 @@
-"""Build a chapter notebook from a percent-format script and execute it, so the committed notebook shows real outputs.
+"""Build a chapter notebook from a percent-format script and execute it, so the committed
+notebook shows real outputs.
 
     python tools/nbbuild.py SRC.py OUT.ipynb [--fast] [--timeout 1800]
 
@@ -41,7 +42,9 @@ def build(src: Path, out: Path, fast: bool, timeout: int) -> float:
     os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     t0 = time.perf_counter()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(out.parent)}}).execute()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(out.parent)}}
+        ).execute()
     finally:
         os.environ.pop("COURSE_FAST", None)
         if env_fast is not None:
@@ -56,7 +59,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--fast", action="store_true", help="execute in COURSE_FAST mode (seconds, not the real lesson)")
+    p.add_argument(
+        "--fast", action="store_true", help="execute in COURSE_FAST mode (seconds, not the real lesson)"
+    )
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     args = p.parse_args()
     seconds = build(args.src, args.out, args.fast, args.timeout)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch.distributions import Independent, Normal, kl_divergence
 
-from common.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.data import Photos, Shapes
 from common.losses import VAELoss, VAELossWeights, kl_loss, lpips_backbone_available, lpips_backbone_path
 from common.metrics import psnr, ssim
@@ -56,11 +56,15 @@ latent = (512 // 8) * (512 // 8) * 4
 print(f"pixels : 512 x 512 x 3 = {pixel:,} numbers")
 print(f"latents:  64 x  64 x 4 = {latent:,} numbers  -> {pixel / latent:.0f}x fewer")
 tokens_pixel, tokens_latent = 512 * 512, 64 * 64
-print(f"self-attention over positions: {tokens_pixel:,}^2 vs {tokens_latent:,}^2 entries "
-      f"-> {(tokens_pixel / tokens_latent) ** 2:,.0f}x fewer")
+print(
+    f"self-attention over positions: {tokens_pixel:,}^2 vs {tokens_latent:,}^2 entries "
+    f"-> {(tokens_pixel / tokens_latent) ** 2:,.0f}x fewer"
+)
 shapes_pixel, shapes_latent = 64 * 64 * 3, 16 * 16 * 4
-print(f"the course's Shapes: 64 x 64 x 3 = {shapes_pixel:,} -> 16 x 16 x 4 = {shapes_latent:,} "
-      f"({shapes_pixel / shapes_latent:.0f}x)")
+print(
+    f"the course's Shapes: 64 x 64 x 3 = {shapes_pixel:,} -> 16 x 16 x 4 = {shapes_latent:,} "
+    f"({shapes_pixel / shapes_latent:.0f}x)"
+)
 
 # %% [markdown]
 # The 48x is the price of one UNet evaluation in numbers touched; the attention saving is far larger. The
@@ -93,8 +97,12 @@ with torch.no_grad():
 side = int(math.sqrt(z[0].numel() / 3))
 x_bic = bicubic_down_up(x, side)
 x_f4 = bicubic_down_up(x, 16)  # the same factor 4, but 3 channels: 768 numbers
-rows = {"input": x[:8], f"VAE ({z[0].numel()})": x_vae[:8],
-        f"bicubic {side}px ({3 * side * side})": x_bic[:8], "bicubic 16px (768)": x_f4[:8]}
+rows = {
+    "input": x[:8],
+    f"VAE ({z[0].numel()})": x_vae[:8],
+    f"bicubic {side}px ({3 * side * side})": x_bic[:8],
+    "bicubic 16px (768)": x_f4[:8],
+}
 for name, rec in list(rows.items())[1:]:
     print(f"{name:24s} PSNR {psnr(rec, x[:8]):5.2f} dB  SSIM {ssim(rec, x[:8]):.3f}")
 print(f"over {n_show} held-out images: VAE {psnr(x_vae, x):.2f} dB, bicubic {side}px {psnr(x_bic, x):.2f} dB")
@@ -110,8 +118,9 @@ show(side_by_side(rows, size=1.0))
 #
 # **The question.** You want a decoder $p_\theta(x \mid z)$ and a prior $p(z) = \mathcal N(0, I)$ whose
 # marginal $p_\theta(x) = \int p_\theta(x \mid z)\, p(z)\, dz$ gives your images high likelihood. The integral
-# over every $z$ is intractable, so bring in an encoder $q_\phi(z \mid x)$ that proposes the $z$ likely to have
-# made $x$, and write $\log p(x)$ through it (the KL identity; every expectation is over $z \sim q(z \mid x)$):
+# over every $z$ is intractable, so bring in an encoder $q_\phi(z \mid x)$ that proposes the $z$ likely to
+# have made $x$, and write $\log p(x)$ through it (the KL identity; every expectation is
+# over $z \sim q(z \mid x)$):
 #
 # $$
 # \begin{aligned}
@@ -119,7 +128,8 @@ show(side_by_side(rows, size=1.0))
 #   && \text{$\log p(x)$ does not depend on $z$, and $q$ integrates to 1} \\
 # &= \mathbb E_q\Big[\log \frac{p(x, z)}{p(z \mid x)}\Big]
 #   && \text{Bayes: } p(x) = p(x, z) / p(z \mid x) \\
-# &= \mathbb E_q\Big[\log \frac{p(x, z)}{q(z \mid x)}\Big] + \mathbb E_q\Big[\log \frac{q(z \mid x)}{p(z \mid x)}\Big]
+# &= \mathbb E_q\Big[\log \frac{p(x, z)}{q(z \mid x)}\Big] +
+#    \mathbb E_q\Big[\log \frac{q(z \mid x)}{p(z \mid x)}\Big]
 #   && \text{multiply and divide by } q(z \mid x) \\
 # &= \underbrace{\mathbb E_q\Big[\log \frac{p(x, z)}{q(z \mid x)}\Big]}_{\text{ELBO}}
 #   + \mathrm{KL}\big(q(z \mid x)\,\|\,p(z \mid x)\big)
@@ -165,8 +175,10 @@ means = torch.linspace(-0.5, 1.5, 21)
 elbos = [elbo_mc(float(m), post_var) for m in means]
 print(f"log p(x) = {float(log_px):.4f} (exact)")
 print(f"ELBO at the true posterior (m = {post_mean:.3f}): {elbo_mc(post_mean, post_var):.4f}")
-print(f"largest ELBO over the grid: {max(elbos):.4f}; "
-      f"every ELBO <= log p(x): {max(elbos) <= float(log_px) + 1e-3}")
+print(
+    f"largest ELBO over the grid: {max(elbos):.4f}; "
+    f"every ELBO <= log p(x): {max(elbos) <= float(log_px) + 1e-3}"
+)
 
 fig = Figure(figsize=(5.5, 2.8))
 ax = fig.subplots()
@@ -194,9 +206,11 @@ show(fig)
 #   && \text{a Laplace density per pixel $i$; pixels independent, so logs add} \\
 # &= -\tfrac{1}{b} \textstyle\sum_i |x_i - D(z)_i| - N \log 2b
 #   && N \text{ pixels; the last term does not depend on the model} \\
-# -\text{ELBO} &= \tfrac{1}{b}\, \mathbb E_q\, \|x - D(z)\|_1 + \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
+# -\text{ELBO} &= \tfrac{1}{b}\, \mathbb E_q\, \|x - D(z)\|_1 +
+#    \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
 #   && \text{the ELBO's two terms, negated} \\
-# b \cdot (-\text{ELBO}) &= \mathbb E_q\, \|x - D(z)\|_1 + b\, \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
+# b \cdot (-\text{ELBO}) &= \mathbb E_q\, \|x - D(z)\|_1 +
+#    b\, \mathrm{KL}(q \,\|\, \mathcal N(0, I)) + \text{const}
 #   && \text{multiplying by $b > 0$ keeps the minimiser.}
 # \end{aligned}
 # $$
@@ -215,7 +229,8 @@ show(fig)
 #
 # $$
 # \begin{aligned}
-# \mathrm{KL}(c) &= \tfrac12 \textstyle\sum_j \big(c^2 \mu_j^2 + c^2 \sigma_j^2 - 1 - \log \sigma_j^2 - 2 \log c\big)
+# \mathrm{KL}(c) &= \tfrac12 \textstyle\sum_j \big(c^2 \mu_j^2 + c^2 \sigma_j^2 - 1 -
+#    \log \sigma_j^2 - 2 \log c\big)
 #   && \text{the closed form of section 4, with $\mu, \sigma$ scaled by $c$} \\
 # \frac{d\,\mathrm{KL}}{dc} &= c \textstyle\sum_j (\mu_j^2 + \sigma_j^2) - \frac{d}{c} = 0
 #   && d \text{ latent dimensions} \\
@@ -279,8 +294,10 @@ mu, logvar = posterior.mean, posterior.logvar  # (1, 4, 16, 16) each
 sigma = torch.exp(0.5 * logvar)
 kl_closed = 0.5 * (mu**2 + sigma**2 - 1 - logvar).sum()  # the last line above, summed over 1,024 dims
 kl_torch = kl_divergence(Independent(Normal(mu, sigma), 3), Independent(Normal(0.0, torch.ones_like(mu)), 3))
-print(f"closed form {float(kl_closed):.3f}   torch.distributions {float(kl_torch):.3f}   "
-      f"common (posterior.kl()) {float(posterior.kl()):.3f}  nats")
+print(
+    f"closed form {float(kl_closed):.3f}   torch.distributions {float(kl_torch):.3f}   "
+    f"common (posterior.kl()) {float(posterior.kl()):.3f}  nats"
+)
 
 # %% [markdown]
 # The closed form agrees with `torch.distributions` and with the course's `DiagonalGaussian.kl()`. It is also
@@ -293,7 +310,7 @@ g = torch.Generator().manual_seed(0)
 q_dist = Independent(Normal(mu[0], sigma[0]), 3)  # over (4, 16, 16)
 p_dist = Independent(Normal(torch.zeros_like(mu[0]), torch.ones_like(mu[0])), 3)
 log_ratios = []
-for start in range(0, n_max, 1024):
+for _chunk in range(0, n_max, 1024):  # one batch of 1024 draws each
     z_mc = mu[0] + sigma[0] * torch.randn(1024, *mu.shape[1:], generator=g)  # (1024, 4, 16, 16)
     log_ratios.append(q_dist.log_prob(z_mc) - p_dist.log_prob(z_mc))  # (1024,)
 log_ratios = torch.cat(log_ratios)
@@ -323,12 +340,13 @@ show(fig)
 # ## 5. The reparameterisation trick, with autograd
 #
 # The reconstruction term is an expectation over $z \sim q_\phi(z \mid x)$, and you need its gradient with
-# respect to the encoder's $\mu$ and $\sigma$. Sampling is not a differentiable operation, but you can move the
-# randomness out of the parameters: draw $\epsilon \sim \mathcal N(0, I)$, then set
+# respect to the encoder's $\mu$ and $\sigma$. Sampling is not a differentiable operation, but you can move
+# the randomness out of the parameters: draw $\epsilon \sim \mathcal N(0, I)$, then set
 #
 # $$
 # z = \mu + \sigma \odot \epsilon \quad\Rightarrow\quad z \sim \mathcal N(\mu, \sigma^2)
-# \quad\text{and}\quad \frac{\partial z}{\partial \mu} = 1,\quad \frac{\partial z}{\partial \sigma} = \epsilon ,
+# \quad\text{and}\quad \frac{\partial z}{\partial \mu} = 1,\quad
+# \frac{\partial z}{\partial \sigma} = \epsilon ,
 # $$
 #
 # since adding $\mu$ shifts the mean and multiplying by $\sigma$ scales the standard deviation. Then
@@ -354,6 +372,7 @@ z_rep.pow(2).sum().backward()
 print(f".rsample(): requires_grad={z_rep.requires_grad}, grad_fn={type(z_rep.grad_fn).__name__}")
 eps_used = (z_rep - mu_toy) / sigma_toy  # the eps this draw used
 
+
 def rounded(values: torch.Tensor) -> list:
     return [round(v, 4) for v in values.tolist()]
 
@@ -364,8 +383,8 @@ print(f"   d f / d sigma = {rounded(sigma_toy.grad)}   2 z eps = {rounded(2 * z_
 # %% [markdown]
 # `.sample()` returns a number with no history: the loss cannot reach $\mu$ or $\sigma$ through it.
 # `.rsample()` builds $z = \mu + \sigma\epsilon$ in the graph, and autograd's gradients are the chain rule of
-# the equation above: $\partial f / \partial \mu = 2z$ and $\partial f / \partial \sigma = 2z\epsilon$. One draw
-# is a noisy estimate of the true gradient; averaged over many draws it is unbiased:
+# the equation above: $\partial f / \partial \mu = 2z$ and $\partial f / \partial \sigma = 2z\epsilon$. One
+# draw is a noisy estimate of the true gradient; averaged over many draws it is unbiased:
 
 # %%
 n_draws = budget(fast=2_000, cpu=100_000)
@@ -375,13 +394,16 @@ z_many = mu_toy + sigma_toy * eps  # (n_draws, 3): z = mu + sigma * eps, written
 z_many.pow(2).sum(dim=1).mean().backward()  # the Monte-Carlo estimate of E_q[f]
 print(f"average reparameterised gradient over {n_draws:,} draws:")
 print(f"   d/d mu    {[round(v, 3) for v in mu_toy.grad.tolist()]}   exact 2 mu    {(2 * mu_toy).tolist()}")
-print(f"   d/d sigma {[round(v, 3) for v in sigma_toy.grad.tolist()]}   exact 2 sigma "
-      f"{[round(v, 3) for v in (2 * sigma_toy).tolist()]}")
+print(
+    f"   d/d sigma {[round(v, 3) for v in sigma_toy.grad.tolist()]}   exact 2 sigma "
+    f"{[round(v, 3) for v in (2 * sigma_toy).tolist()]}"
+)
 
 # %% [markdown]
 # The same holds in the real encoder: `DiagonalGaussian.sample` (in `common/autoencoder.py`) computes
 # `mean + std * eps`, so a loss on the decoded sample reaches every encoder weight. Draw the same $z$ outside
 # the graph, as `.sample()` does, and the encoder gets nothing:
+
 
 # %%
 def encoder_grad_norm(detach_sample: bool) -> float:
@@ -407,16 +429,17 @@ vae.zero_grad()
 # Stage one's full objective adds two terms to the ELBO's pair (Esser et al. 2021, eq. 5-7):
 #
 # $$L_G = \|x - D(z)\|_1 + w_{\text{lpips}}\,\text{LPIPS}(x, D(z))
-#   + w_{\text{kl}}\,\text{KL}\big(q(z|x)\,\|\,\mathcal N(0, I)\big) + \lambda\, w_{\text{gan}}\,L_{\text{adv}}(D(z)),$$
+#   + w_{\text{kl}}\,\text{KL}\big(q(z|x)\,\|\,\mathcal N(0, I)\big) +
+#   \lambda\, w_{\text{gan}}\,L_{\text{adv}}(D(z)),$$
 #
-# with $\lambda = \|\nabla_{\text{last}} L_{\text{rec}}\| / (\|\nabla_{\text{last}} L_{\text{adv}}\| + 10^{-4})$,
+# with $\lambda = \|\nabla_\text{last} L_\text{rec}\| / (\|\nabla_\text{last} L_\text{adv}\| + 10^{-4})$,
 # the adaptive weight that makes the adversarial gradient at the decoder's last layer as large as the
 # reconstruction one. The PatchGAN discriminator scores overlapping patches as real or reconstructed, with the
-# hinge loss $L_D = \tfrac12\big(\mathbb E[\max(0, 1 - D(x))] + \mathbb E[\max(0, 1 + D(\hat x))]\big)$, and the
-# generator's term is $L_{\text{adv}} = -\mathbb E[D(\hat x)]$.
+# hinge loss $L_D = \tfrac12\big(\mathbb E[\max(0, 1 - D(x))] + \mathbb E[\max(0, 1 + D(\hat x))]\big)$,
+# and the generator's term is $L_{\text{adv}} = -\mathbb E[D(\hat x)]$.
 #
-# **LPIPS** compares deep features of an ImageNet network; that backbone is not shipped with the course, so the
-# cell below says whether it is on disk and prints the one command that fetches it when it is not.
+# **LPIPS** compares deep features of an ImageNet network; that backbone is not shipped with the course, so
+# the cell below says whether it is on disk and prints the one command that fetches it when it is not.
 
 # %%
 lpips_on = lpips_backbone_available()
@@ -434,14 +457,18 @@ else:
 # (`checkpoints/vae_photos`, trained with L1 + KL) and continue each for the same 300 steps, same seed, same
 # data, with one objective each: **L1 only**, **L1 + KL** at SD's weight, and **L1 + KL + PatchGAN** (GAN
 # weight 0.5, discriminator from step 0). `train_vae.py` trained them (the commands are in each model card,
-# `checkpoints/vae_ablation_*/README.md`). Compare them on the same held-out crops of a photograph none of them
-# saw in training. Besides PSNR and SSIM, one number for sharpness: the *edge energy*, the mean absolute
+# `checkpoints/vae_ablation_*/README.md`). Compare them on the same held-out crops of a photograph none of
+# them saw in training. Besides PSNR and SSIM, one number for sharpness: the *edge energy*, the mean absolute
 # difference between neighbouring pixels of the reconstruction divided by that of the input (1 = as much fine
 # detail as the input; a blurred image scores less).
 
 # %%
-ABLATIONS = {"start (vae_photos)": "vae_photos", "L1 only": "vae_ablation_l1",
-             "L1 + KL": "vae_ablation_l1_kl", "L1 + KL + GAN": "vae_ablation_l1_kl_gan"}
+ABLATIONS = {
+    "start (vae_photos)": "vae_photos",
+    "L1 only": "vae_ablation_l1",
+    "L1 + KL": "vae_ablation_l1_kl",
+    "L1 + KL + GAN": "vae_ablation_l1_kl_gan",
+}
 n_eval = budget(fast=16, cpu=256)
 photos_test = Photos(64, "test", n_eval, seed=1)  # crops of the held-out photograph, as in train_vae.py
 x_photo = torch.stack([photos_test[i]["image"] for i in range(n_eval)])  # (n_eval, 3, 64, 64)
@@ -461,17 +488,26 @@ for name, folder in ABLATIONS.items():
         post = model.encode(x_photo)
         rec = model.decode(post.mode()).clamp(-1, 1)
     recons[name] = rec
-    stats[name] = {"psnr": psnr(rec, x_photo), "ssim": ssim(rec, x_photo),
-                   "edge": float(edge_energy(rec) / edge_energy(x_photo)), "kl": float(post.kl().mean()),
-                   "std_mu": float(post.mean.std()), "sigma": float(post.std.mean())}
+    stats[name] = {
+        "psnr": psnr(rec, x_photo),
+        "ssim": ssim(rec, x_photo),
+        "edge": float(edge_energy(rec) / edge_energy(x_photo)),
+        "kl": float(post.kl().mean()),
+        "std_mu": float(post.mean.std()),
+        "sigma": float(post.std.mean()),
+    }
     if lpips_on:
         stats[name]["lpips"] = lpips_distance(rec, x_photo)
 print(f"{n_eval} held-out crops; reconstructions through the posterior mean")
-print(f"{'':20s} {'PSNR':>8s} {'SSIM':>6s} {'edges':>6s} {'KL (nats)':>10s} {'std(mu)':>8s} {'sigma':>7s}"
-      + ("  LPIPS" if lpips_on else ""))
+print(
+    f"{'':20s} {'PSNR':>8s} {'SSIM':>6s} {'edges':>6s} {'KL (nats)':>10s} {'std(mu)':>8s} {'sigma':>7s}"
+    + ("  LPIPS" if lpips_on else "")
+)
 for name, r in stats.items():
-    print(f"{name:20s} {r['psnr']:5.2f} dB {r['ssim']:6.3f} {r['edge']:6.3f} {r['kl']:10.1f} "
-          f"{r['std_mu']:8.3f} {r['sigma']:7.4f}" + (f"  {r['lpips']:.4f}" if lpips_on else ""))
+    print(
+        f"{name:20s} {r['psnr']:5.2f} dB {r['ssim']:6.3f} {r['edge']:6.3f} {r['kl']:10.1f} "
+        f"{r['std_mu']:8.3f} {r['sigma']:7.4f}" + (f"  {r['lpips']:.4f}" if lpips_on else "")
+    )
 picks = [0, 3, 5, 9, 12, 14]  # six of the first 16 crops, chosen to show fur, eyes and background
 show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons.items()}}, size=1.2))
 
@@ -479,17 +515,18 @@ show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons
 # *Figure: six held-out crops and their reconstructions by the starting VAE and by the three continuations.*
 # The table above carries the claims; the figure lets you check them by eye (zoom in on the fur):
 #
-# * **L1 only and L1 + KL are indistinguishable.** Both reach 28.46 dB and SSIM 0.860 (0.03 dB above the start),
-#   the same edge energy (0.784), and latent statistics within 0.3% of each other (KL 8,540 against 8,536 nats,
-#   std(mu) 1.594 against 1.596). That is section 3 made measurable: at SD's weight the KL is a negligible part of
-#   the loss over 300 steps. Its job is the slow one of pinning the latent scale, which nothing else pins.
+# * **L1 only and L1 + KL are indistinguishable.** Both reach 28.46 dB and SSIM 0.860
+#   (0.03 dB above the start), the same edge energy (0.784), and latent statistics within 0.3% of each other
+#   (KL 8,540 against 8,536 nats, std(mu) 1.594 against 1.596). That is section 3 made measurable: at SD's
+#   weight the KL is a negligible part of the loss over 300 steps. Its job is the slow one of pinning the
+#   latent scale, which nothing else pins.
 # * **The PatchGAN term changes the pictures.** Edge energy rises from 0.78 to 0.90 of the input's: darker,
 #   crisper fur strokes and more contrast around the eyes (bottom row). It costs 1.05 dB of PSNR and 0.018 of
-#   SSIM, because the discriminator rewards texture that looks real, not texture in exactly the right place, and
-#   some of the new strokes are too dark. Whether the added detail looks closer to the photograph is what LPIPS
-#   measures, and it is not measured here (its backbone is not on disk); at this budget the honest summary is
-#   "sharper, less faithful pixel for pixel". SD runs this phase for far longer, from a decoder trained 50,000
-#   steps.
+#   SSIM, because the discriminator rewards texture that looks real, not texture in exactly the right place,
+#   and some of the new strokes are too dark. Whether the added detail looks closer to the photograph is what
+#   LPIPS measures, and it is not measured here (its backbone is not on disk); at this budget the honest
+#   summary is "sharper, less faithful pixel for pixel". SD runs this phase for far longer, from a decoder
+#   trained 50,000 steps.
 # * In all of them the posterior stays narrow (sigma about 0.001): a near-deterministic autoencoder, as
 #   section 3 predicted for a KL weight of 1e-6.
 #
@@ -503,8 +540,9 @@ show(side_by_side({"held-out": x_photo[picks], **{k: v[picks] for k, v in recons
 
 # %%
 STEPS = budget(fast=3, cpu=150)
-small_config = AutoencoderConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-                                 sample_size=32, scaling_factor=1.0)
+small_config = AutoencoderConfig(
+    block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.0
+)
 train32 = Shapes(32, "train", STEPS * 8, seed=0, multiple_of=4)
 test32 = torch.stack([Shapes(32, "test", 32, seed=1, multiple_of=4)[i]["image"] for i in range(32)])
 
@@ -537,12 +575,18 @@ t = time.perf_counter()
 for w in kl_weights:
     _, r = train_small(kl=w)
     post = r["post"]
-    sweep[w] = {"psnr": r["psnr"], "kl": r["kl"], "std_c": post.mean.std(dim=(0, 2, 3)),
-                "sigma_c": post.std.mean(dim=(0, 2, 3))}
+    sweep[w] = {
+        "psnr": r["psnr"],
+        "kl": r["kl"],
+        "std_c": post.mean.std(dim=(0, 2, 3)),
+        "sigma_c": post.std.mean(dim=(0, 2, 3)),
+    }
     std_c = [round(v, 2) for v in sweep[w]["std_c"].tolist()]
     sigma_c = [round(v, 3) for v in sweep[w]["sigma_c"].tolist()]
-    print(f"kl weight {w:<8.2g} PSNR {r['psnr']:5.2f} dB  KL {r['kl']:8.1f}  std(mu) per channel {std_c}  "
-          f"sigma {sigma_c}")
+    print(
+        f"kl weight {w:<8.2g} PSNR {r['psnr']:5.2f} dB  KL {r['kl']:8.1f}  std(mu) per channel {std_c}  "
+        f"sigma {sigma_c}"
+    )
 print(f"{len(kl_weights)} runs of {STEPS} steps in {time.perf_counter() - t:.0f} s")
 
 fig = Figure(figsize=(9, 2.6))
@@ -599,21 +643,22 @@ show(show_latent_channels(z[:2], size=1.2))
 # images' latents as heat maps.*
 #
 # Channel 3 carries most of the picture: zeroing it raises the MSE from 0.0012 to 0.0599, and the shapes lose
-# their colour and much of their outline (last column). It is also the channel with the largest spread (std 1.43).
-# Zeroing channel 0 or 1 shifts the colours (the red star turns magenta; MSE 0.0047 and 0.0053) and leaves the
-# shapes in place; zeroing channel 2 changes almost nothing (0.0013). The autoencoder has spread the information
-# unevenly, and the channels have different scales (std 0.35 to 1.43) that the decoder relies on: the scaling
-# factor of the next section multiplies all of them by one number.
+# their colour and much of their outline (last column). It is also the channel with the largest spread
+# (std 1.43). Zeroing channel 0 or 1 shifts the colours (the red star turns magenta; MSE 0.0047 and 0.0053)
+# and leaves the shapes in place; zeroing channel 2 changes almost nothing (0.0013). The autoencoder has
+# spread the information unevenly, and the channels have different scales (std 0.35 to 1.43) that the decoder
+# relies on: the scaling factor of the next section multiplies all of them by one number.
 #
 # ## 9. The scaling factor, and what goes wrong without it
 #
 # The noise schedule was designed for data of unit variance. Diffusion trains on
-# $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$ with $\epsilon \sim \mathcal N(0, I)$, so
-# the signal-to-noise ratio the network meets at step $t$ is
+# $z_t = \sqrt{\bar\alpha_t}\, z_0 + \sqrt{1 - \bar\alpha_t}\, \epsilon$ with
+# $\epsilon \sim \mathcal N(0, I)$, so the signal-to-noise ratio the network meets at step $t$ is
 #
 # $$
 # \begin{aligned}
-# \mathrm{SNR}(t) &= \frac{\mathrm{Var}(\sqrt{\bar\alpha_t}\, z_0)}{\mathrm{Var}(\sqrt{1 - \bar\alpha_t}\, \epsilon)}
+# \mathrm{SNR}(t) &= \frac{\mathrm{Var}(\sqrt{\bar\alpha_t}\, z_0)}
+#    {\mathrm{Var}(\sqrt{1 - \bar\alpha_t}\, \epsilon)}
 #   && \text{signal power over noise power} \\
 # &= \frac{\bar\alpha_t\, \mathrm{Var}(z_0)}{1 - \bar\alpha_t}
 #   && \mathrm{Var}(c\,X) = c^2\, \mathrm{Var}(X),\ \mathrm{Var}(\epsilon) = 1 .
@@ -632,33 +677,41 @@ photos_train = Photos(64, "train", 128, seed=0)
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():
     zs = {}
-    for name, model, ds in [("Shapes VAE", vae, Shapes(64, "train", 128, seed=0, multiple_of=4)),
-                            ("Photos VAE", vae_photos, photos_train)]:
+    for name, model, ds in [
+        ("Shapes VAE", vae, Shapes(64, "train", 128, seed=0, multiple_of=4)),
+        ("Photos VAE", vae_photos, photos_train),
+    ]:
         batches = range(0, budget(fast=32, cpu=128), 32)
-        zs[name] = torch.cat([model.encode(torch.stack([ds[i]["image"] for i in range(b, b + 32)])).sample(g)
-                              for b in batches])  # (N, 4, 16, 16)
+        zs[name] = torch.cat(
+            [model.encode(torch.stack([ds[i]["image"] for i in range(b, b + 32)])).sample(g) for b in batches]
+        )  # (N, 4, 16, 16)
 for name, model in [("Shapes VAE", vae), ("Photos VAE", vae_photos)]:
     z0 = zs[name]
     std = float(z0.std())
-    print(f"{name}: std of {len(z0)} latent samples {std:.4f} -> 1 / std = {1 / std:.4f}; "
-          f"stored scaling_factor {model.config.scaling_factor}; after scaling std "
-          f"{float((z0 * model.config.scaling_factor).std()):.3f}")
+    print(
+        f"{name}: std of {len(z0)} latent samples {std:.4f} -> 1 / std = {1 / std:.4f}; "
+        f"stored scaling_factor {model.config.scaling_factor}; after scaling std "
+        f"{float((z0 * model.config.scaling_factor).std()):.3f}"
+    )
 print(f"SD 1.x: scaling_factor 0.18215 -> unscaled std {1 / 0.18215:.2f}, variance {1 / 0.18215**2:.1f}")
 
 # %% [markdown]
 # Predict, then measure. Take SD's schedule and the Photos VAE, whose latents have a variance of about 6
 # unscaled. At the last step, $t = 999$, the formula predicts the SNR, the std of $z_T$
-# ($\sqrt{\bar\alpha_T \mathrm{Var}(z_0) + 1 - \bar\alpha_T}$, which sampling assumes is 1) and the correlation
-# between $z_T$ and $z_0$ ($\sqrt{\mathrm{SNR} / (1 + \mathrm{SNR})}$, which should be about 0). Then noise the
-# real latents and measure both:
+# ($\sqrt{\bar\alpha_T \mathrm{Var}(z_0) + 1 - \bar\alpha_T}$, which sampling assumes is 1) and the
+# correlation between $z_T$ and $z_0$ ($\sqrt{\mathrm{SNR} / (1 + \mathrm{SNR})}$, which should be about 0).
+# Then noise the real latents and measure both:
 
 # %%
 schedule = NoiseSchedule.sd15()
 t_all = torch.arange(schedule.num_train_timesteps)
 alpha_bar = schedule.alpha_bar  # (1000,)
 z0_unscaled = zs["Photos VAE"]
-variances = {"scaled (Var 1)": 1.0, "Photos VAE unscaled": float(z0_unscaled.var()),
-             "SD VAE unscaled": 1 / 0.18215**2}
+variances = {
+    "scaled (Var 1)": 1.0,
+    "Photos VAE unscaled": float(z0_unscaled.var()),
+    "SD VAE unscaled": 1 / 0.18215**2,
+}
 snr_curves = {name: alpha_bar * var / (1 - alpha_bar) for name, var in variances.items()}
 assert torch.allclose(snr_curves["scaled (Var 1)"], schedule.snr(t_all))  # the schedule's own SNR
 
@@ -670,9 +723,11 @@ for name, z0 in [("scaled", z0_unscaled * vae_photos.config.scaling_factor), ("u
     snr_T = alpha_bar_T * var / (1 - alpha_bar_T)
     z_T = schedule.add_noise(z0, eps, T)  # (N, 4, 16, 16)
     corr = float(torch.corrcoef(torch.stack([z_T.flatten(), z0.flatten()]))[0, 1])
-    print(f"{name:9s} Var(z0) {var:5.2f}  SNR(T) {snr_T:.4f}  std(z_T): predicted "
-          f"{math.sqrt(alpha_bar_T * var + 1 - alpha_bar_T):.3f} measured {float(z_T.std()):.3f}  "
-          f"corr(z_T, z0): predicted {math.sqrt(snr_T / (1 + snr_T)):.3f} measured {corr:.3f}")
+    print(
+        f"{name:9s} Var(z0) {var:5.2f}  SNR(T) {snr_T:.4f}  std(z_T): predicted "
+        f"{math.sqrt(alpha_bar_T * var + 1 - alpha_bar_T):.3f} measured {float(z_T.std()):.3f}  "
+        f"corr(z_T, z0): predicted {math.sqrt(snr_T / (1 + snr_T)):.3f} measured {corr:.3f}"
+    )
 snr_T_sd = float(snr_curves["SD VAE unscaled"][T])
 corr_sd = math.sqrt(snr_T_sd / (1 + snr_T_sd))
 print(f"SD VAE unscaled: SNR(T) {snr_T_sd:.4f}, predicted corr(z_T, z0) {corr_sd:.3f}")
@@ -693,10 +748,10 @@ fig.tight_layout()
 show(fig)
 
 # %% [markdown]
-# *Figure: $\log_{10}$ of the SNR the schedule produces at each step, for scaled latents and for the Photos VAE's
-# and SD's latents left unscaled.* Unscaled, the whole curve shifts up by $\log_{10} \mathrm{Var}(z_0)$: each
-# step carries more signal than the schedule intends, the point where signal and noise are equal moves to a
-# later step, and at $t = 999$ the "pure noise" still correlates with the image (the measured correlations
+# *Figure: $\log_{10}$ of the SNR the schedule produces at each step, for scaled latents and for the Photos
+# VAE's and SD's latents left unscaled.* Unscaled, the whole curve shifts up by $\log_{10} \mathrm{Var}(z_0)$:
+# each step carries more signal than the schedule intends, the point where signal and noise are equal moves to
+# a later step, and at $t = 999$ the "pure noise" still correlates with the image (the measured correlations
 # above match the predicted ones). Sampling starts from $\mathcal N(0, I)$, which is not what the network saw
 # at $t = 999$ in training, and the high-noise steps, where the layout of an image is decided, are spent on
 # latents that are already mostly decided. One global number fixes it; the channels keep their relative scales
@@ -714,8 +769,10 @@ card = json.loads((CKPT / "vae_shapes" / "metrics.json").read_text())
 print("command:", card["command"])
 print(f"steps {card['steps']} x batch {card['batch_size']}, {card['train_minutes']:.1f} min of training")
 m = card["metrics"]
-print(f"held-out ({m['n_images']} images): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}; "
-      f"bicubic with {m['bicubic_numbers']} numbers: {m['bicubic_psnr']:.2f} dB")
+print(
+    f"held-out ({m['n_images']} images): PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}; "
+    f"bicubic with {m['bicubic_numbers']} numbers: {m['bicubic_psnr']:.2f} dB"
+)
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 
 # %% [markdown]
@@ -729,8 +786,8 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 # ## Summary
 #
 # * Latent diffusion moves the expensive part to a space 48x smaller than SD's pixels (12x for the course's
-#   Shapes), and attention gets far cheaper still; a learned autoencoder beats plain downsampling with the same
-#   number of numbers.
+#   Shapes), and attention gets far cheaper still; a learned autoencoder beats plain downsampling with the
+#   same number of numbers.
 # * The VAE maximises the ELBO, $\log p(x) - \mathrm{KL}(q(z|x) \| p(z|x))$: a reconstruction term and a KL to
 #   the prior. With a Laplace decoder it is a summed L1 plus $b$ times the KL; SD's $b = 10^{-6}$ makes a
 #   near-deterministic autoencoder whose KL only keeps the latent scale in check.
@@ -741,7 +798,8 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 #
 # ## Exercises (`01_latent_space_learning/exercises.py`, graded by `python -m common.grade 01`)
 #
-# 1. `reparameterised_sample`: $z = \mu + \sigma\epsilon$ from the encoder's raw moments; graded with autograd.
+# 1. `reparameterised_sample`: $z = \mu + \sigma\epsilon$ from the encoder's raw
+#    moments; graded with autograd.
 # 2. `gaussian_kl`: the KL between two diagonal Gaussians, derived like section 4; graded against
 #    `torch.distributions.kl_divergence`.
 # 3. `scaling_factor`: 1 / std of a batch of latents.

@@ -62,6 +62,7 @@ T0 = time.perf_counter()
 # the skip path. No time embedding (the UNet's blocks in chapter 03 add one). The attribute names are
 # diffusers' (`norm1`, `conv1`, `norm2`, `conv2`, `conv_shortcut`), so SD's weights load unchanged.
 
+
 # %%
 class ResnetBlock(nn.Module):
     """out = skip(x) + F(x), F(x) = conv2(SiLU(GN(conv1(SiLU(GN(x)))))); diffusers' ResnetBlock2D names."""
@@ -170,6 +171,7 @@ print(f"std of one block's F(x) for unit-variance x: {min(output_std):.2f} to {m
 #
 # GroupNorm in four lines, checked against `nn.GroupNorm`:
 
+
 # %%
 def group_norm(x, groups, gamma, beta, eps=1e-6):
     B, C, H, W = x.shape
@@ -211,6 +213,7 @@ assert gn_gap < 1e-5 < bn_gap
 # on the right** (n = H + 1): `floor((H - 2) / 2) + 1 = H/2` for even H. Output row i then reads input rows
 # 2i, 2i+1, 2i+2. A symmetric pad of 1 (n = H + 2) also gives H/2 rows, but output row i reads rows 2i-1, 2i,
 # 2i+1: the sampling grid moves by one input pixel, and SD's weights were trained on the first grid.
+
 
 # %%
 class Downsample(nn.Module):
@@ -256,8 +259,10 @@ with torch.no_grad():
     nearest_conv = conv3(F.interpolate(flat, scale_factor=2.0, mode="nearest"))[0, 0]  # (16, 16)
 fig = Figure(figsize=(6.4, 3.2))
 axes = fig.subplots(1, 2)
-for ax, image, title in ((axes[0], checkerboard, "stride-2 transposed conv"),
-                         (axes[1], nearest_conv, "nearest x2, then 3x3 conv")):
+for ax, image, title in (
+    (axes[0], checkerboard, "stride-2 transposed conv"),
+    (axes[1], nearest_conv, "nearest x2, then 3x3 conv"),
+):
     im = ax.imshow(image.numpy(), cmap="viridis", vmin=0, vmax=9)
     ax.set_title(f"{title}\ninterior values {sorted(set(image[2:-2, 2:-2].flatten().tolist()))}", fontsize=9)
     ax.set_xticks([]), ax.set_yticks([])
@@ -309,6 +314,7 @@ assert gap < 1e-5
 # heads (different words, different relations); the VAE needs one global mixing step, and the CompVis design
 # it comes from used one head of d = C. SD's weights were trained that way, so diffusers builds the VAE's
 # attention with `heads = 1` too (checked below on SD's configuration).
+
 
 # %%
 class SelfAttention(nn.Module):
@@ -374,12 +380,15 @@ sd = AutoencoderConfig.sd15()
 with torch.device("meta"):  # shapes only, no memory: SD's configuration costs nothing to build here
     sd_diffusers = diffusers.AutoencoderKL(**sd.to_diffusers())
 sd_attention = sd_diffusers.encoder.mid_block.attentions[0]
-print(f"diffusers' SD VAE mid-block attention: heads = {sd_attention.heads}, "
-      f"query width = {sd_attention.to_q.out_features} = C")
+print(
+    f"diffusers' SD VAE mid-block attention: heads = {sd_attention.heads}, "
+    f"query width = {sd_attention.to_q.out_features} = C"
+)
 for side in (512, 64):
     N = side * side
-    print(f"attention over a {side} x {side} map: N = {N:,} tokens, "
-          f"A takes {N * N * 4 / 2**20:,.0f} MiB (fp32)")
+    print(
+        f"attention over a {side} x {side} map: N = {N:,} tokens, A takes {N * N * 4 / 2**20:,.0f} MiB (fp32)"
+    )
 
 # %% [markdown]
 # ## 5. The encoder and decoder, assembled
@@ -394,6 +403,7 @@ for side in (512, 64):
 # The decoder mirrors it, widest level first, with one extra ResNet block per level and Upsample instead of
 # Downsample. The modules keep diffusers' names (`down_blocks.0.resnets.0.conv1.weight` ...), so the course's
 # checkpoints, and SD's, load into these classes unchanged.
+
 
 # %%
 class Encoder(nn.Module):
@@ -479,8 +489,10 @@ for stage, shape in trace:
     print(f"{stage:24s} {tuple(shape)}")
 levels = len(course_config.block_out_channels)
 f_measured = 64 // trace[-1][1][-1]
-print(f"f = 2^(levels - 1) = 2^{levels - 1} = {2 ** (levels - 1)}; measured: 64 px / "
-      f"{trace[-1][1][-1]} latents = {f_measured}")
+print(
+    f"f = 2^(levels - 1) = 2^{levels - 1} = {2 ** (levels - 1)}; measured: 64 px / "
+    f"{trace[-1][1][-1]} latents = {f_measured}"
+)
 assert f_measured == 2 ** (levels - 1) == course_config.downsample_factor
 
 # %% [markdown]
@@ -500,7 +512,10 @@ for i, level in enumerate(vae.decoder.up_blocks):
 watched["norm, SiLU, conv_out"] = vae.decoder.conv_out
 hooks = []
 for name, module in watched.items():
-    record = (lambda module, args, out, name=name: decoder_trace.append((name, out.shape)))
+
+    def record(module, args, out, name=name):  # a forward hook: note the output's shape under this name
+        decoder_trace.append((name, out.shape))
+
     hooks.append(module.register_forward_hook(record))
 with torch.no_grad():
     decode(vae, torch.randn(1, 4, 16, 16))
@@ -513,15 +528,17 @@ def draw_column(ax, stages, x, title, top_down):
     ys = [len(stages) - k for k in range(len(stages))] if top_down else list(range(1, len(stages) + 1))
     for (name, shape), y in zip(stages, ys):
         C, H, W = tuple(shape)[1:]
-        box = FancyBboxPatch((x - 1.3, y - 0.32), 2.6, 0.64, boxstyle="round,pad=0.02",
-                             fc="#e8eef7", ec="#4a6fa5")
+        box = FancyBboxPatch(
+            (x - 1.3, y - 0.32), 2.6, 0.64, boxstyle="round,pad=0.02", fc="#e8eef7", ec="#4a6fa5"
+        )
         ax.add_patch(box)
         ax.text(x, y + 0.1, name, ha="center", va="center", fontsize=8)
         ax.text(x, y - 0.17, f"{C} x {H} x {W}", ha="center", va="center", fontsize=8, color="#333333")
     gap = 0.34 if top_down else -0.34  # arrows run between the boxes' edges
     for y0, y1 in zip(ys[:-1], ys[1:]):
-        ax.annotate("", xy=(x, y1 + gap), xytext=(x, y0 - gap),
-                    arrowprops=dict(arrowstyle="->", color="#4a6fa5"))
+        ax.annotate(
+            "", xy=(x, y1 + gap), xytext=(x, y0 - gap), arrowprops=dict(arrowstyle="->", color="#4a6fa5")
+        )
     ax.text(x, len(stages) + 0.75, title, ha="center", fontsize=10, weight="bold")
 
 
@@ -572,8 +589,10 @@ for what, gap in checks.items():
     print(f"{what:30s} max |diff| = {gap:.1e}")
 assert max(checks.values()) < 1e-4
 psnrs = psnr(x_hat.clamp(-1, 1), x, per_image=True)
-print(f"held-out crops of the test photo, through your encoder and decoder: PSNR {np.mean(psnrs):.2f} dB "
-      f"(per crop {min(psnrs):.1f} to {max(psnrs):.1f})")
+print(
+    f"held-out crops of the test photo, through your encoder and decoder: PSNR {np.mean(psnrs):.2f} dB "
+    f"(per crop {min(psnrs):.1f} to {max(psnrs):.1f})"
+)
 show(side_by_side({"held-out crop": x, "reconstruction": x_hat.clamp(-1, 1)}, size=1.3))
 
 # %% [markdown]
@@ -595,8 +614,10 @@ attention_layers = {
     "encoder": vae.encoder.mid_block.attentions[0],
     "decoder": vae.decoder.mid_block.attentions[0],
 }
-hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: captured.update({name: args[0]}))
-         for name, layer in attention_layers.items()]
+hooks = [
+    layer.register_forward_pre_hook(lambda module, args, name=name: captured.update({name: args[0]}))
+    for name, layer in attention_layers.items()
+]
 with torch.no_grad():
     decode(vae, vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)[0])
 for hook in hooks:
@@ -620,8 +641,10 @@ show(fig)
 rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
 positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()  # (256, 2)
 far = torch.cdist(positions, positions) > 4  # (256, 256): pairs more than 4 positions apart
-print(f"share of the attention weight on positions more than 4 away: {(A * far).sum(-1).mean():.0%} "
-      f"(uniform weights would put {far.float().mean():.0%} there)")
+print(
+    f"share of the attention weight on positions more than 4 away: {(A * far).sum(-1).mean():.0%} "
+    f"(uniform weights would put {far.float().mean():.0%} there)"
+)
 for name, layer in attention_layers.items():
     with torch.no_grad():
         added = layer(captured[name]) - captured[name]  # (A V) W_o, reshaped to (B, C, h, w)
@@ -682,16 +705,21 @@ moments[0, :, moments.shape[-2] // 2, moments.shape[-1] // 2].sum().backward()
 touched = image.grad[0].abs().sum(dim=0) > 0  # (128, 128): the pixels the centre latent depends on
 rows = touched.any(dim=1).nonzero()
 field_measured = int(rows.max() - rows.min() + 1)
-print(f"course VAE (f = 4): computed {receptive_field(course_config)} px, measured by backpropagation "
-      f"{field_measured} px")
+print(
+    f"course VAE (f = 4): computed {receptive_field(course_config)} px, measured by backpropagation "
+    f"{field_measured} px"
+)
 print(f"SD 1.x VAE (f = 8): computed {receptive_field(sd)} px of a 512 px image")
 assert receptive_field(course_config) == field_measured
 
 fig = Figure(figsize=(3.2, 3.2))
 ax = fig.subplots()
 ax.imshow(touched.numpy(), cmap="gray")
-ax.set_title(f"input pixels the centre latent sees\n(course VAE, {side} px input): "
-             f"{field_measured} x {field_measured}", fontsize=9)
+ax.set_title(
+    f"input pixels the centre latent sees\n(course VAE, {side} px input): "
+    f"{field_measured} x {field_measured}",
+    fontsize=9,
+)
 ax.set_xticks([]), ax.set_yticks([])
 show(fig)
 
@@ -727,21 +755,28 @@ mu, log_sigma2 = moments.chunk(2, dim=1)  # (B, 4, 16, 16) each
 log_sigma2 = log_sigma2.clamp(-30.0, 20.0)
 sigma = torch.exp(0.5 * log_sigma2)
 kl = 0.5 * (mu**2 + sigma**2 - 1 - log_sigma2).sum(dim=(1, 2, 3))  # (B,)
-kl_torch = torch.distributions.kl_divergence(torch.distributions.Normal(mu, sigma),
-                                             torch.distributions.Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
-print(f"KL per crop: {kl[0]:,.0f} ... ; vs torch.distributions: max rel. diff "
-      f"{((kl - kl_torch).abs() / kl_torch).max():.1e}; vs common's DiagonalGaussian.kl(): "
-      f"{((kl - course_posterior.kl()).abs() / kl).max():.1e}")
+kl_torch = torch.distributions.kl_divergence(
+    torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)
+).sum(dim=(1, 2, 3))
+print(
+    f"KL per crop: {kl[0]:,.0f} ... ; vs torch.distributions: max rel. diff "
+    f"{((kl - kl_torch).abs() / kl_torch).max():.1e}; vs common's DiagonalGaussian.kl(): "
+    f"{((kl - course_posterior.kl()).abs() / kl).max():.1e}"
+)
 assert torch.allclose(kl, kl_torch, rtol=1e-4) and torch.allclose(kl, course_posterior.kl(), rtol=1e-4)
 
 generator = torch.Generator().manual_seed(0)
 z = mu + sigma * torch.randn(mu.shape, generator=generator)  # the reparameterisation
 with torch.no_grad():
     x_sampled = decode(vae, z)
-print(f"posterior std sigma: median {sigma.median():.4f}, max {sigma.max():.4f}; "
-      f"spread of the means mu across positions: std {mu.std():.2f}")
-print(f"decoding a sample z instead of the mean: PSNR {psnr(x_sampled.clamp(-1, 1), x):.2f} dB "
-      f"(mean: {np.mean(psnrs):.2f} dB)")
+print(
+    f"posterior std sigma: median {sigma.median():.4f}, max {sigma.max():.4f}; "
+    f"spread of the means mu across positions: std {mu.std():.2f}"
+)
+print(
+    f"decoding a sample z instead of the mean: PSNR {psnr(x_sampled.clamp(-1, 1), x):.2f} dB "
+    f"(mean: {np.mean(psnrs):.2f} dB)"
+)
 
 # %% [markdown]
 # The Photos VAE was trained with a tiny KL weight (chapter 01), so its posterior is almost a point: sigma is
@@ -794,12 +829,16 @@ n_encoder = sum(p.numel() for p in sd_vae.encoder.parameters())
 n_decoder = sum(p.numel() for p in sd_vae.decoder.parameters())
 n_quant = sum(p.numel() for p in sd_vae.quant_conv.parameters())
 n_post_quant = sum(p.numel() for p in sd_vae.post_quant_conv.parameters())
-print(f"SD 1.5 VAE from the notebook's classes: encoder {n_encoder:,}, decoder {n_decoder:,}, "
-      f"quant_conv {n_quant}, post_quant_conv {n_post_quant}")
+print(
+    f"SD 1.5 VAE from the notebook's classes: encoder {n_encoder:,}, decoder {n_decoder:,}, "
+    f"quant_conv {n_quant}, post_quant_conv {n_post_quant}"
+)
 total = n_encoder + n_decoder + n_quant + n_post_quant
 print(f"in all {total:,} parameters = {total * 4 / 1e6:.0f} MB in fp32")
-print(f"512 px image -> moments {tuple(sd_moments.shape)}: f = {512 // sd_moments.shape[-1]} "
-      f"= 2^({len(sd.block_out_channels)} - 1)")
+print(
+    f"512 px image -> moments {tuple(sd_moments.shape)}: f = {512 // sd_moments.shape[-1]} "
+    f"= 2^({len(sd.block_out_channels)} - 1)"
+)
 assert (n_encoder, n_decoder) == (34_163_592, 49_490_179)
 assert 512 // sd_moments.shape[-1] == 2 ** (len(sd.block_out_channels) - 1)
 
@@ -807,9 +846,11 @@ n_encoder_diffusers = sum(p.numel() for p in sd_diffusers.encoder.parameters())
 n_decoder_diffusers = sum(p.numel() for p in sd_diffusers.decoder.parameters())
 shapes_ours = {k: tuple(v.shape) for k, v in sd_vae.state_dict().items()}
 shapes_diffusers = {k: tuple(v.shape) for k, v in sd_diffusers.state_dict().items()}
-print(f"diffusers' AutoencoderKL at the same config: encoder {n_encoder_diffusers:,}, "
-      f"decoder {n_decoder_diffusers:,}; same {len(shapes_ours)} names and shapes: "
-      f"{shapes_ours == shapes_diffusers}")
+print(
+    f"diffusers' AutoencoderKL at the same config: encoder {n_encoder_diffusers:,}, "
+    f"decoder {n_decoder_diffusers:,}; same {len(shapes_ours)} names and shapes: "
+    f"{shapes_ours == shapes_diffusers}"
+)
 assert (n_encoder_diffusers, n_decoder_diffusers) == (n_encoder, n_decoder)
 assert shapes_ours == shapes_diffusers
 
@@ -850,8 +891,10 @@ else:
     with torch.no_grad():
         z_photo = real_vae.quant_conv(real_vae.encoder(x_photo)).chunk(2, dim=1)[0]  # the posterior mean
         x_photo_hat = decode(real_vae, z_photo).clamp(-1, 1)
-    print(f"SD VAE from {vae_dir}: {tuple(x_photo.shape)} -> latents {tuple(z_photo.shape)} -> "
-          f"PSNR {psnr(x_photo_hat, x_photo):.2f} dB")
+    print(
+        f"SD VAE from {vae_dir}: {tuple(x_photo.shape)} -> latents {tuple(z_photo.shape)} -> "
+        f"PSNR {psnr(x_photo_hat, x_photo):.2f} dB"
+    )
     show(side_by_side({"photo": x_photo, "SD VAE": x_photo_hat}, size=2.5))
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 

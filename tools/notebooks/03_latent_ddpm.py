@@ -45,7 +45,7 @@ from common.runtime import budget, seed_everything, setup_notebook
 from common.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2MSampler, make_sampler, sample_loop
 from common.schedules import NoiseSchedule
 from common.unet import UNet, UNetConfig
-from common.viz import image_grid, plot_trajectory, show, show_latent_channels
+from common.viz import plot_trajectory, show, show_latent_channels
 
 ROOT = setup_notebook()  # seed 0, small inline figures; prints the device
 CKPT = ROOT / "checkpoints"
@@ -54,23 +54,27 @@ T0 = time.perf_counter()
 # %% [markdown]
 # ## 1. Latents of the frozen VAE
 #
-# The Digits VAE (`checkpoints/vae_digits`, trained by chapter 01's `train_vae.py --data digits --resolution 32
-# --factor 4`) maps a 32 x 32 digit to a 4 x 8 x 8 latent: 4x fewer numbers than the RGB image it was trained
-# on. Its `scaling_factor` (1 / std of the latents, measured when it was trained) makes them roughly unit
-# variance, which is what the noise schedule assumes. Offline, the digits are rendered from fonts (the cell
-# prints which source it used).
+# The Digits VAE (`checkpoints/vae_digits`, trained by chapter 01's `train_vae.py --data digits --resolution
+# 32 --factor 4`) maps a 32 x 32 digit to a 4 x 8 x 8 latent: 4x fewer numbers than the RGB image it was
+# trained on. Its `scaling_factor` (1 / std of the latents, measured when it was trained) makes them roughly
+# unit variance, which is what the noise schedule assumes. Offline, the digits are rendered from fonts (the
+# cell prints which source it used).
 
 # %%
 vae = AutoencoderKL.load(CKPT / "vae_digits").eval().requires_grad_(False)
 scale = vae.config.scaling_factor
 digits = Digits(32, "train", length=budget(fast=64, cpu=1024), seed=0)
-x = torch.stack([digits[i][0] for i in range(len(digits))]).repeat(1, 3, 1, 1)  # grey -> RGB, as the VAE saw them
+x = torch.stack([digits[i][0] for i in range(len(digits))]).repeat(
+    1, 3, 1, 1
+)  # grey -> RGB, as the VAE saw them
 labels = torch.tensor([digits[i][1] for i in range(len(digits))])
 with torch.no_grad():
     posterior = vae.encode(x)
     z0 = posterior.mean * scale  # (N, 4, 8, 8): the scaled latents diffusion works on
-print(f"images {tuple(x.shape)} -> latents {tuple(z0.shape)}; scaling factor {scale:.4f}; "
-      f"scaled latent std {float(z0.std()):.3f}, mean {float(z0.mean()):.3f}")
+print(
+    f"images {tuple(x.shape)} -> latents {tuple(z0.shape)}; scaling factor {scale:.4f}; "
+    f"scaled latent std {float(z0.std()):.3f}, mean {float(z0.mean()):.3f}"
+)
 show(show_latent_channels(z0[:3], size=1.0, title="scaled latents of three digits, one heatmap per channel"))
 
 # %% [markdown]
@@ -133,18 +137,26 @@ print(f"after 500 one-step draws: mean {float(chains.mean()):.4f}, std {float(ch
 print(f"closed form:              mean {float(mean_closed):.4f}, std {float(std_closed):.4f}")
 
 # %% [markdown]
-# Now noise one latent to several timesteps and **decode** each z_t, beside noising the pixels directly with the
-# same schedule. The decoder turns latent noise into structured blobs, not pixel snow: it only knows how to draw
-# digit-like strokes.
+# Now noise one latent to several timesteps and **decode** each z_t, beside noising the pixels directly with
+# the same schedule. The decoder turns latent noise into structured blobs, not pixel snow: it only knows how
+# to draw digit-like strokes.
 
 # %%
 ts = [0, 100, 250, 400, 600, 999]
 z_row = torch.cat([schedule.add_noise(z0[:1], eps[:1], t) for t in ts])
 with torch.no_grad():
     decoded = vae.decode(z_row / scale).clamp(-1, 1).mean(1, keepdim=True)
-pixel_row = torch.cat([schedule.add_noise(x[:1, :1], torch.randn_like(x[:1, :1]), t) for t in ts]).clamp(-1, 1)
-show(plot_trajectory([torch.stack([p, d]) for p, d in zip(pixel_row, decoded)], ts, size=1.1,
-                     title="top: pixels noised; bottom: latents noised, then decoded"))
+pixel_row = torch.cat([schedule.add_noise(x[:1, :1], torch.randn_like(x[:1, :1]), t) for t in ts]).clamp(
+    -1, 1
+)
+show(
+    plot_trajectory(
+        [torch.stack([p, d]) for p, d in zip(pixel_row, decoded)],
+        ts,
+        size=1.1,
+        title="top: pixels noised; bottom: latents noised, then decoded",
+    )
+)
 
 # %% [markdown]
 # *Figure: the same schedule applied in pixel space (top) and latent space (bottom), columns at t = 0 .. 999.*
@@ -155,8 +167,11 @@ show(plot_trajectory([torch.stack([p, d]) for p, d in zip(pixel_row, decoded)], 
 # %%
 fig = Figure(figsize=(5, 2.6))
 ax = fig.subplots()
-for name, s in [("linear (DDPM)", NoiseSchedule.ddpm()), ("scaled_linear (SD)", NoiseSchedule.sd15()),
-                ("cosine", NoiseSchedule.cosine())]:
+for name, s in [
+    ("linear (DDPM)", NoiseSchedule.ddpm()),
+    ("scaled_linear (SD)", NoiseSchedule.sd15()),
+    ("cosine", NoiseSchedule.cosine()),
+]:
     ax.semilogy(s.snr(torch.arange(T)).numpy(), label=name)
 ax.axhline(1.0, color="grey", lw=0.5)
 ax.set_xlabel("t")
@@ -211,8 +226,10 @@ beta_tilde = (1 - alpha_bar_prev) / (1 - alpha_bar) * betas  # (T,): the posteri
 t_toy, z0_toy, zt_toy = 500, 1.2, 0.3
 x_grid = torch.linspace(-3, 3, 600_001, dtype=torch.float64)  # values of z_{t-1}
 a_t, a_bar_prev = 1 - betas[t_toy].double(), alpha_bar_prev[t_toy].double()
-log_density = (-(zt_toy - a_t.sqrt() * x_grid) ** 2 / (2 * (1 - a_t))  # log q(z_t | z_{t-1})
-               - (x_grid - a_bar_prev.sqrt() * z0_toy) ** 2 / (2 * (1 - a_bar_prev)))  # log q(z_{t-1} | z_0)
+log_density = (
+    -((zt_toy - a_t.sqrt() * x_grid) ** 2) / (2 * (1 - a_t))  # log q(z_t | z_{t-1})
+    - (x_grid - a_bar_prev.sqrt() * z0_toy) ** 2 / (2 * (1 - a_bar_prev))  # log q(z_{t-1} | z_0)
+)
 weights = torch.exp(log_density - log_density.max())
 weights = weights / weights.sum()
 grid_mean = float((weights * x_grid).sum())
@@ -271,8 +288,10 @@ for t in (999, 500, 20):
     ours = coef_z0[t] * z0_hat + coef_zt[t] * z_t + beta_tilde[t].sqrt() * xi
     course = ddpm.step(eps_hat, t, z_t, generator=torch.Generator().manual_seed(t))
     theirs = reference.step(eps_hat, t, z_t, generator=torch.Generator().manual_seed(t)).prev_sample
-    print(f"t = {t:3d}: max |ours - common.samplers| = {float((ours - course).abs().max()):.1e}, "
-          f"max |ours - diffusers| = {float((ours - theirs).abs().max()):.1e}")
+    print(
+        f"t = {t:3d}: max |ours - common.samplers| = {float((ours - course).abs().max()):.1e}, "
+        f"max |ours - diffusers| = {float((ours - theirs).abs().max()):.1e}"
+    )
 
 # %% [markdown]
 # You write this step yourself in exercise 4 (`ddpm_step`), graded against `DDPMScheduler.step`.
@@ -348,8 +367,10 @@ def sinusoidal_embedding(t, dim, max_period=10_000.0):
 t_all = torch.arange(T)
 ours = sinusoidal_embedding(t_all, 320)
 theirs = get_timestep_embedding(t_all, 320, flip_sin_to_cos=True, downscale_freq_shift=0)
-print(f"max |ours - diffusers' get_timestep_embedding| over t = 0..{T - 1}, d = 320: "
-      f"{float((ours - theirs).abs().max()):.1e}")
+print(
+    f"max |ours - diffusers' get_timestep_embedding| over t = 0..{T - 1}, d = 320: "
+    f"{float((ours - theirs).abs().max()):.1e}"
+)
 
 fig = Figure(figsize=(7, 2.4))
 ax = fig.subplots()
@@ -376,6 +397,7 @@ show(fig)
 # Two 3x3 convolutions, each after GroupNorm and SiLU, with a residual connection (a 1x1 conv on it when the
 # width changes). Between the convolutions the time embedding, projected to one number per channel, is **added
 # to every position**: a per-channel shift that tells each feature map the noise level.
+
 
 # %%
 class TimeMLP(nn.Module):
@@ -451,8 +473,14 @@ from common.attention import SpatialTransformer  # chapter 04 builds it: self-at
 
 
 def attention_layer(channels, heads, context_dim, groups):
-    return SpatialTransformer(channels=channels, heads=heads, dim_head=channels // heads,
-                              context_dim=context_dim, depth=1, norm_num_groups=groups)
+    return SpatialTransformer(
+        channels=channels,
+        heads=heads,
+        dim_head=channels // heads,
+        context_dim=context_dim,
+        depth=1,
+        norm_num_groups=groups,
+    )
 
 
 class DownLevel(nn.Module):
@@ -540,12 +568,23 @@ class UpLevel(nn.Module):
 # then GroupNorm, SiLU and `conv_out` back to the latent's 4 channels. The module names are diffusers'
 # (`down_blocks.0.resnets.1.conv1`, ...), so a `UNet2DConditionModel` state dict loads into it unchanged.
 
+
 # %%
 class ScratchUNet(nn.Module):
     """eps_theta(z_t, t, context, class_labels): z_t (B, 4, H, W) -> (B, 4, H, W)."""
 
-    def __init__(self, *, widths, layers_per_block, attention, heads=None, context_dim=None, groups=32,
-                 num_classes=None, latent_channels=4):
+    def __init__(
+        self,
+        *,
+        widths,
+        layers_per_block,
+        attention,
+        heads=None,
+        context_dim=None,
+        groups=32,
+        num_classes=None,
+        latent_channels=4,
+    ):
         super().__init__()
         time_dim = 4 * widths[0]
         self.widths = widths
@@ -559,25 +598,40 @@ class ScratchUNet(nn.Module):
         skip_widths = [widths[0]]  # the widths of the skips, in the order the down path pushes them
         for i, width in enumerate(widths):
             is_last = i == len(widths) - 1
-            level = DownLevel(c_in=widths[max(i - 1, 0)], c_out=width, n_layers=layers_per_block,
-                              time_dim=time_dim, groups=groups, downsample=not is_last,
-                              heads=heads if attention[i] else None, context_dim=context_dim)
+            level = DownLevel(
+                c_in=widths[max(i - 1, 0)],
+                c_out=width,
+                n_layers=layers_per_block,
+                time_dim=time_dim,
+                groups=groups,
+                downsample=not is_last,
+                heads=heads if attention[i] else None,
+                context_dim=context_dim,
+            )
             self.down_blocks.append(level)
             skip_widths += [width] * layers_per_block
             if not is_last:
                 skip_widths.append(width)
 
         mid_heads = heads if context_dim is not None else None
-        self.mid_block = MidLevel(channels=widths[-1], time_dim=time_dim, groups=groups, heads=mid_heads,
-                                  context_dim=context_dim)
+        self.mid_block = MidLevel(
+            channels=widths[-1], time_dim=time_dim, groups=groups, heads=mid_heads, context_dim=context_dim
+        )
 
         self.up_blocks = nn.ModuleList()
         width_in = widths[-1]
         for i in reversed(range(len(widths))):
             level_skips = [skip_widths.pop() for _ in range(layers_per_block + 1)]
-            level = UpLevel(skip_widths=level_skips, c_in=width_in, c_out=widths[i], time_dim=time_dim,
-                            groups=groups, upsample=i > 0, heads=heads if attention[i] else None,
-                            context_dim=context_dim)
+            level = UpLevel(
+                skip_widths=level_skips,
+                c_in=width_in,
+                c_out=widths[i],
+                time_dim=time_dim,
+                groups=groups,
+                upsample=i > 0,
+                heads=heads if attention[i] else None,
+                context_dim=context_dim,
+            )
             self.up_blocks.append(level)
             width_in = widths[i]
 
@@ -609,8 +663,9 @@ class ScratchUNet(nn.Module):
 # %%
 LDM = CKPT / "ldm_digits"
 ldm_weights = load_file(str(LDM / "diffusion_pytorch_model.safetensors"))
-scratch = ScratchUNet(widths=(32, 64), layers_per_block=2, attention=(False, False), groups=32,
-                      num_classes=11)
+scratch = ScratchUNet(
+    widths=(32, 64), layers_per_block=2, attention=(False, False), groups=32, num_classes=11
+)
 print(scratch.load_state_dict(ldm_weights))  # strict: every name and shape must match
 library_unet = UNet(unet_config_from_diffusers(json.loads((LDM / "config.json").read_text())))
 library_unet.load_state_dict(ldm_weights)
@@ -621,8 +676,10 @@ y_probe = torch.tensor([0, 3, 7, 10])
 with torch.no_grad():
     out_scratch = scratch(z_probe, t_probe, class_labels=y_probe)
     out_library = library_unet(z_probe, t_probe, class_labels=y_probe)
-print(f"{sum(p.numel() for p in scratch.parameters()):,} parameters; output {tuple(out_scratch.shape)}; "
-      f"max |scratch - common.unet.UNet| = {float((out_scratch - out_library).abs().max()):.1e}")
+print(
+    f"{sum(p.numel() for p in scratch.parameters()):,} parameters; output {tuple(out_scratch.shape)}; "
+    f"max |scratch - common.unet.UNet| = {float((out_scratch - out_library).abs().max()):.1e}"
+)
 
 # %% [markdown]
 # ### Scaled up: Stable Diffusion 1.5's UNet
@@ -631,6 +688,7 @@ print(f"{sum(p.numel() for p in scratch.parameters()):,} parameters; output {tup
 # the first three levels and in the middle, 8 heads, a 768-wide text context (CLIP ViT-L/14's), 64 x 64 x 4
 # latents for 512 px images. The drawing shows where everything sits, with the tensor shapes on the arrows (B
 # the batch).
+
 
 # %%
 def draw_sd15_unet():
@@ -659,40 +717,87 @@ def draw_sd15_unet():
     # what every block reads besides the feature map
     time_text = "t -> sinusoid (B, 320) -> MLP -> temb (B, 1280):\nadded inside every ResBlock"
     context_text = "text context (B, 77, 768): keys and values\nof the cross-attention in every Transformer"
-    ax.text(5.0, 7.1, time_text, ha="center", va="center", fontsize=8.5,
-            bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#999999"))
-    ax.text(5.0, 6.2, context_text, ha="center", va="center", fontsize=8.5,
-            bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#c07a2c"))
+    ax.text(
+        5.0,
+        7.1,
+        time_text,
+        ha="center",
+        va="center",
+        fontsize=8.5,
+        bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#999999"),
+    )
+    ax.text(
+        5.0,
+        6.2,
+        context_text,
+        ha="center",
+        va="center",
+        fontsize=8.5,
+        bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="#c07a2c"),
+    )
     for i, (width, side, attention) in enumerate(levels):
         style = with_attention if attention else plain
         down_blocks = "2 x (ResBlock + Transformer)" if attention else "2 x ResBlock"
         down_then = "\nthen a stride-2 conv" if i < 3 else ""
-        ax.text(x_down, row_y[i], f"down {i}: {down_blocks}{down_then}\n{width} ch at {side} x {side}",
-                ha="center", va="center", fontsize=8.5, bbox=style)
+        ax.text(
+            x_down,
+            row_y[i],
+            f"down {i}: {down_blocks}{down_then}\n{width} ch at {side} x {side}",
+            ha="center",
+            va="center",
+            fontsize=8.5,
+            bbox=style,
+        )
         up_blocks = "3 x (ResBlock + Transformer)" if attention else "3 x ResBlock"
         up_then = "\nthen x2 upsample" if i > 0 else ""
-        ax.text(x_up, row_y[i], f"up {3 - i}: {up_blocks}{up_then}\n{width} ch at {side} x {side}",
-                ha="center", va="center", fontsize=8.5, bbox=style)
+        ax.text(
+            x_up,
+            row_y[i],
+            f"up {3 - i}: {up_blocks}{up_then}\n{width} ch at {side} x {side}",
+            ha="center",
+            va="center",
+            fontsize=8.5,
+            bbox=style,
+        )
         ax.annotate("", xy=(x_up - 1.75, row_y[i]), xytext=(x_down + 1.75, row_y[i]), arrowprops=skip_arrow)
         ax.text(5.0, row_y[i] + 0.12, f"3 skips at {side} x {side}", ha="center", fontsize=8, color="#555555")
         if i < 3:
             half = side // 2
             below, above = row_y[i + 1] + 0.5, row_y[i] - 0.5
             ax.annotate("", xy=(x_down, below), xytext=(x_down, above), arrowprops=arrow)
-            ax.text(x_down + 0.1, (row_y[i] + row_y[i + 1]) / 2, f"(B, {width}, {half}, {half})", fontsize=8,
-                    va="center")
+            ax.text(
+                x_down + 0.1,
+                (row_y[i] + row_y[i + 1]) / 2,
+                f"(B, {width}, {half}, {half})",
+                fontsize=8,
+                va="center",
+            )
             ax.annotate("", xy=(x_up, above), xytext=(x_up, below), arrowprops=arrow)
             next_width = levels[i + 1][0]
-            ax.text(x_up + 0.1, (row_y[i] + row_y[i + 1]) / 2, f"(B, {next_width}, {side}, {side})",
-                    fontsize=8, va="center")
-    ax.text(5.0, 0.1, "mid: ResBlock, Transformer, ResBlock\n1280 ch at 8 x 8", ha="center", va="center",
-            fontsize=8.5, bbox=with_attention)
+            ax.text(
+                x_up + 0.1,
+                (row_y[i] + row_y[i + 1]) / 2,
+                f"(B, {next_width}, {side}, {side})",
+                fontsize=8,
+                va="center",
+            )
+    ax.text(
+        5.0,
+        0.1,
+        "mid: ResBlock, Transformer, ResBlock\n1280 ch at 8 x 8",
+        ha="center",
+        va="center",
+        fontsize=8.5,
+        bbox=with_attention,
+    )
     ax.annotate("", xy=(3.3, 0.1), xytext=(x_down, 1.0), arrowprops=arrow)
     ax.text(0.3, 0.45, "(B, 1280, 8, 8)", fontsize=8)
     ax.annotate("", xy=(x_up, 1.0), xytext=(6.7, 0.1), arrowprops=arrow)
     ax.text(8.5, 0.45, "(B, 1280, 8, 8)", fontsize=8)
-    ax.set_title("Stable Diffusion 1.5's UNet at 512 px "
-                 "(orange: self- and cross-attention after each ResBlock)", fontsize=10)
+    ax.set_title(
+        "Stable Diffusion 1.5's UNet at 512 px (orange: self- and cross-attention after each ResBlock)",
+        fontsize=10,
+    )
     return fig
 
 
@@ -716,8 +821,14 @@ def count(module):
 
 
 with torch.device("meta"):
-    sd15_scratch = ScratchUNet(widths=(320, 640, 1280, 1280), layers_per_block=2,
-                               attention=(True, True, True, False), heads=8, context_dim=768, groups=32)
+    sd15_scratch = ScratchUNet(
+        widths=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention=(True, True, True, False),
+        heads=8,
+        context_dim=768,
+        groups=32,
+    )
     sd15_course = UNet(UNetConfig.sd15())
     sd15_diffusers = UNet2DConditionModel(**unet_config_to_diffusers(UNetConfig.sd15()))
 print(f"scratch UNet:          {count(sd15_scratch):,} parameters")
@@ -739,8 +850,10 @@ rest = count(sd15_scratch) - sum(count(row[-1]) for row in rows)
 print(f"{'in, out, time':<14}{'':>11}{'':>7}{'':>10}{rest:>14,}")
 wide = sum(count(row[-1]) for row in rows if row[2] == 1280)
 finest = sum(count(row[-1]) for row in rows if row[1] == 64)
-print(f"\nat width 1280: {wide / count(sd15_scratch):.0%} of the parameters; at 64 x 64: "
-      f"{finest / count(sd15_scratch):.1%}")
+print(
+    f"\nat width 1280: {wide / count(sd15_scratch):.0%} of the parameters; at 64 x 64: "
+    f"{finest / count(sd15_scratch):.1%}"
+)
 
 # %% [markdown]
 # Most of the 860 M parameters sit in the 1280-wide levels at 16 x 16 and 8 x 8, where positions are few and
@@ -773,20 +886,29 @@ def loss_fn(unet, batch, generator):
 
 steps = budget(fast=3, cpu=100)
 seed_everything(0)
-trainer = Trainer(UNet(config), torch.utils.data.TensorDataset(z0, labels), loss_fn,
-                  TrainConfig(steps=steps, batch_size=64, lr=1e-3, ema_decay=None, log_every=1, progress=False),
-                  out_dir=Path("/tmp") / "ch03_notebook_run", device="cpu", resume=False)
+trainer = Trainer(
+    UNet(config),
+    torch.utils.data.TensorDataset(z0, labels),
+    loss_fn,
+    TrainConfig(steps=steps, batch_size=64, lr=1e-3, ema_decay=None, log_every=1, progress=False),
+    out_dir=Path("/tmp") / "ch03_notebook_run",
+    device="cpu",
+    resume=False,
+)
 t0 = time.perf_counter()
 trainer.fit()
 import csv
 
 log = list(csv.DictReader(open(trainer.log_path)))
-print(f"{steps} steps in {time.perf_counter() - t0:.1f} s; loss {float(log[0]['loss']):.3f} -> {float(log[-1]['loss']):.3f}")
+print(
+    f"{steps} steps in {time.perf_counter() - t0:.1f} s; loss {float(log[0]['loss']):.3f} -> "
+    f"{float(log[-1]['loss']):.3f}"
+)
 
 # %% [markdown]
 # The loss of an eps-predictor starts near 1 (the variance of eps) and falls as the model learns to see the
-# digit through the noise. The real run (`train_ldm.py`, a few thousand steps) is shipped; load its EMA weights,
-# saved in diffusers' `UNet2DConditionModel` layout, with the schedule it was trained under.
+# digit through the noise. The real run (`train_ldm.py`, a few thousand steps) is shipped; load its EMA
+# weights, saved in diffusers' `UNet2DConditionModel` layout, with the schedule it was trained under.
 
 # %%
 LDM = CKPT / "ldm_digits"
@@ -796,18 +918,22 @@ unet.eval()
 schedule = NoiseSchedule.from_diffusers(json.loads((LDM / "scheduler_config.json").read_text()))
 scale = json.loads((LDM / "ldm.json").read_text())["scaling_factor"]
 classifier = DigitClassifier.load(CKPT / "digits_classifier")
-print(f"UNet {sum(p.numel() for p in unet.parameters()):,} parameters, widths {unet.config.block_out_channels}; "
-      f"schedule {schedule.beta_schedule}, {schedule.prediction_type}; scaling factor {scale:.4f}")
+print(
+    f"UNet {sum(p.numel() for p in unet.parameters()):,} parameters, "
+    f"widths {unet.config.block_out_channels}; schedule {schedule.beta_schedule}, "
+    f"{schedule.prediction_type}; scaling factor {scale:.4f}"
+)
 if (LDM / "README.md").exists():  # the model card train_ldm.py wrote: how it was trained
     card = (LDM / "README.md").read_text()
     print(*(line for line in card.splitlines() if line.startswith(("- Training", "- Wall time"))), sep="\n")
 
 # %% [markdown]
 # The model was trained with 10% of its labels replaced by an 11th "null" class, so it also knows the
-# unconditional distribution. **Classifier-free guidance** (Ho & Salimans 2022) extrapolates from the unconditional
-# prediction towards the conditional one, eps_u + w (eps_c - eps_u); w = 1 is the plain class-conditional model.
-# The shipped run is short and still blurs its classes at w = 1; guidance sharpens them: at w = 4 every sampler scores
-# 97.5-100% (the model card), at w = 1 the deterministic ones 86-88% (section 7).
+# unconditional distribution. **Classifier-free guidance** (Ho & Salimans 2022) extrapolates from the
+# unconditional prediction towards the conditional one, eps_u + w (eps_c - eps_u); w = 1 is the plain
+# class-conditional model. The shipped run is short and still blurs its classes at w = 1; guidance sharpens
+# them: at w = 4 every sampler scores 97.5-100% (the model card), at w = 1 the deterministic
+# ones 86-88% (section 7).
 
 # %%
 W = 4.0  # the guidance scale train_ldm.py --guidance 4 graded the shipped model with
@@ -818,7 +944,9 @@ def guided(y, w=W):
     """denoise_fn(z, t) with classifier-free guidance for the labels y (one batch of 2B through the UNet)."""
 
     def denoise(z, t):
-        eps_c, eps_u = unet(torch.cat([z, z]), t, class_labels=torch.cat([y, torch.full_like(y, null)])).chunk(2)
+        eps_c, eps_u = unet(
+            torch.cat([z, z]), t, class_labels=torch.cat([y, torch.full_like(y, null)])
+        ).chunk(2)
         return eps_u + w * (eps_c - eps_u)
 
     return denoise
@@ -835,8 +963,10 @@ def guided(y, w=W):
 
 # %%
 PROGRESS = CKPT / "ldm_digits_progress"
-snapshots = {int(path.stem.split("_")[1]): load_file(str(path))  # {step: EMA weights}
-             for path in sorted(PROGRESS.glob("step_*.safetensors"))}
+snapshots = {
+    int(path.stem.split("_")[1]): load_file(str(path))  # {step: EMA weights}
+    for path in sorted(PROGRESS.glob("step_*.safetensors"))
+}
 snapshots[6000] = {k: v.clone() for k, v in unet.state_dict().items()}  # the shipped model
 per_digit = budget(fast=2, cpu=20)
 y_p = torch.arange(10).repeat_interleave(per_digit)  # (10 * per_digit,) digits asked for
@@ -881,8 +1011,11 @@ ax_loss.set_ylabel("loss (one batch of 64, every 25 steps)")
 ax_loss.set_title("loss of the run that kept the snapshots", fontsize=10)
 ax_grid.imshow(torch.cat(rows_p, dim=0).numpy(), cmap="gray", vmin=-1, vmax=1)  # (rows * 32, 320)
 ax_grid.set_xticks([32 * k + 16 for k in range(10)], [str(k) for k in range(10)])
-ax_grid.set_yticks([32 * k + 16 for k in range(len(rows_p))],
-                   [f"step {s:,}\nacc {accuracy_p[s]:.2f}" for s in snapshots], fontsize=8)
+ax_grid.set_yticks(
+    [32 * k + 16 for k in range(len(rows_p))],
+    [f"step {s:,}\nacc {accuracy_p[s]:.2f}" for s in snapshots],
+    fontsize=8,
+)
 ax_grid.set_title(f"samples (DDIM {sampler_p.num_inference_steps}, w = {W}) from the same noise", fontsize=10)
 fig.tight_layout()
 show(fig)
@@ -915,8 +1048,10 @@ show(fig)
 # %%
 n_probe = budget(fast=64, cpu=512)
 z0_eval, y_eval = z0[:n_probe], labels[:n_probe]
-print(f"latents scaled by {vae.config.scaling_factor:.5f} (the VAE's factor); the model was trained with "
-      f"{scale:.5f}")
+print(
+    f"latents scaled by {vae.config.scaling_factor:.5f} (the VAE's factor); the model was trained with "
+    f"{scale:.5f}"
+)
 class_means = torch.stack([z0_eval[y_eval == c].mean(0) for c in range(10)])  # (10, 4, 8, 8)
 within_class = float(((z0_eval - class_means[y_eval]) ** 2).mean())  # MSE of guessing the class mean
 t_grid = torch.linspace(0, T - 1, budget(fast=6, cpu=25)).round().long()
@@ -935,8 +1070,10 @@ ratio_error = max(abs(e / (x * s) - 1) for e, x, s in zip(mse_eps, mse_z0, snr_g
 print(f"MSE(eps) / (SNR(t) MSE(z0)) - 1: at most {ratio_error:.1e} over the grid (the identity below)")
 print(f"guessing the class's mean latent: MSE {within_class:.3f}")
 for k in (0, len(t_grid) // 2, len(t_grid) - 1):
-    print(f"t = {int(t_grid[k]):3d}: MSE of the one-jump z0 {mse_z0[k]:.4f}, of eps {mse_eps[k]:.4f}, "
-          f"SNR {snr_grid[k]:.4f}")
+    print(
+        f"t = {int(t_grid[k]):3d}: MSE of the one-jump z0 {mse_z0[k]:.4f}, of eps {mse_eps[k]:.4f}, "
+        f"SNR {snr_grid[k]:.4f}"
+    )
 crossing = next((int(t) for t, e in zip(t_grid, mse_z0) if e > within_class), None)
 print(f"the one-jump z0 is worse than the class mean from t = {crossing} of the grid on")
 
@@ -1039,15 +1176,18 @@ ddim_eta1 = DDIMSampler(schedule, n_chain, eta=1.0, timestep_spacing="trailing",
 ddpm_chain = DDPMSampler(schedule, n_chain, timestep_spacing="trailing")
 run_ddim_eta1 = sample_loop(denoise, z_T, ddim_eta1, generator=5)
 run_ddpm = sample_loop(denoise, z_T, ddpm_chain, generator=5)
-print(f"DDIM eta = 1 against DDPM, {n_chain} steps, same generator: max |diff| = "
-      f"{float((run_ddim_eta1 - run_ddpm).abs().max()):.1e}")
+print(
+    f"DDIM eta = 1 against DDPM, {n_chain} steps, same generator: max |diff| = "
+    f"{float((run_ddim_eta1 - run_ddpm).abs().max()):.1e}"
+)
 ddim_eta0 = DDIMSampler(schedule, n_chain, eta=0.0, timestep_spacing="trailing", set_alpha_to_one=True)
 run_a = sample_loop(denoise, z_T, ddim_eta0, generator=5)
 run_b = sample_loop(denoise, z_T, ddim_eta0, generator=6)
 run_c = sample_loop(denoise, z_T, ddim_eta1, generator=6)
 print(f"eta = 0, generators 5 and 6: max |diff| = {float((run_a - run_b).abs().max()):.1e} (deterministic)")
-print(f"eta = 1, generators 5 and 6: max |diff| = {float((run_ddim_eta1 - run_c).abs().max()):.2f} "
-      "(stochastic)")
+print(
+    f"eta = 1, generators 5 and 6: max |diff| = {float((run_ddim_eta1 - run_c).abs().max()):.2f} (stochastic)"
+)
 
 # %% [markdown]
 # The eta = 0 step by hand (eq. 12 with $\sigma_t = 0$): turn the noise prediction into $\hat z_0$, then step
@@ -1060,11 +1200,13 @@ sampler = DDIMSampler(schedule, n_steps, timestep_spacing="trailing")
 y = torch.arange(10)
 z = z_T.clone()
 with torch.no_grad():
-    for i, t in enumerate(sampler.timesteps):
+    for t in sampler.timesteps:
         eps_hat = unet(z, t, class_labels=y)
         a_t = schedule.alpha_bar[t]
         t_prev = int(t) - T // n_steps
-        a_prev = schedule.alpha_bar[t_prev] if t_prev >= 0 else schedule.alpha_bar[0]  # SD's set_alpha_to_one=False
+        a_prev = (
+            schedule.alpha_bar[t_prev] if t_prev >= 0 else schedule.alpha_bar[0]
+        )  # SD's set_alpha_to_one=False
         z0_hat = (z - (1 - a_t).sqrt() * eps_hat) / a_t.sqrt()
         z = a_prev.sqrt() * z0_hat + (1 - a_prev).sqrt() * eps_hat
 ours = z
@@ -1122,8 +1264,10 @@ with torch.no_grad():
 dpm.reset()
 step_dpm = dpm.step(eps_first, t_first, z_T)
 step_ddim = ddim.step(eps_first, t_first, z_T)
-print(f"t = {int(t_first)} -> {int(dpm.timesteps[1])}: max |DPM-Solver++ first-order step - DDIM step| = "
-      f"{float((step_dpm - step_ddim).abs().max()):.1e}")
+print(
+    f"t = {int(t_first)} -> {int(dpm.timesteps[1])}: max |DPM-Solver++ first-order step - DDIM step| = "
+    f"{float((step_dpm - step_ddim).abs().max()):.1e}"
+)
 
 # %% [markdown]
 # Exercise 6 (`dpmpp_first_order_step`) writes this step in its lambda form, graded against DDIM and
@@ -1132,10 +1276,12 @@ print(f"t = {int(t_first)} -> {int(dpm.timesteps[1])}: max |DPM-Solver++ first-o
 # **Second order, multistep (2M).** Use the previous step's prediction too: let $x_\theta$ be linear in
 # $\lambda$ through the last two estimates,
 #
-# $$x_\theta(\lambda) \approx \hat z_0 + (\lambda - \lambda_t)\,\frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}},
+# $$x_\theta(\lambda) \approx \hat z_0 +
+#   (\lambda - \lambda_t)\,\frac{\hat z_0 - \hat z_0^{\text{last}}}{h_\text{last}},
 # \qquad h_\text{last} = \lambda_t - \lambda_\text{last} .$$
 #
-# The extra integral is $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
+# The extra integral is
+# $\sigma_s\int_{\lambda_t}^{\lambda_s} e^\lambda(\lambda - \lambda_t)\,d\lambda = \alpha_s(h - 1 + e^{-h})$;
 # DPM-Solver++ replaces $h - 1 + e^{-h}$ by $(1 - e^{-h})\,h/2$ (both are $h^2/2 + O(h^3)$), which folds the
 # correction into the first-order formula with
 #
@@ -1177,15 +1323,18 @@ with torch.no_grad():
     ours_2 = dpm_solver_pp(denoise, z_T, dpm.timesteps, order=2)
     course_ddim = sample_loop(denoise, z_T, ddim)
     course_2m = sample_loop(denoise, z_T, dpm)
-    reference = DPMSolverMultistepScheduler(**schedule.to_diffusers(), solver_order=2,
-                                            timestep_spacing="trailing")
+    reference = DPMSolverMultistepScheduler(
+        **schedule.to_diffusers(), solver_order=2, timestep_spacing="trailing"
+    )
     reference.set_timesteps(n_dpm)
     z = z_T.clone()
     for t in reference.timesteps:
         z = reference.step(denoise(z, t), t, z).prev_sample
-for name, ours, theirs in [("order 1 against DDIM (common.samplers)", ours_1, course_ddim),
-                           ("order 2 against DPMSolverPP2MSampler (common)", ours_2, course_2m),
-                           ("order 2 against diffusers' DPMSolverMultistepScheduler", ours_2, z)]:
+for name, ours, theirs in [
+    ("order 1 against DDIM (common.samplers)", ours_1, course_ddim),
+    ("order 2 against DPMSolverPP2MSampler (common)", ours_2, course_2m),
+    ("order 2 against diffusers' DPMSolverMultistepScheduler", ours_2, z),
+]:
     print(f"{name:<56} max |diff| = {float((ours - theirs).abs().max()):.1e}")
 
 # %% [markdown]
@@ -1193,6 +1342,7 @@ for name, ours, theirs in [("order 1 against DDIM (common.samplers)", ours_1, co
 # jump to sigma = 0) and measure how far each ends from the ODE solved with all 1000 timesteps. Two spacings
 # of the n steps: uniform in t, and uniform in lambda, the variable the solver integrates in. A first-order
 # method's error should fall like 1/n, a second-order one's like 1/n^2.
+
 
 # %%
 def t_uniform(n):
@@ -1212,8 +1362,10 @@ with torch.no_grad():
     z_ref = dpm_solver_pp(denoise, z_T, every_t, order=2)
     z_ref_1 = dpm_solver_pp(denoise, z_T, every_t, order=1)
 reference_spread = float((z_ref - z_ref_1).pow(2).mean().sqrt())
-print(f"{len(every_t)} timesteps, order 1 against order 2: RMS diff {reference_spread:.1e} "
-      "(how well the reference itself is pinned down)")
+print(
+    f"{len(every_t)} timesteps, order 1 against order 2: RMS diff {reference_spread:.1e} "
+    "(how well the reference itself is pinned down)"
+)
 
 step_counts = budget(fast=[3, 6], cpu=[4, 8, 16, 32])
 errors = {}  # (spacing, order) -> [RMS distance to the reference, one per step count]
@@ -1272,11 +1424,15 @@ def record(i, t, z, x0_pred):
 sample_loop(guided(y), z_T, sampler, callback=record)
 with torch.no_grad():
     decoded_frames = [vae.decode(f / scale).clamp(-1, 1).mean(1, keepdim=True) for f in frames]
-show(plot_trajectory(decoded_frames, frame_t, size=1.0, title=f"decoded x0 prediction along a 20-step DDIM run (w = {W})"))
+show(
+    plot_trajectory(
+        decoded_frames, frame_t, size=1.0, title=f"decoded x0 prediction along a 20-step DDIM run (w = {W})"
+    )
+)
 
 # %% [markdown]
-# *Figure: columns are steps (t from T-1 down), rows the digits 0-4 asked for. The class is fixed within the first
-# few steps; later steps refine the strokes.*
+# *Figure: columns are steps (t from T-1 down), rows the digits 0-4 asked for. The class is fixed within the
+# first few steps; later steps refine the strokes.*
 #
 # ## 7. Samplers side by side
 #
@@ -1353,21 +1509,26 @@ show(compare.plot_grids(grids))
 # ## 8. Pixel against latent: the claim, measured
 #
 # The same UNet architecture, trained one step at pixel resolution and at latent resolution (f = 4): the
-# `pixel_vs_latent.py` script's own code, loaded here. Memory is what autograd saves for backward (the part that
-# grows with resolution; weights, gradients and AdamW state are the same for both).
+# `pixel_vs_latent.py` script's own code, loaded here. Memory is what autograd saves for backward (the part
+# that grows with resolution; weights, gradients and AdamW state are the same for both).
 
 # %%
 pvl = load_module(ROOT / "03_latent_ddpm" / "pixel_vs_latent.py", "_ch03_pixel_vs_latent")
 table_rows = []
 for case in ("digits", "shapes"):
-    table_rows += pvl.compare(case, batch_size=budget(fast=4, cpu=16), repeats=budget(fast=1, cpu=1),
-                              device=torch.device("cpu"), width=budget(fast=16, cpu=None))
+    table_rows += pvl.compare(
+        case,
+        batch_size=budget(fast=4, cpu=16),
+        repeats=budget(fast=1, cpu=1),
+        device=torch.device("cpu"),
+        width=budget(fast=16, cpu=None),
+    )
 print(pvl.table(table_rows))
 
 # %% [markdown]
 # The latent model is several times cheaper per step and holds an order of magnitude less activation memory,
-# at the same parameter count: at SD's scale (512 px, f = 8, 64x fewer positions) that is the difference between
-# a model that trains on one GPU and one that does not.
+# at the same parameter count: at SD's scale (512 px, f = 8, 64x fewer positions) that is the difference
+# between a model that trains on one GPU and one that does not.
 #
 # ## Summary
 #
@@ -1386,8 +1547,8 @@ print(pvl.table(table_rows))
 # - DDIM keeps DDPM's marginals with a free noise level: eta = 0 is deterministic, eta = 1 is DDPM.
 #   DPM-Solver++ integrates the same ODE exactly in its linear part, in log-SNR: first order is DDIM, the
 #   multistep second order reaches a given accuracy in fewer steps.
-# - A falling loss is not a finished model: by step 250 the loss had done most of its falling while the samples
-#   were still blobs; the digits appeared between steps 250 and 1,000 and came out clean by 6,000.
+# - A falling loss is not a finished model: by step 250 the loss had done most of its falling while the
+#   samples were still blobs; the digits appeared between steps 250 and 1,000 and came out clean by 6,000.
 # - Measured with enough samples to tell them apart, the stochastic DDPM sampler beats the deterministic DDIM
 #   and DPM-Solver++ on this model without guidance, at every step count from 4 on; those two cannot be told
 #   apart, and every curve is flat from 4 steps.

@@ -60,16 +60,24 @@ T0 = time.perf_counter()
 # the output shows directly how much of each word a pixel took.
 
 # %%
-Q = torch.tensor([[2.0, 1.0, 0.0],    # pixel 0
-                  [0.0, 0.0, 2.0]])   # pixel 1                                 (N_q, d) = (2, 3)
-K = torch.tensor([[2.0, 0.0, 0.0],    # "red"
-                  [0.0, 2.0, 0.0],    # "circle"
-                  [0.0, 0.0, 2.0]])   # "square"                                (N_k, d) = (3, 3)
-V = torch.eye(3)                      # value of word j = one-hot j             (N_k, d_v) = (3, 3)
+Q = torch.tensor(  # (N_q, d) = (2, 3)
+    [
+        [2.0, 1.0, 0.0],  # pixel 0
+        [0.0, 0.0, 2.0],  # pixel 1
+    ]
+)
+K = torch.tensor(  # (N_k, d) = (3, 3)
+    [
+        [2.0, 0.0, 0.0],  # "red"
+        [0.0, 2.0, 0.0],  # "circle"
+        [0.0, 0.0, 2.0],  # "square"
+    ]
+)
+V = torch.eye(3)  # value of word j = one-hot j: (N_k, d_v) = (3, 3)
 d = Q.shape[-1]
-scores = Q @ K.T / math.sqrt(d)       # (N_q, N_k): how well each pixel's question matches each word
-weights = scores.softmax(dim=-1)      # each row sums to 1
-out = weights @ V                     # (N_q, d_v)
+scores = Q @ K.T / math.sqrt(d)  # (N_q, N_k): how well each pixel's question matches each word
+weights = scores.softmax(dim=-1)  # each row sums to 1
+out = weights @ V  # (N_q, d_v)
 print("scores Q K^T / sqrt(3):\n", scores)
 print("weights, each row sums to 1:\n", weights)
 print("output = weights @ V:\n", out)
@@ -98,29 +106,41 @@ for backend in ("math", "sdpa", "sliced"):
 # The shapes at each step, for a 4 x 4 feature map and a 5-token prompt:
 
 # %%
-B, C, H, W = 1, 8, 4, 4       # a feature map
-N_k, D_c = 5, 6               # 5 tokens of a 6-wide text encoder
-h, d_head = 2, 4              # 2 heads of width 4: inner width h*d = 8
+B, C, H, W = 1, 8, 4, 4  # a feature map
+N_k, D_c = 5, 6  # 5 tokens of a 6-wide text encoder
+h, d_head = 2, 4  # 2 heads of width 4: inner width h*d = 8
 g = torch.Generator().manual_seed(0)
 feature_map = torch.randn(B, C, H, W, generator=g)
 context = torch.randn(B, N_k, D_c, generator=g)
 W_Q, W_K, W_V = (torch.randn(h * d_head, n, generator=g) / math.sqrt(n) for n in (C, D_c, D_c))
 
-x = feature_map.flatten(2).transpose(1, 2)                  # (B, C, H, W) -> (B, H*W, C): pixels as tokens
-q = x @ W_Q.T                                                 # (B, N_q, h*d)
-k, v = context @ W_K.T, context @ W_V.T                       # (B, N_k, h*d)
-q_heads = q.view(B, H * W, h, d_head).transpose(1, 2)         # (B, N_q, h, d) -> (B, h, N_q, d)
-k_heads = k.view(B, N_k, h, d_head).transpose(1, 2)           # (B, h, N_k, d)
+x = feature_map.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C): pixels as tokens
+q = x @ W_Q.T  # (B, N_q, h*d)
+k, v = context @ W_K.T, context @ W_V.T  # (B, N_k, h*d)
+q_heads = q.view(B, H * W, h, d_head).transpose(1, 2)  # (B, N_q, h, d) -> (B, h, N_q, d)
+k_heads = k.view(B, N_k, h, d_head).transpose(1, 2)  # (B, h, N_k, d)
 v_heads = v.view(B, N_k, h, d_head).transpose(1, 2)
 weights = (q_heads @ k_heads.transpose(-1, -2) / math.sqrt(d_head)).softmax(-1)  # (B, h, N_q, N_k)
-out_heads = weights @ v_heads                                 # (B, h, N_q, d)
+out_heads = weights @ v_heads  # (B, h, N_q, d)
 out = out_heads.transpose(1, 2).reshape(B, H * W, h * d_head)  # (B, N_q, h*d): heads side by side
-for name, t in [("x (pixels)", x), ("context (words)", context), ("Q", q), ("K", k),
-                ("Q split into heads", q_heads), ("K split into heads", k_heads),
-                ("attention weights", weights), ("weights @ V", out_heads), ("heads merged", out)]:
+for name, t in [
+    ("x (pixels)", x),
+    ("context (words)", context),
+    ("Q", q),
+    ("K", k),
+    ("Q split into heads", q_heads),
+    ("K split into heads", k_heads),
+    ("attention weights", weights),
+    ("weights @ V", out_heads),
+    ("heads merged", out),
+]:
     print(f"{name:>20}: {tuple(t.shape)}")
-print("head 1 uses features", list(range(d_head, 2 * d_head)), "of Q:",
-      torch.equal(q_heads[0, 1], q[0, :, d_head:2 * d_head]))
+print(
+    "head 1 uses features",
+    list(range(d_head, 2 * d_head)),
+    "of Q:",
+    torch.equal(q_heads[0, 1], q[0, :, d_head : 2 * d_head]),
+)
 print("every pixel's weights over the 5 words sum to 1:", torch.allclose(weights.sum(-1), torch.ones(1)))
 
 # %% [markdown]
@@ -157,16 +177,20 @@ with torch.no_grad():
 
 # %%
 g = torch.Generator().manual_seed(0)
-print(f"{'d':>5} {'Var[q.k]':>9} {'Var[q.k/sqrt(d)]':>17} {'top weight, unscaled':>21} "
-      f"{'top weight, scaled':>19}")
+print(
+    f"{'d':>5} {'Var[q.k]':>9} {'Var[q.k/sqrt(d)]':>17} {'top weight, unscaled':>21} "
+    f"{'top weight, scaled':>19}"
+)
 for d_test in (4, 64, 1024):
     q_test = torch.randn(4096, 1, d_test, generator=g)  # 4096 queries
     k_test = torch.randn(4096, 77, d_test, generator=g)  # 77 keys each
     dots = (q_test @ k_test.transpose(1, 2))[:, 0]  # (4096, 77)
     top_raw = dots.softmax(-1).max(-1).values.mean()
     top_scaled = (dots / math.sqrt(d_test)).softmax(-1).max(-1).values.mean()
-    print(f"{d_test:>5} {dots.var():>9.1f} {(dots / math.sqrt(d_test)).var():>17.2f} {top_raw:>21.2f} "
-          f"{top_scaled:>19.2f}")
+    print(
+        f"{d_test:>5} {dots.var():>9.1f} {(dots / math.sqrt(d_test)).var():>17.2f} {top_raw:>21.2f} "
+        f"{top_scaled:>19.2f}"
+    )
 
 # %% [markdown]
 # The variance of q.k grows as d, the scaled one stays at 1, and so the largest softmax weight stays moderate
@@ -226,9 +250,20 @@ from safetensors.torch import load_file
 W = load_file(COURSE_MODEL / "text_encoder" / "model.safetensors")  # parameter name -> tensor
 te_config = json.loads((COURSE_MODEL / "text_encoder" / "config.json").read_text())
 n_layers, n_heads = te_config["num_hidden_layers"], te_config["num_attention_heads"]
-print({k: te_config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "intermediate_size", "hidden_act", "max_position_embeddings",
-                                 "eos_token_id")})
+print(
+    {
+        k: te_config[k]
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "hidden_act",
+            "max_position_embeddings",
+            "eos_token_id",
+        )
+    }
+)
 
 
 def linear(x, name):
@@ -254,8 +289,10 @@ def clip_text(input_ids):
     for l in range(n_layers):
         p = f"encoder.layers.{l}"
         x = layer_norm(h, f"{p}.layer_norm1")
-        q, k, v = (linear(x, f"{p}.self_attn.{n}_proj").view(B, N, n_heads, d).transpose(1, 2)
-                   for n in ("q", "k", "v"))  # (B, N, D_c) -> (B, h, N, d)
+        q, k, v = (
+            linear(x, f"{p}.self_attn.{n}_proj").view(B, N, n_heads, d).transpose(1, 2)
+            for n in ("q", "k", "v")
+        )  # (B, N, D_c) -> (B, h, N, d)
         weights = (q @ k.transpose(-1, -2) / math.sqrt(d) + causal).softmax(-1)  # (B, h, N, N)
         a = (weights @ v).transpose(1, 2).reshape(B, N, D_c)  # heads merged: (B, N, D_c)
         h = h + linear(a, f"{p}.self_attn.out_proj")  # residual around attention
@@ -277,9 +314,19 @@ from common.text_encoder import CLIPTextConfig, CLIPTextModel
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar in the output
-config_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
-                 "pad_token_id")
+config_fields = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 clip_common = CLIPTextModel(CLIPTextConfig(**{k: te_config[k] for k in config_fields}))
 clip_common.load_state_dict(W)
 clip_hf = transformers.CLIPTextModel.from_pretrained(COURSE_MODEL / "text_encoder").eval()
@@ -287,17 +334,27 @@ with torch.no_grad():
     ours_last, ours_pooled = clip_text(ids)
     common_out, hf_out = clip_common.eval()(ids), clip_hf(input_ids=ids)
 for name, ref in (("common.text_encoder", common_out), ("transformers", hf_out)):
-    print(f"built here vs {name:>19}: max |diff| last hidden state "
-          f"{(ours_last - ref.last_hidden_state).abs().max():.1e}, pooled "
-          f"{(ours_pooled - ref.pooler_output).abs().max():.1e}")
-print("context:", tuple(ours_last.shape), " pooled:", tuple(ours_pooled.shape),
-      f" (max |context| {ours_last.abs().max():.1f})")
+    print(
+        f"built here vs {name:>19}: max |diff| last hidden state "
+        f"{(ours_last - ref.last_hidden_state).abs().max():.1e}, pooled "
+        f"{(ours_pooled - ref.pooler_output).abs().max():.1e}"
+    )
+print(
+    "context:",
+    tuple(ours_last.shape),
+    " pooled:",
+    tuple(ours_pooled.shape),
+    f" (max |context| {ours_last.abs().max():.1f})",
+)
 with torch.device("meta"):  # shapes only: counts the parameters without allocating them
-    print(f"the same code at SD 1.5's ViT-L/14 size: "
-          f"{sum(p.numel() for p in CLIPTextModel(CLIPTextConfig.vit_l14()).parameters()):,} parameters")
+    print(
+        f"the same code at SD 1.5's ViT-L/14 size: "
+        f"{sum(p.numel() for p in CLIPTextModel(CLIPTextConfig.vit_l14()).parameters()):,} parameters"
+    )
 a_test = torch.linspace(-6, 6, 1201)
-print(f"quick-GELU vs exact GELU on [-6, 6]: max |diff|"
-      f" {(quick_gelu(a_test) - F.gelu(a_test)).abs().max():.3f}")
+print(
+    f"quick-GELU vs exact GELU on [-6, 6]: max |diff| {(quick_gelu(a_test) - F.gelu(a_test)).abs().max():.3f}"
+)
 
 # %% [markdown]
 # **What the causal mask means for the prompt.** Change only the second object's words and see which
@@ -342,8 +399,10 @@ with torch.no_grad():
     eps_ours = unet(z_t, 500, ctx)
     eps_ref = unet_ref(z_t, torch.tensor([500]), encoder_hidden_states=ctx).sample
 print("cross-attention layers:", list(cross_attention_layers(unet))[:3], "...")
-print(f"UNet (tiny) vs diffusers: max |diff| {(eps_ours - eps_ref).abs().max():.1e} "
-      f"(max |eps| {eps_ref.abs().max():.2f})")
+print(
+    f"UNet (tiny) vs diffusers: max |diff| {(eps_ours - eps_ref).abs().max():.1e} "
+    f"(max |eps| {eps_ref.abs().max():.2f})"
+)
 with torch.device("meta"):
     print(f"SD 1.5 UNet config: {sum(p.numel() for p in UNet(UNetConfig.sd15()).parameters()):,} parameters")
 
@@ -378,6 +437,7 @@ with torch.device("meta"):
 # equally likely. Autograd gives each score; the guided combination must equal the gradient of
 # log p(z) + s log p(c | z), and the tilted density shows what s does to the samples.
 
+
 # %%
 def log_p(z, c=None):  # log p(z | c) for c in {0, 1}; log p(z) for c = None (the two-class mixture)
     component = lambda mu: torch.distributions.Normal(mu, 0.5).log_prob(z)  # noqa: E731
@@ -396,9 +456,11 @@ score_u, score_c = grad(log_p, z_grid), grad(lambda z: log_p(z, 1), z_grid)
 log_classifier = lambda z: log_p(z, 1) + math.log(0.5) - log_p(z)  # noqa: E731  Bayes: log p(c=1 | z)
 for s in (0.0, 1.0, 3.0, 7.5):
     guided = score_u + s * (score_c - score_u)
-    tilted = grad(lambda z: log_p(z) + s * log_classifier(z), z_grid)
-    print(f"s = {s:>3g}: max |guided score - grad[log p(z) + s log p(c|z)]| = "
-          f"{(guided - tilted).abs().max():.1e}")
+    tilted = grad(lambda z: log_p(z) + s * log_classifier(z), z_grid)  # noqa: B023  grad calls it now
+    print(
+        f"s = {s:>3g}: max |guided score - grad[log p(z) + s log p(c|z)]| = "
+        f"{(guided - tilted).abs().max():.1e}"
+    )
 
 from matplotlib.figure import Figure
 
@@ -424,12 +486,22 @@ show(fig)
 # %%
 from common.text_to_image import drop_captions
 
-batch_ids = tok(["a red circle at the top", "a blue square on the left", "a green star in the center",
-                 "a small yellow cross at the bottom"] * 4)  # (16, 24)
-dropped_ids, dropped = drop_captions(batch_ids, tok([""])[0], p=0.1,
-                                     generator=torch.Generator().manual_seed(3))
-print(f"dropped {int(dropped.sum())} of {len(dropped)} captions (p = 0.1): "
-      f"rows {dropped.nonzero().flatten().tolist()}")
+batch_ids = tok(
+    [
+        "a red circle at the top",
+        "a blue square on the left",
+        "a green star in the center",
+        "a small yellow cross at the bottom",
+    ]
+    * 4
+)  # (16, 24)
+dropped_ids, dropped = drop_captions(
+    batch_ids, tok([""])[0], p=0.1, generator=torch.Generator().manual_seed(3)
+)
+print(
+    f"dropped {int(dropped.sum())} of {len(dropped)} captions (p = 0.1): "
+    f"rows {dropped.nonzero().flatten().tolist()}"
+)
 print('every dropped row now holds the ids of "":', bool((dropped_ids[dropped] == tok([""])[0]).all()))
 
 # %% [markdown]
@@ -457,9 +529,11 @@ print(f"{'s':>5} {'one object: all right':>26} {'two objects: all right':>26} {'
 for k, s in enumerate(SWEEP["scales"]):
     one, two = (SWEEP["curves"][g]["adherence"][k] for g in ("one object", "two objects"))
     div = SWEEP["curves"]["all prompts"]["diversity"][k]
-    print(f"{s:>5g} {one['mean']:>11.2f} [{one['lo']:.2f}, {one['hi']:.2f}] n={one['n']:<3} "
-          f"{two['mean']:>10.2f} [{two['lo']:.2f}, {two['hi']:.2f}] n={two['n']:<3} "
-          f"{div['mean']:>9.3f} [{div['lo']:.3f}, {div['hi']:.3f}]")
+    print(
+        f"{s:>5g} {one['mean']:>11.2f} [{one['lo']:.2f}, {one['hi']:.2f}] n={one['n']:<3} "
+        f"{two['mean']:>10.2f} [{two['lo']:.2f}, {two['hi']:.2f}] n={two['n']:<3} "
+        f"{div['mean']:>9.3f} [{div['lo']:.3f}, {div['hi']:.3f}]"
+    )
 
 # %% [markdown]
 # *What the curves show.* At s = 0 every prompt gets the same images (the empty prompt from the same noises:
@@ -488,8 +562,9 @@ live_prompt = SWEEP["grid_prompts"][-1]
 live_scales = budget(fast=[0.0, 1.0, 3.0], cpu=SWEEP["scales"])
 live_seeds, live_steps = budget(fast=1, cpu=4), budget(fast=2, cpu=SWEEP["steps"])
 t0 = time.perf_counter()
-live, live_images = gs.run(pipe, judge, [live_prompt], live_scales, seeds=live_seeds, steps=live_steps,
-                           seed=SWEEP["seed"], size=None)
+live, live_images = gs.run(
+    pipe, judge, [live_prompt], live_scales, seeds=live_seeds, steps=live_steps, seed=SWEEP["seed"], size=None
+)
 print(f"{len(live_scales) * live_seeds} images in {time.perf_counter() - t0:.0f} s")
 verdicts = live[live_prompt]["all"]  # (S, seeds)
 if live_steps == SWEEP["steps"]:
@@ -499,16 +574,26 @@ if live_steps == SWEEP["steps"]:
 from common.viz import image_grid
 
 grid = live_images[live_prompt].transpose(0, 1).flatten(0, 1)  # (S, seeds, ...) -> (seeds * S, 3, H, W)
-show(image_grid(grid, ncols=len(live_scales), value_range=(0.0, 1.0), size=1.1,
-                captions=[f"s={s:g} {'right' if verdicts[k][j] else 'wrong'}"
-                          for j in range(live_seeds) for k, s in enumerate(live_scales)],
-                title=f'"{live_prompt}": rows are seeds, columns s'))
+show(
+    image_grid(
+        grid,
+        ncols=len(live_scales),
+        value_range=(0.0, 1.0),
+        size=1.1,
+        captions=[
+            f"s={s:g} {'right' if verdicts[k][j] else 'wrong'}"
+            for j in range(live_seeds)
+            for k, s in enumerate(live_scales)
+        ],
+        title=f'"{live_prompt}": rows are seeds, columns s',
+    )
+)
 
 # %% [markdown]
-# These are seeds 0-3 of the committed run (the grid above showed seeds 0, 1, 4 and 7). Seeds 0 and 3 are right
-# at every s >= 1. Seed 2 draws the square above the diamond up to s = 5 and gains a third object at s = 7.5
-# and 12; seed 1 is right up to s = 7.5 and breaks at s = 12 (a second diamond). Guidance does not rescue every
-# seed, and too much of it breaks some.
+# These are seeds 0-3 of the committed run (the grid above showed seeds 0, 1, 4 and 7). Seeds 0 and 3 are
+# right at every s >= 1. Seed 2 draws the square above the diamond up to s = 5 and gains a third object at s =
+# 7.5 and 12; seed 1 is right up to s = 7.5 and breaks at s = 12 (a second diamond). Guidance does not rescue
+# every seed, and too much of it breaks some.
 
 # %% [markdown]
 # ## 5. Which words does each pixel look at?
@@ -529,10 +614,19 @@ am = load_module(CHAPTER / "attention_maps.py")
 pair_prompts = am.two_object_prompts(budget(fast=2, cpu=16), seed=1234)
 steps = budget(fast=2, cpu=20)
 t0 = time.perf_counter()
-result = pipe(pair_prompts, num_inference_steps=steps, guidance_scale=3.0, generator=0, output_type="pt",
-              capture_attention=True, progress=False)
-print(f"{len(pair_prompts)} prompts, {steps} DDIM steps, {len(cross_attention_layers(pipe.unet))} "
-      f"cross-attention layers, {time.perf_counter() - t0:.0f} s")
+result = pipe(
+    pair_prompts,
+    num_inference_steps=steps,
+    guidance_scale=3.0,
+    generator=0,
+    output_type="pt",
+    capture_attention=True,
+    progress=False,
+)
+print(
+    f"{len(pair_prompts)} prompts, {steps} DDIM steps, {len(cross_attention_layers(pipe.unet))} "
+    f"cross-attention layers, {time.perf_counter() - t0:.0f} s"
+)
 graded = judge.score(result.images, pair_prompts)["records"]
 shown = next((b for b, r in enumerate(graded) if r["all"]), 0)
 maps, tokens = result.attention_maps[shown], result.tokens[shown]  # (N_k, H, W), N_k token strings
@@ -541,25 +635,40 @@ print(f"shown: {pair_prompts[shown]!r} (prompt {shown}; the judge: all right = {
 print("sum over the 24 positions at each pixel:", f"{maps.sum(0).mean():.3f}")
 mass = maps.mean((1, 2))  # (N_k,): the share of all pixels' attention that goes to each position
 words = list(range(eos))
-show(overlay_attention(result.images[shown], maps[words],
-                       [f"{tokens[i]}\n{mass[i]:.1%}" for i in words], value_range=(0.0, 1.0), size=1.3,
-                       title="each position's map, scaled to its own range (%: its share of all attention)"))
-pads = maps[eos + 1:].sum(0, keepdim=True)  # every pad together, (1, H, W)
-show(overlay_attention(result.images[shown], torch.cat([maps[eos:eos + 4], pads]),
-                       [f"{tokens[eos + j]} {eos + j}\n{mass[eos + j]:.1%}" for j in range(4)]
-                       + [f"all {len(tokens) - eos - 1} pads\n{mass[eos + 1:].sum():.1%}"],
-                       value_range=(0.0, 1.0), size=1.3, title="the end-of-text token and the pads"))
+show(
+    overlay_attention(
+        result.images[shown],
+        maps[words],
+        [f"{tokens[i]}\n{mass[i]:.1%}" for i in words],
+        value_range=(0.0, 1.0),
+        size=1.3,
+        title="each position's map, scaled to its own range (%: its share of all attention)",
+    )
+)
+pads = maps[eos + 1 :].sum(0, keepdim=True)  # every pad together, (1, H, W)
+show(
+    overlay_attention(
+        result.images[shown],
+        torch.cat([maps[eos : eos + 4], pads]),
+        [f"{tokens[eos + j]} {eos + j}\n{mass[eos + j]:.1%}" for j in range(4)]
+        + [f"all {len(tokens) - eos - 1} pads\n{mass[eos + 1 :].sum():.1%}"],
+        value_range=(0.0, 1.0),
+        size=1.3,
+        title="the end-of-text token and the pads",
+    )
+)
 
 # %% [markdown]
 # *What the maps show* (each map is scaled to its own range; the percentages say how flat attention really
 # is). In this image, which the judge finds right, the first object's noun and the positions just after it
 # ("cross", "above", "a", "large") are brightest on the cross. No word of the second object lights up the
 # square: "orange" and "square" are brightest on the background and darkest on the square. `<eos>` is
-# brightest on the cross too. The square is where the pads look: the map of pad 13, and of all 13 pads together
-# (46% of all the attention), are brightest on the square (pads 11 and 12 less clearly).
+# brightest on the cross too. The square is where the pads look: the map of pad 13, and of all 13 pads
+# together (46% of all the attention), are brightest on the square (pads 11 and 12 less clearly).
 #
 # **Where does the attention go, on average?** Over all the prompts, the share of the attention each kind of
 # position receives (averaged over pixels), against 1/24 per position if it were spread evenly:
+
 
 # %%
 def roles(tokens, scene):
@@ -568,9 +677,14 @@ def roles(tokens, scene):
     eos = tokens.index("<eos>")
     first = list(range(1, at[0]["shape"] + 1))  # "a small red circle"
     second = list(range(at[1]["colour"] - 2, at[1]["shape"] + 1))  # "a large blue square"
-    return {"<bos>": [0], "first object's words": first,
-            "relation words": list(range(first[-1] + 1, second[0])), "second object's words": second,
-            "<eos>": [eos], "pads": list(range(eos + 1, len(tokens)))}
+    return {
+        "<bos>": [0],
+        "first object's words": first,
+        "relation words": list(range(first[-1] + 1, second[0])),
+        "second object's words": second,
+        "<eos>": [eos],
+        "pads": list(range(eos + 1, len(tokens))),
+    }
 
 
 share = {}  # role -> per prompt, the attention share of all its positions together
@@ -579,8 +693,9 @@ for b, p in enumerate(pair_prompts):
     for role, idx in roles(result.tokens[b], parse(p)).items():
         share.setdefault(role, []).append(float(result.attention_maps[b, idx].mean((1, 2)).sum()))
         count.setdefault(role, []).append(len(idx))
-print(f"{'positions':<24} {'how many':>8} {'share of attention':>19} {'per position':>13}  "
-      f"(even: {1 / 24:.3f})")
+print(
+    f"{'positions':<24} {'how many':>8} {'share of attention':>19} {'per position':>13}  (even: {1 / 24:.3f})"
+)
 for role in share:
     total, n = np.mean(share[role]), np.mean(count[role])
     print(f"{role:<24} {n:>8.1f} {total:>19.3f} {total / n:>13.3f}")
@@ -607,8 +722,14 @@ for b, p in enumerate(pair_prompts):
         m = torch.from_numpy(m)
         for role, idx in roles(result.tokens[b], scene).items():
             regions.setdefault(region, {}).setdefault(role, []).append(float(A[idx][:, m].sum(0).mean()))
-labels = {"<bos>": "<bos>", "first object's words": "1st words", "relation words": "relation",
-          "second object's words": "2nd words", "<eos>": "<eos>", "pads": "pads"}
+labels = {
+    "<bos>": "<bos>",
+    "first object's words": "1st words",
+    "relation words": "relation",
+    "second object's words": "2nd words",
+    "<eos>": "<eos>",
+    "pads": "pads",
+}
 print(f"{'pixels of':<15}" + "".join(f"{labels[role]:>11}" for role in share))
 for region, by_role in regions.items():
     print(f"{region:<15}" + "".join(f"{np.mean(v):>11.3f}" for v in by_role.values()))
@@ -636,7 +757,7 @@ def sample_from_context(context_c, context_u, s=3.0, steps=20, seed=0):
     """Guided DDIM from given contexts (B, N_k, D_c): the pipeline's loop without the prompt encoding."""
     sampler = pipe.make_sampler(None, steps)
     generator = torch.Generator().manual_seed(seed)
-    B, f = context_c.shape[0], pipe.vae_scale_factor
+    B = context_c.shape[0]
     side = pipe.unet.config.sample_size
     z = randn((B, pipe.vae.config.latent_channels, side, side), generator, context_c)  # z_T ~ N(0, I)
     z = z * sampler.init_noise_sigma
@@ -682,8 +803,11 @@ def found(detections, colour, shape):
 
 scenes = [parse(p) for p in pair_prompts]
 swaps = [swapped_second(sc) for sc in scenes]
-edits = {"as is": context.clone(), "<eos> and pads emptied": context.clone(),
-         "second object's words swapped": context.clone()}
+edits = {
+    "as is": context.clone(),
+    "<eos> and pads emptied": context.clone(),
+    "second object's words swapped": context.clone(),
+}
 for b, (p, sc) in enumerate(zip(pair_prompts, scenes)):
     r = roles(result.tokens[b], sc)
     summary = r["<eos>"] + r["pads"]
@@ -699,9 +823,17 @@ print(f"{'context':<32} {'first object':>13} {'second object':>14} {'swapped-in 
 for name, ctx_edit in edits.items():
     x = x_as_is if name == "as is" else sample_from_context(ctx_edit, context_empty, steps=steps)
     detections = judge.detect(x)
-    rates = np.mean([[found(d, sc.objects[0].color, sc.objects[0].shape),
-                      found(d, sc.objects[1].color, sc.objects[1].shape), found(d, *swap)]
-                     for d, sc, swap in zip(detections, scenes, swaps)], axis=0)
+    rates = np.mean(
+        [
+            [
+                found(d, sc.objects[0].color, sc.objects[0].shape),
+                found(d, sc.objects[1].color, sc.objects[1].shape),
+                found(d, *swap),
+            ]
+            for d, sc, swap in zip(detections, scenes, swaps)
+        ],
+        axis=0,
+    )
     print(f"{name:<32} {rates[0]:>13.2f} {rates[1]:>14.2f} {rates[2]:>18.2f}")
 print(f"({len(pair_prompts)} prompts; {time.perf_counter() - T0:.0f} s into the notebook)")
 

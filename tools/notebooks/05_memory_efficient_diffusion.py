@@ -83,9 +83,11 @@ heads, tokens, dim_head = budget(fast=2, cpu=8), budget(fast=1024, cpu=4096), 40
 math_call = attention_case(backend="math", batch=1, heads=heads, tokens=tokens, dim_head=dim_head)
 m, _ = measure(math_call, warmup=1)
 predicted = 2 * attention_matrix_bytes(1, heads, tokens, tokens) + heads * tokens * dim_head * 4
-print(f"math path, 1 x {heads} heads x {tokens} tokens: predicted {predicted / MiB:.1f} MiB "
-      f"(2 x {attention_matrix_bytes(1, heads, tokens, tokens) / MiB:.0f} + output "
-      f"{heads * tokens * dim_head * 4 / MiB:.1f}), measured +{m.peak_mib:.1f} MiB in {m.seconds:.2f} s")
+print(
+    f"math path, 1 x {heads} heads x {tokens} tokens: predicted {predicted / MiB:.1f} MiB "
+    f"(2 x {attention_matrix_bytes(1, heads, tokens, tokens) / MiB:.0f} + output "
+    f"{heads * tokens * dim_head * 4 / MiB:.1f}), measured +{m.peak_mib:.1f} MiB in {m.seconds:.2f} s"
+)
 
 # %% [markdown]
 # The meter agrees with the shapes to within a MiB or so: at this size nothing but the two matrices matters.
@@ -96,13 +98,14 @@ print(f"math path, 1 x {heads} heads x {tokens} tokens: predicted {predicted / M
 # only that row, so compute the output `slice_size` query rows at a time; the two matrices shrink to
 # B x heads x slice_size x N. Written inline and checked against the course's version:
 
+
 # %%
 def sliced_attention(q, k, v, slice_size):
     out = torch.empty_like(q)  # (B, h, N, d)
     for start in range(0, q.shape[-2], slice_size):
-        q_slice = q[..., start:start + slice_size, :] / math.sqrt(q.shape[-1])  # (B, h, slice, d)
+        q_slice = q[..., start : start + slice_size, :] / math.sqrt(q.shape[-1])  # (B, h, slice, d)
         weights = (q_slice @ k.transpose(-1, -2)).softmax(-1)  # (B, h, slice, N)
-        out[..., start:start + slice_size, :] = weights @ v  # (B, h, slice, d)
+        out[..., start : start + slice_size, :] = weights @ v  # (B, h, slice, d)
     return out
 
 
@@ -133,6 +136,7 @@ with attention_backend("sliced", slice_size=64):
 # shift-invariant. Memory per query: m, l (two numbers) and o (d numbers), plus one block of scores:
 # **O(N (d + block))** for all queries, not O(N^2). The code, with the same symbols:
 
+
 # %%
 def blocked_attention(q, k, v, block):
     B, h, N, d = q.shape
@@ -140,12 +144,12 @@ def blocked_attention(q, k, v, block):
     l = torch.zeros(B, h, N, 1)  # running sum of exp(s - m)
     o = torch.zeros(B, h, N, d)  # running sum of exp(s - m) v
     for start in range(0, k.shape[-2], block):
-        s = (q / math.sqrt(d)) @ k[..., start:start + block, :].transpose(-1, -2)  # (B, h, N, block)
+        s = (q / math.sqrt(d)) @ k[..., start : start + block, :].transpose(-1, -2)  # (B, h, N, block)
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         p = (s - m_new).exp()  # (B, h, N, block)
         rescale = (m - m_new).exp()  # exp(m - m'): re-bases the old sums
         l = l * rescale + p.sum(-1, keepdim=True)
-        o = o * rescale + p @ v[..., start:start + block, :]  # (B, h, N, d)
+        o = o * rescale + p @ v[..., start : start + block, :]  # (B, h, N, d)
         m = m_new
     return o / l
 
@@ -173,16 +177,18 @@ slice_size = 256
 out_bytes = [heads * n * dim_head * 4 for n in token_counts]
 predicted = {  # bytes alive at the peak, from the table above
     "math": [2 * attention_matrix_bytes(1, heads, n, n) + o for n, o in zip(token_counts, out_bytes)],
-    "sliced": [2 * attention_matrix_bytes(1, heads, slice_size, n) + o
-               for n, o in zip(token_counts, out_bytes)],
+    "sliced": [
+        2 * attention_matrix_bytes(1, heads, slice_size, n) + o for n, o in zip(token_counts, out_bytes)
+    ],
     "sdpa": out_bytes,
 }
 measured = {b: [] for b in predicted}
 seconds = {b: [] for b in predicted}
 for n in token_counts:
     for b in measured:
-        call = attention_case(backend=b, batch=1, heads=heads, tokens=n, dim_head=dim_head,
-                              slice_size=slice_size)
+        call = attention_case(
+            backend=b, batch=1, heads=heads, tokens=n, dim_head=dim_head, slice_size=slice_size
+        )
         m, _ = measure(call, warmup=1)
         measured[b].append(m.peak_mib)
         seconds[b].append(m.seconds)
@@ -192,17 +198,24 @@ for b, color in zip(measured, ("C0", "C1", "C2")):
     ax.plot(token_counts, measured[b], "o-", color=color, label=f"{b}, measured")
     ax.plot(token_counts, [p / MiB for p in predicted[b]], ":", color=color, label=f"{b}, predicted")
 ax.set_yscale("log")
-ax.set(xlabel="tokens N", ylabel="peak extra MiB (log)",
-       title=f"one attention call, {heads} heads, d = {dim_head}")
+ax.set(
+    xlabel="tokens N",
+    ylabel="peak extra MiB (log)",
+    title=f"one attention call, {heads} heads, d = {dim_head}",
+)
 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: no curve hidden
 show(fig)
 plt.close(fig)
-print(f"{'tokens':>7} | {'math MiB pred/meas':>19} | {'sliced MiB pred/meas':>21} | "
-      f"{'SDPA MiB pred/meas':>19} | {'seconds math / sliced / SDPA':>29}")
+print(
+    f"{'tokens':>7} | {'math MiB pred/meas':>19} | {'sliced MiB pred/meas':>21} | "
+    f"{'SDPA MiB pred/meas':>19} | {'seconds math / sliced / SDPA':>29}"
+)
 for i, n in enumerate(token_counts):
     cols = [f"{predicted[b][i] / MiB:8.1f} / {measured[b][i]:6.1f}" for b in measured]
-    print(f"{n:7d} | {cols[0]:>19} | {cols[1]:>21} | {cols[2]:>19} | "
-          f"{seconds['math'][i]:8.2f} / {seconds['sliced'][i]:6.2f} / {seconds['sdpa'][i]:6.2f}")
+    print(
+        f"{n:7d} | {cols[0]:>19} | {cols[1]:>21} | {cols[2]:>19} | "
+        f"{seconds['math'][i]:8.2f} / {seconds['sliced'][i]:6.2f} / {seconds['sdpa'][i]:6.2f}"
+    )
 
 # %% [markdown]
 # *Figure: peak extra memory of one attention call against the number of tokens (log scale), measured
@@ -326,11 +339,15 @@ F = seconds["forward"]
 print(f"training step, batch {batch} (fastest of {len(rounds['plain'])} rounds):")
 print(f"  forward alone              {F:6.2f} s")
 for name, saved in (("plain", plain_saved), ("checkpointing", ckpt_saved)):
-    print(f"  {name + ' step':<26} {seconds[name]:6.2f} s = {seconds[name] / F:.1f} forwards"
-          f"   saved for backward {saved:6.1f} MiB, peak extra +{peak[name]:6.1f} MiB")
-print(f"  checkpointing: {seconds['checkpointing'] / seconds['plain'] - 1:+.0%} time, the extra is "
-      f"{(seconds['checkpointing'] - seconds['plain']) / F:.1f} forwards (predicted: about 1); "
-      f"{1 - peak['checkpointing'] / peak['plain']:.0%} less peak memory")
+    print(
+        f"  {name + ' step':<26} {seconds[name]:6.2f} s = {seconds[name] / F:.1f} forwards"
+        f"   saved for backward {saved:6.1f} MiB, peak extra +{peak[name]:6.1f} MiB"
+    )
+print(
+    f"  checkpointing: {seconds['checkpointing'] / seconds['plain'] - 1:+.0%} time, the extra is "
+    f"{(seconds['checkpointing'] - seconds['plain']) / F:.1f} forwards (predicted: about 1); "
+    f"{1 - peak['checkpointing'] / peak['plain']:.0%} less peak memory"
+)
 
 # %% [markdown]
 # What the rows say. **Time**: the "forwards" column counts each step in units of one forward pass
@@ -356,8 +373,10 @@ print(f"  checkpointing: {seconds['checkpointing'] / seconds['plain'] - 1:+.0%} 
 # written), keeping reductions and norms in fp32. The three formats, from `torch.finfo`:
 
 # %%
-print(f"{'format':>9} {'bits (exp, mantissa)':>21} {'largest finite':>15} {'spacing at 1':>13} "
-      f"{'spacing at 10,000':>18}")
+print(
+    f"{'format':>9} {'bits (exp, mantissa)':>21} {'largest finite':>15} {'spacing at 1':>13} "
+    f"{'spacing at 10,000':>18}"
+)
 for dtype, bits in ((torch.float32, "8, 23"), (torch.bfloat16, "8, 7"), (torch.float16, "5, 10")):
     info = torch.finfo(dtype)
     x = torch.tensor(10000.0, dtype=dtype)
@@ -399,8 +418,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         s = logits(q.to(dtype), k.to(dtype), how)  # (1, 1, N, N)
         out = s.softmax(-1).to(dtype) @ v.to(dtype)  # (1, 1, N, d)
         error = (out.float() - ref).abs().max()
-        print(f"{str(dtype).split('.')[1]:>9} {how:>20} {int(s.isinf().sum()):11d} "
-              f"{int(out.isnan().sum()):12d} {float(error):12.4f}")
+        print(
+            f"{str(dtype).split('.')[1]:>9} {how:>20} {int(s.isinf().sum()):11d} "
+            f"{int(out.isnan().sum()):12d} {float(error):12.4f}"
+        )
 
 # %% [markdown]
 # Row by row:
@@ -459,13 +480,19 @@ def scaled_vae(s):
 peaks = {}
 for s in (1, 50_000):
     big = scaled_vae(s)
-    peaks[s] = max_activations(big.decoder, lambda: big.decode(z), kinds=stages)  # {stage: max |output|}
+    # {stage: max |output|}; max_activations calls the lambda at once, on this s's model
+    peaks[s] = max_activations(big.decoder, lambda: big.decode(z), kinds=stages)  # noqa: B023
 names = list(peaks[1])
 fig, ax = plt.subplots(figsize=(5.5, 3.2))
 width = 0.38
 for i, (s, color) in enumerate(zip(peaks, ("C0", "C3"))):
-    ax.bar([j + (i - 0.5) * width for j in range(len(names))], [peaks[s][nm] for nm in names], width,
-           color=color, label=f"conv_in x {s:,}")
+    ax.bar(
+        [j + (i - 0.5) * width for j in range(len(names))],
+        [peaks[s][nm] for nm in names],
+        width,
+        color=color,
+        label=f"conv_in x {s:,}",
+    )
 ax.axhline(FP16_MAX, color="k", ls="--", lw=1)
 ax.text(2.5, FP16_MAX * 1.6, "fp16 max 65,504", ha="center", fontsize=8)
 ax.set_yscale("log")
@@ -487,8 +514,10 @@ for s in peaks:
 # the reference. A middle scale, s = 10,000, keeps every activation below 65,504:
 
 # %%
-print(f"{'conv_in x':>10} | {'fp16: non-finite pixels':>23} | {'fp16: max |error|':>17} | "
-      f"{'bf16: max |error|':>17}")
+print(
+    f"{'conv_in x':>10} | {'fp16: non-finite pixels':>23} | {'fp16: max |error|':>17} | "
+    f"{'bf16: max |error|':>17}"
+)
 for s in (1, 10_000, 50_000):
     big = scaled_vae(s)
     with torch.no_grad():
@@ -498,8 +527,10 @@ for s in (1, 10_000, 50_000):
         x_bf16 = copy.deepcopy(big).bfloat16().decode(z.bfloat16())
     finite = x_fp16.isfinite()
     fp16_error = (x_fp16.float() - x_ref)[finite].abs().max() if finite.any() else torch.tensor(math.nan)
-    print(f"{s:>10,} | {float((~finite).float().mean()):23.1%} | {float(fp16_error):17.3f} | "
-          f"{float((x_bf16.float() - x_ref).abs().max()):17.3f}")
+    print(
+        f"{s:>10,} | {float((~finite).float().mean()):23.1%} | {float(fp16_error):17.3f} | "
+        f"{float((x_bf16.float() - x_ref).abs().max()):17.3f}"
+    )
 
 # %% [markdown]
 # Row by row (images in [-1, 1]):
@@ -554,24 +585,40 @@ def decode(z, tiled):
 
 for side in sides:
     z = torch.randn(1, 4, side, side)
-    a, x_full = measure(lambda: decode(z, tiled=False), warmup=1)
-    b, x_tiled = measure(lambda: decode(z, tiled=True), warmup=1)
+    # measure calls each lambda at once, on this side's z
+    a, x_full = measure(lambda: decode(z, tiled=False), warmup=1)  # noqa: B023
+    b, x_tiled = measure(lambda: decode(z, tiled=True), warmup=1)  # noqa: B023
     covered = sum(stop - start for start, stop in tile_spans(side, tile, tile // 4))
-    rows.append(dict(side=side, untiled=a, tiled=b, diff=float((x_full - x_tiled).abs().max()),
-                     area=(covered / side) ** 2))
+    rows.append(
+        dict(
+            side=side,
+            untiled=a,
+            tiled=b,
+            diff=float((x_full - x_tiled).abs().max()),
+            area=(covered / side) ** 2,
+        )
+    )
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot([r["side"] * f for r in rows], [r["untiled"].peak_mib for r in rows], "o-", label="untiled")
-ax.plot([r["side"] * f for r in rows], [r["tiled"].peak_mib for r in rows], "o-",
-        label=f"tiled ({tile} latents, overlap {tile // 4})")
+ax.plot(
+    [r["side"] * f for r in rows],
+    [r["tiled"].peak_mib for r in rows],
+    "o-",
+    label=f"tiled ({tile} latents, overlap {tile // 4})",
+)
 ax.set(xlabel="image side (px)", ylabel="peak extra MiB", title="VAE decode")
 ax.legend()
 show(fig)
 plt.close(fig)
-print(f"{'image px':>8} | {'peak MiB untiled / tiled':>24} | {'time s untiled / tiled':>22} | "
-      f"{'tiled area / image':>18} | {'max |tiled - untiled|':>21}")
+print(
+    f"{'image px':>8} | {'peak MiB untiled / tiled':>24} | {'time s untiled / tiled':>22} | "
+    f"{'tiled area / image':>18} | {'max |tiled - untiled|':>21}"
+)
 for r in rows:
-    print(f"{r['side'] * f:8d} | {r['untiled'].peak_mib:11.1f} / {r['tiled'].peak_mib:10.1f} | "
-          f"{r['untiled'].seconds:10.3f} / {r['tiled'].seconds:9.3f} | {r['area']:18.2f} | {r['diff']:21.3f}")
+    print(
+        f"{r['side'] * f:8d} | {r['untiled'].peak_mib:11.1f} / {r['tiled'].peak_mib:10.1f} | "
+        f"{r['untiled'].seconds:10.3f} / {r['tiled'].seconds:9.3f} | {r['area']:18.2f} | {r['diff']:21.3f}"
+    )
 
 # %% [markdown]
 # *Figure: the untiled decode's peak grows with the image area; the tiled one stays near one tile's.*
@@ -592,9 +639,11 @@ for r in rows:
 z = torch.randn(4, 4, tile, tile)
 whole, x_whole = measure(lambda: decode(z, tiled=False), warmup=1)
 one_by_one, x_sliced = measure(torch.no_grad()(lambda: sliced_decode(vae, z)), warmup=1)
-print(f"batch of 4: whole +{whole.peak_mib:.1f} MiB, one at a time +{one_by_one.peak_mib:.1f} MiB "
-      f"({one_by_one.peak_bytes / whole.peak_bytes:.2f}x), "
-      f"max diff {float((x_sliced - x_whole).abs().max()):.2g}")
+print(
+    f"batch of 4: whole +{whole.peak_mib:.1f} MiB, one at a time +{one_by_one.peak_mib:.1f} MiB "
+    f"({one_by_one.peak_bytes / whole.peak_bytes:.2f}x), "
+    f"max diff {float((x_sliced - x_whole).abs().max()):.2g}"
+)
 
 # %% [markdown]
 # diffusers' `enable_tiling()` tiles only latents larger than `sample_size / f` (64 for SD), so at 512 px
@@ -638,11 +687,23 @@ with torch.no_grad():
 
 # %%
 out_dir = ROOT / "runs" / "bench05_notebook"
-quick_rows = budget(fast=["unet_math", "unet_sdpa"],
-                    cpu=["unet_math", "unet_sdpa", "unet_sliced", "vae_decode_large",
-                         "vae_decode_large_tiled"])
-cmd = [sys.executable, str(ROOT / "05_memory_efficient_diffusion" / "benchmark.py"), "--quick",
-       "--out", str(out_dir), "--repeats", "1", "--warmup", "1", "--rows", *quick_rows]
+quick_rows = budget(
+    fast=["unet_math", "unet_sdpa"],
+    cpu=["unet_math", "unet_sdpa", "unet_sliced", "vae_decode_large", "vae_decode_large_tiled"],
+)
+cmd = [
+    sys.executable,
+    str(ROOT / "05_memory_efficient_diffusion" / "benchmark.py"),
+    "--quick",
+    "--out",
+    str(out_dir),
+    "--repeats",
+    "1",
+    "--warmup",
+    "1",
+    "--rows",
+    *quick_rows,
+]
 t0 = time.perf_counter()
 subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 print(f"benchmark --quick: {time.perf_counter() - t0:.0f} s")
@@ -655,8 +716,16 @@ def read_table(path):
     return [dict(zip(header, (c.strip() for c in cells))) for cells in lines[2:]]
 
 
-columns = ["row", "ours_s", "diffusers_s", "time_ratio", "ours_peak_MiB", "diffusers_peak_MiB", "mem_ratio",
-           "ours_maxdiff"]
+columns = [
+    "row",
+    "ours_s",
+    "diffusers_s",
+    "time_ratio",
+    "ours_peak_MiB",
+    "diffusers_peak_MiB",
+    "mem_ratio",
+    "ours_maxdiff",
+]
 widths = [18] + [12] * (len(columns) - 1)
 print(" | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)))
 for r in read_table(out_dir / "table.md"):
@@ -699,8 +768,16 @@ for path in (results / "results_cpu" / "table.md", results / "results_cpu_rerun"
     if path.exists():
         full.update({r["row"]: r for r in read_table(path) if r["row"] not in full})
 print(f"{'row':>24} | {'ours peak MiB':>13} | {'diffusers peak MiB':>18} | {'ours / diffusers':>16}")
-for name in ("unet_math", "unet_sdpa", "unet_sliced", "vae_decode_small", "vae_decode_large",
-             "vae_decode_large_tiled", "train", "train_checkpointing"):
+for name in (
+    "unet_math",
+    "unet_sdpa",
+    "unet_sliced",
+    "vae_decode_small",
+    "vae_decode_large",
+    "vae_decode_large_tiled",
+    "train",
+    "train_checkpointing",
+):
     if name in full:
         r = full[name]
         print(f"{name:>24} | {r['ours_peak_MiB']:>13} | {r['diffusers_peak_MiB']:>18} | {r['mem_ratio']:>16}")

@@ -45,17 +45,23 @@ setup_notebook()  # seed 0, small inline figures; prints the device
 
 # %%
 with torch.device("meta"):
-    sd_unet, sd_vae, sd_text = UNet(UNetConfig.sd15()), AutoencoderKL(AutoencoderConfig.sd15()), \
-        CLIPTextModel(CLIPTextConfig.vit_l14())
+    sd_unet, sd_vae, sd_text = (
+        UNet(UNetConfig.sd15()),
+        AutoencoderKL(AutoencoderConfig.sd15()),
+        CLIPTextModel(CLIPTextConfig.vit_l14()),
+    )
 
 
 def count(*modules) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-rows = {"VAE encoder (+ quant_conv)": count(sd_vae.encoder, sd_vae.quant_conv),
-        "VAE decoder (+ post_quant_conv)": count(sd_vae.decoder, sd_vae.post_quant_conv),
-        "UNet": count(sd_unet), "CLIP text encoder (ViT-L/14)": count(sd_text)}
+rows = {
+    "VAE encoder (+ quant_conv)": count(sd_vae.encoder, sd_vae.quant_conv),
+    "VAE decoder (+ post_quant_conv)": count(sd_vae.decoder, sd_vae.post_quant_conv),
+    "UNet": count(sd_unet),
+    "CLIP text encoder (ViT-L/14)": count(sd_text),
+}
 total = sum(rows.values())
 print(f"{'part':34s} {'parameters':>14s} {'share':>7s} {'fp32 MB':>8s}")
 for name, n in rows.items():
@@ -64,15 +70,15 @@ print(f"{'total':34s} {total:14,d} {1:7.1%} {4 * total / 2**20:8.0f}")
 del sd_unet, sd_vae, sd_text
 
 # %% [markdown]
-# The UNet holds four fifths of the model, and it runs once (twice, with guidance) per denoising step; the text
-# encoder runs once per prompt and the decoder once per image. That is why chapter 05's memory and speed work
-# targets the UNet's attention.
+# The UNet holds four fifths of the model, and it runs once (twice, with guidance) per denoising step; the
+# text encoder runs once per prompt and the decoder once per image. That is why chapter 05's memory and speed
+# work targets the UNet's attention.
 #
 # ## 2. The pipeline one stage at a time
 #
 # We use the course's own text-to-image model when it is there (`checkpoints/course_t2i`, written by
-# `train_text_to_image.py`); otherwise a tiny *random* pipeline stands in, so every cell still runs (its images
-# are noise, not pictures: the cell says which one you have).
+# `train_text_to_image.py`); otherwise a tiny *random* pipeline stands in, so every cell still runs (its
+# images are noise, not pictures: the cell says which one you have).
 
 # %%
 if (COURSE_MODEL / "model_index.json").is_file():
@@ -85,13 +91,15 @@ size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 steps = budget(fast=3, cpu=25)
 print("using", which)
 print(pipe)
-print(f"images {size} px, latents {pipe.vae.config.latent_channels} x {size // pipe.vae_scale_factor} x "
-      f"{size // pipe.vae_scale_factor}, {steps} steps")
+print(
+    f"images {size} px, latents {pipe.vae.config.latent_channels} x {size // pipe.vae_scale_factor} x "
+    f"{size // pipe.vae_scale_factor}, {steps} steps"
+)
 
 # %% [markdown]
-# **Tokenize.** The tokenizer turns the prompt into a fixed-length row of ids: `<bos>`, the words, `<eos>`, then
-# padding up to the context length. The course model reads Shapes captions with a word-level tokenizer; SD 1.5
-# uses CLIP's byte-pair tokenizer with 77 positions. The same call works for both.
+# **Tokenize.** The tokenizer turns the prompt into a fixed-length row of ids: `<bos>`, the words, `<eos>`,
+# then padding up to the context length. The course model reads Shapes captions with a word-level tokenizer;
+# SD 1.5 uses CLIP's byte-pair tokenizer with 77 positions. The same call works for both.
 
 # %%
 prompt = "a small red circle at the top left"
@@ -110,15 +118,18 @@ context = pipe.encode_prompt(["", prompt])  # (2, N_k, D_c)
 print("context:", tuple(context.shape), f"mean {context.mean():.3f} std {context.std():.3f}")
 
 # %% [markdown]
-# **Initial noise.** z_T ~ N(0, I) of shape (B, 4, H/f, W/f), drawn from a seeded generator exactly as diffusers
-# draws it (`torch.randn(shape, generator=g)`, times the sampler's `init_noise_sigma`, 1 for DDIM): the same seed
-# gives the same image in both libraries.
+# **Initial noise.** z_T ~ N(0, I) of shape (B, 4, H/f, W/f), drawn from a seeded generator exactly as
+# diffusers draws it (`torch.randn(shape, generator=g)`, times the sampler's `init_noise_sigma`, 1 for DDIM):
+# the same seed gives the same image in both libraries.
 
 # %%
 sampler = pipe.make_sampler("ddim", steps)
 f = pipe.vae_scale_factor
 g = torch.Generator().manual_seed(0)
-z = torch.randn((1, pipe.vae.config.latent_channels, size // f, size // f), generator=g) * sampler.init_noise_sigma
+z = (
+    torch.randn((1, pipe.vae.config.latent_channels, size // f, size // f), generator=g)
+    * sampler.init_noise_sigma
+)
 print("z_T:", tuple(z.shape), f"std {z.std():.3f}; timesteps {sampler.timesteps.tolist()}")
 
 # %% [markdown]
@@ -136,8 +147,10 @@ with torch.no_grad():
 eps = eps_u + s * (eps_c - eps_u)
 x0_pred = pipe.schedule.predict_x0(eps, z, t)
 z_next = sampler.step(eps, t, z)
-print(f"t = {int(t)}: |eps_c - eps_u| = {(eps_c - eps_u).abs().mean():.4f} (what the prompt changes), "
-      f"|eps| = {eps.abs().mean():.3f}")
+print(
+    f"t = {int(t)}: |eps_c - eps_u| = {(eps_c - eps_u).abs().mean():.4f} (what the prompt changes), "
+    f"|eps| = {eps.abs().mean():.3f}"
+)
 print(f"z_t std {z.std():.3f} -> z_(t_prev) std {z_next.std():.3f}; x0_pred std {x0_pred.std():.3f}")
 
 # %% [markdown]
@@ -157,28 +170,44 @@ with torch.no_grad():
     by_hand = (pipe.vae.decode(zt / pipe.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1)
     shown = [trajectory[i] for i in sorted({0, len(trajectory) // 3, 2 * len(trajectory) // 3})] + [zt]
     frames = [(pipe.vae.decode(x / pipe.vae.config.scaling_factor) / 2 + 0.5).clamp(0, 1) for x in shown]
-show(image_grid(torch.cat(frames), captions=["x0_pred, step 1", "x0_pred, 1/3", "x0_pred, 2/3", "z_0"][-len(frames):],
-                value_range=(0, 1), size=1.4))
+show(
+    image_grid(
+        torch.cat(frames),
+        captions=["x0_pred, step 1", "x0_pred, 1/3", "x0_pred, 2/3", "z_0"][-len(frames) :],
+        value_range=(0, 1),
+        size=1.4,
+    )
+)
 print("Figure: the decoded clean-image guess early, a third and two thirds in, and the final image.")
 
 # %% [markdown]
-# **The same with one call.** `StableDiffusion.__call__` does exactly these stages (plus a progress bar, batching
-# and checks); with the same seed it gives the same image. The tests check the same against diffusers'
-# `StableDiffusionPipeline` with the same weights (DDIM and DPM-Solver++, within 1/255).
+# **The same with one call.** `StableDiffusion.__call__` does exactly these stages (plus a progress bar,
+# batching and checks); with the same seed it gives the same image. The tests check the same against
+# diffusers' `StableDiffusionPipeline` with the same weights (DDIM and DPM-Solver++, within 1/255).
 
 # %%
 t0 = time.perf_counter()
-out = pipe(prompt, num_inference_steps=steps, guidance_scale=s, generator=0, sampler="ddim", output_type="pt",
-           progress=False)
-print(f"one call: {time.perf_counter() - t0:.2f} s; max |pipeline - by hand| = {(out.images - by_hand).abs().max():.2e}")
+out = pipe(
+    prompt,
+    num_inference_steps=steps,
+    guidance_scale=s,
+    generator=0,
+    sampler="ddim",
+    output_type="pt",
+    progress=False,
+)
+print(
+    f"one call: {time.perf_counter() - t0:.2f} s; max |pipeline - by hand| "
+    f"= {(out.images - by_hand).abs().max():.2e}"
+)
 
 # %% [markdown]
 # ## 3. The knobs
 #
 # **Guidance scale.** Rows are seeds, columns scales. The first column is the unconditional model: the empty
 # prompt alone, which is what s = 0 means in the guidance formula. (The pipeline, like diffusers, skips the
-# unconditional pass for any s <= 1 and returns the conditional prediction, so `guidance_scale=0` would not show
-# it: we ask for the empty prompt instead.) s = 1 is the conditional model without guidance.
+# unconditional pass for any s <= 1 and returns the conditional prediction, so `guidance_scale=0` would not
+# show it: we ask for the empty prompt instead.) s = 1 is the conditional model without guidance.
 
 # %%
 scales = [1.0, 7.5] if is_fast() else [1.0, 2.0, 4.0, 7.5, 12.0]
@@ -186,41 +215,67 @@ seeds = [0, 1]
 with torch.no_grad():
     grid = []
     for sd in seeds:
-        grid.append(pipe("", num_inference_steps=steps, guidance_scale=1.0, generator=sd, output_type="pt",
-                         progress=False).images)  # s = 0: the unconditional model
-        grid += [pipe(prompt, num_inference_steps=steps, guidance_scale=sc, generator=sd, output_type="pt",
-                      progress=False).images for sc in scales]
-captions = [f"seed {sd}, {'s = 0 (uncond.)' if sc is None else f's = {sc:g}'}"
-            for sd in seeds for sc in [None, *scales]]
+        grid.append(
+            pipe(
+                "",
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                generator=sd,
+                output_type="pt",
+                progress=False,
+            ).images
+        )  # s = 0: the unconditional model
+        grid += [
+            pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=sc,
+                generator=sd,
+                output_type="pt",
+                progress=False,
+            ).images
+            for sc in scales
+        ]
+captions = [
+    f"seed {sd}, {'s = 0 (uncond.)' if sc is None else f's = {sc:g}'}"
+    for sd in seeds
+    for sc in [None, *scales]
+]
 show(image_grid(torch.cat(grid), captions=captions, ncols=len(scales) + 1, value_range=(0, 1), size=1.3))
-print(f"Figure: '{prompt}' unconditionally and at guidance scales {scales} (columns) for seeds {seeds} (rows).")
+print(
+    f"Figure: '{prompt}' unconditionally and at guidance scales {scales} (columns) for seeds {seeds} (rows)."
+)
 
 # %% [markdown]
 # What the grid shows: at s = 0 the model draws whatever it likes; from s = 1 on it draws the prompt, and on a
-# one-object prompt that this model already gets right, more guidance changes the picture very little. One grid
-# says little about a scale, so chapter 04 measured it on this same model: 8 held-out prompts x 24 seeds at each
-# scale, graded by the judge, with the spread of the images across seeds as a measure of diversity
+# one-object prompt that this model already gets right, more guidance changes the picture very little. One
+# grid says little about a scale, so chapter 04 measured it on this same model: 8 held-out prompts x 24 seeds
+# at each scale, graded by the judge, with the spread of the images across seeds as a measure of diversity
 # (`python 04_cross_attention/guidance_sweep.py`; the committed results are read here, not recomputed).
 
 # %%
 ROOT = COURSE_MODEL.parents[1]  # the repository
 SWEEP = json.loads((ROOT / "04_cross_attention" / "guidance_sweep_course.json").read_text())
 curves = SWEEP["curves"]
-print(f"{SWEEP['model']}, DDIM {SWEEP['steps']} steps, {SWEEP['seeds']} seeds per prompt; command: "
-      f"{SWEEP['command']}")
+print(
+    f"{SWEEP['model']}, DDIM {SWEEP['steps']} steps, {SWEEP['seeds']} seeds per prompt; command: "
+    f"{SWEEP['command']}"
+)
 print("   s   one object right   two objects right   diversity (one / two objects)")
 for k, scale in enumerate(curves["scales"]):
     one, two = curves["one object"], curves["two objects"]
-    print(f"{scale:>4g}   {one['adherence'][k]['mean']:>16.2f}   {two['adherence'][k]['mean']:>17.2f}   "
-          f"{one['diversity'][k]['mean']:.3f} / {two['diversity'][k]['mean']:.3f}")
+    print(
+        f"{scale:>4g}   {one['adherence'][k]['mean']:>16.2f}   {two['adherence'][k]['mean']:>17.2f}   "
+        f"{one['diversity'][k]['mean']:.3f} / {two['diversity'][k]['mean']:.3f}"
+    )
 display(Image(filename=str(ROOT / "04_cross_attention" / "guidance_sweep_course.png"), width=900))
 
 # %% [markdown]
 # Read the curves, not the grid: guidance buys prompt following where the model is unsure. One-object prompts
-# are already 93% right at s = 1 and saturate by s = 2; two-object prompts climb from 51% at s = 1 to about 70%
-# at s = 5-7.5 and fall back a little at 12. Diversity across seeds is what it costs: for one-object prompts it
-# drops from 0.061 at s = 1 to 0.036 at s = 12 (the same object, drawn ever more alike); two-object scenes keep
-# most of theirs, because the seeds still disagree on where the objects go.
+# are already 93% right at s = 1 and saturate by s = 2; two-object prompts climb from 51% at s = 1 to about
+# 70% at s = 5-7.5 and fall back a little at 12. Diversity across seeds is what it costs: for one-object
+# prompts it drops from 0.061 at s = 1 to 0.036 at s = 12 (the same object, drawn ever more alike); two-object
+# scenes keep most of theirs, because the seeds still disagree on where the objects go.
 
 # %% [markdown]
 # **Attention maps.** With `capture_attention=True` the pipeline records the cross-attention weights of every
@@ -229,22 +284,34 @@ display(Image(filename=str(ROOT / "04_cross_attention" / "guidance_sweep_course.
 
 # %%
 two = "a small red circle on the left of a large blue square"
-res = pipe(two, num_inference_steps=steps, guidance_scale=s, generator=0, output_type="pt", capture_attention=True,
-           progress=False)
+res = pipe(
+    two,
+    num_inference_steps=steps,
+    guidance_scale=s,
+    generator=0,
+    output_type="pt",
+    capture_attention=True,
+    progress=False,
+)
 tokens = res.tokens[0]
-words = [i for i, w in enumerate(tokens) if w in ("small", "red", "circle", "left", "large", "blue", "square")]
-show(overlay_attention(res.images[0], res.attention_maps[0, words], [tokens[i] for i in words], value_range=(0, 1),
-                       size=1.4))
+words = [
+    i for i, w in enumerate(tokens) if w in ("small", "red", "circle", "left", "large", "blue", "square")
+]
+show(
+    overlay_attention(
+        res.images[0], res.attention_maps[0, words], [tokens[i] for i in words], value_range=(0, 1), size=1.4
+    )
+)
 print(f"Figure: '{two}' and the cross-attention of each word, averaged over steps, layers and heads.")
 
 # %% [markdown]
 # **img2img** (SDEdit, Meng et al. 2022): encode an image, noise it to the timestep that `strength` picks, and
 # denoise from there. Strength 0 gives the image back (through the VAE), strength 1 ignores it. **Inpainting**
-# with the same model: after every step the known part of the latent is replaced by the original, noised to the
-# current level, so only the white part of the mask is generated (latent blending).
+# with the same model: after every step the known part of the latent is replaced by the original, noised to
+# the current level, so only the white part of the mask is generated (latent blending).
 #
-# To see both halves of that promise, the cell picks the first test image with one object in each half, keeps the
-# right half (its object must survive untouched) and asks for a different object on the left: a red circle
+# To see both halves of that promise, the cell picks the first test image with one object in each half, keeps
+# the right half (its object must survive untouched) and asks for a different object on the left: a red circle
 # where there was something else.
 
 # %%
@@ -261,50 +328,90 @@ def one_object_per_half(item) -> bool:
 
 item = next(test_set[i] for i in range(len(test_set)) if one_object_per_half(test_set[i]))
 right = max(item["objects"], key=lambda obj: obj["center"][0])  # the object the inpainting must keep
-base = ((item["image"][None] + 1) / 2)  # (1, 3, H, W) in [0, 1]
-base = torch.nn.functional.interpolate(base, size=(size, size), mode="area") if base.shape[-1] != size else base
+base = (item["image"][None] + 1) / 2  # (1, 3, H, W) in [0, 1]
+base = (
+    torch.nn.functional.interpolate(base, size=(size, size), mode="area") if base.shape[-1] != size else base
+)
 strengths = [0.0, 0.3, 0.6, 0.9]
 edit_prompt = "a large blue circle at the center"
-edits = [pipe(edit_prompt, image=base, strength=st, num_inference_steps=steps, guidance_scale=s, generator=0,
-              output_type="pt", progress=False).images for st in strengths]
+edits = [
+    pipe(
+        edit_prompt,
+        image=base,
+        strength=st,
+        num_inference_steps=steps,
+        guidance_scale=s,
+        generator=0,
+        output_type="pt",
+        progress=False,
+    ).images
+    for st in strengths
+]
 mask = torch.zeros(1, 1, size, size)
 mask[..., :, : size // 2] = 1.0  # repaint the left half
 inpaint_prompt = f"a large red circle to the left of a {right['size']} {right['color']} {right['shape']}"
-inpainted = pipe(inpaint_prompt, image=base, mask_image=mask, strength=1.0,
-                 num_inference_steps=steps, guidance_scale=s, generator=0, output_type="pt", progress=False).images
-show(image_grid(torch.cat([base, *edits, mask.expand(1, 3, size, size), inpainted]),
-                captions=[item["caption"]] + [f"img2img {st:g}" for st in strengths] + ["mask: white = repaint",
-                                                                                       "inpainted"],
-                ncols=7, value_range=(0, 1), size=1.3))
-kept = (inpainted - edits[0])[..., size // 2 + f:].abs().mean().item()  # edits[0]: the image through the VAE
+inpainted = pipe(
+    inpaint_prompt,
+    image=base,
+    mask_image=mask,
+    strength=1.0,
+    num_inference_steps=steps,
+    guidance_scale=s,
+    generator=0,
+    output_type="pt",
+    progress=False,
+).images
+show(
+    image_grid(
+        torch.cat([base, *edits, mask.expand(1, 3, size, size), inpainted]),
+        captions=[item["caption"]]
+        + [f"img2img {st:g}" for st in strengths]
+        + ["mask: white = repaint", "inpainted"],
+        ncols=7,
+        value_range=(0, 1),
+        size=1.3,
+    )
+)
+kept = (inpainted - edits[0])[..., size // 2 + f :].abs().mean().item()  # edits[0]: the image through the VAE
 repainted = (inpainted - edits[0])[..., : size // 2].abs().mean().item()
 vae_error = (edits[0] - base).abs().mean().item()
-print(f"Figure: a Shapes test image, img2img towards '{edit_prompt}' at strengths {strengths}, and inpainting "
-      f"of its left half with '{inpaint_prompt}'.\n"
-      f"Mean change against the VAE's own version of the image: right half (kept) {kept:.3f}, left half "
-      f"(repainted) {repainted:.3f}; the VAE's reconstruction error: {vae_error:.3f}")
+print(
+    f"Figure: a Shapes test image, img2img towards '{edit_prompt}' at strengths {strengths}, and inpainting "
+    f"of its left half with '{inpaint_prompt}'.\n"
+    f"Mean change against the VAE's own version of the image: right half (kept) {kept:.3f}, left half "
+    f"(repainted) {repainted:.3f}; the VAE's reconstruction error: {vae_error:.3f}"
+)
 
 # %% [markdown]
 # ## 4. The course model: results and metrics
 #
-# `train_text_to_image.py` trains the course's model from scratch on Shapes (frozen course VAE, CLIP-architecture
-# text encoder and cross-attention UNet trained jointly, caption dropout for guidance) and `evaluate.py` measures
-# how well it follows prompts with a judge trained on Shapes' ground truth. Both write into the model card.
+# `train_text_to_image.py` trains the course's model from scratch on Shapes (frozen course VAE,
+# CLIP-architecture text encoder and cross-attention UNet trained jointly, caption dropout for guidance) and
+# `evaluate.py` measures how well it follows prompts with a judge trained on Shapes' ground truth. Both
+# write into the model card.
 
 # %%
 card = COURSE_MODEL / "README.md"
 if card.is_file() and "## Metrics" in card.read_text():
     print(card.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0].strip())
 else:
-    print("SKIPPED: no course model card with metrics yet (checkpoints/course_t2i/README.md); run "
-          "06_stable_diffusion_architecture/train_text_to_image.py --ship checkpoints/course_t2i, then evaluate.py")
+    print(
+        "SKIPPED: no course model card with metrics yet (checkpoints/course_t2i/README.md); run "
+        "06_stable_diffusion_architecture/train_text_to_image.py --ship "
+        "checkpoints/course_t2i, then evaluate.py"
+    )
 
 # %%
-held_out = ["a small red circle at the top left", "a large blue square at the bottom right",
-            "a small green triangle in the center", "a small yellow circle above a large purple square"]
+held_out = [
+    "a small red circle at the top left",
+    "a large blue square at the bottom right",
+    "a small green triangle in the center",
+    "a small yellow circle above a large purple square",
+]
 with torch.no_grad():
-    samples = pipe(held_out, num_inference_steps=steps, guidance_scale=s, generator=0, output_type="pt",
-                   progress=False).images
+    samples = pipe(
+        held_out, num_inference_steps=steps, guidance_scale=s, generator=0, output_type="pt", progress=False
+    ).images
 show(image_grid(samples, captions=held_out, ncols=4, value_range=(0, 1), size=1.5))
 print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}.")
 
@@ -329,8 +436,15 @@ else:
     sd = StableDiffusion.from_pretrained(sd_path, tokenizer_path=os.environ.get("SD15_TOKENIZER"))
     print(sd)
     t0 = time.perf_counter()
-    img = sd("a watercolor painting of a red fox in the snow", num_inference_steps=25, guidance_scale=7.5,
-             generator=0, height=512, width=512, sampler="dpmpp_2m").images[0]
+    img = sd(
+        "a watercolor painting of a red fox in the snow",
+        num_inference_steps=25,
+        guidance_scale=7.5,
+        generator=0,
+        height=512,
+        width=512,
+        sampler="dpmpp_2m",
+    ).images[0]
     print(f"512 px in {time.perf_counter() - t0:.0f} s")
     display(img.resize((256, 256)))
 
@@ -342,8 +456,9 @@ else:
 #   img2img and inpainting.
 # * Classifier-free guidance costs a second UNet pass per step and buys prompt following; its scale trades
 #   diversity for fidelity.
-# * Drawing the initial noise exactly as diffusers does makes the course pipeline a drop-in: same weights, same
-#   seed, same image (tested within 1/255 for DDIM and DPM-Solver++, both ways, and from a single-file checkpoint).
+# * Drawing the initial noise exactly as diffusers does makes the course pipeline a drop-in: same weights,
+#   same seed, same image (tested within 1/255 for DDIM and DPM-Solver++, both ways, and from a
+#   single-file checkpoint).
 # * img2img and inpainting need no new model: they change where the loop starts and what it may change.
 #
 # ## Exercises

@@ -24,9 +24,17 @@ from matplotlib.figure import Figure
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from matplotlib.figure import Figure
 
-from common.flow import (FlowEulerSampler, FlowSchedule, add_noise, logit_normal_density,
-                         sample_sigmas_logit_normal, shift_sigma, velocity_target)
+from common.flow import (
+    FlowEulerSampler,
+    FlowSchedule,
+    add_noise,
+    logit_normal_density,
+    sample_sigmas_logit_normal,
+    shift_sigma,
+    velocity_target,
+)
 from common.mmdit import MMDiT, MMDiTConfig, unpatchify
 from common.runtime import budget, setup_notebook
 from common.samplers import DDIMSampler, sample_loop, sampler_from_diffusers
@@ -68,10 +76,12 @@ alpha = schedule.alpha_bar[t].sqrt().view(-1, 1, 1, 1)  # alpha_t, (B, 1, 1, 1)
 sigma = (1 - schedule.alpha_bar[t]).sqrt().view(-1, 1, 1, 1)  # sigma_t
 v = alpha * eps - sigma * z0
 z_t = alpha * z0 + sigma * eps
-checks = {"v vs diffusers' get_velocity": v - reference.get_velocity(z0, eps, t),
-          "v vs common.schedules.v_target": v - schedule.v_target(z0, eps, t),
-          "alpha z_t - sigma v recovers z_0": alpha * z_t - sigma * v - z0,
-          "sigma z_t + alpha v recovers eps": sigma * z_t + alpha * v - eps}
+checks = {
+    "v vs diffusers' get_velocity": v - reference.get_velocity(z0, eps, t),
+    "v vs common.schedules.v_target": v - schedule.v_target(z0, eps, t),
+    "alpha z_t - sigma v recovers z_0": alpha * z_t - sigma * v - z0,
+    "sigma z_t + alpha v recovers eps": sigma * z_t + alpha * v - eps,
+}
 for name, diff in checks.items():
     print(f"{name:34s} max |diff| = {diff.abs().max():.1e}")
 
@@ -100,8 +110,11 @@ delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # an error of no
 z_t = schedule.add_noise(z0, eps, ts)
 targets = {"epsilon": eps, "sample": z0, "v_prediction": schedule.v_target(z0, eps, ts)}
 a_t, s_t = schedule.alpha_bar[ts].sqrt(), (1 - schedule.alpha_bar[ts]).sqrt()
-predicted = {"epsilon": (s_t / a_t, torch.ones_like(a_t)), "sample": (torch.ones_like(a_t), a_t / s_t),
-             "v_prediction": (s_t, a_t)}
+predicted = {
+    "epsilon": (s_t / a_t, torch.ones_like(a_t)),
+    "sample": (torch.ones_like(a_t), a_t / s_t),
+    "v_prediction": (s_t, a_t),
+}
 fig = Figure(figsize=(9, 3.2))
 axes = fig.subplots(1, 2)
 worst = 0.0
@@ -119,8 +132,10 @@ fig.tight_layout()
 show(fig)
 print(f"SNR(0) = {schedule.snr(0):.0f}, SNR(999) = {schedule.snr(999):.4f}")
 print(f"measured errors vs the predicted factors: worst relative difference {worst:.1e}")
-print(f"predicted at t = 999: eps model's x0 error x{s_t[-1] / a_t[-1]:.1f}; at t = 0: x0 model's eps error "
-      f"x{a_t[0] / s_t[0]:.1f}; v model: at most x1")
+print(
+    f"predicted at t = 999: eps model's x0 error x{s_t[-1] / a_t[-1]:.1f}; at t = 0: x0 model's eps error "
+    f"x{a_t[0] / s_t[0]:.1f}; v model: at most x1"
+)
 
 # %% [markdown]
 # The left panel shows the $\epsilon$ model's $\hat z_0$ error climbing to the factor printed above (about 15)
@@ -144,19 +159,31 @@ print(f"predicted at t = 999: eps model's x0 error x{s_t[-1] / a_t[-1]:.1f}; at 
 # `rescale_betas_zero_snr=True`:
 
 # %%
-sd2_zero_snr = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                "beta_end": 0.012, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
-                "timestep_spacing": "trailing", "steps_offset": 0, "clip_sample": False,
-                "set_alpha_to_one": False}
+sd2_zero_snr = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "steps_offset": 0,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
 rescaled = NoiseSchedule.from_diffusers(sd2_zero_snr)
 reference = DDIMScheduler.from_config(sd2_zero_snr)
 gap = (rescaled.alpha_bar - reference.alphas_cumprod).abs().max()
 print(f"alpha_bar vs diffusers: max |diff| = {gap:.0e}")
-print(f"largest gap between the two sqrt(alpha_bar) curves: "
-      f"{(schedule.alpha_bar.sqrt() - rescaled.alpha_bar.sqrt()).abs().max():.3f}")
+print(
+    f"largest gap between the two sqrt(alpha_bar) curves: "
+    f"{(schedule.alpha_bar.sqrt() - rescaled.alpha_bar.sqrt()).abs().max():.3f}"
+)
 for name, s in (("SD 1.x / 2.x", schedule), ("zero terminal SNR", rescaled)):
-    print(f"{name:18s} alpha_bar_0 = {s.alpha_bar[0]:.5f}   alpha_bar_999 = {s.alpha_bar[-1]:.5f}   "
-          f"signal left at t = 999: {s.alpha_bar[-1].sqrt():.1%}")
+    print(
+        f"{name:18s} alpha_bar_0 = {s.alpha_bar[0]:.5f}   alpha_bar_999 = {s.alpha_bar[-1]:.5f}   "
+        f"signal left at t = 999: {s.alpha_bar[-1].sqrt():.1%}"
+    )
 leading = DDIMSampler(schedule, 10, timestep_spacing="leading", steps_offset=1).timesteps
 trailing = DDIMSampler(rescaled, 10, timestep_spacing="trailing", steps_offset=0).timesteps
 print("leading  10 steps:", leading.tolist())
@@ -208,8 +235,10 @@ for name, ref_class in (("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistep
     ref.set_timesteps(25)
     z_ref = diffusers_loop(ref, z_T, stand_in_unet)
     z_ours = sample_loop(stand_in_unet, z_T, ours)
-    print(f"{name:9s} 25 zero-SNR steps from t = {int(ours.timesteps[0])}: max |ours - diffusers| = "
-          f"{(z_ours - z_ref).abs().max():.1e}")
+    print(
+        f"{name:9s} 25 zero-SNR steps from t = {int(ours.timesteps[0])}: max |ours - diffusers| = "
+        f"{(z_ours - z_ref).abs().max():.1e}"
+    )
 
 # %% [markdown]
 # Exercises 6 and 7 ask you to write $v$ and the $v \to \epsilon$ conversion; the checks run them at
@@ -240,12 +269,15 @@ reference.set_timesteps(10)
 z0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
 i = torch.tensor([2, 7])
 ours_z_t = add_noise(z0, eps, reference.sigmas[i])
-print(f"z_t vs diffusers' scale_noise: max |diff| = "
-      f"{(ours_z_t - reference.scale_noise(z0, reference.timesteps[i], eps)).abs().max():.1e}")
+print(
+    f"z_t vs diffusers' scale_noise: max |diff| = "
+    f"{(ours_z_t - reference.scale_noise(z0, reference.timesteps[i], eps)).abs().max():.1e}"
+)
 h = 1e-3
 slope = (add_noise(z0, eps, 0.5 + h) - add_noise(z0, eps, 0.5 - h)) / (2 * h)
-print(f"finite-difference slope vs eps - z0: max |diff| = "
-      f"{(slope - velocity_target(z0, eps)).abs().max():.1e}")
+print(
+    f"finite-difference slope vs eps - z0: max |diff| = {(slope - velocity_target(z0, eps)).abs().max():.1e}"
+)
 
 # %% [markdown]
 # ### Which t to train on: the logit-normal density
@@ -301,9 +333,11 @@ for shift in (1.0, 3.0):
     ref.set_timesteps(28)
     z_ref = diffusers_loop(ref, z_T, stand_in_unet)
     z_ours = sample_loop(stand_in_unet, z_T, ours)
-    print(f"shift {shift}: first timesteps {[round(float(t), 1) for t in ours.timesteps[:4]]}, "
-          f"max |timesteps - diffusers'| = {(ours.timesteps - ref.timesteps).abs().max():.1e}, "
-          f"28-step loop max |diff| = {(z_ours - z_ref).abs().max():.1e}")
+    print(
+        f"shift {shift}: first timesteps {[round(float(t), 1) for t in ours.timesteps[:4]]}, "
+        f"max |timesteps - diffusers'| = {(ours.timesteps - ref.timesteps).abs().max():.1e}, "
+        f"28-step loop max |diff| = {(z_ours - z_ref).abs().max():.1e}"
+    )
 
 # %% [markdown]
 # ### A toy you can watch: flow matching against eps-prediction on 2D points
@@ -347,7 +381,7 @@ opts = [torch.optim.Adam(net.parameters(), lr=2e-3) for net in (flow_net, eps_ne
 toy_schedule = NoiseSchedule.sd15()
 data_gen = torch.Generator().manual_seed(1)
 start = time.perf_counter()
-for step in range(toy_steps):
+for _step in range(toy_steps):
     x0 = sample_blobs(512, data_gen)
     noise = torch.randn(512, 2, generator=data_gen)
     t_flow = sample_sigmas_logit_normal(512, generator=data_gen)
@@ -358,8 +392,10 @@ for step in range(toy_steps):
         opt.zero_grad()
         loss.backward()
         opt.step()
-print(f"{toy_steps} steps each in {time.perf_counter() - start:.0f} s; last losses: flow {flow_loss:.3f}, "
-      f"eps {eps_loss:.3f}")
+print(
+    f"{toy_steps} steps each in {time.perf_counter() - start:.0f} s; last losses: flow {flow_loss:.3f}, "
+    f"eps {eps_loss:.3f}"
+)
 
 # %%
 z_noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(2))
@@ -369,19 +405,25 @@ with torch.no_grad():
     for n in step_counts:
         flow_sampler = FlowEulerSampler(FlowSchedule(shift=1.0), n)
         ddim = DDIMSampler(toy_schedule, n, timestep_spacing="trailing", steps_offset=0)
-        samples["flow", n] = sample_loop(lambda z, t: flow_net(z, t.float().expand(len(z)) / 1000),
-                                         z_noise, flow_sampler)
-        samples["eps", n] = sample_loop(lambda z, t: eps_net(z, t.float().expand(len(z)) / 1000),
-                                        z_noise, ddim)
+        samples["flow", n] = sample_loop(
+            lambda z, t: flow_net(z, t.float().expand(len(z)) / 1000), z_noise, flow_sampler
+        )
+        samples["eps", n] = sample_loop(
+            lambda z, t: eps_net(z, t.float().expand(len(z)) / 1000), z_noise, ddim
+        )
 for key, x in samples.items():
     scores[key] = torch.cdist(x, centres).min(dim=1).values.mean().item()
 print(f"{'steps':>5s} {'flow (Euler)':>13s} {'eps (DDIM)':>11s}   mean distance to the nearest blob centre")
 for n in step_counts:
     print(f"{n:5d} {scores['flow', n]:13.3f} {scores['eps', n]:11.3f}")
 print(f"data itself: {torch.cdist(sample_blobs(2000, data_gen), centres).min(dim=1).values.mean():.3f}")
-print("closer to the blobs:", ", ".join(
-    f"{n} step{'s' if n > 1 else ''}: {'flow' if scores['flow', n] < scores['eps', n] else 'eps'}"
-    for n in step_counts))
+print(
+    "closer to the blobs:",
+    ", ".join(
+        f"{n} step{'s' if n > 1 else ''}: {'flow' if scores['flow', n] < scores['eps', n] else 'eps'}"
+        for n in step_counts
+    ),
+)
 two_steps = FlowEulerSampler(FlowSchedule(), 2)
 print("the flow sampler with 2 steps visits t =", [round(float(t) / 1000, 3) for t in two_steps.timesteps])
 
@@ -586,8 +628,10 @@ with torch.no_grad():
         norm.linear.weight.zero_()
         norm.linear.bias.zero_()
     x_out, c_out = block(x, c, c_vec)
-    print(f"adaLN-Zero init:      image tokens move by {(x_out - x).abs().max():.1e}, "
-          f"text tokens by {(c_out - c).abs().max():.1e}")
+    print(
+        f"adaLN-Zero init:      image tokens move by {(x_out - x).abs().max():.1e}, "
+        f"text tokens by {(c_out - c).abs().max():.1e}"
+    )
 
 # %% [markdown]
 # ### MMDiT: two streams, one attention
@@ -618,8 +662,10 @@ ax.set_yticks([N / 2 - 0.5, N + L / 2 - 0.5], ["image queries", "text queries"],
 ax.set_title("joint attention, one head (each row sums to 1)", fontsize=9)
 show(fig)
 print(f"row sums: min {weights.sum(1).min():.6f}, max {weights.sum(1).max():.6f}")
-print(f"share of the image queries' weight on text keys: {weights[:N, N:].sum(1).mean():.1%} "
-      f"(random weights; {L / (N + L):.0%} if uniform)")
+print(
+    f"share of the image queries' weight on text keys: {weights[:N, N:].sum(1).mean():.1%} "
+    f"(random weights; {L / (N + L):.0%} if uniform)"
+)
 
 # %% [markdown]
 # SD 1.5's cross-attention is the top-right block alone (image queries, text keys), renormalised; MMDiT
@@ -647,11 +693,14 @@ z = torch.randn(2, 4, 8, 12, generator=g)  # (B, C, H, W): 4 x 6 patches
 context, pooled = torch.randn(2, 7, 24, generator=g), torch.randn(2, 12, generator=g)
 t = torch.tensor([999.0, 250.0])
 with torch.no_grad():
-    expected = ref(hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled,
-                   timestep=t).sample
+    expected = ref(
+        hidden_states=z, encoder_hidden_states=context, pooled_projections=pooled, timestep=t
+    ).sample
     got = ours(z, t, context, pooled)
-print(f"output {tuple(got.shape)}, max |ours - diffusers| = {(got - expected).abs().max():.1e} "
-      f"(outputs up to {expected.abs().max():.1f})")
+print(
+    f"output {tuple(got.shape)}, max |ours - diffusers| = {(got - expected).abs().max():.1e} "
+    f"(outputs up to {expected.abs().max():.1f})"
+)
 
 # %% [markdown]
 # ### How big is SD 3 medium?
@@ -670,20 +719,24 @@ def count(*modules) -> int:
 blocks = sd3.transformer_blocks
 image_stream = sum(count(b.norm1, b.attn.to_q, b.attn.to_k, b.attn.to_v, b.attn.to_out, b.ff) for b in blocks)
 text_stream = count(blocks) - image_stream
-rows = {"patch embedding (2x2x16 -> 1536)": count(sd3.pos_embed),
-        "conditioning: timestep + pooled text MLPs": count(sd3.time_text_embed),
-        "text token projection (4096 -> 1536)": count(sd3.context_embedder),
-        "24 joint blocks, image stream": image_stream,
-        "24 joint blocks, text stream": text_stream,
-        "final adaLN + projection to patches": count(sd3.norm_out, sd3.proj_out)}
+rows = {
+    "patch embedding (2x2x16 -> 1536)": count(sd3.pos_embed),
+    "conditioning: timestep + pooled text MLPs": count(sd3.time_text_embed),
+    "text token projection (4096 -> 1536)": count(sd3.context_embedder),
+    "24 joint blocks, image stream": image_stream,
+    "24 joint blocks, text stream": text_stream,
+    "final adaLN + projection to patches": count(sd3.norm_out, sd3.proj_out),
+}
 total = count(sd3)
 print(f"{'part':44s} {'parameters':>14s} {'share':>7s}")
 for name, n in rows.items():
     print(f"{name:44s} {n:14,d} {n / total:7.1%}")
 print(f"{'total':44s} {total:14,d}")
 tokens_1024 = (1024 // 8 // 2) ** 2
-print(f"a 1024 px image: 128 x 128 latent -> {tokens_1024:,d} image tokens, "
-      "plus 333 text tokens (77 CLIP + 256 T5)")
+print(
+    f"a 1024 px image: 128 x 128 latent -> {tokens_1024:,d} image tokens, "
+    "plus 333 text tokens (77 CLIP + 256 T5)"
+)
 del sd3
 
 # %% [markdown]
@@ -711,36 +764,65 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 UNETS = {
     "SD 1.5": dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8),
-    "SDXL base": dict(block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
-                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                      attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
-                      addition_embed_type="text_time", addition_time_embed_dim=256,
-                      # pooled bigG + six codes: original size, crop corner, target size
-                      projection_class_embeddings_input_dim=1280 + 6 * 256),
-    "SDXL refiner": dict(block_out_channels=(384, 768, 1536, 1536), transformer_layers_per_block=4,
-                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                           "DownBlock2D"),
-                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                                         "UpBlock2D"),
-                         attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280,
-                         use_linear_projection=True,
-                         addition_embed_type="text_time", addition_time_embed_dim=256,
-                         # pooled bigG + five codes: original size, crop corner, aesthetic score
-                         projection_class_embeddings_input_dim=1280 + 5 * 256),
+    "SDXL base": dict(
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        # pooled bigG + six codes: original size, crop corner, target size
+        projection_class_embeddings_input_dim=1280 + 6 * 256,
+    ),
+    "SDXL refiner": dict(
+        block_out_channels=(384, 768, 1536, 1536),
+        transformer_layers_per_block=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(6, 12, 24, 24),
+        cross_attention_dim=1280,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        # pooled bigG + five codes: original size, crop corner, aesthetic score
+        projection_class_embeddings_input_dim=1280 + 5 * 256,
+    ),
 }
-CLIP_L = CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                        projection_dim=768, hidden_act="quick_gelu")
-CLIP_BIGG = CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20,
-                           intermediate_size=5120, projection_dim=1280, hidden_act="gelu")
+CLIP_L = CLIPTextConfig(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+CLIP_BIGG = CLIPTextConfig(
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    intermediate_size=5120,
+    projection_dim=1280,
+    hidden_act="gelu",
+)
 with torch.device("meta"):
     unet_params = {name: count(UNet2DConditionModel(**cfg)) for name, cfg in UNETS.items()}
     clip_l, clip_bigg = count(CLIPTextModel(CLIP_L)), count(CLIPTextModelWithProjection(CLIP_BIGG))
 table = [
-    ("UNet parameters", f"{unet_params['SD 1.5'] / 1e9:.2f} B", f"{unet_params['SDXL base'] / 1e9:.2f} B",
-     f"{unet_params['SDXL refiner'] / 1e9:.2f} B"),
-    ("text encoders", f"CLIP-L {clip_l / 1e6:.0f} M", f"CLIP-L + bigG {(clip_l + clip_bigg) / 1e6:.0f} M",
-     f"bigG {clip_bigg / 1e6:.0f} M"),
+    (
+        "UNet parameters",
+        f"{unet_params['SD 1.5'] / 1e9:.2f} B",
+        f"{unet_params['SDXL base'] / 1e9:.2f} B",
+        f"{unet_params['SDXL refiner'] / 1e9:.2f} B",
+    ),
+    (
+        "text encoders",
+        f"CLIP-L {clip_l / 1e6:.0f} M",
+        f"CLIP-L + bigG {(clip_l + clip_bigg) / 1e6:.0f} M",
+        f"bigG {clip_bigg / 1e6:.0f} M",
+    ),
     ("cross-attention width", "768", "768 + 1280 = 2048", "1280"),
     ("pooled text in the time embedding", "no", "bigG, 1280", "bigG, 1280"),
     ("micro-conditioning (256-wide codes)", "none", "size, crop, target size: 6", "size, crop, aesthetic: 5"),
