@@ -50,7 +50,14 @@ from torch import nn
 
 from common import cli
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
-from common.losses import LPIPS, PatchDiscriminator, VAELoss, VAELossWeights, lpips_backbone_available, lpips_backbone_path
+from common.losses import (
+    LPIPS,
+    PatchDiscriminator,
+    VAELoss,
+    VAELossWeights,
+    lpips_backbone_available,
+    lpips_backbone_path,
+)
 from common.metrics import psnr, ssim
 from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.training import TrainConfig, Trainer
@@ -167,7 +174,7 @@ def measure_scaling_factor(
     return 1.0 / std, std
 
 
-# ----------------------------------------------------------------------------------------------------------- card
+# ------------------------------------------------------------------------------------------------------- card
 def write_card(folder: Path, info: dict) -> Path:
     m, c = info["metrics"], info["config"]
     lp = (

@@ -27,7 +27,7 @@ from common import cli
 from common.classifier import ClassifierConfig, DigitClassifier, accuracy
 from common.data import Digits
 from common.runtime import budget, describe, get_device, seed_everything
-from common.training import Trainer, TrainConfig
+from common.training import TrainConfig, Trainer
 from common.weights import write_model_card
 
 

@@ -95,8 +95,11 @@ def parse_samplers(spec: str, schedule: NoiseSchedule) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------- data
-def load_images(data: str, split: str, n: int, seed: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (n, 3, R, R) in [-1, 1], labels (n,)); digits are grey, repeated to RGB as the VAE was trained."""
+def load_images(
+    data: str, split: str, n: int, seed: int, resolution: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (n, 3, R, R) in [-1, 1], labels (n,)); digits are grey, repeated to RGB
+    as the VAE was trained."""
     if data == "digits":
         ds = Digits(resolution, split, length=n, seed=seed)
         items = [ds[i] for i in range(n)]
@@ -124,11 +127,13 @@ def encode_cached(
         images, labels = load_images(data, "train", n, seed, vae.config.sample_size)
         means, stds = [], []
         for i in range(0, n, batch_size):
-            posterior = vae.encode(images[i:i + batch_size].to(device))
+            posterior = vae.encode(images[i : i + batch_size].to(device))
             means.append(posterior.mean.cpu())
             stds.append(posterior.std.cpu())
-        print(f"encoded {n} {data} images to latents {tuple(means[0].shape[1:])} in "
-              f"{time.perf_counter() - t0:.1f} s -> {path}")
+        print(
+            f"encoded {n} {data} images to latents {tuple(means[0].shape[1:])} in "
+            f"{time.perf_counter() - t0:.1f} s -> {path}"
+        )
         return {"mean": torch.cat(means), "std": torch.cat(stds), "labels": labels}
 
     return cached(path, encode)[0]
@@ -142,8 +147,13 @@ def computed_scaling_factor(cache: dict, seed: int = 0) -> float:
     return float(1.0 / z.std())
 
 
-def ldm_loss(unet: UNet, schedule: NoiseSchedule, z0: torch.Tensor, labels: torch.Tensor | None,
-             generator: torch.Generator) -> torch.Tensor:
+def ldm_loss(
+    unet: UNet,
+    schedule: NoiseSchedule,
+    z0: torch.Tensor,
+    labels: torch.Tensor | None,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Ho et al. 2020's simple loss on latents: || target - net(z_t, t, y) ||^2 with t ~ U, eps ~ N(0, I)."""
     B = z0.shape[0]
     t = schedule.sample_timesteps(B, generator, device=z0.device)  # (B,)
@@ -446,8 +456,17 @@ def run(args) -> dict:
         if step == args.stop_at:
             raise _StopTraining
 
-    trainer = Trainer(unet, LatentDataset(cache, "labels"), loss_fn, cfg, out, device=device, resume=resume,
-                      callbacks=[keep_progress], callback_every=1)
+    trainer = Trainer(
+        unet,
+        LatentDataset(cache, "labels"),
+        loss_fn,
+        cfg,
+        out,
+        device=device,
+        resume=resume,
+        callbacks=[keep_progress],
+        callback_every=1,
+    )
     if trainer.step == 0 and 0 in keep_steps:
         save_progress(trainer.ema_model(), out / "progress", 0)
     try:
@@ -586,13 +605,20 @@ def save_forward_preview(vae, cache, scale, schedule, ts, path: Path, seed: int)
 
 
 def save_model(unet: UNet, schedule: NoiseSchedule, folder: Path, result: dict) -> Path:
-    """diffusers layout: config.json + diffusion_pytorch_model.safetensors, scheduler_config.json, ldm.json."""
+    """diffusers layout: config.json + diffusion_pytorch_model.safetensors,
+    scheduler_config.json, ldm.json."""
     config = {"_class_name": "UNet2DConditionModel", **unet_config_to_diffusers(unet.config)}
     weights.save_model(unet, folder, config)
-    cli.atomic_write(folder / "scheduler_config.json",
-                  json.dumps({"_class_name": "DDPMScheduler", **schedule.to_diffusers()}, indent=2) + "\n")
-    ldm = {"scaling_factor": result["scaling_factor"], "vae": Path(result["vae"]).name, "data": result["data"],
-           "null_class": unet.config.num_class_embeds - 1 if result["cfg_dropout"] else None}
+    cli.atomic_write(
+        folder / "scheduler_config.json",
+        json.dumps({"_class_name": "DDPMScheduler", **schedule.to_diffusers()}, indent=2) + "\n",
+    )
+    ldm = {
+        "scaling_factor": result["scaling_factor"],
+        "vae": Path(result["vae"]).name,
+        "data": result["data"],
+        "null_class": unet.config.num_class_embeds - 1 if result["cfg_dropout"] else None,
+    }
     cli.atomic_write(folder / "ldm.json", json.dumps(ldm, indent=2) + "\n")
     return folder
 
@@ -628,11 +654,18 @@ def _last_loss(log: Path) -> float | None:
 
 
 def write_card(folder: Path, result: dict, argv: list[str]) -> None:
-    table = "\n".join(f"| {r['sampler']} | {r['steps']} | {r['samples']} | {r['guidance']} | {r['seconds']} | "
-                      f"{r.get('accuracy', 'n/a')} | {r['latent_fd']} |" for r in result["samplers"])
-    data = ("Digits (common.data.Digits, split='train'): offline, digits rendered from matplotlib's fonts with random "
-            "affine + elastic distortion (MNIST was not on disk)" if result["data"] == "digits" else "Shapes (common.data.Shapes)")
-    card = f"""# ldm_{result['data']}
+    table = "\n".join(
+        f"| {r['sampler']} | {r['steps']} | {r['samples']} | {r['guidance']} | {r['seconds']} | "
+        f"{r.get('accuracy', 'n/a')} | {r['latent_fd']} |"
+        for r in result["samplers"]
+    )
+    data = (
+        "Digits (common.data.Digits, split='train'): offline, digits rendered from matplotlib's fonts with "
+        "random affine + elastic distortion (MNIST was not on disk)"
+        if result["data"] == "digits"
+        else "Shapes (common.data.Shapes)"
+    )
+    card = f"""# ldm_{result["data"]}
 
 A {"class-conditional" if result["data"] == "digits" else "unconditional"} latent diffusion UNet
 (`common.unet.UNet`, diffusers `UNet2DConditionModel` layout, {result["params"]:,} parameters, widths
@@ -669,7 +702,8 @@ spacing; accuracy = fraction
 
 Load it: `UNet(common.convert.unet_config_from_diffusers(json.load(open("config.json"))))`, then
 `load_state_dict(load_file(...))`,
-or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads into any diffusers scheduler.
+or `diffusers.UNet2DConditionModel.from_pretrained(folder)`; the scheduler config loads into any diffusers
+scheduler.
 """
     files = [WEIGHTS_NAME, "config.json", "scheduler_config.json", "ldm.json"]
     weights.write_model_card(folder, card, files)

@@ -18,7 +18,7 @@ Writes ``table.md``, ``table.csv`` and ``targets.md`` (the chapter's targets, me
 and where its time goes (text encoder, each UNet call, VAE decode); it writes ``end_to_end.md/.csv/.json``:
 
     OMP_NUM_THREADS=2 python 05_memory_efficient_diffusion/benchmark.py --end-to-end --steps 2 --out DIR
-    python 05_memory_efficient_diffusion/benchmark.py --end-to-end --device cuda --out DIR   # 50 steps, 3 settings
+    python 05_memory_efficient_diffusion/benchmark.py --end-to-end --device cuda --out DIR   # 50 steps
 """
 
 from __future__ import annotations
@@ -533,15 +533,28 @@ def end_to_end_main(args, device: torch.device) -> int:
     settings = args.settings or (["fp32", "fp16", "compile"] if gpu else ["fp32"])
     repeats = args.repeats or (5 if gpu else 3)
     cli.writable_dir(args.out, "--out")
-    print(f"end to end: {device}, {torch.get_num_threads()} threads, {side} px, {steps} DPM-Solver++ steps, "
-          f"CFG 7.5, settings {settings}, {repeats} timed calls per side (interleaved) after one warm-up",
-          flush=True)
+    print(
+        f"end to end: {device}, {torch.get_num_threads()} threads, {side} px, {steps} DPM-Solver++ steps, "
+        f"CFG 7.5, settings {settings}, {repeats} timed calls per side (interleaved) after one warm-up",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    end_to_end.run_table(quick=quick, device=device, settings=settings, steps=steps, image_side=side,
-                         repeats=repeats, seed=args.seed, out=args.out, log=lambda m: print(m, flush=True))
+    end_to_end.run_table(
+        quick=quick,
+        device=device,
+        settings=settings,
+        steps=steps,
+        image_side=side,
+        repeats=repeats,
+        seed=args.seed,
+        out=args.out,
+        log=lambda m: print(m, flush=True),
+    )
     print((args.out / "end_to_end.md").read_text())
-    print(f"wrote {args.out}/end_to_end.md, .csv and .json in {time.perf_counter() - t0:.0f} s "
-          f"(seconds per image; time_ratio = ours / diffusers, medians)")
+    print(
+        f"wrote {args.out}/end_to_end.md, .csv and .json in {time.perf_counter() - t0:.0f} s "
+        f"(seconds per image; time_ratio = ours / diffusers, medians)"
+    )
     return 0
 
 
@@ -550,10 +563,19 @@ def checkpointing_main(args, device: torch.device) -> int:
 
     cli.writable_dir(args.out, "--out")
     repeats = args.repeats or 5
-    print(f"checkpointing: {args.ckpt_config} UNet, {args.ckpt_latent}x{args.ckpt_latent} latents, batch "
-          f"{args.ckpt_batch}, {device}, {torch.get_num_threads()} threads, {repeats} interleaved repeats", flush=True)
-    rows = checkpointing.run_table(config=args.ckpt_config, side_px=args.ckpt_latent, batch=args.ckpt_batch,
-                                   repeats=repeats, device=device, log=lambda m: print(m, flush=True))
+    print(
+        f"checkpointing: {args.ckpt_config} UNet, {args.ckpt_latent}x{args.ckpt_latent} latents, batch "
+        f"{args.ckpt_batch}, {device}, {torch.get_num_threads()} threads, {repeats} interleaved repeats",
+        flush=True,
+    )
+    rows = checkpointing.run_table(
+        config=args.ckpt_config,
+        side_px=args.ckpt_latent,
+        batch=args.ckpt_batch,
+        repeats=repeats,
+        device=device,
+        log=lambda m: print(m, flush=True),
+    )
     md, _ = write_table(rows, args.out, "checkpointing", checkpointing.COLUMNS)
     print(format_table(rows, checkpointing.COLUMNS))
     print(f"wrote {md} (seconds: medians; MiB: peak extra memory of one step; GFLOP: one step's)")
@@ -592,17 +614,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--list", action="store_true", help="print the rows and exit")
     e2e = p.add_argument_group("end to end (--end-to-end)")
-    e2e.add_argument("--end-to-end", action="store_true",
-                     help="time the whole text-to-image call, ours against diffusers (end_to_end.py)")
-    e2e.add_argument("--steps", type=cli.positive_int, help="DPM-Solver++ steps (default: 2 CPU, 50 GPU, 4 quick)")
+    e2e.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="time the whole text-to-image call, ours against diffusers (end_to_end.py)",
+    )
+    e2e.add_argument(
+        "--steps", type=cli.positive_int, help="DPM-Solver++ steps (default: 2 CPU, 50 GPU, 4 quick)"
+    )
     e2e.add_argument("--side", type=cli.positive_int, help="image side in px (default: 512; 32 with --quick)")
-    e2e.add_argument("--settings", nargs="+", choices=("fp32", "fp16", "compile"),
-                     help="default: fp32 on a CPU; fp32 fp16 compile on a GPU (compile: fp16 + channels_last)")
+    e2e.add_argument(
+        "--settings",
+        nargs="+",
+        choices=("fp32", "fp16", "compile"),
+        help="default: fp32 on a CPU; fp32 fp16 compile on a GPU (compile: fp16 + channels_last)",
+    )
     ck = p.add_argument_group("gradient checkpointing, ours against diffusers (--checkpointing)")
-    ck.add_argument("--checkpointing", action="store_true",
-                    help="time, peak memory and FLOPs of a training step with and without checkpointing")
-    ck.add_argument("--ckpt-config", default="shapes_text", choices=("sd15", "shapes_text", "tiny"),
-                    help="UNet configuration (default shapes_text: the train rows' model)")
+    ck.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="time, peak memory and FLOPs of a training step with and without checkpointing",
+    )
+    ck.add_argument(
+        "--ckpt-config",
+        default="shapes_text",
+        choices=("sd15", "shapes_text", "tiny"),
+        help="UNet configuration (default shapes_text: the train rows' model)",
+    )
     ck.add_argument("--ckpt-latent", type=cli.positive_int, default=16, help="latent side (default 16)")
     ck.add_argument("--ckpt-batch", type=cli.positive_int, default=32, help="batch size (default 32)")
     args = p.parse_args(argv)

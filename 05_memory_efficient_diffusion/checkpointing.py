@@ -21,8 +21,24 @@ import torch
 import torch.nn.functional as F
 
 CONFIGS = ("sd15", "shapes_text", "tiny")
-COLUMNS = ["side", "config", "latent", "batch", "plain_s", "ckpt_s", "extra_time", "plain_cpu_s", "ckpt_cpu_s",
-           "extra_cpu", "plain_MiB", "ckpt_MiB", "memory_saved", "plain_GFLOP", "ckpt_GFLOP", "extra_flops"]
+COLUMNS = [
+    "side",
+    "config",
+    "latent",
+    "batch",
+    "plain_s",
+    "ckpt_s",
+    "extra_time",
+    "plain_cpu_s",
+    "ckpt_cpu_s",
+    "extra_cpu",
+    "plain_MiB",
+    "ckpt_MiB",
+    "memory_saved",
+    "plain_GFLOP",
+    "ckpt_GFLOP",
+    "extra_flops",
+]
 
 
 def build(config: str, seed: int = 0):
@@ -69,14 +85,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_table(*, config: str, side_px: int, batch: int, repeats: int, device: str | torch.device = "cpu",
-              log=print) -> list[dict]:
+def run_table(
+    *, config: str, side_px: int, batch: int, repeats: int, device: str | torch.device = "cpu", log=print
+) -> list[dict]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from common.memory import measure
 
     device = torch.device(device)
-    models = {side: model.to(device) for side, model in build(config).items()}  # the shared tensors stay shared
+    models = {
+        side: model.to(device) for side, model in build(config).items()
+    }  # the shared tensors stay shared
     cfg = models["ours"].config
     inputs = [x.to(device) for x in batch_of(cfg, batch, side_px)]
     cases = [(s, ck) for s in models for ck in (False, True)]
@@ -91,7 +110,7 @@ def run_table(*, config: str, side_px: int, batch: int, repeats: int, device: st
             train_step(s, models[s], *inputs)
         flops[(s, ck)] = counter.get_total_flops() / 1e9
     for r in range(repeats):
-        for s, ck in (cases if r % 2 == 0 else cases[::-1]):
+        for s, ck in cases if r % 2 == 0 else cases[::-1]:
             set_checkpointing(models[s], ck)
             _sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
@@ -99,20 +118,34 @@ def run_table(*, config: str, side_px: int, batch: int, repeats: int, device: st
             _sync(device)
             wall[(s, ck)].append(time.perf_counter() - w0)
             cpu[(s, ck)].append(time.process_time() - c0)
-        log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{s}{' ckpt' if ck else ''} {wall[(s, ck)][-1]:.2f} s"
-                                                      for s, ck in cases))
+        log(
+            f"repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{s}{' ckpt' if ck else ''} {wall[(s, ck)][-1]:.2f} s" for s, ck in cases)
+        )
     for r in range(3):  # the memory apart: measuring costs time of its own (a collection, a malloc_trim)
-        for s, ck in (cases if r % 2 == 0 else cases[::-1]):
+        for s, ck in cases if r % 2 == 0 else cases[::-1]:
             set_checkpointing(models[s], ck)
-            peaks[(s, ck)].append(measure(lambda s=s: train_step(s, models[s], *inputs), device=device)[0].peak_mib)
+            peaks[(s, ck)].append(
+                measure(lambda s=s: train_step(s, models[s], *inputs), device=device)[0].peak_mib
+            )
     peak = {c: statistics.median(p) for c, p in peaks.items()}
     rows = []
     for s in models:
         a, b = (s, False), (s, True)
-        row = {"side": s, "config": config, "latent": f"{side_px}x{side_px}", "batch": batch,
-               "plain_s": statistics.median(wall[a]), "ckpt_s": statistics.median(wall[b]),
-               "plain_cpu_s": statistics.median(cpu[a]), "ckpt_cpu_s": statistics.median(cpu[b]),
-               "plain_MiB": peak[a], "ckpt_MiB": peak[b], "plain_GFLOP": flops[a], "ckpt_GFLOP": flops[b]}
+        row = {
+            "side": s,
+            "config": config,
+            "latent": f"{side_px}x{side_px}",
+            "batch": batch,
+            "plain_s": statistics.median(wall[a]),
+            "ckpt_s": statistics.median(wall[b]),
+            "plain_cpu_s": statistics.median(cpu[a]),
+            "ckpt_cpu_s": statistics.median(cpu[b]),
+            "plain_MiB": peak[a],
+            "ckpt_MiB": peak[b],
+            "plain_GFLOP": flops[a],
+            "ckpt_GFLOP": flops[b],
+        }
         row["extra_time"] = f"{row['ckpt_s'] / row['plain_s'] - 1:+.1%}"
         row["extra_cpu"] = f"{row['ckpt_cpu_s'] / row['plain_cpu_s'] - 1:+.1%}"
         row["memory_saved"] = f"{1 - row['ckpt_MiB'] / row['plain_MiB']:.1%}"

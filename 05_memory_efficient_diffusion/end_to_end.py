@@ -40,8 +40,16 @@ SETTINGS = ("fp32", "fp16", "compile")
 TOL = 1 / 255  # one step of an 8-bit image
 # SD 1.x's scheduler (stable-diffusion-v1-5 scheduler_config.json) as a DPM-Solver++(2M), as diffusers' docs
 # swap it in: the same betas and the "leading" spacing with steps_offset 1
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 steps_offset=1, timestep_spacing="leading", algorithm_type="dpmsolver++", solver_order=2)
+SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+)
 
 
 def configs(quick: bool):
@@ -51,14 +59,24 @@ def configs(quick: bool):
     from common.unet import UNetConfig
 
     if quick:
-        return UNetConfig.tiny(), AutoencoderConfig.tiny(), CLIPTextConfig(
-            vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+        return (
+            UNetConfig.tiny(),
+            AutoencoderConfig.tiny(),
+            CLIPTextConfig(
+                vocab_size=99,
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+            ),
+        )
     return UNetConfig.sd15(), AutoencoderConfig.sd15(), CLIPTextConfig.vit_l14()
 
 
 def clip_tokenizer(folder: Path):
-    """transformers' CLIPTokenizer on a small local BPE vocabulary: every lower-case letter, end-of-word forms,
-    two merges, and CLIP's two special tokens. Enough to tokenize any lower-case prompt without a download."""
+    """transformers' CLIPTokenizer on a small local BPE vocabulary: every lower-case letter, end-of-word
+    forms, two merges, and CLIP's two special tokens. Enough to tokenize any lower-case
+    prompt without a download."""
     from transformers import CLIPTokenizer
 
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -70,8 +88,11 @@ def clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
 
 
-def build_pipelines(*, quick: bool, device: str | torch.device = "cpu", seed: int = 0, tmp: Path | None = None):
-    """The course's ``StableDiffusion`` and diffusers' ``StableDiffusionPipeline`` with the same random weights.
+def build_pipelines(
+    *, quick: bool, device: str | torch.device = "cpu", seed: int = 0, tmp: Path | None = None
+):
+    """The course's ``StableDiffusion`` and diffusers' ``StableDiffusionPipeline`` with
+    the same random weights.
 
     The UNet and the VAE share their weight tensors between the two sides (diffusers' modules are built empty
     and take ours with ``assign=True``); the text encoder is copied into transformers' ``CLIPTextModel``.
@@ -90,8 +111,14 @@ def build_pipelines(*, quick: bool, device: str | torch.device = "cpu", seed: in
     unet_cfg, vae_cfg, text_cfg = configs(quick)
     hf_tokenizer = clip_tokenizer(Path(tmp or tempfile.mkdtemp()) / "tokenizer")
     # the special ids the tokenizer gave <|startoftext|> / <|endoftext|>: the text model pools at eos
-    text_cfg = type(text_cfg)(**{**text_cfg.to_transformers(), "bos_token_id": hf_tokenizer.bos_token_id,
-                                 "eos_token_id": hf_tokenizer.eos_token_id, "pad_token_id": 1})
+    text_cfg = type(text_cfg)(
+        **{
+            **text_cfg.to_transformers(),
+            "bos_token_id": hf_tokenizer.bos_token_id,
+            "eos_token_id": hf_tokenizer.eos_token_id,
+            "pad_token_id": 1,
+        }
+    )
     init = torch.device(device) if torch.device(device).type == "cuda" else torch.device("cpu")
     torch.manual_seed(seed)
     with init:  # on a GPU the 1 G random numbers are drawn there: seconds instead of a minute
@@ -106,12 +133,25 @@ def build_pipelines(*, quick: bool, device: str | torch.device = "cpu", seed: in
     ref_vae.load_state_dict(vae.state_dict(), strict=True, assign=True)
     scheduler = diffusers.DPMSolverMultistepScheduler(**SCHEDULER)
     ref = diffusers.StableDiffusionPipeline(
-        vae=ref_vae.eval(), text_encoder=to_transformers(text_encoder), tokenizer=hf_tokenizer,
-        unet=ref_unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).to(device)
+        vae=ref_vae.eval(),
+        text_encoder=to_transformers(text_encoder),
+        tokenizer=hf_tokenizer,
+        unet=ref_unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(device)
     ref.set_progress_bar_config(disable=True)
-    ours = StableDiffusion(tokenizer=ClipTokenizer(hf_tokenizer), text_encoder=text_encoder, unet=unet, vae=vae,
-                           sampler="dpmpp_2m", sampler_options=dict(scheduler.config), device=device)
+    ours = StableDiffusion(
+        tokenizer=ClipTokenizer(hf_tokenizer),
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
+        sampler="dpmpp_2m",
+        sampler_options=dict(scheduler.config),
+        device=device,
+    )
     return ours, ref
 
 
@@ -123,7 +163,8 @@ def set_precision(ours, ref, setting: str) -> None:
     ours.to(dtype=dtype)
     ref.to(dtype=dtype)
     if setting == "compile":
-        # diffusers' recipe (docs, "torch.compile"): the UNet in channels_last, then compiled; the same for ours
+        # diffusers' recipe (docs, "torch.compile"): the UNet in channels_last, then
+        # compiled; the same for ours
         for pipe in (ours, ref):
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.unet = torch.compile(pipe.unet)
@@ -132,12 +173,26 @@ def set_precision(ours, ref, setting: str) -> None:
 def generate(side: str, pipe, *, steps: int, image_side: int, seed: int = 0, guidance_scale: float = 7.5):
     """One image (1, 3, H, W) in [0, 1] from the prompt, the seed and the steps, with either pipeline."""
     if side == "ours":
-        return pipe(PROMPT, height=image_side, width=image_side, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=seed, output_type="pt", progress=False).images
+        return pipe(
+            PROMPT,
+            height=image_side,
+            width=image_side,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=seed,
+            output_type="pt",
+            progress=False,
+        ).images
     # diffusers draws z_T with a CPU generator and moves it to the device, as ours does with a seed
-    return pipe(PROMPT, height=image_side, width=image_side, num_inference_steps=steps,
-                guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
-                output_type="pt").images
+    return pipe(
+        PROMPT,
+        height=image_side,
+        width=image_side,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
 
 
 def _sync(device: torch.device) -> None:
@@ -159,12 +214,14 @@ def stage_timers(pipe, device: torch.device):
         def hook(module, args, kwargs=None):
             _sync(device)
             started[name] = time.perf_counter()
+
         return hook
 
     def post(name):
         def hook(module, args, out):
             _sync(device)
             log.append((name, time.perf_counter() - started[name]))
+
         return hook
 
     for name, module in (("text encoder", pipe.text_encoder), ("UNet", pipe.unet)):
@@ -206,9 +263,11 @@ def breakdown(side: str, pipe, device: torch.device, **kw) -> dict:
     return {"total_s": total, "stages": stages, "other_s": total - sum(s for _, s in log)}
 
 
-def run_setting(ours, ref, setting: str, *, device: torch.device, steps: int, image_side: int, repeats: int,
-                seed: int = 0) -> dict:
-    """Warm up, time ``repeats`` interleaved calls per side, check the images agree, time one call's stages."""
+def run_setting(
+    ours, ref, setting: str, *, device: torch.device, steps: int, image_side: int, repeats: int, seed: int = 0
+) -> dict:
+    """Warm up, time ``repeats`` interleaved calls per side, check the images agree,
+    time one call's stages."""
     set_precision(ours, ref, setting)
     pipes = {"ours": ours, "diffusers": ref}
     kw = dict(steps=steps, image_side=image_side, seed=seed)
@@ -230,10 +289,20 @@ def run_setting(ours, ref, setting: str, *, device: torch.device, steps: int, im
                 times[side].append(parts[side]["total_s"])
     med = {side: statistics.median(ts) for side, ts in times.items()}
     diff = float((images["ours"].float() - images["diffusers"].float()).abs().max())
-    row = {"setting": setting, "steps": steps, "side_px": image_side, "repeats": repeats,
-           "ours_s": med["ours"], "diffusers_s": med["diffusers"], "time_ratio": med["ours"] / med["diffusers"],
-           "ours_times": times["ours"], "diffusers_times": times["diffusers"], "max_abs_diff": diff,
-           "same_image": diff <= TOL, "image_std": float(images["ours"].float().std())}
+    row = {
+        "setting": setting,
+        "steps": steps,
+        "side_px": image_side,
+        "repeats": repeats,
+        "ours_s": med["ours"],
+        "diffusers_s": med["diffusers"],
+        "time_ratio": med["ours"] / med["diffusers"],
+        "ours_times": times["ours"],
+        "diffusers_times": times["diffusers"],
+        "max_abs_diff": diff,
+        "same_image": diff <= TOL,
+        "image_std": float(images["ours"].float().std()),
+    }
     if setting == "compile":  # the first call compiled: its excess over a steady call is the compile time
         row["ours_compile_s"] = first["ours"] - med["ours"]
         row["diffusers_compile_s"] = first["diffusers"] - med["diffusers"]
@@ -247,14 +316,38 @@ def summarize_breakdown(b: dict) -> dict:
     unet = [s["s"] for s in b["stages"] if s["stage"] == "UNet"]
     text = sum(s["s"] for s in b["stages"] if s["stage"] == "text encoder")
     decode = sum(s["s"] for s in b["stages"] if s["stage"] == "VAE decode")
-    return {"text_encoder_s": text, "unet_s": sum(unet), "unet_calls": unet, "decode_s": decode,
-            "other_s": b["other_s"], "total_s": b["total_s"]}
+    return {
+        "text_encoder_s": text,
+        "unet_s": sum(unet),
+        "unet_calls": unet,
+        "decode_s": decode,
+        "other_s": b["other_s"],
+        "total_s": b["total_s"],
+    }
 
 
-COLUMNS = ["setting", "steps", "side_px", "repeats", "ours_s", "diffusers_s", "time_ratio", "max_abs_diff",
-           "same_image", "ours_compile_s", "diffusers_compile_s", "ours_text_s", "ours_unet_s",
-           "ours_unet_call_s", "ours_decode_s", "ours_other_s", "diffusers_text_s", "diffusers_unet_s",
-           "diffusers_decode_s", "diffusers_other_s"]
+COLUMNS = [
+    "setting",
+    "steps",
+    "side_px",
+    "repeats",
+    "ours_s",
+    "diffusers_s",
+    "time_ratio",
+    "max_abs_diff",
+    "same_image",
+    "ours_compile_s",
+    "diffusers_compile_s",
+    "ours_text_s",
+    "ours_unet_s",
+    "ours_unet_call_s",
+    "ours_decode_s",
+    "ours_other_s",
+    "diffusers_text_s",
+    "diffusers_unet_s",
+    "diffusers_decode_s",
+    "diffusers_other_s",
+]
 
 
 def table_row(row: dict) -> dict:
@@ -269,8 +362,18 @@ def table_row(row: dict) -> dict:
     return out
 
 
-def run_table(*, quick: bool, device: torch.device, settings: list[str], steps: int, image_side: int,
-              repeats: int, seed: int = 0, out: Path | None = None, log=print) -> list[dict]:
+def run_table(
+    *,
+    quick: bool,
+    device: torch.device,
+    settings: list[str],
+    steps: int,
+    image_side: int,
+    repeats: int,
+    seed: int = 0,
+    out: Path | None = None,
+    log=print,
+) -> list[dict]:
     """Every setting in turn (fp32, fp16, compile: each one changes both pipelines in place, so the order is
     fixed); writes ``end_to_end.json`` (everything, per-call times included) and the table under ``out``."""
     from common.memory import write_table
@@ -284,16 +387,25 @@ def run_table(*, quick: bool, device: torch.device, settings: list[str], steps: 
     rows, table = [], []
     for setting in (s for s in SETTINGS if s in settings):
         t0 = time.perf_counter()
-        row = run_setting(ours, ref, setting, device=device, steps=steps, image_side=image_side, repeats=repeats,
-                          seed=seed)
+        row = run_setting(
+            ours, ref, setting, device=device, steps=steps, image_side=image_side, repeats=repeats, seed=seed
+        )
         rows.append(row)
         table.append(table_row(row))
-        log(f"{setting}: ours {row['ours_s']:.2f} s, diffusers {row['diffusers_s']:.2f} s, ratio "
-            f"{row['time_ratio']:.3f}, max |diff| {row['max_abs_diff']:.2e} ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"{setting}: ours {row['ours_s']:.2f} s, diffusers {row['diffusers_s']:.2f} s, ratio "
+            f"{row['time_ratio']:.3f}, max |diff| {row['max_abs_diff']:.2e} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
         if out is not None:  # rewritten after every setting: a stopped run keeps what it measured
             out.mkdir(parents=True, exist_ok=True)
-            info = {"prompt": PROMPT, "device": str(device), "threads": torch.get_num_threads(),
-                    "quick": quick, "rows": rows}
+            info = {
+                "prompt": PROMPT,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "quick": quick,
+                "rows": rows,
+            }
             (out / "end_to_end.json").write_text(json.dumps(info, indent=1))
             write_table(table, out, "end_to_end", COLUMNS)
     return rows

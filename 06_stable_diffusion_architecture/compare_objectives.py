@@ -49,24 +49,35 @@ SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "para
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, choices=CONFIG_NAMES,
-                   help="default: tiny under COURSE_FAST, else cpu")
-    p.add_argument("--steps", type=cli.positive_int, default=None,
-                   help="override the config's optimizer steps")
-    p.add_argument("--out", default=str(ROOT / "runs" / "objectives"),
-                   help="trainings (train_eps/, train_flow/), shipped models (eps/, flow/), the table")
-    p.add_argument("--eps-model", default=None,
-                   help="a shipped eps model of the same config to grade instead of training one")
-    p.add_argument("--results", default=None,
-                   help="also copy objectives.json and objectives.md into this folder")
+    p = cli.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config", default=None, choices=CONFIG_NAMES, help="default: tiny under COURSE_FAST, else cpu"
+    )
+    p.add_argument(
+        "--steps", type=cli.positive_int, default=None, help="override the config's optimizer steps"
+    )
+    p.add_argument(
+        "--out",
+        default=str(ROOT / "runs" / "objectives"),
+        help="trainings (train_eps/, train_flow/), shipped models (eps/, flow/), the table",
+    )
+    p.add_argument(
+        "--eps-model",
+        default=None,
+        help="a shipped eps model of the same config to grade instead of training one",
+    )
+    p.add_argument(
+        "--results", default=None, help="also copy objectives.json and objectives.md into this folder"
+    )
     p.add_argument("--sampling-steps", nargs="+", type=cli.positive_int, default=[4, 8, 25])
     p.add_argument("--no-dpmpp", action="store_true", help="grade the eps model with DDIM only")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 100; fast 2)")
     p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0)
-    p.add_argument("--vae", default=None,
-                   help="passed to train_text_to_image.py (default: checkpoints/vae_shapes)")
+    p.add_argument(
+        "--vae", default=None, help="passed to train_text_to_image.py (default: checkpoints/vae_shapes)"
+    )
     p.add_argument("--judge", default=None, help="passed to evaluate.py (default: checkpoints/shapes_judge)")
     p.add_argument("--cache-dir", default=None, help="passed to train_text_to_image.py (the latent cache)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
@@ -98,9 +109,12 @@ def card_training(folder: Path) -> dict:
     minutes = re.search(r"- wall time: ([\d.]+) min", text)
     config = re.search(r"- config: `(\w+)`", text)
     command = re.search(r"- command: `([^`]+)`", text)
-    return {"steps": int(steps.group(1).replace(",", "")) if steps else None,
-            "seconds": float(minutes.group(1)) * 60 if minutes else None,
-            "config": config.group(1) if config else None, "command": command.group(1) if command else None}
+    return {
+        "steps": int(steps.group(1).replace(",", "")) if steps else None,
+        "seconds": float(minutes.group(1)) * 60 if minutes else None,
+        "config": config.group(1) if config else None,
+        "command": command.group(1) if command else None,
+    }
 
 
 def loop_seconds(run_dir: Path) -> float | None:
@@ -121,16 +135,29 @@ def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
     if objective == "eps" and args.eps_model:
         folder = Path(args.eps_model)
         if not (folder / "model_index.json").is_file():
-            raise cli.UsageError(f"--eps-model {args.eps_model}: no shipped pipeline there (no "
-                                 "model_index.json); give a folder that train_text_to_image.py --ship wrote")
+            raise cli.UsageError(
+                f"--eps-model {args.eps_model}: no shipped pipeline there (no "
+                "model_index.json); give a folder that train_text_to_image.py --ship wrote"
+            )
         return {"folder": shown(folder), "reused": True, "loop_seconds": None, **card_training(folder)}
     folder, run_dir = out / objective, out / f"train_{objective}"
     command = None
     if (folder / "model_index.json").is_file():
         print(f"{shown(folder)} is already shipped: its training is skipped (delete the folder to retrain)")
     else:
-        train_args = ["--config", config, "--objective", objective, "--out", shown(run_dir),
-                      "--ship", shown(folder), "--seed", str(args.seed), "--no-progress"]
+        train_args = [
+            "--config",
+            config,
+            "--objective",
+            objective,
+            "--out",
+            shown(run_dir),
+            "--ship",
+            shown(folder),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+        ]
         for flag, value in (("--steps", args.steps), ("--vae", args.vae), ("--cache-dir", args.cache_dir)):
             if value is not None:
                 train_args += [flag, str(value)]
@@ -141,12 +168,18 @@ def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
         info = {"steps": timing["steps"], "seconds": timing["seconds"], "config": config}
     else:
         info = card_training(folder)
-    return {"folder": shown(folder), "reused": command is None, **info, "loop_seconds": loop_seconds(run_dir),
-            "command": command or card_training(folder)["command"]}
+    return {
+        "folder": shown(folder),
+        "reused": command is None,
+        **info,
+        "loop_seconds": loop_seconds(run_dir),
+        "command": command or card_training(folder)["command"],
+    }
 
 
 def fingerprint(eval_args: list[str], model: Path, judge: Path) -> dict:
     """What an evaluation's numbers depend on: its arguments and the weights of the model and the judge."""
+
     def digest(folder: Path) -> dict:
         return {str(f.relative_to(folder)): file_sha256(f) for f in weight_files(folder)}
 
@@ -157,8 +190,18 @@ def evaluate(objective: str, folder: str, runs: list[str], args, out: Path) -> t
     """evaluate.py on one model; returns its command and the rows of its results.csv. An evaluation already in
     ``out`` with the same arguments, model and judge is read back instead of run again."""
     eval_dir = out / f"eval_{objective}"
-    eval_args = ["--model", folder, "--runs", *runs, "--guidance", str(args.guidance),
-                 "--out", shown(eval_dir), "--seed", str(args.seed)]
+    eval_args = [
+        "--model",
+        folder,
+        "--runs",
+        *runs,
+        "--guidance",
+        str(args.guidance),
+        "--out",
+        shown(eval_dir),
+        "--seed",
+        str(args.seed),
+    ]
     if args.n is not None or not is_fast():
         eval_args += ["--n", str(args.n or 100)]
     if args.judge is not None:
@@ -192,8 +235,9 @@ def table_rows(objective: str, csv_rows: list[dict]) -> list[dict]:
         if not r["steps"]:  # real renders and VAE reconstructions: the references, kept apart
             continue
         key = (r["sampler"], int(r["steps"]))
-        row = rows.setdefault(key, {"objective": objective, "sampler": key[0], "steps": key[1],
-                                    "sampling_seconds": 0.0})
+        row = rows.setdefault(
+            key, {"objective": objective, "sampler": key[0], "steps": key[1], "sampling_seconds": 0.0}
+        )
         row[r["set"]] = score(r)
         row["sampling_seconds"] += float(r["seconds"])
     return list(rows.values())
@@ -211,24 +255,36 @@ def markdown(result: dict) -> str:
         return "n/a" if seconds is None else f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
     trainings = result["trainings"]
-    lines = [f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, "
-             f"guidance {result['guidance']}, seed {result['seed']}; config `{result['config']}`, eps loss "
-             f"weights: {result['eps_weighting']}; flow: plain MSE, sampled with shift {result['shift']}. "
-             "A cell is the share of prompts with every attribute right (two objects: both objects and the "
-             "relation), with its 95% Wilson interval.", ""]
+    lines = [
+        f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, "
+        f"guidance {result['guidance']}, seed {result['seed']}; config `{result['config']}`, eps loss "
+        f"weights: {result['eps_weighting']}; flow: plain MSE, sampled with shift {result['shift']}. "
+        "A cell is the share of prompts with every attribute right (two objects: both objects and the "
+        "relation), with its 95% Wilson interval.",
+        "",
+    ]
     for objective in OBJECTIVES:
         t = trainings[objective]
-        lines.append(f"- {objective}: `{t['folder']}`, {t['steps']} steps; training loop "
-                     f"{minutes(t['loop_seconds'])}, whole command {minutes(t['seconds'])}"
-                     + (f" (`{t['command']}`)" if t.get("command") else ""))
-    lines += ["", "The whole command includes start-up and, for the first training, encoding the latent "
-              "cache that both share; the training loop is the equal-compute part.", "",
-              "| objective | sampler | steps | " + " | ".join(SETS) + " | sampling s | training loop |",
-              "|---|---|---|" + "---|" * len(SETS) + "---|---|"]
+        lines.append(
+            f"- {objective}: `{t['folder']}`, {t['steps']} steps; training loop "
+            f"{minutes(t['loop_seconds'])}, whole command {minutes(t['seconds'])}"
+            + (f" (`{t['command']}`)" if t.get("command") else "")
+        )
+    lines += [
+        "",
+        "The whole command includes start-up and, for the first training, encoding the latent "
+        "cache that both share; the training loop is the equal-compute part.",
+        "",
+        "| objective | sampler | steps | " + " | ".join(SETS) + " | sampling s | training loop |",
+        "|---|---|---|" + "---|" * len(SETS) + "---|---|",
+    ]
     for r in result["rows"]:
         loop = minutes(trainings[r["objective"]]["loop_seconds"])
-        lines.append(f"| {r['objective']} | {r['sampler']} | {r['steps']} | "
-                     + " | ".join(cell(r[s]) for s in SETS) + f" | {r['sampling_seconds']:.0f} | {loop} |")
+        lines.append(
+            f"| {r['objective']} | {r['sampler']} | {r['steps']} | "
+            + " | ".join(cell(r[s]) for s in SETS)
+            + f" | {r['sampling_seconds']:.0f} | {loop} |"
+        )
     for r in result["references"]:
         lines.append(f"| ({r['sampler']}) | | | " + " | ".join(cell(r[s]) for s in SETS) + " | | |")
     return "\n".join(lines) + "\n"
@@ -246,11 +302,15 @@ def main(argv=None) -> dict:
     print(describe())
     trainings = {o: train_or_reuse(o, config, args, out) for o in OBJECTIVES}
     if trainings["eps"]["config"] != config:
-        print(f"warning: the eps model's config is {trainings['eps']['config']!r}, not {config!r}",
-              flush=True)
+        print(
+            f"warning: the eps model's config is {trainings['eps']['config']!r}, not {config!r}", flush=True
+        )
     if trainings["eps"]["steps"] != trainings["flow"]["steps"]:
-        print(f"warning: the eps model trained {trainings['eps']['steps']} steps, the flow model "
-              f"{trainings['flow']['steps']}: not equal compute", flush=True)
+        print(
+            f"warning: the eps model trained {trainings['eps']['steps']} steps, the flow model "
+            f"{trainings['flow']['steps']}: not equal compute",
+            flush=True,
+        )
     rows, references = [], []
     for objective in OBJECTIVES:
         runs = [f"{s}:{k}" for s in samplers[objective] for k in steps]
@@ -264,12 +324,23 @@ def main(argv=None) -> dict:
                     if r["sampler"] == name:
                         ref[r["set"]] = score(r)
                 references.append(ref)
-    command = "python " + " ".join(shlex.quote(a) for a in [shown(__file__), *(argv if argv is not None
-                                                                                 else sys.argv[1:])])
-    result = {"config": config, "seed": args.seed, "n": int(rows[0][SETS[0]]["n"]), "guidance": args.guidance,
-              "sampling_steps": steps, "shift": TextToImageConfig.named(config).flow_shift,
-              "eps_weighting": eps_weighting(TextToImageConfig.named(config)), "command": command,
-              "machine": describe(), "trainings": trainings, "rows": rows, "references": references}
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [shown(__file__), *(argv if argv is not None else sys.argv[1:])]
+    )
+    result = {
+        "config": config,
+        "seed": args.seed,
+        "n": int(rows[0][SETS[0]]["n"]),
+        "guidance": args.guidance,
+        "sampling_steps": steps,
+        "shift": TextToImageConfig.named(config).flow_shift,
+        "eps_weighting": eps_weighting(TextToImageConfig.named(config)),
+        "command": command,
+        "machine": describe(),
+        "trainings": trainings,
+        "rows": rows,
+        "references": references,
+    }
     cli.atomic_write(out / "objectives.json", json.dumps(result, indent=2) + "\n")
     md = markdown(result)
     cli.atomic_write(out / "objectives.md", md)

@@ -35,8 +35,8 @@ import torch
 from common import cli
 from common.judge import JUDGE_DIR, Judge, real_renders, train_judge
 from common.metrics import frechet_distance
-from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.pipeline import SAMPLER_NAMES
+from common.runtime import budget, describe, get_device, is_fast, seed_everything
 from common.shapes import N_PARAPHRASES, Shapes
 from common.viz import save_grid
 from common.weights import write_model_card
@@ -96,15 +96,19 @@ def write_judge_card(judge: Judge, path: Path, args, n_images: int, steps: int, 
     for name, prompts in prompt_sets(budget(fast=8, cpu=200)).items():
         sc = judge.score(real_renders(prompts, seed=args.seed), prompts)
         lines.append(f"| {name} | {len(prompts)} | {fmt(headline(sc))} |")
-    card = (f"# shapes_judge: the Shapes prompt-adherence judge\n\nThe shape classifier of `common/judge.py` "
-            f"(`ShapeNet`, {sum(p.numel() for p in judge.net.parameters()):,} parameters): it reads an object's "
-            f"mask crop ({CROP_TXT}) and names its shape; segmentation, colour, size, position and relation are "
-            f"read without learning (see the module docstring).\n\n## Training\n\n- command: `python "
-            f"06_stable_diffusion_architecture/evaluate.py --train-judge --judge {args.judge_shown}`\n"
-            f"- data: crops of {n_images:,} Shapes training renders (split=\"train\"), blurred and noised at random\n- steps: {steps} x batch 128, AdamW "
-            f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
-            f"Real renders of the evaluation prompts (held-out colour/shape pairs and paraphrases), random layouts:\n\n"
-            f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n")
+    card = (
+        f"# shapes_judge: the Shapes prompt-adherence judge\n\nThe shape classifier of `common/judge.py` "
+        f"(`ShapeNet`, {sum(p.numel() for p in judge.net.parameters()):,} parameters): it reads an object's "
+        f"mask crop ({CROP_TXT}) and names its shape; segmentation, colour, size, position and relation are "
+        f"read without learning (see the module docstring).\n\n## Training\n\n- command: `python "
+        f"06_stable_diffusion_architecture/evaluate.py --train-judge --judge {args.judge_shown}`\n"
+        f'- data: crops of {n_images:,} Shapes training renders (split="train"), '
+        f"blurred and noised at random\n- steps: {steps} x batch 128, AdamW "
+        f"3e-3 cosine\n- wall time: {seconds:.0f} s on {describe()}\n\n## Accuracy on real renders\n\n"
+        "Real renders of the evaluation prompts (held-out colour/shape pairs and "
+        "paraphrases), random layouts:\n\n"
+        f"| set | n | scores |\n|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
     write_model_card(path, card)
     print(card)
 
@@ -117,20 +121,46 @@ def fmt(d: dict[str, float]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(ROOT / "checkpoints" / "course_t2i"), help="a diffusers-format folder")
-    p.add_argument("--judge", default=None,
-                   help="the judge's folder (default: checkpoints/shapes_judge); with --train-judge, where to ship the "
-                        "new judge (default: --out/shapes_judge, so the shipped judge changes only when named here)")
-    p.add_argument("--train-judge", action="store_true", help="train the judge, ship it (see --judge), and stop")
-    p.add_argument("--overwrite", action="store_true",
-                   help="let --train-judge write over same-named files in a folder the course did not write")
-    p.add_argument("--samplers", nargs="+", default=None,
-                   help=f"of {', '.join(SAMPLER_NAMES)} (default: ddim dpmpp_2m ddpm; a flow model: "
-                        "flow_euler)")
-    p.add_argument("--steps", nargs="+", type=cli.positive_int, default=None, help="step counts (default: 10 25; fast: 4)")
-    p.add_argument("--runs", nargs="+", default=None, metavar="SAMPLER:STEPS",
-                   help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps")
+    p = cli.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", default=str(ROOT / "checkpoints" / "course_t2i"), help="a diffusers-format folder"
+    )
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="the judge's folder (default: checkpoints/shapes_judge); with --train-judge, where to ship the "
+        "new judge (default: --out/shapes_judge, so the shipped judge changes only when named here)",
+    )
+    p.add_argument(
+        "--train-judge", action="store_true", help="train the judge, ship it (see --judge), and stop"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --train-judge write over same-named files in a folder the course did not write",
+    )
+    p.add_argument(
+        "--samplers",
+        nargs="+",
+        default=None,
+        help=f"of {', '.join(SAMPLER_NAMES)} (default: ddim dpmpp_2m ddpm; a flow model: flow_euler)",
+    )
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        type=cli.positive_int,
+        default=None,
+        help="step counts (default: 10 25; fast: 4)",
+    )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="SAMPLER:STEPS",
+        help="explicit (sampler, steps) pairs, e.g. ddim:25 dpmpp_2m:10; replaces --samplers x --steps",
+    )
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 32; fast 2)")
     p.add_argument(
         "--guidance", type=cli.nonnegative_float, default=3.0, help="classifier-free guidance scale"
@@ -182,8 +212,11 @@ def main(argv=None) -> list[dict]:
                 f"--runs takes SAMPLER:STEPS pairs such as ddim:25 (steps >= 1), got {args.runs}"
             ) from None
     else:
-        runs = [(s, k) for s in args.samplers or DEFAULT_SAMPLERS
-                for k in (args.steps or budget(fast=[4], cpu=[10, 25]))]
+        runs = [
+            (s, k)
+            for s in args.samplers or DEFAULT_SAMPLERS
+            for k in (args.steps or budget(fast=[4], cpu=[10, 25]))
+        ]
     for s, _ in runs:
         if s not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {s!r}; expected one of {', '.join(SAMPLER_NAMES)}")

@@ -56,12 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "folder model it replaces the folder's own",
     )
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="same seed, same image")
-    p.add_argument("--steps", type=cli.positive_int, default=None,
-                   help="denoising steps (default 25; 2 under COURSE_FAST=1)")
-    p.add_argument("--guidance", type=cli.nonnegative_float, default=7.5,
-                   help="classifier-free guidance scale s >= 0 (1 = off, 0 = unconditional)")
-    p.add_argument("--sampler", default=None, choices=SAMPLER_NAMES,
-                   help="default: the model's scheduler (flow_euler: flow-matching models only)")
+    p.add_argument(
+        "--steps",
+        type=cli.positive_int,
+        default=None,
+        help="denoising steps (default 25; 2 under COURSE_FAST=1)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=cli.nonnegative_float,
+        default=7.5,
+        help="classifier-free guidance scale s >= 0 (1 = off, 0 = unconditional)",
+    )
+    p.add_argument(
+        "--sampler",
+        default=None,
+        choices=SAMPLER_NAMES,
+        help="default: the model's scheduler (flow_euler: flow-matching models only)",
+    )
     p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     p.add_argument(
         "--height", type=cli.positive_int, default=None, help="pixels (default: the model's training size)"

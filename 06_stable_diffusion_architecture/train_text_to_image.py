@@ -29,8 +29,15 @@ import torch
 from common import cli
 from common.pipeline_io import write_pipeline
 from common.runtime import describe, get_device, is_fast, seed_everything
-from common.text_to_image import (CONFIG_NAMES, OBJECTIVES, TextToImageConfig, build_pipeline, load_vae, train,
-                                  write_model_card)
+from common.text_to_image import (
+    CONFIG_NAMES,
+    OBJECTIVES,
+    TextToImageConfig,
+    build_pipeline,
+    load_vae,
+    train,
+    write_model_card,
+)
 from common.weights import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,35 +72,76 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="override the config's mixed precision (no = fp32)",
     )
     p.add_argument("--ema-decay", type=cli.fraction, default=None, help="override the config's EMA decay")
-    p.add_argument("--warmup", type=cli.nonnegative_int, default=None, help="override the config's LR warm-up steps")
-    p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
-                   help="override how often (steps) a checkpoint is written")
-    p.add_argument("--objective", choices=OBJECTIVES, default=None,
-                   help="eps: predict the noise (default); flow: SD 3's flow matching (a velocity, sampled "
-                        "with flow_euler)")
-    p.add_argument("--init-from", default=None,
-                   help="start from a shipped course pipeline folder of the same config (fine-tuning), "
-                        "e.g. checkpoints/course_t2i")
-    p.add_argument("--minutes", type=cli.positive_float, default=None,
-                   help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
-                        "fit, and the LR schedule with it")
-    p.add_argument("--echo-prompt", action="store_true",
-                   help="write each prompt twice into a 32-token context (ShapesTokenizer echo=True): every "
-                        "word of the second copy sees the whole prompt through the causal text encoder")
-    p.add_argument("--snapshot-every", type=cli.nonnegative_int, default=None,
-                   help="keep the EMA weights every N steps in OUT/snapshots (0 = never; default: the config's), "
-                        "for adherence_curve.py")
-    p.add_argument("--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)")
-    p.add_argument("--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png")
-    p.add_argument("--cache-dir", default=None, help="where the latent cache goes (default ~/.cache/latent_diffusion_course)")
+    p.add_argument(
+        "--warmup", type=cli.nonnegative_int, default=None, help="override the config's LR warm-up steps"
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=cli.nonnegative_int,
+        default=None,
+        help="override how often (steps) a checkpoint is written",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=None,
+        help="eps: predict the noise (default); flow: SD 3's flow matching (a velocity, sampled "
+        "with flow_euler)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a shipped course pipeline folder of the same config (fine-tuning), "
+        "e.g. checkpoints/course_t2i",
+    )
+    p.add_argument(
+        "--minutes",
+        type=cli.positive_float,
+        default=None,
+        help="wall-clock budget of the training loop: the step count (at most --steps) is lowered to "
+        "fit, and the LR schedule with it",
+    )
+    p.add_argument(
+        "--echo-prompt",
+        action="store_true",
+        help="write each prompt twice into a 32-token context (ShapesTokenizer echo=True): every "
+        "word of the second copy sees the whole prompt through the causal text encoder",
+    )
+    p.add_argument(
+        "--snapshot-every",
+        type=cli.nonnegative_int,
+        default=None,
+        help="keep the EMA weights every N steps in OUT/snapshots (0 = never; default: the config's), "
+        "for adherence_curve.py",
+    )
+    p.add_argument(
+        "--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)"
+    )
+    p.add_argument(
+        "--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the latent cache goes (default ~/.cache/latent_diffusion_course)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start fresh even if --out holds checkpoints")
-    p.add_argument("--ship", default=None, help="write the trained pipeline (EMA weights) here, with a model card")
-    p.add_argument("--ship-dtype", choices=("fp32", "fp16"), default=None,
-                   help="how --ship stores the weights (default: the config's; fp16 halves the folder)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="ship into a non-course folder: replace same-named files, keep the others")
+    p.add_argument(
+        "--ship", default=None, help="write the trained pipeline (EMA weights) here, with a model card"
+    )
+    p.add_argument(
+        "--ship-dtype",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="how --ship stores the weights (default: the config's; fp16 halves the folder)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="ship into a non-course folder: replace same-named files, keep the others",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -103,11 +151,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = get_device(args.device)
     name = args.config or ("tiny" if is_fast() else "gpu" if device.type == "cuda" else "cpu")
-    config = TextToImageConfig.named(name).with_overrides(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                          train_size=args.train_size, mixed_precision=args.precision,
-                                                          ema_decay=args.ema_decay, warmup_steps=args.warmup,
-                                                          checkpoint_every=args.checkpoint_every,
-                                                          ship_dtype=args.ship_dtype, objective=args.objective)
+    config = TextToImageConfig.named(name).with_overrides(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        train_size=args.train_size,
+        mixed_precision=args.precision,
+        ema_decay=args.ema_decay,
+        warmup_steps=args.warmup,
+        checkpoint_every=args.checkpoint_every,
+        ship_dtype=args.ship_dtype,
+        objective=args.objective,
+    )
     if args.echo_prompt:
         config = config.with_overrides(echo_prompt=True, context_length=max(32, config.context_length))
     out = cli.writable_dir(args.out, "--out")  # every output place is checked before the training
@@ -124,10 +179,20 @@ def main(argv=None) -> dict:
     timing_path = out / "timing.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() and not args.no_resume else {}
     snapshot_every = config.snapshot_every if args.snapshot_every is None else args.snapshot_every
-    trainer, tokenizer = train(config, vae, out, seed=args.seed, device=device, resume=not args.no_resume,
-                               cache_dir=args.cache_dir, progress=not args.no_progress,
-                               time_budget_s=args.minutes * 60 if args.minutes else None, init_from=args.init_from,
-                               snapshot_every=snapshot_every, clock_start=t0 - previous.get("seconds", 0.0))
+    trainer, tokenizer = train(
+        config,
+        vae,
+        out,
+        seed=args.seed,
+        device=device,
+        resume=not args.no_resume,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        time_budget_s=args.minutes * 60 if args.minutes else None,
+        init_from=args.init_from,
+        snapshot_every=snapshot_every,
+        clock_start=t0 - previous.get("seconds", 0.0),
+    )
     config = config.with_overrides(steps=trainer.cfg.steps)  # a --minutes budget may have lowered it
     seconds = time.perf_counter() - t0
     if not trainer.accelerator.is_main_process:
@@ -164,31 +229,52 @@ def main(argv=None) -> dict:
 
         save_image(images, out / "samples.png", nrow=4)
         print(f"samples for {prompts} -> {out / 'samples.png'}")
-    weighting = (f"Min-SNR gamma {config.snr_gamma}" if config.objective == "eps" else
-                 "flow matching (SD 3: velocity target, logit-normal t, plain MSE; sampler flow_euler, "
-                 f"shift {config.flow_shift})")
-    result = {"config": name, "objective": config.objective, "steps": config.steps,
-              "seconds": timing["seconds"], "unet_params": n_unet,
-              "text_params": n_text, "final_loss": final_loss}
+    weighting = (
+        f"Min-SNR gamma {config.snr_gamma}"
+        if config.objective == "eps"
+        else "flow matching (SD 3: velocity target, logit-normal t, plain MSE; sampler flow_euler, "
+        f"shift {config.flow_shift})"
+    )
+    result = {
+        "config": name,
+        "objective": config.objective,
+        "steps": config.steps,
+        "seconds": timing["seconds"],
+        "unet_params": n_unet,
+        "text_params": n_text,
+        "final_loss": final_loss,
+    }
     if args.ship:
-        command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-        hardware = (f"{describe(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-                    f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
-        training = (f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py `TextToImageConfig.{name}()`), "
-                    f"seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split=\"train\": no "
-                    f"held-out colour/shape pair), latents from the frozen VAE `{os.path.relpath(args.vae, ROOT)}`\n"
-                    + (f"- initialised from `{os.path.relpath(args.init_from, ROOT)}` (its UNet and text encoder; a "
-                       f"fresh optimizer): a fine-tune, so the steps and time below add to that model's own\n"
-                       if args.init_from else "") +
-                    f"- model: UNet {n_unet:,} + text encoder {n_text:,} parameters (the VAE is frozen)\n"
-                    f"- steps: {config.steps:,} x batch {config.batch_size}, AdamW lr {config.lr} ({config.warmup_steps} "
-                    f"warm-up, {config.lr_schedule}), EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "
-                    f"objective {config.objective}: {weighting}, latents: posterior {config.latents} x "
-                    "scaling_factor, "
-                    f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; final training loss "
-                    f"{final_loss}\n"
-                    f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
-                    f"- hardware: {hardware}\n- weights: the EMA weights, stored in {config.ship_dtype}\n")
+        command = "python " + " ".join(
+            shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]
+        )
+        hardware = (
+            f"{describe(device)}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+        )
+        training = (
+            f"- command: `{command}`\n- config: `{name}` (common/text_to_image.py "
+            f"`TextToImageConfig.{name}()`), "
+            f'seed {args.seed}\n- data: Shapes 64 px, {config.train_size:,} training items (split="train": '
+            "no "
+            f"held-out colour/shape pair), latents from the frozen VAE `{os.path.relpath(args.vae, ROOT)}`\n"
+            + (
+                f"- initialised from `{os.path.relpath(args.init_from, ROOT)}` (its UNet and text encoder; a "
+                f"fresh optimizer): a fine-tune, so the steps and time below add to that model's own\n"
+                if args.init_from
+                else ""
+            )
+            + f"- model: UNet {n_unet:,} + text encoder {n_text:,} parameters (the VAE is frozen)\n"
+            f"- steps: {config.steps:,} x batch {config.batch_size}, "
+            f"AdamW lr {config.lr} ({config.warmup_steps} warm-up, {config.lr_schedule}), "
+            f"EMA {config.ema_decay}, caption dropout {config.caption_dropout}, "
+            f"objective {config.objective}: {weighting}, latents: "
+            f"posterior {config.latents} x scaling_factor, "
+            f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} precision; "
+            f"final training loss {final_loss}\n"
+            f"- wall time: {timing['seconds'] / 60:.1f} min over {timing['invocations']} invocation(s)\n"
+            f"- hardware: {hardware}\n- weights: the EMA weights, stored in {config.ship_dtype}\n"
+        )
 
         def write(folder: Path) -> None:
             write_pipeline(pipe, folder, torch.float16 if config.ship_dtype == "fp16" else torch.float32)

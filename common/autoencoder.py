@@ -429,7 +429,8 @@ class AutoencoderKL(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def load_checkpoint(self, path: str | Path) -> AutoencoderKL:
-        """Load a safetensors weights file (or a folder holding ``diffusion_pytorch_model.safetensors``) into self."""
+        """Load a safetensors weights file (or a folder holding
+        ``diffusion_pytorch_model.safetensors``) into self."""
         path = Path(path)
         self.load_state_dict(read_safetensors(path / WEIGHTS_NAME if path.is_dir() else path))
         return self
@@ -440,7 +441,8 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str | None = None) -> AutoencoderKL:
-        """Build from a diffusers-format folder (ours, or a diffusers ``vae/`` subfolder) and load its weights."""
+        """Build from a diffusers-format folder (ours, or a diffusers ``vae/`` subfolder)
+        and load its weights."""
         config, weights = read_model(path)
         model = cls(AutoencoderConfig.from_diffusers(config))
         model.load_state_dict(weights)

@@ -31,28 +31,63 @@ from common.weights import check_state
 # UNet2DConditionModel options the course's UNet does not implement, with the one value it accepts (diffusers'
 # defaults)
 UNET_FIXED_OPTIONS = {
-    "center_input_sample": False, "only_cross_attention": False, "downsample_padding": 1,
-    "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu", "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-    "class_embed_type": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "upcast_attention": False, "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional", "time_embedding_dim": None,
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3,
-    "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None, "attention_type": "default",
-    "class_embeddings_concat": False, "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "center_input_sample": False,
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "upcast_attention": False,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
 }
 # diffusers' defaults for the options we do read: a config.json only lists what differs from these
 UNET_DIFFUSERS_DEFAULTS = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "sample_size": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-5,
-    "cross_attention_dim": 1280, "transformer_layers_per_block": 1, "attention_head_dim": 8,
-    "num_attention_heads": None, "use_linear_projection": False, "num_class_embeds": None,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": 8,
+    "num_attention_heads": None,
+    "use_linear_projection": False,
+    "num_class_embeds": None,
 }
 UNET_IGNORED_OPTIONS = {"addition_embed_type_num_heads"}  # only read when addition_embed_type is set
-
 
 
 def unet_config_to_diffusers(config: UNetConfig) -> dict:
@@ -63,16 +98,24 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
     """
     heads = config.attention_head_dim if config.num_attention_heads is None else config.num_attention_heads
     return dict(
-        sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
-        down_block_types=config.down_block_types, up_block_types=config.up_block_types,
-        mid_block_type=config.mid_block_type, block_out_channels=config.block_out_channels,
+        sample_size=config.sample_size,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        down_block_types=config.down_block_types,
+        up_block_types=config.up_block_types,
+        mid_block_type=config.mid_block_type,
+        block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
-        cross_attention_dim=config.cross_attention_dim if config.has_cross_attention
+        cross_attention_dim=config.cross_attention_dim
+        if config.has_cross_attention
         else UNET_DIFFUSERS_DEFAULTS["cross_attention_dim"],
-        attention_head_dim=heads, use_linear_projection=config.use_linear_projection,
-        norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps,
+        attention_head_dim=heads,
+        use_linear_projection=config.use_linear_projection,
+        norm_num_groups=config.norm_num_groups,
+        norm_eps=config.norm_eps,
         num_class_embeds=config.num_class_embeds,
-        flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift,
+        flip_sin_to_cos=config.flip_sin_to_cos,
+        freq_shift=config.freq_shift,
         transformer_layers_per_block=config.transformer_layers_per_block,
     )
 
@@ -86,13 +129,16 @@ def unet_config_from_diffusers(mapping: Mapping) -> UNetConfig:
     mapping = {k: v for k, v in dict(mapping).items() if not k.startswith("_")}
     for key, expected in UNET_FIXED_OPTIONS.items():
         if key in mapping and mapping[key] != expected:
-            raise ValueError(f"unsupported UNet2DConditionModel option {key}={mapping[key]!r}; "
-                             f"the course's UNet needs {key}={expected!r}")
+            raise ValueError(
+                f"unsupported UNet2DConditionModel option {key}={mapping[key]!r}; "
+                f"the course's UNet needs {key}={expected!r}"
+            )
     known = set(UNET_DIFFUSERS_DEFAULTS) | set(UNET_FIXED_OPTIONS) | UNET_IGNORED_OPTIONS
     unknown = sorted(k for k in mapping if k not in known)
     if unknown:
-        raise ValueError(f"unknown UNet2DConditionModel config keys {unknown}; "
-                         f"expected keys among {sorted(known)}")
+        raise ValueError(
+            f"unknown UNet2DConditionModel config keys {unknown}; expected keys among {sorted(known)}"
+        )
     values = {**UNET_DIFFUSERS_DEFAULTS, **{k: v for k, v in mapping.items() if k in UNET_DIFFUSERS_DEFAULTS}}
     if not isinstance(values["layers_per_block"], int):
         raise ValueError(f"layers_per_block must be a single int, got {values['layers_per_block']!r}")
@@ -110,8 +156,10 @@ def diffusers_config(module: nn.Module) -> dict:
         return unet_config_to_diffusers(module.config)
     if isinstance(module, (AutoencoderKL, MMDiT)):
         return module.config.to_diffusers()
-    raise ValueError(f"diffusers_config takes common.autoencoder.AutoencoderKL, common.unet.UNet or "
-                     f"common.mmdit.MMDiT, got {type(module).__name__}")
+    raise ValueError(
+        f"diffusers_config takes common.autoencoder.AutoencoderKL, common.unet.UNet or "
+        f"common.mmdit.MMDiT, got {type(module).__name__}"
+    )
 
 
 def _copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:

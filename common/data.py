@@ -241,8 +241,10 @@ class Digits(torch.utils.data.Dataset):
             if source == "mnist":
                 print(f"Digits: MNIST found under {self.root}; using it")
             else:
-                print(f"Digits: MNIST not on disk under {self.root}; using digits rendered from fonts "
-                      "(`python -m common.weights fetch mnist` gets MNIST)")
+                print(
+                    f"Digits: MNIST not on disk under {self.root}; using digits rendered from fonts "
+                    "(`python -m common.weights fetch mnist` gets MNIST)"
+                )
         else:
             print(
                 f"Digits: using {'MNIST from ' + str(self.root) if source == 'mnist' else 'rendered digits'}"
@@ -437,7 +439,7 @@ class LatentDataset(torch.utils.data.Dataset):
         return {"z0_mean": self.mean[i], "z0_std": self.std[i], self.key: self.condition[i]}
 
     def get_batch(self, indices: list[int]) -> dict:
-        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256 items
-        one by one costs more than a GPU step of the course model)."""
+        """The collated batch of ``indices`` in one gather per tensor (what ``Trainer`` uses: stacking 256
+        items one by one costs more than a GPU step of the course model)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {"z0_mean": self.mean[idx], "z0_std": self.std[idx], self.key: self.condition[idx]}

@@ -99,8 +99,9 @@ class FlowSchedule:
         does not implement (dynamic shifting, Karras sigmas, ...) is refused, never silently ignored."""
         for key in _UNSUPPORTED:
             if config.get(key):
-                raise ValueError(f"flow_euler does not implement {key}={config[key]!r}; "
-                                 "expected it unset or False")
+                raise ValueError(
+                    f"flow_euler does not implement {key}={config[key]!r}; expected it unset or False"
+                )
         return cls(int(config.get("num_train_timesteps", 1000)), float(config.get("shift", 1.0)))
 
     def to_diffusers(self) -> dict:

@@ -82,8 +82,12 @@ def yours_or_reference(exercises: ModuleType, solutions: ModuleType, name: str, 
     return getattr(exercises, name)
 
 
-def grade(chapter: str, file: str | Path | None = None, only: list[str] | None = None,
-          timeout: float = DEFAULT_TIMEOUT) -> list[Result]:
+def grade(
+    chapter: str,
+    file: str | Path | None = None,
+    only: list[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[Result]:
     """Run the chapter's checks on ``file`` (default: the chapter's ``exercises.py``).
 
     The checks run in a worker process, one after the other: an exercise that loops is stopped after

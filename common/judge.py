@@ -34,7 +34,19 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from common.shapes import BACKGROUND, COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, Shapes, layout, parse, render
+from common.shapes import (
+    BACKGROUND,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    Shapes,
+    layout,
+    parse,
+    render,
+)
 
 JUDGE_DIR = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes_judge"
 FOREGROUND = 70.0  # RGB distance (0..255 units) from BACKGROUND above which a pixel belongs to an object

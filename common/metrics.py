@@ -77,13 +77,21 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def lpips_available(net: str = "alex") -> bool:
-    """Whether the LPIPS backbone weights for ``net`` are on disk (the `lpips` package fetches them otherwise)."""
+    """Whether the LPIPS backbone weights for ``net`` are on disk (the `lpips` package
+    fetches them otherwise)."""
     return lpips_backbone_available(net)
 
 
-def lpips_distance(pred: torch.Tensor, target: torch.Tensor, *, value_range=(-1.0, 1.0), net: str = "alex",
-                   per_image: bool = False):
-    """LPIPS through the `lpips` package; raises a clear error saying how to get the backbone when it is missing."""
+def lpips_distance(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    value_range=(-1.0, 1.0),
+    net: str = "alex",
+    per_image: bool = False,
+):
+    """LPIPS through the `lpips` package; raises a clear error saying how to get the
+    backbone when it is missing."""
     _check_pair(pred, target)
     lo, hi = value_range
     scale = lambda x: (x.float() - lo) / (hi - lo) * 2 - 1  # noqa: E731  lpips expects [-1, 1]

@@ -51,10 +51,14 @@ from common.unet import UNet, UNetConfig
 from common.weights import count_parameters
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
-# SD 1.x's scheduler options (stable-diffusion-v1-5 scheduler/scheduler_config.json): what a pipeline built from
-# parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
-SD_SAMPLER_OPTIONS = {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
-                      "clip_sample": False}
+# SD 1.x's scheduler options (stable-diffusion-v1-5 scheduler/scheduler_config.json): what a pipeline built
+# from parts uses, written to scheduler_config.json by save_pretrained so diffusers samples the same way
+SD_SAMPLER_OPTIONS = {
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}
 SAMPLER_NAMES = (*SAMPLERS, "flow_euler")  # flow_euler: for flow-matching models (a FlowSchedule) only
 COURSE_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "course_t2i"
 
@@ -81,9 +85,19 @@ def main_model_path() -> Path:
 class StableDiffusion:
     """Tokenizer + text encoder + UNet + VAE + sampler, called like diffusers' pipelines."""
 
-    def __init__(self, *, tokenizer, text_encoder: CLIPTextModel, unet: UNet, vae: AutoencoderKL,
-                 schedule: NoiseSchedule | FlowSchedule | None = None, sampler: str = "ddim", device=None,
-                 dtype: torch.dtype = torch.float32, sampler_options: dict | None = None):
+    def __init__(
+        self,
+        *,
+        tokenizer,
+        text_encoder: CLIPTextModel,
+        unet: UNet,
+        vae: AutoencoderKL,
+        schedule: NoiseSchedule | FlowSchedule | None = None,
+        sampler: str = "ddim",
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        sampler_options: dict | None = None,
+    ):
         self.schedule = schedule or NoiseSchedule.sd15()
         self._check_sampler(sampler)
         if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
@@ -137,14 +151,19 @@ class StableDiffusion:
         if name not in SAMPLER_NAMES:
             raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLER_NAMES)}")
         if self.is_flow and name != "flow_euler":
-            raise ValueError(f"this is a flow-matching model (it predicts a velocity); sampler {name!r} "
-                             "expects a diffusion model: use 'flow_euler'")
+            raise ValueError(
+                f"this is a flow-matching model (it predicts a velocity); sampler {name!r} "
+                "expects a diffusion model: use 'flow_euler'"
+            )
         if not self.is_flow and name == "flow_euler":
-            raise ValueError(f"flow_euler samples flow-matching models; this model predicts "
-                             f"{self.schedule.prediction_type!r}: use one of {', '.join(SAMPLERS)}")
+            raise ValueError(
+                f"flow_euler samples flow-matching models; this model predicts "
+                f"{self.schedule.prediction_type!r}: use one of {', '.join(SAMPLERS)}"
+            )
 
-    def make_sampler(self, name: str | None = None, num_inference_steps: int = 50,
-                     eta: float = 0.0) -> Sampler | FlowEulerSampler:
+    def make_sampler(
+        self, name: str | None = None, num_inference_steps: int = 50, eta: float = 0.0
+    ) -> Sampler | FlowEulerSampler:
         """The named sampler (default: the pipeline's) with this pipeline's schedule and options."""
         name = name or self.sampler_name
         self._check_sampler(name)
@@ -405,8 +424,15 @@ class StableDiffusion:
         For a single file the CLIP tokenizer comes from ``tokenizer_path`` (a local ``tokenizer/`` folder) and
         the parts' configs are SD 1.5's, or those of the diffusers folder ``config_dir`` when given.
         """
-        return load_pipeline(cls, path, device=device, dtype=dtype, sampler=sampler, tokenizer_path=tokenizer_path,
-                             config_dir=config_dir)
+        return load_pipeline(
+            cls,
+            path,
+            device=device,
+            dtype=dtype,
+            sampler=sampler,
+            tokenizer_path=tokenizer_path,
+            config_dir=config_dir,
+        )
 
     def save_pretrained(self, path, overwrite: bool = False) -> Path:
         """Write a diffusers-format folder that this class and diffusers' StableDiffusionPipeline both load.
@@ -417,10 +443,14 @@ class StableDiffusion:
         return save_pipeline(self, path, overwrite=overwrite)
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{name}={count_parameters(m) / 1e6:.2f}M" for name, m in
-                          (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae)))
-        return (f"StableDiffusion({parts}, tokenizer={type(self.tokenizer).__name__}, sampler={self.sampler_name}, "
-                f"device={self.device}, dtype={self.dtype})")
+        parts = ", ".join(
+            f"{name}={count_parameters(m) / 1e6:.2f}M"
+            for name, m in (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae))
+        )
+        return (
+            f"StableDiffusion({parts}, tokenizer={type(self.tokenizer).__name__}, "
+            f"sampler={self.sampler_name}, device={self.device}, dtype={self.dtype})"
+        )
 
 
 class _NoCapture:
@@ -440,8 +470,9 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def tiny_random_pipeline(seed: int = 0, sampler: str = "ddim") -> StableDiffusion:
-    """A random, untrained pipeline of the course's kind (Shapes tokenizer, tiny CLIP, UNet and VAE): it runs in
-    a fraction of a second, so tests and exercise checks can exercise every code path without a trained model."""
+    """A random, untrained pipeline of the course's kind (Shapes tokenizer, tiny CLIP, UNet and VAE): it runs
+    in a fraction of a second, so tests and exercise checks can exercise every code path
+    without a trained model."""
     torch.manual_seed(seed)
     tok = ShapesTokenizer.for_shapes()
     text = CLIPTextModel(

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
-from common.flow import FlowSchedule
 from common.cli import ship
 from common.convert import to_transformers, unet_config_from_diffusers, unet_config_to_diffusers
+from common.flow import FlowSchedule
 from common.samplers import DIFFUSERS_SCHEDULERS, SAMPLER_OF_SCHEDULER, SAMPLERS
 from common.schedules import NoiseSchedule
 from common.single_file import load_single_file
@@ -50,8 +50,11 @@ DIFFUSERS_VERSION = "0.42.1"  # written into the configs; diffusers only reads i
 
 
 def load_part_weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
-    names = ("model.safetensors",) if part == "text_encoder" else \
-        (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors")
+    names = (
+        ("model.safetensors",)
+        if part == "text_encoder"
+        else (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors")
+    )
     return read_safetensors(weights_file(folder, names, part))
 
 
@@ -73,8 +76,10 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
     dtype = dtype or torch.float32
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: a single-file checkpoint must be .safetensors (CompVis key names); "
-                             "a .ckpt pickle is not read, convert it first")
+            raise ValueError(
+                f"{path}: a single-file checkpoint must be .safetensors (CompVis key names); "
+                "a .ckpt pickle is not read, convert it first"
+            )
         parts = load_single_file(path, tokenizer_path=tokenizer_path, config_dir=config_dir)
     elif path.is_dir():
         parts = load_folder(path)
@@ -89,8 +94,9 @@ def load_pipeline(cls, path, *, device=None, dtype=None, sampler=None, tokenizer
         schedule, options = FlowSchedule.from_diffusers(scheduler_config), {}
     else:
         schedule = NoiseSchedule.from_diffusers(scheduler_config)
-        options = {k: v for k, v in scheduler_config.items()
-                   if k not in SCHEDULE_KEYS and not k.startswith("_")}
+        options = {
+            k: v for k, v in scheduler_config.items() if k not in SCHEDULE_KEYS and not k.startswith("_")
+        }
     sampler = sampler or sampler_of(scheduler_config, path if path.is_file() else path / "scheduler")
     return cls(
         tokenizer=tokenizer,
@@ -112,9 +118,13 @@ def load_folder(path: Path):
         if part not in index or index[part] is None or index[part][0] is None:
             raise ValueError(f"{path / 'model_index.json'} names no {part!r}; expected all of {PARTS}")
         if not (path / part).is_dir():
-            raise FileNotFoundError(f"the {part} folder is missing: {path / part} (model_index.json names it)")
+            raise FileNotFoundError(
+                f"the {part} folder is missing: {path / part} (model_index.json names it)"
+            )
     unet_cfg = unet_config_from_diffusers(read_json(path / "unet/config.json", "the unet config"))
-    unet = load_weights(build_on_meta(UNet, unet_cfg, big), load_part_weights(path / "unet", "unet"), str(path / "unet"))
+    unet = load_weights(
+        build_on_meta(UNet, unet_cfg, big), load_part_weights(path / "unet", "unet"), str(path / "unet")
+    )
     vae_cfg = AutoencoderConfig.from_diffusers(read_json(path / "vae/config.json", "the vae config"))
     vae = load_weights(
         build_on_meta(AutoencoderKL, vae_cfg, big), load_part_weights(path / "vae", "vae"), str(path / "vae")
@@ -142,9 +152,17 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
             f"cannot save a {type(tokenizer).__name__}; expected ClipTokenizer or ShapesTokenizer"
         )
     tokenizer.save(folder)  # tokenizer.json, which also pads and truncates to the context by itself
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.context_length,
-              "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK,
-              "clean_up_tokenization_spaces": False, "padding_side": "right", "truncation_side": "right"}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": tokenizer.context_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "clean_up_tokenization_spaces": False,
+        "padding_side": "right",
+        "truncation_side": "right",
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}, indent=2) + "\n"
@@ -154,9 +172,11 @@ def save_tokenizer(tokenizer, folder: Path) -> list[str]:
 
 def save_pipeline(pipe, path, overwrite: bool = False) -> Path:
     """Write the folder through ``common.cli.ship``: a non-empty folder the course did not write is refused
-    (``overwrite=True`` writes over same-named files), a user's files in it are kept, and only a previous ship's
-    files are replaced."""
-    return ship(path, "pipeline", lambda tmp: write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained")
+    (``overwrite=True`` writes over same-named files), a user's files in it are kept, and only a previous
+    ship's files are replaced."""
+    return ship(
+        path, "pipeline", lambda tmp: write_pipeline(pipe, tmp), overwrite=overwrite, what="save_pretrained"
+    )
 
 
 def write_pipeline(pipe, tmp: Path, dtype: torch.dtype = torch.float32) -> None:
@@ -165,16 +185,23 @@ def write_pipeline(pipe, tmp: Path, dtype: torch.dtype = torch.float32) -> None:
     ``dtype``: how the weights are stored (float16 halves the folder; both loaders cast them back to the
     dtype they are asked for, and transformers' "auto" reads float32 from the text encoder's config)."""
     version = {"_diffusers_version": DIFFUSERS_VERSION}
-    unet_config = {"_class_name": "UNet2DConditionModel", **version,
-                   **unet_config_to_diffusers(pipe.unet.config)}
+    unet_config = {
+        "_class_name": "UNet2DConditionModel",
+        **version,
+        **unet_config_to_diffusers(pipe.unet.config),
+    }
     save_model(pipe.unet, tmp / "unet", unet_config, dtype=dtype)
     vae_config = {"_class_name": "AutoencoderKL", **version, **pipe.vae.config.to_diffusers()}
     save_model(pipe.vae, tmp / "vae", vae_config, dtype=dtype)
     text_encoder = to_transformers(pipe.text_encoder.float().cpu()).to(dtype)
     text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
-    if dtype != torch.float32:  # the dtype transformers' "auto" loads in: compute in fp32, as the other parts do
+    if (
+        dtype != torch.float32
+    ):  # the dtype transformers' "auto" loads in: compute in fp32, as the other parts do
         config_path = tmp / "text_encoder" / "config.json"
-        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "dtype": "float32"}, indent=2) + "\n")
+        config_path.write_text(
+            json.dumps({**json.loads(config_path.read_text()), "dtype": "float32"}, indent=2) + "\n"
+        )
     pipe.text_encoder.to(pipe.device, pipe.dtype)
     tokenizer_entry = save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
     scheduler_class = DIFFUSERS_SCHEDULERS[pipe.sampler_name]

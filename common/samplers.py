@@ -426,11 +426,18 @@ class DPMSolverPP2MSampler(Sampler):
         return z_prev.to(model_output.dtype)
 
 
-SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP2MSampler}
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddpm": DDPMSampler,
+    "ddim": DDIMSampler,
+    "dpmpp_2m": DPMSolverPP2MSampler,
+}
 # the diffusers scheduler class each sampler matches step for step, and back (for scheduler_config.json files)
-DIFFUSERS_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler",
-                        "dpmpp_2m": "DPMSolverMultistepScheduler",
-                        "flow_euler": "FlowMatchEulerDiscreteScheduler"}  # flow_euler: common.flow, flow models
+DIFFUSERS_SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
+}  # flow_euler: common.flow, flow models
 SAMPLER_OF_SCHEDULER = {scheduler: name for name, scheduler in DIFFUSERS_SCHEDULERS.items()}
 
 

@@ -205,9 +205,12 @@ def load_single_file(path: Path, *, tokenizer_path=None, config_dir=None):
     else:  # a diffusers folder's configs (a small model's, say, or an SD 1.x fine-tune with its own config)
         config_dir = Path(config_dir)
         unet_cfg = unet_config_from_diffusers(read_json(config_dir / "unet/config.json", "the unet config"))
-        vae_cfg = AutoencoderConfig.from_diffusers(read_json(config_dir / "vae/config.json", "the vae config"))
-        text_cfg = CLIPTextConfig.from_transformers(read_json(config_dir / "text_encoder/config.json",
-                                                              "the text encoder config"))
+        vae_cfg = AutoencoderConfig.from_diffusers(
+            read_json(config_dir / "vae/config.json", "the vae config")
+        )
+        text_cfg = CLIPTextConfig.from_transformers(
+            read_json(config_dir / "text_encoder/config.json", "the text encoder config")
+        )
         scheduler_config = read_json(config_dir / "scheduler/scheduler_config.json", "the scheduler config")
     if tokenizer_path is None and config_dir is not None and (Path(config_dir) / "tokenizer").is_dir():
         tokenizer_path = Path(config_dir) / "tokenizer"

@@ -348,5 +348,3 @@ def normalize_clip_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 def add_text_model_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse for writing transformers 4 layout: ``text_model.`` before every key."""
     return {k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k: v for k, v in state_dict.items()}
-
-

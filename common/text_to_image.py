@@ -115,7 +115,9 @@ class TextToImageConfig:
     flow_shift: float = 1.0  # the flow sampler's shift (SD 3: 3.0 at 1024 px; 16 x 16 latents need none)
     checkpoint_every: int = 200  # Trainer checkpoints, for resume after a kill
     ship_dtype: str = "fp32"  # how --ship stores the weights: "fp16" halves the folder (loaded back as fp32)
-    snapshot_every: int = 0  # EMA snapshots kept for the adherence curve (0 = none; train(snapshot_every=...))
+    snapshot_every: int = (
+        0  # EMA snapshots kept for the adherence curve (0 = none; train(snapshot_every=...))
+    )
     ema_start: int = 50  # the EMA copies the weights until here (early weights are not worth averaging)
 
     def __post_init__(self):
@@ -144,9 +146,19 @@ class TextToImageConfig:
         steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
         """
         width = 128
-        return cls(name="cpu", unet=UNetConfig.shapes_text(cross_attention_dim=width),
-                   text_encoder=_text_config(width, 3, 4, 24), steps=1200, batch_size=32, lr=1e-3,
-                   warmup_steps=100, ema_decay=0.995, train_size=4000, checkpoint_every=100, snr_gamma=5.0)
+        return cls(
+            name="cpu",
+            unet=UNetConfig.shapes_text(cross_attention_dim=width),
+            text_encoder=_text_config(width, 3, 4, 24),
+            steps=1200,
+            batch_size=32,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,
+            train_size=4000,
+            checkpoint_every=100,
+            snr_gamma=5.0,
+        )
 
     @classmethod
     def gpu(cls) -> TextToImageConfig:
@@ -159,19 +171,40 @@ class TextToImageConfig:
         ``--minutes 3.5`` gives the shipped model (2,100 steps; see checkpoints/course_t2i/README.md).
         """
         width = 128
-        return cls(name="gpu", unet=UNetConfig.shapes_text_gpu(),
-                   text_encoder=_text_config(width, 3, 4, 24), steps=40_000, batch_size=1024, lr=2e-3,
-                   warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", train_size=60_000,
-                   checkpoint_every=2000, ema_start=500, snr_gamma=5.0)
+        return cls(
+            name="gpu",
+            unet=UNetConfig.shapes_text_gpu(),
+            text_encoder=_text_config(width, 3, 4, 24),
+            steps=40_000,
+            batch_size=1024,
+            lr=2e-3,
+            warmup_steps=500,
+            ema_decay=0.999,
+            mixed_precision="bf16",
+            train_size=60_000,
+            checkpoint_every=2000,
+            ema_start=500,
+            snr_gamma=5.0,
+        )
 
     @classmethod
     def tiny(cls) -> TextToImageConfig:
         """For tests and COURSE_FAST: builds and trains a few steps in seconds."""
         width = 32
         unet = UNetConfig.shapes_text((16, 32, 32), heads=2, cross_attention_dim=width, norm_num_groups=8)
-        return cls(name="tiny", unet=unet,
-                   text_encoder=_text_config(width, 1, 2, 24), steps=4, batch_size=8, lr=1e-3,
-                   warmup_steps=1, ema_decay=0.9, train_size=32, checkpoint_every=2, ema_start=0)
+        return cls(
+            name="tiny",
+            unet=unet,
+            text_encoder=_text_config(width, 1, 2, 24),
+            steps=4,
+            batch_size=8,
+            lr=1e-3,
+            warmup_steps=1,
+            ema_decay=0.9,
+            train_size=32,
+            checkpoint_every=2,
+            ema_start=0,
+        )
 
     @classmethod
     def named(cls, name: str) -> TextToImageConfig:
@@ -236,9 +269,11 @@ def cache_latents(
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
     s = float(vae.config.scaling_factor)
-    key = (f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
-           f"_ctx{tokenizer.context_length}{'_echo' if getattr(tokenizer, 'echo', False) else ''}"
-           f"_v{tokenizer.vocab_size}")
+    key = (
+        f"t2i_{module_sha256(vae)[:16]}_s{s:.6g}_{split}_{length}_{seed}_{resolution}px"
+        f"_ctx{tokenizer.context_length}{'_echo' if getattr(tokenizer, 'echo', False) else ''}"
+        f"_v{tokenizer.vocab_size}"
+    )
     path = cache_dir / f"{key}.pt"
 
     def encode() -> dict:
@@ -254,8 +289,12 @@ def cache_latents(
             captions += [it["caption"] for it in items]
             if verbose and (start // batch_size) % 20 == 0:
                 print(f"caching latents {start + len(items)}/{length}", flush=True)
-        return {"mean": torch.cat(means), "std": torch.cat(stds), "input_ids": tokenizer(captions),
-                "captions": captions}
+        return {
+            "mean": torch.cat(means),
+            "std": torch.cat(stds),
+            "input_ids": tokenizer(captions),
+            "captions": captions,
+        }
 
     data, hit = cached(path, encode)
     return {**data, "path": path, "hit": hit}
@@ -320,8 +359,9 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
     return loss_fn
 
 
-def flow_loss(model: nn.Module, z0: torch.Tensor, ids: torch.Tensor, generator: torch.Generator,
-              T: int = 1000) -> torch.Tensor:
+def flow_loss(
+    model: nn.Module, z0: torch.Tensor, ids: torch.Tensor, generator: torch.Generator, T: int = 1000
+) -> torch.Tensor:
     """SD 3's flow-matching loss on a batch (Esser et al. 2024):
 
         t ~ sigmoid(N(0, 1))                       eq. 19, the logit-normal density (m = 0, s = 1)
@@ -343,9 +383,17 @@ def flow_loss(model: nn.Module, z0: torch.Tensor, ids: torch.Tensor, generator: 
 
 # ----------------------------------------------------------------------------------------------------------
 # From the trained bundle to a pipeline
-def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: TextToImageConfig | None = None, *,
-                   sampler: str | None = None, device=None):
-    """``common.pipeline.StableDiffusion`` around the trained parts (pass ``trainer.ema_model()`` for EMA weights).
+def build_pipeline(
+    model: nn.ModuleDict,
+    tokenizer,
+    vae: AutoencoderKL,
+    config: TextToImageConfig | None = None,
+    *,
+    sampler: str | None = None,
+    device=None,
+):
+    """``common.pipeline.StableDiffusion`` around the trained parts (pass
+    ``trainer.ema_model()`` for EMA weights).
 
     The pipeline holds the modules themselves (no copy) and puts them in eval mode on ``device``. A flow model
     (``config.objective == "flow"``) gets a ``FlowSchedule`` with ``config.flow_shift`` and samples with
@@ -355,8 +403,15 @@ def build_pipeline(model: nn.ModuleDict, tokenizer, vae: AutoencoderKL, config: 
     if config is not None and config.objective == "flow":
         schedule = FlowSchedule(shift=config.flow_shift)
     sampler = sampler or ("flow_euler" if isinstance(schedule, FlowSchedule) else "ddim")
-    return StableDiffusion(tokenizer=tokenizer, text_encoder=model["text_encoder"], unet=model["unet"], vae=vae,
-                           schedule=schedule, sampler=sampler, device=device)
+    return StableDiffusion(
+        tokenizer=tokenizer,
+        text_encoder=model["text_encoder"],
+        unet=model["unet"],
+        vae=vae,
+        schedule=schedule,
+        sampler=sampler,
+        device=device,
+    )
 
 
 def load_vae(path: str | Path, device=None) -> AutoencoderKL:
@@ -374,10 +429,21 @@ def load_vae(path: str | Path, device=None) -> AutoencoderKL:
 
 # ----------------------------------------------------------------------------------------------------------
 # One training run, shared by chapter 04's and chapter 06's scripts
-def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *, seed: int = 0, device=None,
-          resume: bool | str = True, cache_dir: str | Path | None = None, progress: bool = True,
-          time_budget_s: float | None = None, init_from: str | Path | None = None, snapshot_every: int = 0,
-          clock_start: float | None = None):
+def train(
+    config: TextToImageConfig,
+    vae: AutoencoderKL,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device=None,
+    resume: bool | str = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    init_from: str | Path | None = None,
+    snapshot_every: int = 0,
+    clock_start: float | None = None,
+):
     """Cache the latents, train the bundle with ``common.training.Trainer``; returns (trainer, tokenizer).
 
     ``snapshot_every`` > 0 keeps the EMA weights every that many steps in ``out_dir/snapshots/`` (see
@@ -414,9 +480,17 @@ def train(config: TextToImageConfig, vae: AutoencoderKL, out_dir: str | Path, *,
     if init_from is not None:
         init_weights(model, init_from)
     callbacks = [SnapshotWriter(out_dir, config, clock_start)] if snapshot_every else []
-    trainer = Trainer(model, LatentDataset(cache), make_loss_fn(config, empty_ids),
-                      config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s), out_dir,
-                      device=dev, resume=resume, callbacks=callbacks, callback_every=snapshot_every)
+    trainer = Trainer(
+        model,
+        LatentDataset(cache),
+        make_loss_fn(config, empty_ids),
+        config.train_config(seed=seed, progress=progress, time_budget_s=time_budget_s),
+        out_dir,
+        device=dev,
+        resume=resume,
+        callbacks=callbacks,
+        callback_every=snapshot_every,
+    )
     if callbacks and state.is_main_process and trainer.step == 0:
         callbacks[0](trainer, 0)  # the untrained model: the curve's first point
     trainer.fit()
@@ -432,11 +506,11 @@ def snapshot_config(row: dict) -> TextToImageConfig:
 
 
 class SnapshotWriter:
-    """Trainer callback: the EMA weights at a step, as ``out_dir/snapshots/step_{step:07d}.safetensors``, and a row
-    {step, seconds, config} in ``out_dir/snapshots/index.json``. ``seconds`` counts from ``start`` (a
+    """Trainer callback: the EMA weights at a step, as ``out_dir/snapshots/step_{step:07d}.safetensors``, and
+    a row {step, seconds, config} in ``out_dir/snapshots/index.json``. ``seconds`` counts from ``start`` (a
     ``time.perf_counter()`` value: the training command's start, minus the time of earlier invocations when it
-    resumes); each file is written atomically, so a killed run leaves no half snapshot, and a resumed run adds to
-    the same index."""
+    resumes); each file is written atomically, so a killed run leaves no half snapshot, and a resumed run adds
+    to the same index."""
 
     def __init__(self, out_dir: str | Path, config: TextToImageConfig, start: float | None = None):
         self.dir = Path(out_dir) / "snapshots"
@@ -453,7 +527,8 @@ class SnapshotWriter:
         index_path = self.dir / "index.json"
         rows = json.loads(index_path.read_text()) if index_path.is_file() else []
         rows = [r for r in rows if r["step"] != step] + [
-            {"step": step, "seconds": round(time.perf_counter() - self.start, 1), **self.config}]
+            {"step": step, "seconds": round(time.perf_counter() - self.start, 1), **self.config}
+        ]
         atomic_write(index_path, json.dumps(sorted(rows, key=lambda r: r["step"]), indent=1) + "\n")
 
 
@@ -464,8 +539,11 @@ def load_snapshots(run_dir: str | Path) -> list[dict]:
     if not (folder / "index.json").is_file():
         return []
     rows = json.loads((folder / "index.json").read_text())
-    return [{**r, "path": folder / f"step_{r['step']:07d}.safetensors"} for r in rows
-            if (folder / f"step_{r['step']:07d}.safetensors").is_file()]
+    return [
+        {**r, "path": folder / f"step_{r['step']:07d}.safetensors"}
+        for r in rows
+        if (folder / f"step_{r['step']:07d}.safetensors").is_file()
+    ]
 
 
 def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
@@ -483,8 +561,7 @@ def init_weights(model: nn.ModuleDict, folder: str | Path) -> None:
         load_weights(model[name], read_safetensors(path), f"--init-from {path}: not this config's {name}")
 
 
-
-
+NO_METRICS = "not measured yet: run 06_stable_diffusion_architecture/evaluate.py"
 
 
 def _card_section(text: str, title: str) -> str | None:
@@ -494,11 +571,12 @@ def _card_section(text: str, title: str) -> str | None:
     return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0].strip()
 
 
-def write_model_card(folder: str | Path, training: str | None, metrics: str | None = None,
-                     curve: str | None = None) -> Path:
+def write_model_card(
+    folder: str | Path, training: str | None, metrics: str | None = None, curve: str | None = None
+) -> Path:
     """``folder/README.md``: what was trained how (``training``, markdown), the metrics from evaluate.py
-    (``metrics``), held-out adherence during training from adherence_curve.py (``curve``) and the sha256 of every
-    file; a None section is kept from the existing card."""
+    (``metrics``), held-out adherence during training from adherence_curve.py (``curve``) and the sha256 of
+    every file; a None section is kept from the existing card."""
     folder = Path(folder)
     card = folder / "README.md"
     old = card.read_text() if card.is_file() else ""
@@ -508,17 +586,21 @@ def write_model_card(folder: str | Path, training: str | None, metrics: str | No
     scheduler = folder / "scheduler" / "scheduler_config.json"
     flow_note = ""
     if scheduler.is_file() and "FlowMatchEulerDiscreteScheduler" in scheduler.read_text():
-        flow_note = ("\nA flow-matching model (the UNet predicts the velocity eps - z_0 at timestep 1000 t): "
-                     "sample it with `flow_euler`. diffusers' `StableDiffusionPipeline` loads it, but its "
-                     "`__call__` expects two members that `FlowMatchEulerDiscreteScheduler` lacks: set "
-                     "`pipe.scheduler.init_noise_sigma = 1.0` and `pipe.scheduler.scale_model_input = "
-                     "lambda sample, t: sample` first.\n")
-    text = (f"# {folder.name}: the course's own text-to-image model\n\n"
-            f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
-            f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
-            f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n"
-            f"{flow_note}\n"
-            f"## Training\n\n{training.strip()}\n\n"
-            + (f"## Adherence during training\n\n{curve.strip()}\n\n" if curve else "") +
-            f"## Metrics\n\n{(metrics or 'not measured yet: run 06_stable_diffusion_architecture/evaluate.py').strip()}\n")
+        flow_note = (
+            "\nA flow-matching model (the UNet predicts the velocity eps - z_0 at timestep 1000 t): "
+            "sample it with `flow_euler`. diffusers' `StableDiffusionPipeline` loads it, but its "
+            "`__call__` expects two members that `FlowMatchEulerDiscreteScheduler` lacks: set "
+            "`pipe.scheduler.init_noise_sigma = 1.0` and `pipe.scheduler.scale_model_input = "
+            "lambda sample, t: sample` first.\n"
+        )
+    text = (
+        f"# {folder.name}: the course's own text-to-image model\n\n"
+        f"A latent diffusion model trained from scratch on Shapes (common/shapes.py) by\n"
+        f"`06_stable_diffusion_architecture/train_text_to_image.py`, in diffusers format: it loads with\n"
+        f"`common.pipeline.StableDiffusion.from_pretrained` and with `diffusers.StableDiffusionPipeline`.\n"
+        f"{flow_note}\n"
+        f"## Training\n\n{training.strip()}\n\n"
+        + (f"## Adherence during training\n\n{curve.strip()}\n\n" if curve else "")
+        + f"## Metrics\n\n{(metrics or NO_METRICS).strip()}\n"
+    )
     return weights.write_model_card(folder, text)

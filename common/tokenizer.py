@@ -165,10 +165,11 @@ class ShapesTokenizer(Tokenizer):
     words always get the same ids). A word outside the vocabulary becomes [UNK], with a warning.
 
     ``echo=True`` writes the prompt twice, ``<bos> w_1 ... w_n <eos> w_1 ... w_n <eos>`` (echo embeddings,
-    Springer et al. 2024, "Repetition Improves Language Model Embeddings"): under the causal mask of a CLIP text
-    encoder the first copy's token i sees only w_1..w_i, but the second copy's tokens see the whole prompt, so
-    "square" in "a square left of a circle" can carry "left". The template lives in ``tokenizer.json``'s
-    post-processor, so transformers' tokenizer of a saved folder (and diffusers' pipeline) echoes too.
+    Springer et al. 2024, "Repetition Improves Language Model Embeddings"): under the causal mask of a CLIP
+    text encoder the first copy's token i sees only w_1..w_i, but the second copy's tokens see the whole
+    prompt, so "square" in "a square left of a circle" can carry "left". The template lives in
+    ``tokenizer.json``'s post-processor, so transformers' tokenizer of a saved folder
+    (and diffusers' pipeline) echoes too.
     """
 
     def __init__(self, tokenizer: _HFTokenizer, context_length: int = 24):

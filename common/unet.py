@@ -211,7 +211,12 @@ class UNetConfig:
     sample_size: int | None = 64  # latent side trained at (512 px / 8); informative, any multiple works
     in_channels: int = 4  # channels of z_t: the VAE's latent channels
     out_channels: int = 4  # channels of the prediction (eps or v), same as z_t
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # width per level; all but the last halve H, W
+    block_out_channels: tuple[int, ...] = (
+        320,
+        640,
+        1280,
+        1280,
+    )  # width per level; all but the last halve H, W
     layers_per_block: int = 2  # ResNets per down level (up levels get one more, for the extra skip)
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # attention or not
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # lowest resolution first
@@ -222,13 +227,19 @@ class UNetConfig:
     # configs round-trip; `num_attention_heads`, when set, says the same thing under the right name and wins.
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None  # heads per level; None = use attention_head_dim
-    use_linear_projection: bool = False  # Linear instead of 1x1 conv around the transformer (SD 2 uses Linear)
+    use_linear_projection: bool = (
+        False  # Linear instead of 1x1 conv around the transformer (SD 2 uses Linear)
+    )
     norm_num_groups: int = 32  # GroupNorm groups in every ResNet and transformer; divides every width
-    norm_eps: float = 1e-5  # the ResNets' GroupNorm epsilon (the transformers' is fixed at 1e-6, as diffusers)
+    norm_eps: float = (
+        1e-5  # the ResNets' GroupNorm epsilon (the transformers' is fixed at 1e-6, as diffusers)
+    )
     num_class_embeds: int | None = None  # class-conditional: an nn.Embedding added to the time embedding
     flip_sin_to_cos: bool = True  # timestep code as [cos, sin] (SD) rather than [sin, cos]
     freq_shift: int = 0  # frequencies max_period ** (-k / (dim/2 - freq_shift)); SD 0, DDPM's UNet 1
-    transformer_layers_per_block: int | tuple[int, ...] = 1  # TransformerBlocks per SpatialTransformer, per level
+    transformer_layers_per_block: int | tuple[int, ...] = (
+        1  # TransformerBlocks per SpatialTransformer, per level
+    )
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -239,36 +250,49 @@ class UNetConfig:
             if value is not None and not isinstance(value, int):
                 object.__setattr__(self, name, tuple(value))
         if levels == 0 or len(self.down_block_types) != levels or len(self.up_block_types) != levels:
-            raise ValueError(f"block_out_channels {self.block_out_channels}, down_block_types and up_block_types "
-                             f"must have one entry per level (the same length, at least 1)")
-        for name, types, allowed in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
-                                     ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
+            raise ValueError(
+                f"block_out_channels {self.block_out_channels}, down_block_types and up_block_types "
+                f"must have one entry per level (the same length, at least 1)"
+            )
+        for name, types, allowed in (
+            ("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
+            ("up_block_types", self.up_block_types, UP_BLOCK_TYPES),
+        ):
             if any(kind not in allowed for kind in types):
                 raise ValueError(f"{name}={types!r}: every entry must be one of {allowed}")
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"mid_block_type={self.mid_block_type!r}; expected one of {MID_BLOCK_TYPES}")
         if self.cross_attention_dim is not None and not isinstance(self.cross_attention_dim, int):
-            raise ValueError(f"cross_attention_dim must be one int (the context width) or None, "
-                             f"got {self.cross_attention_dim!r}")
+            raise ValueError(
+                f"cross_attention_dim must be one int (the context width) or None, "
+                f"got {self.cross_attention_dim!r}"
+            )
         if self.has_cross_attention and self.cross_attention_dim is None:
             raise ValueError("cross-attention blocks need cross_attention_dim (the context width, e.g. 768)")
         heads = self.heads_per_level
         _per_block(self.transformer_layers_per_block, levels, "transformer_layers_per_block")
         for channels, h in zip(self.block_out_channels, heads):
             if channels % self.norm_num_groups:
-                raise ValueError(f"every width in block_out_channels {self.block_out_channels} must be a "
-                                 f"multiple of norm_num_groups={self.norm_num_groups}")
+                raise ValueError(
+                    f"every width in block_out_channels {self.block_out_channels} must be a "
+                    f"multiple of norm_num_groups={self.norm_num_groups}"
+                )
             if self.has_cross_attention and channels % h:
-                raise ValueError(f"width {channels} does not split into {h} heads; choose heads that divide "
-                                 f"every entry of block_out_channels {self.block_out_channels}")
+                raise ValueError(
+                    f"width {channels} does not split into {h} heads; choose heads that divide "
+                    f"every entry of block_out_channels {self.block_out_channels}"
+                )
         if self.layers_per_block < 1:
             raise ValueError(f"layers_per_block must be >= 1, got {self.layers_per_block}")
 
     @property
     def has_cross_attention(self) -> bool:
         """True when any block attends to a context (the UNet then needs ``context`` in forward)."""
-        return ("CrossAttnDownBlock2D" in self.down_block_types or "CrossAttnUpBlock2D" in self.up_block_types
-                or self.mid_block_type == "UNetMidBlock2DCrossAttn")
+        return (
+            "CrossAttnDownBlock2D" in self.down_block_types
+            or "CrossAttnUpBlock2D" in self.up_block_types
+            or self.mid_block_type == "UNetMidBlock2DCrossAttn"
+        )
 
     @property
     def heads_per_level(self) -> tuple[int, ...]:
@@ -289,11 +313,18 @@ class UNetConfig:
 
     @classmethod
     def tiny(cls) -> UNetConfig:
-        """Two levels, both block kinds, cross-attention mid block: builds and runs in milliseconds (tests)."""
-        return cls(sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                   attention_head_dim=4, norm_num_groups=8)
+        """Two levels, both block kinds, cross-attention mid block: builds and runs in
+        milliseconds (tests)."""
+        return cls(
+            sample_size=16,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
 
     @classmethod
     def digits(cls) -> UNetConfig:
@@ -302,22 +333,42 @@ class UNetConfig:
         Two levels (8x8 -> 4x4) of ResNets, no attention: at 8x8 two 3x3 convs already see most of the latent.
         Sized for about ten CPU minutes of training (a few thousand steps at batch 128).
         """
-        return cls(sample_size=8, block_out_channels=(32, 64), layers_per_block=2,
-                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8,
-                   num_class_embeds=10)
+        return cls(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            mid_block_type="UNetMidBlock2D",
+            cross_attention_dim=None,
+            norm_num_groups=8,
+            num_class_embeds=10,
+        )
 
     @classmethod
     def shapes_uncond(cls) -> UNetConfig:
         """Unconditional Shapes at 16x16x4 latents (chapter 03): three levels (16 -> 8 -> 4), no attention,
         0.97 M parameters, 120 MFLOP per forward."""
-        return cls(sample_size=16, block_out_channels=(32, 64, 64), layers_per_block=1,
-                   down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
-                   mid_block_type="UNetMidBlock2D", cross_attention_dim=None, norm_num_groups=8)
+        return cls(
+            sample_size=16,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) * 3,
+            up_block_types=("UpBlock2D",) * 3,
+            mid_block_type="UNetMidBlock2D",
+            cross_attention_dim=None,
+            norm_num_groups=8,
+        )
 
     @classmethod
-    def shapes_text(cls, block_out_channels: tuple[int, ...] = (32, 64, 128), *, heads: int = 4,
-                    cross_attention_dim: int = 128, norm_num_groups: int = 16) -> UNetConfig:
+    def shapes_text(
+        cls,
+        block_out_channels: tuple[int, ...] = (32, 64, 128),
+        *,
+        heads: int = 4,
+        cross_attention_dim: int = 128,
+        norm_num_groups: int = 16,
+    ) -> UNetConfig:
         """The course's text-to-image UNet at 16x16x4 latents, as chapters 04 and 06 train it
         (``TextToImageConfig.cpu()``): 4.2 M parameters at the default widths.
 
@@ -326,11 +377,16 @@ class UNetConfig:
         attention would cost the most and add the least. ``cross_attention_dim`` must equal the text encoder's
         width (``TextToImageConfig``'s: 128).
         """
-        return cls(sample_size=16, block_out_channels=block_out_channels, layers_per_block=1,
-                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                   cross_attention_dim=cross_attention_dim, attention_head_dim=heads,
-                   norm_num_groups=norm_num_groups)
+        return cls(
+            sample_size=16,
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=heads,
+            norm_num_groups=norm_num_groups,
+        )
 
     @classmethod
     def shapes_text_gpu(cls) -> UNetConfig:

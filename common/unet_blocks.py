@@ -126,11 +126,11 @@ class _Block(nn.Module):
     * a ResNet: the non-reentrant form. Its forward records the graph (dropping each saved tensor through a
       hook); backward recomputes only up to the last operation that saves a tensor (here: all but the final
       addition), and has no condition on its inputs.
-    * a spatial transformer: the reentrant form. Its proj_out needs the transformer blocks' output, so backward
-      recomputes all of it anyway; this form runs the first forward without recording a graph at all (no hook
-      per saved tensor), the cheaper of the two when the region is redone whole. It needs an input that
-      requires grad (the UNet's feature maps always do when any weight before them trains); without one it
-      falls back to the non-reentrant form, which has no such condition. (The reentrant form supports
+    * a spatial transformer: the reentrant form. Its proj_out needs the transformer blocks' output, so
+      backward recomputes all of it anyway; this form runs the first forward without recording a graph at all
+      (no hook per saved tensor), the cheaper of the two when the region is redone whole. It needs an input
+      that requires grad (the UNet's feature maps always do when any weight before them trains); without one
+      it falls back to the non-reentrant form, which has no such condition. (The reentrant form supports
       ``loss.backward()``, as every training loop here calls it, but not ``torch.autograd.grad``.)
 
     No random numbers are drawn inside either (no dropout), so the RNG state is not saved and restored.
@@ -141,7 +141,8 @@ class _Block(nn.Module):
     def run(self, module: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             reentrant = isinstance(module, SpatialTransformer) and any(
-                torch.is_tensor(a) and a.requires_grad for a in args)
+                torch.is_tensor(a) and a.requires_grad for a in args
+            )
             return checkpoint(module, *args, use_reentrant=reentrant, preserve_rng_state=False)
         return module(*args)
 

@@ -118,8 +118,15 @@ def pil_grid(images: list, ncols: int | None = None) -> Image.Image:
     return to_pil_image(make_grid(x, nrow=ncols or len(images), padding=0, pad_value=255))
 
 
-def save_grid(images, path: str | Path, captions: list[str] | None = None, ncols: int = 8,
-              title: str | None = None, value_range: ValueRange = (-1.0, 1.0), dpi: int = 100) -> Path:
+def save_grid(
+    images,
+    path: str | Path,
+    captions: list[str] | None = None,
+    ncols: int = 8,
+    title: str | None = None,
+    value_range: ValueRange = (-1.0, 1.0),
+    dpi: int = 100,
+) -> Path:
     """``image_grid(...)`` written to ``path`` (png, pdf, ...); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

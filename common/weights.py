@@ -39,9 +39,15 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # the file name diffusers'
 CONFIG_NAME = "config.json"
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # the diffusers folder at fp32: configs, tokenizer, the three parts' full-precision safetensors
-SD15_FILES = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
-              "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-              "text_encoder/model.safetensors"]
+SD15_FILES = [
+    "model_index.json",
+    "*/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/*",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors",
+]
 FETCH_COMMAND = "python -m common.weights fetch {}"
 
 
@@ -58,8 +64,11 @@ def weights_file(folder: Path, names: tuple[str, ...], part: str) -> Path:
         if (folder / name).is_file():
             return folder / name
     other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
-    hint = (f" (found {other}: only safetensors are read; convert them with safetensors.torch.save_file)"
-            if other else "")
+    hint = (
+        f" (found {other}: only safetensors are read; convert them with safetensors.torch.save_file)"
+        if other
+        else ""
+    )
     raise FileNotFoundError(f"the {part} weights are missing: expected {folder / names[0]}{hint}")
 
 
@@ -70,8 +79,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for a bad header or a short file
-        raise ValueError(f"{path} is not a readable .safetensors file ({e}); it may be truncated: "
-                         "download or save it again") from None
+        raise ValueError(
+            f"{path} is not a readable .safetensors file ({e}); it may be truncated: "
+            "download or save it again"
+        ) from None
 
 
 # --- checking and loading ------------------------------------------------------------------------------
@@ -80,8 +91,10 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     ``expected``, or ``state`` has missing or unexpected keys; silent when it fits ``expected`` exactly."""
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(value.shape)} in the file but the model "
-                             f"expects {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(value.shape)} in the file but the model "
+                f"expects {tuple(expected[key].shape)}"
+            )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing:
@@ -107,8 +120,9 @@ def build_on_meta(cls, config, big: bool = True):
 
 
 # --- one model in diffusers' folder layout -------------------------------------------------------------
-def save_model(module: nn.Module, folder: str | Path, config: dict, *,
-               dtype: torch.dtype | None = None) -> Path:
+def save_model(
+    module: nn.Module, folder: str | Path, config: dict, *, dtype: torch.dtype | None = None
+) -> Path:
     """Write ``config`` (diffusers' keys, ``_class_name`` first) as config.json and the weights (cast to
     ``dtype`` when given) as diffusion_pytorch_model.safetensors into ``folder``, each file atomically."""
     from safetensors.torch import save_file
@@ -126,8 +140,9 @@ def read_model(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, weights) of a folder written by ``save_model`` (or a diffusers ``unet/`` or ``vae/``)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a model folder in "
-                                "diffusers' layout)")
+        raise FileNotFoundError(
+            f"{folder} must hold {CONFIG_NAME} and {WEIGHTS_NAME} (a model folder in diffusers' layout)"
+        )
     return read_json(folder / CONFIG_NAME, "the model config"), read_safetensors(folder / WEIGHTS_NAME)
 
 
@@ -163,11 +178,13 @@ def write_model_card(folder: str | Path, text: str, files: list[str] | None = No
     names in ``files``, default ``model_files(folder)``), so a reader can check what they downloaded."""
     folder = Path(folder)
     paths = [folder / f for f in files] if files is not None else model_files(folder)
-    rows = "\n".join(f"| `{p.relative_to(folder).as_posix()}` | {p.stat().st_size:,} | `{file_sha256(p)}` |"
-                     for p in paths)
+    rows = "\n".join(
+        f"| `{p.relative_to(folder).as_posix()}` | {p.stat().st_size:,} | `{file_sha256(p)}` |" for p in paths
+    )
     size = sum(p.stat().st_size for p in paths)
-    files_section = (f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n"
-                     f"{rows}\n")
+    files_section = (
+        f"## Files\n\n{size / 1e6:.1f} MB in all.\n\n| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"
+    )
     return cli.atomic_write(folder / "README.md", text.rstrip() + "\n\n" + files_section)
 
 
@@ -190,8 +207,11 @@ def fetch_sd15() -> Path:
     from huggingface_hub import snapshot_download
 
     local_dir = os.environ.get("SD15_PATH")
-    folder = snapshot_download(SD15_REPO, allow_patterns=SD15_FILES,
-                               local_dir=str(Path(local_dir).expanduser()) if local_dir else None)
+    folder = snapshot_download(
+        SD15_REPO,
+        allow_patterns=SD15_FILES,
+        local_dir=str(Path(local_dir).expanduser()) if local_dir else None,
+    )
     return Path(folder)
 
 
@@ -220,8 +240,10 @@ def main(argv=None) -> int:
         where = FETCHERS[args.what]()
     except (OSError, RuntimeError, ValueError) as e:  # no network, a refused connection, a full disk
         retry = FETCH_COMMAND.format(args.what)
-        raise cli.UsageError(f"could not fetch {args.what} ({type(e).__name__}: {cli.one_line(e)}); it needs "
-                             f"network access: run `{retry}` again when online") from None
+        raise cli.UsageError(
+            f"could not fetch {args.what} ({type(e).__name__}: {cli.one_line(e)}); it needs "
+            f"network access: run `{retry}` again when online"
+        ) from None
     print(f"{args.what}: {where}")
     return 0
 

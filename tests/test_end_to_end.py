@@ -82,6 +82,7 @@ def test_row_and_breakdown(e2e, pipelines):
 
 # ---- gradient checkpointing ------------------------------------------------------------------------------
 
+
 def _inputs(cfg, batch=2, side=8, seed=1):
     g = torch.Generator().manual_seed(seed)
     z_t = torch.randn(batch, cfg.in_channels, side, side, generator=g)
@@ -124,9 +125,12 @@ def test_checkpointing_recomputes_each_resnet_and_transformer_once(unet_pair):
     calls = {"transformer": 0, "resnet": 0}
     transformer = next(m for m in ours.modules() if isinstance(m, SpatialTransformer))
     resnet = next(m for m in ours.up_blocks[0].modules() if isinstance(m, ResnetBlock2D))
-    hooks = [transformer.register_forward_pre_hook(lambda *_: calls.__setitem__("transformer",
-                                                                                 calls["transformer"] + 1)),
-             resnet.register_forward_pre_hook(lambda *_: calls.__setitem__("resnet", calls["resnet"] + 1))]
+    hooks = [
+        transformer.register_forward_pre_hook(
+            lambda *_: calls.__setitem__("transformer", calls["transformer"] + 1)
+        ),
+        resnet.register_forward_pre_hook(lambda *_: calls.__setitem__("resnet", calls["resnet"] + 1)),
+    ]
     ours.enable_gradient_checkpointing()
     _grads(ours, lambda: ours(z_t, t, context))
     for h in hooks:

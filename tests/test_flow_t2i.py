@@ -120,8 +120,12 @@ def test_flow_model_samples_the_same_image_in_diffusers(tmp_path, guidance):
     theirs = ref(PROMPTS, generator=torch.Generator().manual_seed(0), **kw).images
     ours = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), progress=False, **kw).images
     assert (ours - theirs).abs().max() <= 1e-4
-    other = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), progress=False,
-                 **{**kw, "guidance_scale": guidance + 2.0}).images
+    other = pipe(
+        PROMPTS,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        **{**kw, "guidance_scale": guidance + 2.0},
+    ).images
     assert (ours - other).abs().max() > 1e-3  # the comparison is not blind to guidance
 
 
@@ -129,8 +133,12 @@ def test_samplers_must_fit_the_objective():
     flow = random_flow_pipeline()
     with pytest.raises(ValueError, match="flow-matching model"):
         flow(PROMPTS[:1], num_inference_steps=2, sampler="ddim", progress=False)
-    eps = build_pipeline(build_model(TextToImageConfig.tiny()), ShapesTokenizer.for_shapes(),
-                         AutoencoderKL(AutoencoderConfig.course()), TextToImageConfig.tiny())
+    eps = build_pipeline(
+        build_model(TextToImageConfig.tiny()),
+        ShapesTokenizer.for_shapes(),
+        AutoencoderKL(AutoencoderConfig.course()),
+        TextToImageConfig.tiny(),
+    )
     assert not eps.is_flow and eps.sampler_name == "ddim"
     with pytest.raises(ValueError, match="flow_euler samples flow-matching models"):
         eps(PROMPTS[:1], num_inference_steps=2, sampler="flow_euler", progress=False)
@@ -140,8 +148,16 @@ def test_img2img_starts_from_the_straight_path():
     """With a flow model, img2img noises the image to t on the straight line (1 - t) z_0 + t eps."""
     pipe = random_flow_pipeline()
     image = torch.rand(1, 3, 64, 64)
-    out = pipe(PROMPTS[:1], image=image, strength=0.5, num_inference_steps=4, guidance_scale=3.0, generator=0,
-               output_type="pt", progress=False).images
+    out = pipe(
+        PROMPTS[:1],
+        image=image,
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=0,
+        output_type="pt",
+        progress=False,
+    ).images
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
 
 
@@ -158,8 +174,14 @@ def assets(tmp_path_factory):
 
 def _compare(*args):
     env = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(COMPARE), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, str(COMPARE), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -175,11 +197,16 @@ def test_compare_objectives_fast(tmp_path, assets):
     assert eps["steps"] == flow["steps"] == TextToImageConfig.tiny().steps  # equal compute
     assert 0 < eps["loop_seconds"] <= eps["seconds"] and 0 < flow["loop_seconds"] <= flow["seconds"]
     assert "--objective flow" in flow["command"] and "--objective eps" in eps["command"]
-    assert json.loads((out / "flow" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
-        "FlowMatchEulerDiscreteScheduler"
+    assert (
+        json.loads((out / "flow" / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        == "FlowMatchEulerDiscreteScheduler"
+    )
     runs = {(r["objective"], r["sampler"], r["steps"]) for r in result["rows"]}
-    assert runs == {(o, s, k) for o, s in (("eps", "ddim"), ("eps", "dpmpp_2m"), ("flow", "flow_euler"))
-                    for k in (4, 8, 25)}
+    assert runs == {
+        (o, s, k)
+        for o, s in (("eps", "ddim"), ("eps", "dpmpp_2m"), ("flow", "flow_euler"))
+        for k in (4, 8, 25)
+    }
     for row in result["rows"]:
         for name in SETS:
             s = row[name]

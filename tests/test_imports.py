@@ -16,8 +16,13 @@ LOCAL_IMPORTS_ALLOWED: dict[tuple[str, str], str] = {}
 def common_imports(path: Path) -> list[tuple[str, bool]]:
     """(imported common module, inside a function?) for every import of ``common.*`` in ``path``."""
     tree = ast.parse(path.read_text())
-    local = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))}
+    local = {
+        id(node)
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(fn)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    }
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -32,8 +37,10 @@ def common_imports(path: Path) -> list[tuple[str, bool]]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = {f"common.{p.stem}": p for p in COMMON.glob("*.py") if p.stem != "__init__"}
-    return {name: {target for target, _ in common_imports(path) if target in modules and target != name}
-            for name, path in modules.items()}
+    return {
+        name: {target for target, _ in common_imports(path) if target in modules and target != name}
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -45,7 +52,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "grey":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         stack.pop()
@@ -69,9 +76,12 @@ def test_find_cycle_sees_a_cycle():
 
 
 def test_no_function_local_common_import_without_a_reason():
-    hidden = [f"common/{p.name}: {target}" for p in sorted(COMMON.glob("*.py"))
-              for target, in_function in common_imports(p)
-              if in_function and (f"common.{p.stem}", target) not in LOCAL_IMPORTS_ALLOWED]
+    hidden = [
+        f"common/{p.name}: {target}"
+        for p in sorted(COMMON.glob("*.py"))
+        for target, in_function in common_imports(p)
+        if in_function and (f"common.{p.stem}", target) not in LOCAL_IMPORTS_ALLOWED
+    ]
     assert not hidden, f"function-local imports of common modules (move them to the file's top): {hidden}"
 
 
@@ -80,6 +90,10 @@ def test_the_pipeline_modules_import_one_way():
     assert "common.pipeline_io" in graph["common.pipeline"]
     assert "common.single_file" in graph["common.pipeline_io"]
     assert "common.weights" in graph["common.single_file"]
-    for low, high in [("common.weights", "common.single_file"), ("common.single_file", "common.pipeline_io"),
-                      ("common.pipeline_io", "common.pipeline"), ("common.unet", "common.convert")]:
+    for low, high in [
+        ("common.weights", "common.single_file"),
+        ("common.single_file", "common.pipeline_io"),
+        ("common.pipeline_io", "common.pipeline"),
+        ("common.unet", "common.convert"),
+    ]:
         assert high not in graph[low], f"{low} imports {high}, which sits above it"

@@ -1,4 +1,5 @@
-"""The laptop course model's machinery: echoed prompts, EMA snapshots and the adherence curve, fp16 shipping."""
+"""The laptop course model's machinery: echoed prompts, EMA snapshots and the adherence
+curve, fp16 shipping."""
 
 import json
 import os
@@ -25,8 +26,14 @@ PROMPT = "a large blue square to the left of a small green triangle"
 
 def _run(script, *args, check=True):
     env = {**os.environ, "COURSE_FAST": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -52,8 +59,22 @@ def trained(tmp_path_factory, vae_dir):
     """One fast run of the training command: snapshots every 2 steps, shipped in fp16; (run, ship) folders."""
     root = tmp_path_factory.mktemp("t2i")
     run, ship = root / "run", root / "ship"
-    _run(TRAIN, "--out", run, "--vae", vae_dir, "--cache-dir", root / "cache", "--snapshot-every", 2,
-         "--ship", ship, "--ship-dtype", "fp16", "--no-progress")
+    _run(
+        TRAIN,
+        "--out",
+        run,
+        "--vae",
+        vae_dir,
+        "--cache-dir",
+        root / "cache",
+        "--snapshot-every",
+        2,
+        "--ship",
+        ship,
+        "--ship-dtype",
+        "fp16",
+        "--no-progress",
+    )
     return run, ship
 
 
@@ -63,8 +84,8 @@ def test_echo_writes_the_prompt_twice_and_survives_saving(tmp_path):
     n = int((words != plain.pad_id).sum())  # bos, 12 words, eos
     row = echo([PROMPT])[0]
     assert row[:n].tolist() == words[:n].tolist()
-    assert row[n:2 * n - 1].tolist() == words[1:n].tolist()  # the words again, then eos
-    assert (row[2 * n - 1:] == echo.pad_id).all()
+    assert row[n : 2 * n - 1].tolist() == words[1:n].tolist()  # the words again, then eos
+    assert (row[2 * n - 1 :] == echo.pad_id).all()
     assert echo([""])[0, :3].tolist() == [echo.bos_id, echo.eos_id, echo.eos_id]
     assert echo.echo and not plain.echo
     echo.save(tmp_path)
@@ -123,10 +144,23 @@ def test_fp16_ship_loads_in_both_pipelines_with_the_same_image(trained):
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(ship)  # no dtype argument: fp32 throughout
     theirs.set_progress_bar_config(disable=True)
     assert {theirs.unet.dtype, theirs.text_encoder.dtype, theirs.vae.dtype} == {torch.float32}
-    a = ours([PROMPT], num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-             output_type="pt", progress=False).images
-    b = theirs(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-               output_type="pt", height=64, width=64).images
+    a = ours(
+        [PROMPT],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        progress=False,
+    ).images
+    b = theirs(
+        PROMPT,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        height=64,
+        width=64,
+    ).images
     assert (a - b).abs().max() < 1e-4
 
 
@@ -160,13 +194,23 @@ def test_classify_names_a_swap():
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(RELATIONS.parent))
-    scene = layout(Scene((ShapeObject("square", "blue", "large"), ShapeObject("circle", "red", "small")), "left of"))
+    scene = layout(
+        Scene((ShapeObject("square", "blue", "large"), ShapeObject("circle", "red", "small")), "left of")
+    )
     square = {"shape": "square", "color": "blue", "size": "large"}
     circle = {"shape": "circle", "color": "red", "size": "small"}
     base = {"objects": 2, "pair_objects": True, "all": False}
     # the square is right of the circle although the prompt put it left: the inverse relation holds
-    assert module.classify({**base, "detections": [{**circle, "center": (10, 32)}, {**square, "center": (50, 32)}]},
-                           scene) == "swapped"
-    assert module.classify({**base, "detections": [{**square, "center": (30, 10)}, {**circle, "center": (30, 50)}]},
-                           scene) == "other"
+    assert (
+        module.classify(
+            {**base, "detections": [{**circle, "center": (10, 32)}, {**square, "center": (50, 32)}]}, scene
+        )
+        == "swapped"
+    )
+    assert (
+        module.classify(
+            {**base, "detections": [{**square, "center": (30, 10)}, {**circle, "center": (30, 50)}]}, scene
+        )
+        == "other"
+    )
     assert module.classify({**base, "pair_objects": False, "detections": []}, scene) == "wrong objects"

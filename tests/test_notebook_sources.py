@@ -12,8 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "tools" / "notebooks").glob("*.py"))
 nbbuild = load_module(ROOT / "tools" / "nbbuild.py", "nbbuild")  # a tool, not part of the installed package
 
-MACHINERY = ("def ", "rcParams", "filterwarnings", "is_fast()", "seed_everything(", "describe()",
-             "Path.cwd()")
+MACHINERY = (
+    "def ",
+    "rcParams",
+    "filterwarnings",
+    "is_fast()",
+    "seed_everything(",
+    "describe()",
+    "Path.cwd()",
+)
 OPTIONAL = {"sd15_path(": "fetch sd15", "lpips_backbone_available(": "fetch lpips"}
 
 
@@ -43,8 +50,9 @@ def test_cells_that_look_for_optional_weights_print_the_fetch_command(path):
 
 def test_read_source_keeps_cells_and_drops_jupytext_metadata(tmp_path):
     src = tmp_path / "x.py"
-    src.write_text('# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n'
-                   '# %% tags=["raises-exception"]\n1 / 0\n')
+    src.write_text(
+        '# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n# %% tags=["raises-exception"]\n1 / 0\n'
+    )
     nb = nbbuild.read_source(src)
     assert [c.cell_type for c in nb.cells] == ["markdown", "code", "code"]
     assert nb.cells[0].source == "# Title\n\ntext" and nb.cells[1].source == "x = 1"

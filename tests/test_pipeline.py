@@ -46,9 +46,19 @@ def tiny_diffusers_pipeline(folder, tmp):
     torch.manual_seed(0)
     vocab_size = write_clip_vocab(tmp / "vocab")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tmp / "vocab"), model_max_length=77)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=1)).eval()
+    text_encoder = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=1,
+        )
+    ).eval()
     unet = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(UNetConfig.tiny())).eval()
     vae = diffusers.AutoencoderKL(**AutoencoderConfig.tiny().to_diffusers()).eval()
     with torch.no_grad():  # diffusers zero-initialises nothing here, but give conv_out a visible scale anyway

@@ -12,8 +12,15 @@ import torch
 from common.autoencoder import AutoencoderConfig, AutoencoderKL
 from common.data import LatentDataset
 from common.judge import train_judge
-from common.text_to_image import (CONFIG_NAMES, TextToImageConfig, build_model, build_pipeline,
-                                  cache_latents, drop_captions, make_loss_fn)
+from common.text_to_image import (
+    CONFIG_NAMES,
+    TextToImageConfig,
+    build_model,
+    build_pipeline,
+    cache_latents,
+    drop_captions,
+    make_loss_fn,
+)
 from common.tokenizer import ShapesTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -154,8 +154,11 @@ def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
     model = nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters())
     path = save_checkpoint(tmp_path, 1, model, None, opt)
-    with pytest.raises(ValueError, match=r"does not fit this model: bias has shape \(1,\) in the file but the "
-                                         r"model expects \(2,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this model: bias has shape \(1,\) in the file but the "
+        r"model expects \(2,\)",
+    ):
         load_checkpoint(path, nn.Linear(4, 2))
     state = torch.load(path / "state.pt", weights_only=True)  # optimizer state needs no unpickling
     assert state["step"] == 1

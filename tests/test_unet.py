@@ -60,7 +60,9 @@ def test_parameter_names_and_shapes_equal_diffusers(preset):
     cfg = getattr(UNetConfig, preset)()
     with torch.device("meta"):  # shapes only: no memory, even for SD 1.5
         ours, ref = UNet(cfg), UNet2DConditionModel(**unet_config_to_diffusers(cfg))
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
     assert unet_config_from_diffusers(ref.config) == cfg  # and the config comes back from diffusers' own
 
 
@@ -104,8 +106,11 @@ def test_sd15_config_json_reads_as_the_preset():
 
 
 def test_config_tables_match_diffusers_signature():
-    defaults = {name: p.default for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
-                if name != "self"}
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items()
+        if name != "self"
+    }
     for key, value in {**UNET_DIFFUSERS_DEFAULTS, **UNET_FIXED_OPTIONS}.items():
         assert defaults[key] == value, key
 

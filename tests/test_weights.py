@@ -25,6 +25,7 @@ def fetch(what: str, capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No network: every name lookup and connection fails, as on a machine without one."""
+
     def refuse(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 

@@ -610,11 +610,12 @@ show(fig)
 # At SD's weight (3.3e-10 in these per-pixel units) and at 1e-6 the latents stay informative: the posterior
 # means spread across images (std 0.6 to 1.7 per channel), sigma stays small (0.17 to 0.61), and PSNR stays
 # within 0.4 dB of the run without a KL (20.82 and 20.44 against 20.77 dB). At 1e-5 sigma climbs towards 1
-# (0.53 to 0.95) and the means shrink (KL 91 nats). At 1e-4 the posterior has **collapsed**: sigma is 1 and the
-# means barely vary (std at most 0.05), so q(z|x) is N(0, I) whatever x is; the latent carries almost nothing
-# (KL 0.3 nats) and PSNR falls to 16.7 dB, a blurry average image. This is section 3's price b at work: a larger weight says the
-# decoder is noisier, so each bit in z costs more than the detail it buys. These small models, trained for 150
-# steps, reach only about 20 dB: long enough to show the collapse, not for a converged comparison.
+# (0.53 to 0.95) and the means shrink (KL 91 nats). At 1e-4 the posterior has **collapsed**: sigma is 1 and
+# the means barely vary (std at most 0.05), so q(z|x) is N(0, I) whatever x is; the latent carries almost
+# nothing (KL 0.3 nats) and PSNR falls to 16.7 dB, a blurry average image. This is section 3's price b at
+# work: a larger weight says the decoder is noisier, so each bit in z costs more than the detail it buys.
+# These small models, trained for 150 steps, reach only about 20 dB: long enough to show the collapse, not
+# for a converged comparison.
 #
 # ## 8. What each latent channel carries
 #

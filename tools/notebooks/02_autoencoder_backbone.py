@@ -97,8 +97,10 @@ block.load_state_dict(reference_block.state_dict(), strict=True)
 x = torch.randn(2, 32, 16, 16)
 with torch.no_grad():
     gap = max_abs_diff(block(x), reference_block(x))
-print(f"ResnetBlock {tuple(x.shape)} -> {tuple(block(x).shape)}, "
-      f"{sum(p.numel() for p in block.parameters()):,} parameters")
+print(
+    f"ResnetBlock {tuple(x.shape)} -> {tuple(block(x).shape)}, "
+    f"{sum(p.numel() for p in block.parameters()):,} parameters"
+)
 print(f"same weights as common.autoencoder.ResnetBlock: max |diff| = {gap:.1e}")
 assert gap < 1e-5
 
@@ -235,10 +237,14 @@ symmetric = nn.Conv2d(16, 16, 3, stride=2, padding=1)
 symmetric.load_state_dict(down.conv.state_dict())
 x = torch.randn(1, 16, 16, 16)
 with torch.no_grad():
-    print(f"Downsample {tuple(x.shape)} -> {tuple(down(x).shape)}; "
-          f"vs common.autoencoder.Downsample: max |diff| = {max_abs_diff(down(x), reference_down(x)):.1e}")
-    print(f"same weights, symmetric pad instead: max |diff| = {max_abs_diff(symmetric(x), down(x)):.2f} "
-          "(a different function)")
+    print(
+        f"Downsample {tuple(x.shape)} -> {tuple(down(x).shape)}; "
+        f"vs common.autoencoder.Downsample: max |diff| = {max_abs_diff(down(x), reference_down(x)):.1e}"
+    )
+    print(
+        f"same weights, symmetric pad instead: max |diff| = {max_abs_diff(symmetric(x), down(x)):.2f} "
+        "(a different function)"
+    )
 
 # %% [markdown]
 # **Upsample.** The decoder doubles H and W. The obvious layer, a stride-2 transposed convolution, prints a
@@ -278,15 +284,19 @@ show(fig)
 # against diffusers' `Upsample2D`. The notebook uses yours once it runs, else the reference:
 
 # %%
-Upsample = yours_or_reference(exercises, solutions, "Upsample", lambda cls: cls(channels=4)(torch.zeros(1, 4, 2, 2)))
+Upsample = yours_or_reference(
+    exercises, solutions, "Upsample", lambda cls: cls(channels=4)(torch.zeros(1, 4, 2, 2))
+)
 torch.manual_seed(0)
 up = Upsample(channels=16)
 reference_up = course_ae.Upsample(channels=16)
 reference_up.load_state_dict(up.state_dict(), strict=True)
 with torch.no_grad():
     gap = max_abs_diff(up(x), reference_up(x))
-print(f"Upsample {tuple(x.shape)} -> {tuple(up(x).shape)}; "
-      f"vs common.autoencoder.Upsample: max |diff| = {gap:.1e}")
+print(
+    f"Upsample {tuple(x.shape)} -> {tuple(up(x).shape)}; "
+    f"vs common.autoencoder.Upsample: max |diff| = {gap:.1e}"
+)
 assert gap < 1e-5
 
 # %% [markdown]
@@ -859,8 +869,9 @@ assert shapes_ours == shapes_diffusers
 #
 # With SD 1.5's VAE on disk (a diffusers folder holding `config.json` and
 # `diffusion_pytorch_model.safetensors`), your classes load it as they loaded the Photos VAE and reconstruct
-# the held-out photograph. Nothing is downloaded here; the cell looks where `python -m common.weights fetch sd15`
-# puts SD 1.5 (`$SD15_PATH`, a pipeline folder or its `vae/`, else the Hugging Face cache).
+# the held-out photograph. Nothing is downloaded here; the cell looks where
+# `python -m common.weights fetch sd15` puts SD 1.5 (`$SD15_PATH`, a pipeline folder or its `vae/`, else
+# the Hugging Face cache).
 
 # %%
 import json  # noqa: E402
@@ -870,13 +881,15 @@ from common.weights import sd15_path  # noqa: E402
 
 sd_path = sd15_path()
 vae_dir = None
-for folder in ((sd_path / "vae", sd_path) if sd_path is not None else ()):
+for folder in (sd_path / "vae", sd_path) if sd_path is not None else ():
     if (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file():
         vae_dir = vae_dir or folder
 if vae_dir is None:
-    print("SD 1.5's VAE is not on disk; skipping. To run this cell, fetch SD 1.5 once (about 4.3 GB) with\n"
-          "    python -m common.weights fetch sd15\n"
-          "or point $SD15_PATH at a diffusers SD 1.x folder.")
+    print(
+        "SD 1.5's VAE is not on disk; skipping. To run this cell, fetch SD 1.5 once (about 4.3 GB) with\n"
+        "    python -m common.weights fetch sd15\n"
+        "or point $SD15_PATH at a diffusers SD 1.x folder."
+    )
 else:
     real_config = AutoencoderConfig.from_diffusers(json.loads((vae_dir / "config.json").read_text()))
     real_vae = VAE(real_config).eval()

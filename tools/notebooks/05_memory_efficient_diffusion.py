@@ -37,8 +37,17 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from common.memory import (FP16_MAX, MiB, RSS_METHOD, attention_case, attention_matrix_bytes, autocast,
-                           decode_fp32, max_activations, measure)
+from common.memory import (
+    FP16_MAX,
+    RSS_METHOD,
+    MiB,
+    attention_case,
+    attention_matrix_bytes,
+    autocast,
+    decode_fp32,
+    max_activations,
+    measure,
+)
 from common.runtime import budget, setup_notebook
 from common.viz import show
 
@@ -828,12 +837,17 @@ sys.path.insert(0, str(ROOT / "05_memory_efficient_diffusion"))
 import end_to_end  # noqa: E402  (05_memory_efficient_diffusion/end_to_end.py)
 
 ours_pipe, ref_pipe = end_to_end.build_pipelines(quick=True)
-row = end_to_end.run_setting(ours_pipe, ref_pipe, "fp32", device=torch.device("cpu"), steps=4, image_side=32,
-                             repeats=2)
-print(f"prompt {end_to_end.PROMPT!r}, 4 steps, 32 px: max |ours - diffusers| = {row['max_abs_diff']:.1e} "
-      f"(same image within 1/255: {row['same_image']})")
-print("ours, one image, stage by stage:",
-      ", ".join(f"{s['stage']} {s['s'] * 1e3:.1f} ms" for s in row["ours_breakdown"]["stages"]))
+row = end_to_end.run_setting(
+    ours_pipe, ref_pipe, "fp32", device=torch.device("cpu"), steps=4, image_side=32, repeats=2
+)
+print(
+    f"prompt {end_to_end.PROMPT!r}, 4 steps, 32 px: max |ours - diffusers| = {row['max_abs_diff']:.1e} "
+    f"(same image within 1/255: {row['same_image']})"
+)
+print(
+    "ours, one image, stage by stage:",
+    ", ".join(f"{s['stage']} {s['s'] * 1e3:.1f} ms" for s in row["ours_breakdown"]["stages"]),
+)
 del ours_pipe, ref_pipe
 
 # %% [markdown]
@@ -867,12 +881,16 @@ with torch.device("meta"):
     z_in, c_in, z_0 = torch.zeros(2, 4, 64, 64), torch.zeros(2, 77, 768), torch.zeros(1, 4, 64, 64)
     unet_tf = tflop(lambda: sd_unet(z_in, torch.tensor([500, 500]), c_in))
     decode_tf = tflop(lambda: sd_vae.decode(z_0))
-print(f"512 px: text encoder {text_tf:.3f} TFLOP per prompt, UNet {unet_tf:.3f} TFLOP per call "
-      f"(guidance batch of 2), VAE decode {decode_tf:.3f} TFLOP")
+print(
+    f"512 px: text encoder {text_tf:.3f} TFLOP per prompt, UNet {unet_tf:.3f} TFLOP per call "
+    f"(guidance batch of 2), VAE decode {decode_tf:.3f} TFLOP"
+)
 for n in (2, 50):
     total = 2 * text_tf + n * unet_tf + decode_tf
-    print(f"{n:>2} steps: {total:6.2f} TFLOP; UNet {n * unet_tf / total:.1%}, "
-          f"decode {decode_tf / total:.1%}, text encoder {2 * text_tf / total:.1%}")
+    print(
+        f"{n:>2} steps: {total:6.2f} TFLOP; UNet {n * unet_tf / total:.1%}, "
+        f"decode {decode_tf / total:.1%}, text encoder {2 * text_tf / total:.1%}"
+    )
 
 # %% [markdown]
 # The two text-encoder calls are negligible (2 x 0.013 TFLOP: 77 tokens through 85 M weights of matrix
@@ -895,12 +913,16 @@ for device_dir in ("results_cpu", "results_cuda"):
 if not runs:
     print("no committed end-to-end run in results_cpu/ or results_cuda/: showing the tiny run above")
     runs["tiny run above"] = [row]
-print(f"{'run':<14} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
-      f"{'ours/diffusers':>15} {'max |diff|':>10}")
+print(
+    f"{'run':<14} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
+    f"{'ours/diffusers':>15} {'max |diff|':>10}"
+)
 for name, rows_ in runs.items():
     for r in rows_:
-        print(f"{name:<14} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
-              f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}")
+        print(
+            f"{name:<14} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
+            f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}"
+        )
 shown = next(iter(runs.values()))[0]  # the first run's first row: fp32
 
 fig, ax = plt.subplots(figsize=(9, 3.2))
@@ -923,13 +945,16 @@ for k, side in enumerate(("ours", "diffusers")):
         if sec > 0.08 * bk["total_s"]:
             ax.text(left + sec / 2, k, f"{sec:.2g} s", ha="center", va="center", fontsize=9)
         left += sec
-    print(f"{side:<9} total {bk['total_s']:7.3f} s: text encoder {bk['text_encoder_s']:.3f} s, UNet "
-          f"{bk['unet_s']:.3f} s ({len(bk['unet_calls'])} calls), decode {bk['decode_s']:.3f} s, "
-          f"other {bk['other_s']:.3f} s")
+    print(
+        f"{side:<9} total {bk['total_s']:7.3f} s: text encoder {bk['text_encoder_s']:.3f} s, UNet "
+        f"{bk['unet_s']:.3f} s ({len(bk['unet_calls'])} calls), decode {bk['decode_s']:.3f} s, "
+        f"other {bk['other_s']:.3f} s"
+    )
 ax.set_yticks([0, 1], ["ours", "diffusers"])
 ax.invert_yaxis()
-ax.set_xlabel(f"seconds for one {shown['side_px']} px image, {shown['steps']} DPM-Solver++ steps, "
-              "guidance 7.5")
+ax.set_xlabel(
+    f"seconds for one {shown['side_px']} px image, {shown['steps']} DPM-Solver++ steps, guidance 7.5"
+)
 ax.set_title("Where one image's time goes, stage by stage (same weights, same seed, same image)")
 ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
 fig.tight_layout()

@@ -420,16 +420,19 @@ print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}."
 #
 # `StableDiffusion.from_pretrained` reads SD 1.5's diffusers folder or its single-file checkpoint
 # (`v1-5-pruned-emaonly.safetensors`, with the original CompVis key names, mapped in `common/single_file.py`;
-# give SD's CLIP tokenizer folder as `tokenizer_path`). `python -m common.weights fetch sd15` fetches the diffusers
-# folder where this cell looks for it; or point `$SD15_PATH` at either.
+# give SD's CLIP tokenizer folder as `tokenizer_path`). `python -m common.weights fetch sd15` fetches the
+# diffusers folder where this cell looks for it; or point `$SD15_PATH` at either.
 # It needs about 5 GB of RAM and a minute per 512 px image on a laptop CPU (25 steps), so it never runs under
 # `COURSE_FAST=1`.
 
 # %%
 sd_path = sd15_path()
 if is_fast() or sd_path is None or not sd_path.exists():
-    print(f"SKIPPED: {'fast mode' if is_fast() else 'SD 1.5 is not on disk'}; fetch it once (about 4.3 GB) with "
-          "`python -m common.weights fetch sd15`, or set $SD15_PATH to a diffusers folder or a .safetensors file")
+    print(
+        f"SKIPPED: {'fast mode' if is_fast() else 'SD 1.5 is not on disk'}; fetch it once (about 4.3 GB) "
+        "with `python -m common.weights fetch sd15`, or set $SD15_PATH to a diffusers "
+        "folder or a .safetensors file"
+    )
 else:
     del pipe  # at most one big model in memory
     torch.set_num_threads(threads)

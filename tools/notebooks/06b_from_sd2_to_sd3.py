@@ -20,7 +20,6 @@
 # %%
 import time
 
-from matplotlib.figure import Figure
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
@@ -478,21 +477,27 @@ OBJECTIVES_JSON = ROOT / "06_stable_diffusion_architecture" / "results" / "objec
 HELD_OUT = ("held-out 1 object", "held-out 2 objects")
 objectives = json.loads(OBJECTIVES_JSON.read_text()) if OBJECTIVES_JSON.is_file() else None
 if objectives is None:
-    print(f"{OBJECTIVES_JSON.relative_to(ROOT)} is not there yet. Make it with\n"
-          "    python 06_stable_diffusion_architecture/compare_objectives.py --config cpu "
-          "--out runs/objectives --results 06_stable_diffusion_architecture/results\n"
-          "(two trainings of the laptop config, then the grading), and run this notebook again.")
+    print(
+        f"{OBJECTIVES_JSON.relative_to(ROOT)} is not there yet. Make it with\n"
+        "    python 06_stable_diffusion_architecture/compare_objectives.py --config cpu "
+        "--out runs/objectives --results 06_stable_diffusion_architecture/results\n"
+        "(two trainings of the laptop config, then the grading), and run this notebook again."
+    )
 else:
     print(f"config {objectives['config']}; eps loss weights: {objectives['eps_weighting']}")
     for name, t in objectives["trainings"].items():
         loop = "?" if t["loop_seconds"] is None else f"{t['loop_seconds'] / 60:.1f}"
         print(f"{name}: {t['steps']} steps, a training loop of {loop} min ({t['folder']})")
-    print(f"{objectives['n']} prompts per set, guidance {objectives['guidance']}; "
-          "share with every attribute right [95% interval]")
+    print(
+        f"{objectives['n']} prompts per set, guidance {objectives['guidance']}; "
+        "share with every attribute right [95% interval]"
+    )
     print(f"{'objective':9s} {'sampler':10s} {'steps':>5s} " + " ".join(f"{s:>22s}" for s in HELD_OUT))
     for r in objectives["rows"]:
-        print(f"{r['objective']:9s} {r['sampler']:10s} {r['steps']:5d} " + " ".join(
-            f"{r[s]['all']:>8.2f} [{r[s]['low']:.2f}, {r[s]['high']:.2f}]" for s in HELD_OUT))
+        print(
+            f"{r['objective']:9s} {r['sampler']:10s} {r['steps']:5d} "
+            + " ".join(f"{r[s]['all']:>8.2f} [{r[s]['low']:.2f}, {r[s]['high']:.2f}]" for s in HELD_OUT)
+        )
 
     fig = Figure(figsize=(10, 3.9))
     axes = fig.subplots(1, 2, sharey=True)
@@ -503,8 +508,9 @@ else:
             rows = sorted(rows, key=lambda r: r["steps"])
             steps = np.array([r["steps"] for r in rows]) * (1 + 0.03 * (k - 1))  # side by side, not on top
             p = np.array([r[name]["all"] for r in rows])
-            err = np.array([[r[name]["all"] - r[name]["low"], r[name]["high"] - r[name]["all"]]
-                            for r in rows]).T  # (2, steps): below and above
+            err = np.array(
+                [[r[name]["all"] - r[name]["low"], r[name]["high"] - r[name]["all"]] for r in rows]
+            ).T  # (2, steps): below and above
             ax.errorbar(steps, p, yerr=err, marker="o", capsize=3, label=f"{objective} ({sampler})")
         vae_row = next(r for r in objectives["references"] if r["sampler"] == "VAE reconstructions")
         ceiling = vae_row[name]["all"]
@@ -532,8 +538,10 @@ if objectives is not None:
         for steps in objectives["sampling_steps"]:
             f, e = score_of["flow", "flow_euler", steps][name], score_of["eps", "ddim", steps][name]
             apart = f["low"] > e["high"] or e["low"] > f["high"]
-            print(f"{name}, {steps:2d} steps: flow {f['all']:.2f}, eps {e['all']:.2f}, difference "
-                  f"{f['all'] - e['all']:+.2f}: the intervals {'are apart' if apart else 'overlap'}")
+            print(
+                f"{name}, {steps:2d} steps: flow {f['all']:.2f}, eps {e['all']:.2f}, difference "
+                f"{f['all'] - e['all']:+.2f}: the intervals {'are apart' if apart else 'overlap'}"
+            )
     for objective, sampler in (("eps", "ddim"), ("flow", "flow_euler")):
         few = score_of[objective, sampler, fewest][HELD_OUT[0]]["all"]
         many = score_of[objective, sampler, most][HELD_OUT[0]]["all"]
@@ -551,8 +559,10 @@ if objectives is None:
     print("nothing to draw yet: run the command printed above")
 elif not all((f / "model_index.json").is_file() for f in folders.values()):
     missing = ", ".join(t["folder"] for t in objectives["trainings"].values())
-    print(f"the trained models are not at {missing}: the table above is all there is "
-          "(compare_objectives.py ships them into its --out folder)")
+    print(
+        f"the trained models are not at {missing}: the table above is all there is "
+        "(compare_objectives.py ships them into its --out folder)"
+    )
 else:
     import textwrap  # noqa: E402
 
@@ -564,9 +574,15 @@ else:
     for objective, sampler in (("eps", "ddim"), ("flow", "flow_euler")):
         trained = StableDiffusion.from_pretrained(folders[objective])
         for steps in (fewest, most):
-            images = trained(grid_prompts, num_inference_steps=steps, guidance_scale=objectives["guidance"],
-                             generator=torch.Generator().manual_seed(0), sampler=sampler, output_type="pt",
-                             progress=False).images  # (8, 3, 64, 64)
+            images = trained(
+                grid_prompts,
+                num_inference_steps=steps,
+                guidance_scale=objectives["guidance"],
+                generator=torch.Generator().manual_seed(0),
+                sampler=sampler,
+                output_type="pt",
+                progress=False,
+            ).images  # (8, 3, 64, 64)
             panels.append((f"{objective}, {sampler}\n{steps} steps", images))
     fig = Figure(figsize=(1.25 * len(grid_prompts) + 1.2, 1.35 * len(panels) + 0.9))
     axes = fig.subplots(len(panels), len(grid_prompts))
