@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("ruff", reason="ruff is not installed: pip install -r requirements.txt")
 
 ROOT = Path(__file__).resolve().parents[1]
-# the learner's own files: each chapter's exercises.py is where a learner writes, in their own style (the course's
-# stubs are checked by running ruff by hand; the grader, not the linter, judges a learner's solution)
+# each chapter's exercises.py is where a learner writes, in their own style: the grader judges it, not the
+# linter (run ruff on it by hand to check the course's stubs)
 LEARNER = ("--extend-exclude", "*/exercises.py")
 
 
