@@ -40,7 +40,8 @@ from common import cli
 from common.judge import JUDGE_DIR
 from common.metrics import wilson_interval
 from common.runtime import describe, is_fast
-from common.text_to_image import CONFIG_NAMES, TextToImageConfig, file_sha256, weight_files
+from common.text_to_image import CONFIG_NAMES, TextToImageConfig
+from common.weights import file_sha256, model_files
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -181,7 +182,7 @@ def fingerprint(eval_args: list[str], model: Path, judge: Path) -> dict:
     """What an evaluation's numbers depend on: its arguments and the weights of the model and the judge."""
 
     def digest(folder: Path) -> dict:
-        return {str(f.relative_to(folder)): file_sha256(f) for f in weight_files(folder)}
+        return {str(f.relative_to(folder)): file_sha256(f) for f in model_files(folder)}
 
     return {"args": eval_args, "fast": is_fast(), "model": digest(model), "judge": digest(judge)}
 
