@@ -102,7 +102,7 @@ def build_pipelines(
     from accelerate import init_empty_weights
 
     from common.autoencoder import AutoencoderKL
-    from common.convert import to_transformers
+    from common.convert import to_transformers, unet_config_to_diffusers
     from common.pipeline import StableDiffusion
     from common.text_encoder import CLIPTextModel
     from common.tokenizer import ClipTokenizer
@@ -127,7 +127,7 @@ def build_pipelines(
         with torch.no_grad():  # a visible output scale, so the sampler moves the latents measurably
             unet.conv_out.weight.normal_(0, 0.05)
     with init_empty_weights():
-        ref_unet = diffusers.UNet2DConditionModel(**unet_cfg.to_diffusers())
+        ref_unet = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(unet_cfg))
         ref_vae = diffusers.AutoencoderKL(**vae_cfg.to_diffusers())
     ref_unet.load_state_dict(unet.state_dict(), strict=True, assign=True)
     ref_vae.load_state_dict(vae.state_dict(), strict=True, assign=True)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from common.attention import SpatialTransformer
+from common.convert import unet_config_to_diffusers
 from common.unet import UNet, UNetConfig
 from common.unet_blocks import ResnetBlock2D
 
@@ -100,7 +101,7 @@ def _grads(model, forward):
 def unet_pair():
     torch.manual_seed(0)
     ours = UNet(UNetConfig.tiny()).train()
-    ref = diffusers.UNet2DConditionModel(**ours.config.to_diffusers()).train()
+    ref = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(ours.config)).train()
     ref.load_state_dict(ours.state_dict())
     return ours, ref
 
