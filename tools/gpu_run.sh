@@ -89,7 +89,7 @@ fi
 
 # 3. the trainings (side by side when RUNS names two)
 LIMIT=$($PY -c "print(int($MINUTES * 60 + 150))")
-EXTRA=""; [ "$FAST" = 1 ] && EXTRA="--steps 200 --batch-size 32"
+EXTRA=""; [ "$FAST" = 1 ] && EXTRA="--steps 200 --batch-size 32 --train-size 512"  # the last --train-size wins
 for name in $RUNS; do
   case $name in
     gpu) ARGS="--config gpu" ;;
