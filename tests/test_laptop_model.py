@@ -11,8 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.autoencoder import AutoencoderConfig, AutoencoderKL
-from common.judge import train_judge
 from common.text_encoder import CLIPTextModel
 from common.text_to_image import TextToImageConfig, _text_config, build_model, load_snapshots
 from common.tokenizer import ShapesTokenizer, load_tokenizer
@@ -37,21 +35,6 @@ def _run(script, *args, check=True):
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae")
-    AutoencoderKL(AutoencoderConfig.course()).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("judge")
-    train_judge(n_images=16, steps=2, batch_size=8, verbose=False).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.autoencoder import AutoencoderKL
 from common.data import LatentDataset
-from common.judge import train_judge
 from common.text_to_image import (
     CONFIG_NAMES,
     TextToImageConfig,
@@ -27,22 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN06 = ROOT / "06_stable_diffusion_architecture" / "train_text_to_image.py"
 TRAIN04 = ROOT / "04_cross_attention" / "train_text_to_image.py"
 EVALUATE = ROOT / "06_stable_diffusion_architecture" / "evaluate.py"
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    """A random course-config VAE saved as the shipped one is (the tests never depend on trained weights)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("vae")
-    AutoencoderKL(AutoencoderConfig.course()).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def judge_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("judge")
-    train_judge(n_images=16, steps=2, batch_size=8, verbose=False).save(path)
-    return path
 
 
 def _run(script, *args, check=True):
