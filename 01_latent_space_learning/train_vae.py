@@ -321,6 +321,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out", default="runs/vae", help="run folder: checkpoints, log, grid, metrics, final model"
     )
     p.add_argument(
+        "--keep-checkpoints",
+        type=cli.positive_int,
+        default=2,
+        help="checkpoints kept in --out (the newest; one every 200 steps): keep them all to look back at "
+        "the training later (chapter 06's training_stages.py)",
+    )
+    p.add_argument(
         "--resume",
         default="auto",
         help="'auto' (the newest checkpoint in --out, if any), 'no', or a checkpoint path",
@@ -459,6 +466,7 @@ def main(argv=None) -> dict:
         ema_decay=None,
         betas=(0.5, 0.9) if gan else (0.9, 0.999),
         checkpoint_every=budget(fast=2, cpu=200),
+        keep=args.keep_checkpoints,
         log_every=budget(fast=1, cpu=25),
         seed=args.seed,
         progress=not is_fast(),

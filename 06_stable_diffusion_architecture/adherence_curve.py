@@ -44,6 +44,7 @@ from common.text_to_image import (
     load_snapshots,
     load_vae,
     snapshot_config,
+    vae_path,
 )
 from common.tokenizer import ShapesTokenizer
 
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--run", required=True, help="a train_text_to_image.py --out folder with snapshots/")
     p.add_argument(
-        "--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the VAE the run trained on"
+        "--vae", default=None, help="the VAE the run trained on (default: its config's, under checkpoints/)"
     )
     p.add_argument("--judge", default=None, help="the judge's folder (default: checkpoints/shapes_judge)")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 100; fast 4)")
@@ -181,7 +182,7 @@ def main(argv=None) -> list[dict]:
         f"{args.sampler} {args.steps} steps, guidance {args.guidance}, n = {n} per set, seed {args.seed}"
     )
     vae, judge, sets = (
-        load_vae(args.vae, get_device(args.device)),
+        load_vae(args.vae or vae_path(config), get_device(args.device)),
         Judge.load(args.judge or JUDGE_DIR),
         prompt_sets(n),
     )

@@ -34,8 +34,10 @@ from common.text_to_image import (
     OBJECTIVES,
     TextToImageConfig,
     build_pipeline,
+    check_fits_vae,
     load_vae,
     train,
+    vae_path,
     write_model_card,
 )
 from common.weights import count_parameters
@@ -85,8 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--objective",
         choices=OBJECTIVES,
         default=None,
-        help="eps: predict the noise (default); flow: SD 3's flow matching (a velocity, sampled "
-        "with flow_euler)",
+        help="eps: predict the noise (SD 1.x); v: predict v on the zero-terminal-SNR schedule, sampled from "
+        "its last timestep (SD 2.x, Lin et al. 2023); flow: SD 3's flow matching (a velocity, sampled with "
+        "flow_euler). Default: the config's",
     )
     p.add_argument(
         "--init-from",
@@ -115,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "for adherence_curve.py",
     )
     p.add_argument(
-        "--vae", default=str(ROOT / "checkpoints" / "vae_shapes"), help="the frozen VAE (diffusers folder)"
+        "--vae", default=None, help="the frozen VAE folder (default: the config's, under checkpoints/)"
     )
     p.add_argument(
         "--out", default=str(ROOT / "runs" / "06_t2i"), help="run folder: checkpoints, log.csv, loss.png"
@@ -175,7 +178,12 @@ def main(argv=None) -> dict:
         )
     seed_everything(args.seed)
     print(describe(device))
+    args.vae = args.vae or str(vae_path(config))
     vae = load_vae(args.vae, device)
+    try:
+        check_fits_vae(config, vae)
+    except ValueError as e:
+        raise cli.UsageError(f"--vae {args.vae}: {e}") from None
     timing_path = out / "timing.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() and not args.no_resume else {}
     snapshot_every = config.snapshot_every if args.snapshot_every is None else args.snapshot_every
@@ -229,12 +237,13 @@ def main(argv=None) -> dict:
 
         save_image(images, out / "samples.png", nrow=4)
         print(f"samples for {prompts} -> {out / 'samples.png'}")
-    weighting = (
-        f"Min-SNR gamma {config.snr_gamma}"
-        if config.objective == "eps"
-        else "flow matching (SD 3: velocity target, logit-normal t, plain MSE; sampler flow_euler, "
-        f"shift {config.flow_shift})"
-    )
+    weighting = {
+        "eps": f"eps prediction, Min-SNR gamma {config.snr_gamma}",
+        "v": f"v prediction on the zero-terminal-SNR schedule, trailing timesteps, Min-SNR gamma "
+        f"{config.snr_gamma} on SNR + 1",
+        "flow": "flow matching (SD 3: velocity target, logit-normal t, plain MSE; sampler flow_euler, "
+        f"shift {config.flow_shift})",
+    }[config.objective]
     result = {
         "config": name,
         "objective": config.objective,

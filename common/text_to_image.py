@@ -54,10 +54,11 @@ from torch import nn
 
 from common import weights
 from common.autoencoder import AutoencoderKL
-from common.cli import atomic_write
+from common.cli import CHECKPOINTS, atomic_write
+from common.convert import unet_config_from_diffusers, unet_config_to_diffusers
 from common.data import LatentDataset, cached
 from common.flow import FlowSchedule, add_noise, sample_sigmas_logit_normal, velocity_target
-from common.pipeline import StableDiffusion
+from common.pipeline import SD_SAMPLER_OPTIONS, StableDiffusion
 from common.runtime import get_device
 from common.schedules import NoiseSchedule
 from common.shapes import Shapes
@@ -69,7 +70,10 @@ from common.weights import load_weights, module_sha256, read_safetensors, weight
 
 CONFIG_NAMES = ("cpu", "gpu", "tiny")
 LATENT_MODES = ("mean", "sample")
-OBJECTIVES = ("eps", "flow")  # chapter 06's noise prediction (the schedule's target), or SD 3's flow matching
+# eps: chapter 06's noise prediction on SD 1.x's schedule; v: SD 2.x's v prediction on the same schedule
+# rescaled to zero terminal SNR and sampled from its last timestep (Lin et al. 2023); flow: SD 3's flow
+# matching
+OBJECTIVES = ("eps", "v", "flow")
 DEFAULT_CACHE = Path(os.environ.get("COURSE_CACHE", Path.home() / ".cache" / "latent_diffusion_course"))
 
 
@@ -109,6 +113,7 @@ class TextToImageConfig:
     context_length: int = 24  # tokens per prompt (the longest Shapes caption has 12 words)
     echo_prompt: bool = False  # the tokenizer writes the prompt twice (see ShapesTokenizer): relations bind
     resolution: int = 64  # image side; the latent side is resolution / f
+    vae: str = "vae_shapes"  # the frozen VAE: a folder under checkpoints/ (or a path); unet fits its latents
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # SD 1.x's scaled-linear, eps target
     snr_gamma: float | None = None  # eps only: Min-SNR-gamma loss weights (Hang et al. 2023); None = eq. 3
     objective: str = "eps"  # "eps": eq. 3 on `schedule`; "flow": SD 3's flow matching (module docstring)
@@ -125,6 +130,10 @@ class TextToImageConfig:
             raise ValueError(f"ship_dtype must be 'fp32' or 'fp16', got {self.ship_dtype!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "v":  # the schedule follows the objective (the loss and the sampler read it)
+            self.schedule = NoiseSchedule(prediction_type="v_prediction", rescale_zero_snr=True)
+        elif self.schedule.prediction_type != "epsilon":
+            self.schedule = NoiseSchedule.sd15()
         if self.latents not in LATENT_MODES:
             raise ValueError(f"latents must be one of {LATENT_MODES}, got {self.latents!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -138,26 +147,35 @@ class TextToImageConfig:
     # --- presets ---------------------------------------------------------------------------------------
     @classmethod
     def cpu(cls) -> TextToImageConfig:
-        """The laptop's course model, sized for a shared 2-core CPU: UNet 4.2 M, text encoder 0.6 M parameters
-        (the shipped model is the ``gpu`` preset; 1,800 steps of this one learn colour and size, not yet shape
-        or position: chapter 06's README).
+        """The laptop's course model: trained from scratch on 2 CPU cores in under 30 minutes (chapter 06).
 
-        About 2 s a step at batch 32 on a busy 2-core machine (one thread: see the chapter README), so 1,200
-        steps take ~40 min; encoding the 4,000 cached items takes ~2.5 min once.
+        It works on the f = 8 Shapes VAE's latents (``checkpoints/vae_shapes_f8``: 4 x 8 x 8 for a 64 px
+        image, Stable Diffusion's own factor), a quarter of the pixels the f = 4 VAE gives (4 x 16 x 16). The
+        UNet (2.8 M parameters, widths 32, 64, 96) is then cheap enough per example for a laptop to show it
+        several hundred thousand captions in half an hour, and at 8 x 8 every latent pixel is at most four
+        convolutions from the border, which is how a convolutional network knows where "top left" is. It
+        predicts v on the zero-terminal-SNR schedule and samples from the last timestep (SD 2.x's fix, Lin et
+        al. 2023): with SD 1.x's schedule the noisiest training latent still shows where the object is, so an
+        eps model learns to read the layout off the noise instead of the caption (chapter 06's README).
+        Shipped in fp16, the whole pipeline folder (VAE included) is under 10 MB.
         """
         width = 128
         return cls(
             name="cpu",
-            unet=UNetConfig.shapes_text(cross_attention_dim=width),
+            unet=UNetConfig.shapes_text((32, 64, 96), cross_attention_dim=width, sample_size=8),
             text_encoder=_text_config(width, 3, 4, 24),
-            steps=1200,
+            vae="vae_shapes_f8",
+            objective="v",
+            steps=12_000,
             batch_size=32,
             lr=1e-3,
-            warmup_steps=100,
-            ema_decay=0.995,
-            train_size=4000,
-            checkpoint_every=100,
+            warmup_steps=200,
+            ema_decay=0.999,
+            ema_start=500,
+            train_size=20_000,
+            checkpoint_every=1000,
             snr_gamma=5.0,
+            ship_dtype="fp16",
         )
 
     @classmethod
@@ -348,7 +366,10 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
         snr = schedule.snr(t, validate=False).to(per_item.device)  # (B,)
         weight = snr.clamp(max=gamma) / snr
         if schedule.prediction_type == "v_prediction":
-            weight = snr.clamp(max=gamma) / (snr + 1)
+            # the v loss weights the x0 error by SNR + 1, so Min-SNR clamps that: min(SNR + 1, gamma). (The
+            # paper's min(SNR, gamma) would give the last, pure-noise timestep of a zero-terminal-SNR schedule
+            # weight 0, and that step is where the model learns to lay out the picture from the caption.)
+            weight = (snr + 1).clamp(max=gamma) / (snr + 1)
         elif schedule.prediction_type == "sample":
             weight = snr.clamp(max=gamma)
         return (weight * per_item).mean(), {
@@ -403,6 +424,9 @@ def build_pipeline(
     if config is not None and config.objective == "flow":
         schedule = FlowSchedule(shift=config.flow_shift)
     sampler = sampler or ("flow_euler" if isinstance(schedule, FlowSchedule) else "ddim")
+    options = None
+    if schedule_is_zero_snr(schedule):  # sample from the last timestep, where the noise is pure (Lin et al.)
+        options = {**SD_SAMPLER_OPTIONS, "timestep_spacing": "trailing", "steps_offset": 0}
     return StableDiffusion(
         tokenizer=tokenizer,
         text_encoder=model["text_encoder"],
@@ -410,8 +434,33 @@ def build_pipeline(
         vae=vae,
         schedule=schedule,
         sampler=sampler,
+        sampler_options=options,
         device=device,
     )
+
+
+def schedule_is_zero_snr(schedule) -> bool:
+    return isinstance(schedule, NoiseSchedule) and schedule.rescale_zero_snr
+
+
+def vae_path(config: TextToImageConfig) -> Path:
+    """Where ``config.vae`` lives: a folder name under the repository's ``checkpoints/``, or a path."""
+    name = Path(config.vae)
+    return name if name.is_absolute() or len(name.parts) > 1 else Path(CHECKPOINTS) / name
+
+
+def check_fits_vae(config: TextToImageConfig, vae: AutoencoderKL) -> None:
+    """The UNet denoises the VAE's latents: its channels must be the VAE's latent channels and its
+    ``sample_size`` the latent side (resolution / f). A ValueError that names both otherwise."""
+    c, f = vae.config.latent_channels, vae.config.downsample_factor
+    side = config.resolution // f
+    if (config.unet.in_channels, config.unet.out_channels, config.unet.sample_size) != (c, c, side):
+        raise ValueError(
+            f"config {config.name!r}: its UNet takes {config.unet.in_channels} x {config.unet.sample_size} x "
+            f"{config.unet.sample_size} latents, but this VAE makes {c} x {side} x {side} from "
+            f"{config.resolution} px images (f = {f}); pass the VAE the config was made for "
+            f"({config.vae}) or a config made for this VAE"
+        )
 
 
 def load_vae(path: str | Path, device=None) -> AutoencoderKL:
@@ -457,6 +506,7 @@ def train(
     """
     from accelerate import PartialState
 
+    check_fits_vae(config, vae)
     tokenizer = ShapesTokenizer.for_shapes(config.context_length, echo=config.echo_prompt)
     dev = get_device(device)
     state = PartialState(cpu=dev.type == "cpu")
@@ -497,12 +547,19 @@ def train(
     return trainer, tokenizer
 
 
-SNAPSHOT_FIELDS = ("objective", "flow_shift", "echo_prompt", "context_length")
+SNAPSHOT_FIELDS = ("objective", "flow_shift", "echo_prompt", "context_length", "vae")
 
 
 def snapshot_config(row: dict) -> TextToImageConfig:
-    """The config a snapshot row (``load_snapshots``) was trained with, as far as sampling needs it."""
-    return TextToImageConfig.named(row["config"]).with_overrides(**row.get("overrides", {}))
+    """The config a snapshot row (``load_snapshots``) was trained with, as far as sampling needs it: the
+    preset, its sampling fields, and the networks' own configs when the row holds them (a run whose networks
+    differ from its preset's, e.g. an experiment, still rebuilds)."""
+    config = TextToImageConfig.named(row["config"]).with_overrides(**row.get("overrides", {}))
+    if "unet" in row:
+        config = config.with_overrides(unet=unet_config_from_diffusers(row["unet"]))
+    if "text_encoder" in row:
+        config = config.with_overrides(text_encoder=CLIPTextConfig.from_transformers(row["text_encoder"]))
+    return config
 
 
 class SnapshotWriter:
@@ -515,7 +572,12 @@ class SnapshotWriter:
     def __init__(self, out_dir: str | Path, config: TextToImageConfig, start: float | None = None):
         self.dir = Path(out_dir) / "snapshots"
         # what rebuilds the model and its sampler: the preset's name and the fields that change them
-        self.config = {"config": config.name, "overrides": {k: getattr(config, k) for k in SNAPSHOT_FIELDS}}
+        self.config = {
+            "config": config.name,
+            "overrides": {k: getattr(config, k) for k in SNAPSHOT_FIELDS},
+            "unet": unet_config_to_diffusers(config.unet),
+            "text_encoder": config.text_encoder.to_transformers(),
+        }
         self.start = time.perf_counter() if start is None else start
 
     def __call__(self, trainer, step: int) -> None:

@@ -368,17 +368,23 @@ class UNetConfig:
         heads: int = 4,
         cross_attention_dim: int = 128,
         norm_num_groups: int = 16,
+        sample_size: int = 16,
+        latent_channels: int = 4,
     ) -> UNetConfig:
-        """The course's text-to-image UNet at 16x16x4 latents, as chapters 04 and 06 train it
-        (``TextToImageConfig.cpu()``): 4.2 M parameters at the default widths.
+        """The course's text-to-image UNet, at 16x16x4 latents (the f = 4 Shapes VAE) as chapter 04 and the
+        shipped GPU model train it: 4.2 M parameters at the default widths.
 
-        ResNets only at 16x16; cross-attention at 8x8 and 4x4 and in the middle, where a token sees the whole
-        64 px image through a few latent pixels (positions and relations are decided there); full-resolution
-        attention would cost the most and add the least. ``cross_attention_dim`` must equal the text encoder's
-        width (``TextToImageConfig``'s: 128).
+        ResNets only at full resolution; cross-attention at the two lower levels (8x8 and 4x4 for 16x16
+        latents) and in the middle, where a token sees the whole 64 px image through a few latent pixels
+        (positions and relations are decided there); full-resolution attention would cost the most and add the
+        least. ``cross_attention_dim`` must equal the text encoder's width (``TextToImageConfig``'s: 128).
+        ``sample_size`` and ``latent_channels`` fit it to another VAE's latents (the laptop model's f = 8
+        VAE).
         """
         return cls(
-            sample_size=16,
+            sample_size=sample_size,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
             block_out_channels=block_out_channels,
             layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "06_stable_diffusion_architecture" / "train_text_to_image.py"
 CURVE = ROOT / "06_stable_diffusion_architecture" / "adherence_curve.py"
 RELATIONS = ROOT / "06_stable_diffusion_architecture" / "relation_analysis.py"
+STAGES = ROOT / "06_stable_diffusion_architecture" / "training_stages.py"
+TRAIN_VAE = ROOT / "01_latent_space_learning" / "train_vae.py"
 PROMPT = "a large blue square to the left of a small green triangle"
 
 
@@ -197,3 +199,27 @@ def test_classify_names_a_swap():
         == "other"
     )
     assert module.classify({**base, "pair_objects": False, "detections": []}, scene) == "wrong objects"
+
+
+def test_training_stages_from_kept_checkpoints(trained, vae_dir, tmp_path):
+    """Both stages looked back at: a VAE run that kept its checkpoints and the diffusion run's snapshots give
+    loss curves and one grid row per kept step; a run that kept nothing is refused in one line."""
+    vae_run = tmp_path / "vae_run"
+    _run(TRAIN_VAE, "--data", "shapes", "--out", vae_run, "--keep-checkpoints", 10, "--eval-images", 4)
+    kept = sorted((vae_run / "checkpoints").glob("step_*"))
+    assert len(kept) >= 2  # every checkpoint of the (fast) run, not only the newest two
+    run, _ = trained
+    out = tmp_path / "stages"
+    _run(STAGES, "--vae-run", vae_run, "--t2i-run", run, "--vae", vae_dir, "--out", out, "--rows", 2)
+    result = json.loads((out / "stages.json").read_text())
+    assert [r["step"] for r in result["t2i"]["rows"]] == [0, 4]  # first and last snapshot
+    assert len(result["vae"]["rows"]) == 2 and all("psnr" in r for r in result["vae"]["rows"])
+    assert result["vae"]["loss"] and result["t2i"]["loss"]
+    from PIL import Image
+
+    assert Image.open(out / "t2i_stage.png").size == (6 * 66 + 2, 2 * 66 + 2)  # 6 prompts x 2 rows, 64 px
+    assert Image.open(out / "vae_stage.png").size == (8 * 66 + 2, 3 * 66 + 2)  # originals + 2 kept rows
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    proc = _run(STAGES, "--vae-run", bare, "--t2i-run", run, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "log.csv" in proc.stderr
