@@ -1,25 +1,27 @@
-"""Flow matching against noise prediction, trained side by side at equal compute, graded by prompt adherence.
+"""Noise, v and flow prediction, trained side by side at equal compute, graded by prompt adherence.
 
     python 06_stable_diffusion_architecture/compare_objectives.py --config cpu --out runs/objectives
-    python 06_stable_diffusion_architecture/compare_objectives.py --eps-model checkpoints/course_t2i_cpu
+    python 06_stable_diffusion_architecture/compare_objectives.py --model v=checkpoints/course_t2i_cpu
     python 06_stable_diffusion_architecture/compare_objectives.py --config gpu --steps 2100 --out runs/obj_gpu
     python 06_stable_diffusion_architecture/compare_objectives.py \
         --results 06_stable_diffusion_architecture/results           # and copy the table there
     COURSE_FAST=1 python 06_stable_diffusion_architecture/compare_objectives.py --out /tmp/o  # a minute
 
-Two trainings of train_text_to_image.py with the same config, seed, data, batch and number of steps: one
-with chapter 06's eps objective, one with SD 3's flow matching (``--objective flow``). The networks are the
-same, so a step costs the same compute. Each is shipped into ``--out`` (``eps/``, ``flow/``) and graded by
-evaluate.py on its four fixed prompt sets: the eps model with DDIM (and DPM-Solver++(2M)), the flow model with
-Euler steps (``flow_euler``, shift 1.0), each at 4, 8 and 25 steps, guidance 3. Writes ``objectives.json`` and
-``objectives.md`` (the table, with 95% Wilson intervals) to ``--out``, and copies them to ``--results``.
+Trainings of train_text_to_image.py with the same config, seed, data, batch and number of steps, one per
+objective (``--objectives``, default all three): SD 1.x's eps prediction, SD 2.x's v prediction on the
+zero-terminal-SNR schedule sampled from its last timestep (``--objective v``), and SD 3's flow matching
+(``--objective flow``). The networks are the same, so a step costs the same compute. Each is shipped into
+``--out`` (``eps/``, ``v/``, ``flow/``) and graded by evaluate.py on its four fixed prompt sets: the eps and v
+models with DDIM (and DPM-Solver++(2M)), the flow model with Euler steps (``flow_euler``, shift 1.0), each at
+4, 8 and 25 steps, guidance 3. Writes ``objectives.json`` and ``objectives.md`` (the table, with 95% Wilson
+intervals) to ``--out``, and copies them to ``--results``.
 
 On a GPU give ``--steps``: the ``gpu`` preset's step count is an upper bound meant for ``--minutes``, and a
 time budget would give the two objectives different step counts (2,100 is what the shipped model trained).
 
 A training whose shipped folder already exists is skipped (so a killed comparison resumes: run it again),
-and ``--eps-model PATH`` grades an eps model trained elsewhere instead of training one; its steps and wall
-time are read from its model card.
+and ``--model OBJECTIVE=PATH`` grades a model trained elsewhere instead of training one (``--eps-model PATH``
+is ``--model eps=PATH``); its steps and wall time are read from its model card.
 """
 
 from __future__ import annotations
@@ -40,12 +42,11 @@ from common import cli
 from common.judge import JUDGE_DIR
 from common.metrics import wilson_interval
 from common.runtime import describe, is_fast
-from common.text_to_image import CONFIG_NAMES, TextToImageConfig
+from common.text_to_image import CONFIG_NAMES, OBJECTIVES, TextToImageConfig
 from common.weights import file_sha256, model_files
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-OBJECTIVES = ("eps", "flow")
 SETS = ("held-out 1 object", "held-out 2 objects", "paraphrased 1 object", "paraphrased 2 objects")
 
 
@@ -62,23 +63,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         default=str(ROOT / "runs" / "objectives"),
-        help="trainings (train_eps/, train_flow/), shipped models (eps/, flow/), the table",
+        help="trainings (train_eps/, ...), shipped models (eps/, v/, flow/), the table",
     )
     p.add_argument(
-        "--eps-model",
-        default=None,
-        help="a shipped eps model of the same config to grade instead of training one",
+        "--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), help="which to compare"
     )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="OBJECTIVE=PATH",
+        help="a shipped model of the same config to grade for that objective instead of training one",
+    )
+    p.add_argument("--eps-model", default=None, help="the same as --model eps=PATH")
     p.add_argument(
         "--results", default=None, help="also copy objectives.json and objectives.md into this folder"
     )
     p.add_argument("--sampling-steps", nargs="+", type=cli.positive_int, default=[4, 8, 25])
-    p.add_argument("--no-dpmpp", action="store_true", help="grade the eps model with DDIM only")
+    p.add_argument("--no-dpmpp", action="store_true", help="grade the eps and v models with DDIM only")
     p.add_argument("--n", type=cli.positive_int, default=None, help="prompts per set (default 100; fast 2)")
     p.add_argument("--guidance", type=cli.nonnegative_float, default=3.0)
-    p.add_argument(
-        "--vae", default=None, help="passed to train_text_to_image.py (default: checkpoints/vae_shapes)"
-    )
+    p.add_argument("--vae", default=None, help="passed to train_text_to_image.py (default: the config's VAE)")
     p.add_argument("--judge", default=None, help="passed to evaluate.py (default: checkpoints/shapes_judge)")
     p.add_argument("--cache-dir", default=None, help="passed to train_text_to_image.py (the latent cache)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0)
@@ -132,14 +137,9 @@ def loop_seconds(run_dir: Path) -> float | None:
 
 
 def train_or_reuse(objective: str, config: str, args, out: Path) -> dict:
-    """Ship ``out/objective`` by training, unless it is there (or, for eps, ``--eps-model`` names one)."""
-    if objective == "eps" and args.eps_model:
-        folder = Path(args.eps_model)
-        if not (folder / "model_index.json").is_file():
-            raise cli.UsageError(
-                f"--eps-model {args.eps_model}: no shipped pipeline there (no "
-                "model_index.json); give a folder that train_text_to_image.py --ship wrote"
-            )
+    """Ship ``out/objective`` by training, unless it is there (or ``--model objective=PATH`` names one)."""
+    if objective in args.reuse:
+        folder = Path(args.reuse[objective])
         return {"folder": shown(folder), "reused": True, "loop_seconds": None, **card_training(folder)}
     folder, run_dir = out / objective, out / f"train_{objective}"
     command = None
@@ -248,6 +248,16 @@ def eps_weighting(config: TextToImageConfig) -> str:
     return "plain MSE" if config.snr_gamma is None else f"Min-SNR gamma {config.snr_gamma:g}"
 
 
+def weighting(objective: str, config: TextToImageConfig) -> str:
+    """How each objective's loss weights the timesteps, in words."""
+    return {
+        "eps": f"eps prediction on SD 1.x's schedule, {eps_weighting(config)}",
+        "v": "v prediction on the zero-terminal-SNR schedule, sampled from its last timestep, "
+        + ("plain MSE" if config.snr_gamma is None else f"Min-SNR gamma {config.snr_gamma:g} on SNR + 1"),
+        "flow": f"flow matching (plain MSE, logit-normal t), sampled with shift {config.flow_shift}",
+    }[objective]
+
+
 def markdown(result: dict) -> str:
     def cell(s: dict) -> str:
         return f"{s['all']:.2f} [{s['low']:.2f}, {s['high']:.2f}]"
@@ -258,23 +268,23 @@ def markdown(result: dict) -> str:
     trainings = result["trainings"]
     lines = [
         f"Measured with `{result['command']}` ({result['machine']}); {result['n']} prompts per set, "
-        f"guidance {result['guidance']}, seed {result['seed']}; config `{result['config']}`, eps loss "
-        f"weights: {result['eps_weighting']}; flow: plain MSE, sampled with shift {result['shift']}. "
+        f"guidance {result['guidance']}, seed {result['seed']}; config `{result['config']}`. "
         "A cell is the share of prompts with every attribute right (two objects: both objects and the "
         "relation), with its 95% Wilson interval.",
         "",
     ]
-    for objective in OBJECTIVES:
+    for objective in result["objectives"]:
         t = trainings[objective]
         lines.append(
-            f"- {objective}: `{t['folder']}`, {t['steps']} steps; training loop "
+            f"- {objective} ({result['weighting'][objective]}): `{t['folder']}`, {t['steps']} steps; "
+            "training loop "
             f"{minutes(t['loop_seconds'])}, whole command {minutes(t['seconds'])}"
             + (f" (`{t['command']}`)" if t.get("command") else "")
         )
     lines += [
         "",
         "The whole command includes start-up and, for the first training, encoding the latent "
-        "cache that both share; the training loop is the equal-compute part.",
+        "cache that they share; the training loop is the equal-compute part.",
         "",
         "| objective | sampler | steps | " + " | ".join(SETS) + " | sampling s | training loop |",
         "|---|---|---|" + "---|" * len(SETS) + "---|---|",
@@ -291,34 +301,55 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reuse_models(args) -> dict:
+    """{objective: folder} from --model OBJECTIVE=PATH (and --eps-model); a one-line error for a bad one."""
+    pairs = list(args.model) + ([f"eps={args.eps_model}"] if args.eps_model else [])
+    reuse = {}
+    for pair in pairs:
+        objective, _, path = pair.partition("=")
+        if objective not in OBJECTIVES or not path:
+            raise cli.UsageError(
+                f"--model {pair}: expected OBJECTIVE=PATH with OBJECTIVE one of {OBJECTIVES}"
+            )
+        if not (Path(path) / "model_index.json").is_file():
+            raise cli.UsageError(
+                f"--model {pair}: no shipped pipeline there (no model_index.json); give a folder that "
+                "train_text_to_image.py --ship wrote"
+            )
+        reuse[objective] = path
+    return reuse
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     config = args.config or ("tiny" if is_fast() else "cpu")
     out = cli.writable_dir(args.out, "--out")
     results = cli.writable_dir(args.results, "--results") if args.results else None
-    if args.eps_model and not (Path(args.eps_model) / "model_index.json").is_file():
-        raise cli.UsageError(f"--eps-model {args.eps_model}: no shipped pipeline there (no model_index.json)")
+    args.reuse = reuse_models(args)
+    objectives = [o for o in OBJECTIVES if o in args.objectives]
     steps = args.sampling_steps
-    samplers = {"eps": ["ddim"] + ([] if args.no_dpmpp else ["dpmpp_2m"]), "flow": ["flow_euler"]}
+    diffusion = ["ddim"] + ([] if args.no_dpmpp else ["dpmpp_2m"])
+    samplers = {"eps": diffusion, "v": diffusion, "flow": ["flow_euler"]}
     print(describe())
-    trainings = {o: train_or_reuse(o, config, args, out) for o in OBJECTIVES}
-    if trainings["eps"]["config"] != config:
+    trainings = {o: train_or_reuse(o, config, args, out) for o in objectives}
+    for o, t in trainings.items():
+        if t["config"] != config:
+            print(f"warning: the {o} model's config is {t['config']!r}, not {config!r}", flush=True)
+    if len({t["steps"] for t in trainings.values()}) > 1:
         print(
-            f"warning: the eps model's config is {trainings['eps']['config']!r}, not {config!r}", flush=True
-        )
-    if trainings["eps"]["steps"] != trainings["flow"]["steps"]:
-        print(
-            f"warning: the eps model trained {trainings['eps']['steps']} steps, the flow model "
-            f"{trainings['flow']['steps']}: not equal compute",
+            "warning: not equal compute: "
+            + ", ".join(f"{o} trained {t['steps']} steps" for o, t in trainings.items()),
             flush=True,
         )
     rows, references = [], []
-    for objective in OBJECTIVES:
+    for objective in objectives:
         runs = [f"{s}:{k}" for s in samplers[objective] for k in steps]
         command, csv_rows = evaluate(objective, trainings[objective]["folder"], runs, args, out)
         trainings[objective]["evaluate"] = command
         rows += table_rows(objective, csv_rows)
-        if objective == "eps":  # the judge on real renders and on the VAE's reconstructions: the ceilings
+        if (
+            objective == objectives[0]
+        ):  # the judge on real renders and on the VAE's reconstructions: the ceilings
             for name in ("real renders", "VAE reconstructions"):
                 ref = {"sampler": name}
                 for r in csv_rows:
@@ -336,6 +367,8 @@ def main(argv=None) -> dict:
         "sampling_steps": steps,
         "shift": TextToImageConfig.named(config).flow_shift,
         "eps_weighting": eps_weighting(TextToImageConfig.named(config)),
+        "objectives": objectives,
+        "weighting": {o: weighting(o, TextToImageConfig.named(config)) for o in objectives},
         "command": command,
         "machine": describe(),
         "trainings": trainings,

@@ -166,7 +166,7 @@ class TextToImageConfig:
             text_encoder=_text_config(width, 3, 4, 24),
             vae="vae_shapes_f8",
             objective="v",
-            steps=12_000,
+            steps=11_000,
             batch_size=32,
             lr=1e-3,
             warmup_steps=200,

@@ -193,8 +193,12 @@ def test_compare_objectives_fast(tmp_path, assets):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "objectives.json").read_text())
     assert (tmp_path / "results" / "objectives.md").read_text() == (out / "objectives.md").read_text()
-    eps, flow = result["trainings"]["eps"], result["trainings"]["flow"]
-    assert eps["steps"] == flow["steps"] == TextToImageConfig.tiny().steps  # equal compute
+    eps, flow, v = (result["trainings"][o] for o in ("eps", "flow", "v"))
+    assert eps["steps"] == flow["steps"] == v["steps"] == TextToImageConfig.tiny().steps  # equal compute
+    assert "--objective v" in v["command"] and result["objectives"] == ["eps", "v", "flow"]
+    v_scheduler = json.loads((out / "v" / "scheduler" / "scheduler_config.json").read_text())
+    assert v_scheduler["prediction_type"] == "v_prediction" and v_scheduler["rescale_betas_zero_snr"]
+    assert v_scheduler["timestep_spacing"] == "trailing"
     assert 0 < eps["loop_seconds"] <= eps["seconds"] and 0 < flow["loop_seconds"] <= flow["seconds"]
     assert "--objective flow" in flow["command"] and "--objective eps" in eps["command"]
     assert (
@@ -204,7 +208,13 @@ def test_compare_objectives_fast(tmp_path, assets):
     runs = {(r["objective"], r["sampler"], r["steps"]) for r in result["rows"]}
     assert runs == {
         (o, s, k)
-        for o, s in (("eps", "ddim"), ("eps", "dpmpp_2m"), ("flow", "flow_euler"))
+        for o, s in (
+            ("eps", "ddim"),
+            ("eps", "dpmpp_2m"),
+            ("v", "ddim"),
+            ("v", "dpmpp_2m"),
+            ("flow", "flow_euler"),
+        )
         for k in (4, 8, 25)
     }
     for row in result["rows"]:
@@ -222,10 +232,12 @@ def test_compare_objectives_fast(tmp_path, assets):
     assert {(r["sampler"], r["steps"]) for r in result["rows"]} == {("ddim", 4), ("flow_euler", 4)}
     # and once more: the same evaluations are read back, not run again
     third = _compare("--out", out, "--eps-model", out / "eps", "--sampling-steps", 4, "--no-dpmpp", *common)
-    assert third.returncode == 0 and third.stdout.count("already holds this evaluation") == 2, third.stdout
+    assert third.returncode == 0 and third.stdout.count("already holds this evaluation") == 3, third.stdout
     assert json.loads((out / "objectives.json").read_text())["rows"] == result["rows"]
 
 
 def test_compare_objectives_refuses_a_missing_eps_model(tmp_path):
     proc = _compare("--out", tmp_path / "o", "--eps-model", tmp_path / "nothing")
     assert proc.returncode == 2 and "no model_index.json" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _compare("--out", tmp_path / "o", "--model", f"x0={tmp_path}")
+    assert proc.returncode == 2 and "OBJECTIVE=PATH" in proc.stderr and "Traceback" not in proc.stderr

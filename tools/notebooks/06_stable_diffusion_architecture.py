@@ -11,7 +11,8 @@
 #    classifier-free guidance, the loop, decode; then the same with one call to `StableDiffusion`;
 # 3. what the knobs do: a guidance-scale grid, per-word attention maps, img2img and inpainting;
 # 4. the course's own text-to-image model, trained from scratch on Shapes, and its measured prompt adherence;
-# 5. real Stable Diffusion 1.5 weights in the course's code, when you have them on disk.
+# 5. the model a laptop trains: both stages of its training, and why it predicts v;
+# 6. real Stable Diffusion 1.5 weights in the course's code, when you have them on disk.
 #
 # Everything runs on a laptop CPU: the course model makes a 64 px image in about two seconds. Under
 # `COURSE_FAST=1` (the tests) every heavy cell shrinks to seconds.
@@ -20,6 +21,7 @@
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from IPython.display import Image, display
@@ -416,7 +418,170 @@ show(image_grid(samples, captions=held_out, ncols=4, value_range=(0, 1), size=1.
 print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}.")
 
 # %% [markdown]
-# ## 5. Real Stable Diffusion 1.5 in the course's code
+# ## 5. The model a laptop trains, both stages of it
+#
+# The model above took a GPU. `train_text_to_image.py --config cpu` trains one from scratch on two CPU cores
+# in under half an hour (`checkpoints/course_t2i_cpu`), and it is Stable Diffusion's recipe in both stages.
+# Two choices make it fit:
+#
+# * **Stage 1 at f = 8.** The autoencoder (`checkpoints/vae_shapes_f8`, trained by chapter 01's `train_vae.py
+#   --factor 8`) turns a 64 px image into 4 x 8 x 8 latents, SD's own factor: a quarter of the pixels of the
+#   f = 4 VAE's 4 x 16 x 16, so the UNet (2.8 M parameters) sees several hundred thousand captions in the time
+#   budget.
+# * **Stage 2 predicts v on a zero-terminal-SNR schedule** and samples from the last timestep (SD 2.x's fix,
+#   Lin et al. 2023; chapter 06b derives it). Section 5.1 shows why that matters for *where* things go.
+#
+# Both stages kept their weights as they trained (`train_vae.py --keep-checkpoints`, `train_text_to_image.py
+# --snapshot-every`), and `training_stages.py` looked back at them: the loss curves, the same held-out images
+# through each kept autoencoder, and the same prompts from the same noise through each kept diffusion model.
+# The notebook reads what that command wrote (`results/training/`), so this cell is instant.
+
+# %%
+STAGES = ROOT / "06_stable_diffusion_architecture" / "results" / "training"
+if (STAGES / "stages.json").is_file():
+    import matplotlib.pyplot as plt
+    from PIL import Image as PILImage
+
+    stages = json.loads((STAGES / "stages.json").read_text())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    for ax, key, title in (
+        (axes[0], "vae", "stage 1: autoencoder, L1 reconstruction loss"),
+        (axes[1], "t2i", "stage 2: diffusion model, v loss (Min-SNR weighted)"),
+    ):
+        steps_, losses = zip(*stages[key]["loss"])
+        window = 9 if len(losses) > 40 else 1
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(steps_, losses, color="0.8", lw=0.8)
+        ax.plot(steps_, smooth, color="C0")
+        for row in stages[key]["rows"]:
+            ax.axvline(row["step"], color="C3", lw=0.6, ls=":")
+        ax.set(yscale="log", xlabel="optimizer step", title=title)
+    plt.tight_layout()
+    plt.show()
+    print("Dotted lines: the kept steps shown below.")
+    for key, png, label in (
+        ("vae", "vae_stage.png", lambda r: f"step {r['step']}: {r['psnr']:.1f} dB"),
+        ("t2i", "t2i_stage.png", lambda r: f"step {r['step']} ({r['minutes']:.0f} min)"),
+    ):
+        grid = PILImage.open(STAGES / png)
+        rows = stages[key]["rows"]
+        labels = (["held-out input"] if key == "vae" else []) + [label(r) for r in rows]
+        fig, ax = plt.subplots(figsize=(grid.width / 60, grid.height / 60))
+        ax.imshow(grid)
+        ax.set_yticks([2 + 66 * i + 32 for i in range(len(labels))], labels)
+        ax.set_xticks(
+            [2 + 66 * i + 32 for i in range(grid.width // 66)],
+            [] if key == "vae" else [p.replace(" a ", "\na ", 1) for p in stages["prompts"]],
+            fontsize=7,
+        )
+        ax.tick_params(length=0)
+        ax.set_title(
+            "stage 1: the same held-out images through each kept autoencoder"
+            if key == "vae"
+            else f"stage 2: the same prompts and noise through each kept model ({stages['sampling']})"
+        )
+        plt.show()
+else:
+    print(
+        "SKIPPED: no results/training/stages.json; make it with "
+        "06_stable_diffusion_architecture/training_stages.py (see the chapter README)"
+    )
+
+# %% [markdown]
+# ### 5.1 Where the noise leaks the layout
+#
+# SD 1.x's schedule ends at $\bar\alpha_{999} = 0.0047$, not 0: the noisiest latent a model trains on is
+# $z_{999} = 0.068\,z_0 + 0.998\,\varepsilon$, so a trace of the picture survives. A model trained on it
+# learns to read the *layout* off that trace rather than off the caption; at sampling time there is no
+# trace, only noise, and it reads a random layout from it. `signal_leak.py` measures how much a simple
+# matched filter (the mean latent of each of the nine grid cells) can tell about where a one-object scene's
+# object is from $z_t$:
+
+# %%
+LEAK = ROOT / "06_stable_diffusion_architecture" / "results" / "signal_leak.json"
+if LEAK.is_file():
+    leak = json.loads(LEAK.read_text())
+    print(f"{'VAE':14s} {'latent':8s} {'schedule':18s}" + "".join(f"   t={t}" for t in (999, 961, 900, 800)))
+    for vae_name in dict.fromkeys(r["vae"] for r in leak["rows"]):
+        for sched in ("SD 1.x", "zero terminal SNR"):
+            rs = [r for r in leak["rows"] if r["vae"] == vae_name and r["schedule"] == sched]
+            print(
+                f"{vae_name:14s} {rs[0]['latent']:8s} {sched:18s}"
+                + "".join(f"  {r['accuracy']:6.1%}" for r in rs)
+            )
+    print(
+        f"chance: {leak['chance']:.1%} ({leak['test_scenes']} held-out scenes; "
+        "python 06_stable_diffusion_architecture/signal_leak.py --out ...)"
+    )
+else:
+    print("SKIPPED: no results/signal_leak.json (06_stable_diffusion_architecture/signal_leak.py --out it)")
+
+# %% [markdown]
+# LEAK_TEXT
+
+# %%
+LAPTOP = ROOT / "checkpoints" / "course_t2i_cpu"
+
+
+def held_out_rows(card: Path) -> dict:
+    """{(sampler, steps, set): all} from a model card's metrics tables."""
+    rows = {}
+    if not card.is_file() or "## Metrics" not in card.read_text():
+        return rows
+    for line in card.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 5 and cells[2].startswith("held-out") and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]), cells[2])] = float(cells[4])
+    return rows
+
+
+gpu_rows, cpu_rows = held_out_rows(COURSE_MODEL / "README.md"), held_out_rows(LAPTOP / "README.md")
+print(
+    f"{'sampler':10s} {'steps':>5s}   {'GPU model: 1 / 2 objects':>26s}   "
+    f"{'laptop model: 1 / 2 objects':>28s}"
+)
+for sampler, k in (("ddim", 25), ("dpmpp_2m", 20), ("ddpm", 50)):
+    cells = []
+    for rows in (gpu_rows, cpu_rows):
+        one, two = rows.get((sampler, k, "held-out 1 object")), rows.get((sampler, k, "held-out 2 objects"))
+        cells.append("n/a" if one is None else f"{one:.0%} / {two:.0%}")
+    print(f"{sampler:10s} {k:5d}   {cells[0]:>26s}   {cells[1]:>28s}")
+if (LAPTOP / "model_index.json").is_file():
+    laptop = StableDiffusion.from_pretrained(LAPTOP, device="cpu")
+    with torch.no_grad():
+        both = [
+            p(
+                held_out,
+                num_inference_steps=steps,
+                guidance_scale=3.0,
+                generator=0,
+                output_type="pt",
+                progress=False,
+            ).images
+            for p in (pipe, laptop)
+        ]
+    show(
+        image_grid(
+            torch.cat(both),
+            captions=[f"GPU: {h}" for h in held_out] + [f"laptop: {h}" for h in held_out],
+            ncols=4,
+            value_range=(0, 1),
+            size=1.5,
+        )
+    )
+    print(
+        f"Figure: the same held-out prompts and seed, top row {which}, bottom row the laptop's model; "
+        f"{steps} steps, guidance 3."
+    )
+    del laptop
+else:
+    print("SKIPPED: no checkpoints/course_t2i_cpu (train it: see the chapter README)")
+
+# %% [markdown]
+# ## 6. Real Stable Diffusion 1.5 in the course's code
 #
 # `StableDiffusion.from_pretrained` reads SD 1.5's diffusers folder or its single-file checkpoint
 # (`v1-5-pruned-emaonly.safetensors`, with the original CompVis key names, mapped in `common/single_file.py`;
