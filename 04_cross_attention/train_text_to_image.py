@@ -42,6 +42,7 @@ def chapter_config() -> TextToImageConfig:
     return TextToImageConfig.cpu().with_overrides(
         unet=UNetConfig.shapes_text(),
         vae="vae_shapes",
+        objective="eps",
         warmup_steps=100,
         ema_decay=0.995,
         ema_start=50,

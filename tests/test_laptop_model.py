@@ -223,3 +223,36 @@ def test_training_stages_from_kept_checkpoints(trained, vae_dir, tmp_path):
     bare.mkdir()
     proc = _run(STAGES, "--vae-run", bare, "--t2i-run", run, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "log.csv" in proc.stderr
+
+
+def test_v_zero_snr_model_ships_and_samples_as_diffusers(tmp_path, vae_dir):
+    """`--objective v`: the schedule rescaled to zero terminal SNR, v targets, trailing timesteps; the shipped
+    scheduler says so, and diffusers' pipeline draws our image from it (DDIM and DPM-Solver++)."""
+    import diffusers
+
+    from common.pipeline import StableDiffusion
+
+    config = TextToImageConfig.tiny().with_overrides(objective="v")
+    assert config.schedule.prediction_type == "v_prediction" and float(config.schedule.alpha_bar[-1]) == 0.0
+    assert TextToImageConfig.tiny().with_overrides(objective="eps").schedule.prediction_type == "epsilon"
+    ship = tmp_path / "ship"
+    _run(
+        TRAIN, "--out", tmp_path / "run", "--vae", vae_dir, "--cache-dir", tmp_path / "cache",
+        "--objective", "v", "--ship", ship, "--no-progress",
+    )  # fmt: skip
+    scheduler = json.loads((ship / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    assert scheduler["timestep_spacing"] == "trailing" and scheduler["steps_offset"] == 0
+    ours = StableDiffusion.from_pretrained(ship)
+    assert ours.make_sampler("ddim", 4).timesteps[0] == 999  # sampling starts from pure noise
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(ship)
+    theirs.set_progress_bar_config(disable=True)
+    for sampler, cls in (
+        ("ddim", diffusers.DDIMScheduler),
+        ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler),
+    ):
+        theirs.scheduler = cls.from_config(scheduler)
+        kw = dict(num_inference_steps=4, guidance_scale=3.0, output_type="pt")
+        a = ours([PROMPT], generator=torch.Generator().manual_seed(0), sampler=sampler, progress=False, **kw)
+        b = theirs(PROMPT, generator=torch.Generator().manual_seed(0), height=64, width=64, **kw)
+        assert (a.images - b.images).abs().max() < 1e-4, sampler

@@ -53,6 +53,15 @@ def test_presets_build_and_unknown_name_is_refused():
         TextToImageConfig.tiny().with_overrides(latents="median")
 
 
+def test_laptop_preset_ships_under_10_mb_in_fp16():
+    """The laptop model ships in fp16 with their VAE inside the pipeline folder: at most 10 MB in all."""
+    config = TextToImageConfig.cpu()
+    assert config.ship_dtype == "fp16" and config.objective == "v" and config.vae == "vae_shapes_f8"
+    n = sum(p.numel() for p in build_model(config).parameters())
+    assert (n + 1_250_759) * 2 < 9.9e6, n  # + the f = 8 VAE's parameters (its model card)
+    assert config.unet.sample_size * 8 == config.resolution
+
+
 def test_gpu_preset_ships_under_30_mb():
     # the shipped model is the gpu preset: UNet + text encoder in fp32, plus the Shapes VAE (~1 M parameters)
     model = build_model(TextToImageConfig.gpu())

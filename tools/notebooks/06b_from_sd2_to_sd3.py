@@ -456,9 +456,10 @@ show(fig)
 #
 # ### Flow against eps, trained
 # Does the toy's answer hold for images with text? `compare_objectives.py` trains chapter 06's text-to-image
-# model twice with the same config, seed, data, batch and number of steps: once on chapter 06's $\epsilon$
-# loss (with the config's loss weights, printed below), once on the flow-matching loss above (logit-normal
-# $t$, target $\epsilon - z_0$, plain MSE, the UNet's timestep input $1000\,t$). The networks are the same,
+# model with the same config, seed, data, batch and number of steps: on chapter 06's $\epsilon$ loss (with the
+# config's loss weights, printed below), on $v$ with the zero-terminal-SNR schedule of section 1 (what the
+# laptop model ships with), and on the flow-matching loss above (logit-normal $t$, target $\epsilon - z_0$,
+# plain MSE, the UNet's timestep input $1000\,t$). The networks are the same,
 # so every training step costs the same compute; only the objective differs. Each model is then graded by
 # chapter 06's `evaluate.py` on prompts it never saw: the share of images where the judge finds every
 # attribute right, at 4, 8 and 25 sampling steps (DDIM and DPM-Solver++(2M) for $\epsilon$, Euler with
@@ -481,7 +482,7 @@ if objectives is None:
         f"{OBJECTIVES_JSON.relative_to(ROOT)} is not there yet. Make it with\n"
         "    python 06_stable_diffusion_architecture/compare_objectives.py --config cpu "
         "--out runs/objectives --results 06_stable_diffusion_architecture/results\n"
-        "(two trainings of the laptop config, then the grading), and run this notebook again."
+        "(eps, v and flow trainings of the laptop config, then the grading), and run this notebook again."
     )
 else:
     print(f"config {objectives['config']}; eps loss weights: {objectives['eps_weighting']}")
