@@ -596,7 +596,7 @@ if (LAPTOP / "model_index.json").is_file():
             wrong = [
                 k
                 for k in ("count", "color", "shape", "size", "position", "pair_objects", "relation")
-                if k in rec and not rec[k]
+                if k in rec and not rec[k] and not (k == "relation" and not rec.get("pair_objects"))
             ]
             print(
                 f"{name:6s} {rec['prompt']!r}: " + ("right" if rec["all"] else "wrong: " + ", ".join(wrong))

@@ -526,24 +526,28 @@ else:
     show(fig)
 
 # %% [markdown]
-# The lines below are written from the table, not ahead of it: at each step count they give the flow model's
-# score minus the $\epsilon$ model's (DDIM), and whether their 95% intervals are apart (a difference this run
-# resolves) or overlap (a difference that this many prompts per set does not settle either way).
+# The lines below are written from the table, not ahead of it: at each step count they give the $v$ and the
+# flow models' scores minus the $\epsilon$ model's (DDIM), and whether their 95% intervals are apart (a
+# difference this run resolves) or overlap (a difference that this many prompts per set does not settle either
+# way).
 
 # %%
 if objectives is not None:
     score_of = {(r["objective"], r["sampler"], r["steps"]): r for r in objectives["rows"]}
     fewest, most = min(objectives["sampling_steps"]), max(objectives["sampling_steps"])
 
+    others = [(o, s) for o, s in (("v", "ddim"), ("flow", "flow_euler")) if (o, s, fewest) in score_of]
     for name in HELD_OUT:
         for steps in objectives["sampling_steps"]:
-            f, e = score_of["flow", "flow_euler", steps][name], score_of["eps", "ddim", steps][name]
-            apart = f["low"] > e["high"] or e["low"] > f["high"]
-            print(
-                f"{name}, {steps:2d} steps: flow {f['all']:.2f}, eps {e['all']:.2f}, difference "
-                f"{f['all'] - e['all']:+.2f}: the intervals {'are apart' if apart else 'overlap'}"
-            )
-    for objective, sampler in (("eps", "ddim"), ("flow", "flow_euler")):
+            e = score_of["eps", "ddim", steps][name]
+            for objective, sampler in others:
+                f = score_of[objective, sampler, steps][name]
+                apart = f["low"] > e["high"] or e["low"] > f["high"]
+                print(
+                    f"{name}, {steps:2d} steps: {objective} {f['all']:.2f}, eps {e['all']:.2f}, difference "
+                    f"{f['all'] - e['all']:+.2f}: the intervals {'are apart' if apart else 'overlap'}"
+                )
+    for objective, sampler in (("eps", "ddim"), *others):
         few = score_of[objective, sampler, fewest][HELD_OUT[0]]["all"]
         many = score_of[objective, sampler, most][HELD_OUT[0]]["all"]
         kept = f"; {fewest} steps keep {few / many:.0%} of the {most}-step score" if many > 0 else ""
