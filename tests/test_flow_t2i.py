@@ -48,7 +48,7 @@ def random_flow_pipeline(seed: int = 0) -> StableDiffusion:
 
 def test_objective_is_checked():
     with pytest.raises(ValueError, match="objective must be one of"):
-        TextToImageConfig.tiny().with_overrides(objective="v")
+        TextToImageConfig.tiny().with_overrides(objective="x0")
 
 
 def test_flow_loss_equals_a_hand_computation(tmp_path):
