@@ -217,6 +217,7 @@ def main(argv=None) -> list[dict]:
         command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
         section = card_section(rows, settings) + f"\n\nMeasured with `{command}`."
         plot(rows, Path(args.card) / "curve.png", f"{config.name} config: held-out adherence during training")
+        cli.add_to_manifest(args.card, "curve.png")  # the card's plot is the course's file, like the card
         write_model_card(args.card, None, None, curve=section)
         print(f"curve written into {Path(args.card) / 'README.md'}")
     return rows

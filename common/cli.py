@@ -267,6 +267,17 @@ def write_manifest(folder: str | Path, kind: str) -> Path:
     return atomic_write(folder / MANIFEST, json.dumps({"kind": kind, "files": files}, indent=1))
 
 
+def add_to_manifest(folder: str | Path, *files: str) -> Path:
+    """List more files (paths relative to ``folder``) in the manifest of a folder the course shipped, so the
+    next ship recognises them as the course's (a file written into a shipped folder after it, e.g. a plot)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f"{folder} holds no course manifest ({MANIFEST}): it was not shipped by the course")
+    manifest["files"] = sorted(set(manifest["files"]) | set(files))
+    return atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1))
+
+
 def in_checkpoints(path: Path) -> bool:
     return Path(path).resolve().is_relative_to(CHECKPOINTS.resolve())
 

@@ -110,6 +110,7 @@ def test_snapshots_curve_and_card(trained, vae_dir, judge_dir):
     assert [r["step"] for r in curve["rows"]] == [0, 2, 4]
     assert {"one_object", "two_objects", "relation_error", "minutes"} <= set(curve["rows"][0])
     assert (run / "curve.png").is_file() and (ship / "curve.png").is_file()
+    assert "curve.png" in json.loads((ship / ".course_manifest").read_text())["files"]  # the course wrote it
     card = (ship / "README.md").read_text()
     assert "## Adherence during training" in card and "stored in fp16" in card
     proc = _run(CURVE, "--run", run, "--vae", vae_dir, "--judge", judge_dir)  # nothing left to evaluate
