@@ -425,7 +425,7 @@ def build_pipeline(
         schedule = FlowSchedule(shift=config.flow_shift)
     sampler = sampler or ("flow_euler" if isinstance(schedule, FlowSchedule) else "ddim")
     options = None
-    if schedule_is_zero_snr(schedule):  # sample from the last timestep, where the noise is pure (Lin et al.)
+    if isinstance(schedule, NoiseSchedule) and schedule.rescale_zero_snr:  # start where the noise is pure
         options = {**SD_SAMPLER_OPTIONS, "timestep_spacing": "trailing", "steps_offset": 0}
     return StableDiffusion(
         tokenizer=tokenizer,
@@ -437,10 +437,6 @@ def build_pipeline(
         sampler_options=options,
         device=device,
     )
-
-
-def schedule_is_zero_snr(schedule) -> bool:
-    return isinstance(schedule, NoiseSchedule) and schedule.rescale_zero_snr
 
 
 def vae_path(config: TextToImageConfig) -> Path:

@@ -31,7 +31,7 @@ from common.pipeline import COURSE_MODEL, StableDiffusion, tiny_random_pipeline
 from common.runtime import budget, is_fast, setup_notebook
 from common.text_encoder import CLIPTextConfig, CLIPTextModel
 from common.unet import UNet, UNetConfig
-from common.viz import image_grid, overlay_attention, show
+from common.viz import image_grid, overlay_attention, plot_loss_curves, show
 from common.weights import sd15_path
 
 threads = torch.get_num_threads()
@@ -444,25 +444,19 @@ if (STAGES / "stages.json").is_file():
     from PIL import Image as PILImage
 
     stages = json.loads((STAGES / "stages.json").read_text())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
-    for ax, key, title in (
-        (axes[0], "vae", "stage 1: autoencoder, L1 reconstruction loss"),
-        (axes[1], "t2i", "stage 2: diffusion model, v loss (Min-SNR weighted)"),
+    for key, title in (
+        ("vae", "stage 1: autoencoder, L1 reconstruction loss"),
+        ("t2i", "stage 2: diffusion model, v loss (Min-SNR weighted)"),
     ):
         steps_, losses = zip(*stages[key]["loss"])
-        window = 9 if len(losses) > 40 else 1
-        smooth = [
-            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        ax.plot(steps_, losses, color="0.8", lw=0.8)
-        ax.plot(steps_, smooth, color="C0")
+        fig = plot_loss_curves({"step": steps_, "loss": losses}, smoothing=0.9, logy=True, title=title)
         for row in stages[key]["rows"]:
-            ax.axvline(row["step"], color="C3", lw=0.6, ls=":")
-        ax.set(yscale="log", xlabel="optimizer step", title=title)
-    plt.tight_layout()
-    plt.show()
-    print("Dotted lines: the kept steps shown below.")
+            fig.axes[0].axvline(row["step"], color="C3", lw=0.6, ls=":")
+        show(fig)
+    print(
+        "Figures: each stage's training loss (faint: as logged; solid: smoothed); "
+        "dotted lines: the kept steps shown below."
+    )
     for key, png, label in (
         ("vae", "vae_stage.png", lambda r: f"step {r['step']}: {r['psnr']:.1f} dB"),
         ("t2i", "t2i_stage.png", lambda r: f"step {r['step']} ({r['minutes']:.0f} min)"),
