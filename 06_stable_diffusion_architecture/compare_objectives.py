@@ -253,7 +253,11 @@ def weighting(objective: str, config: TextToImageConfig) -> str:
     return {
         "eps": f"eps prediction on SD 1.x's schedule, {eps_weighting(config)}",
         "v": "v prediction on the zero-terminal-SNR schedule, sampled from its last timestep, "
-        + ("plain MSE" if config.snr_gamma is None else f"Min-SNR gamma {config.snr_gamma:g} on SNR + 1"),
+        + (
+            "plain MSE"
+            if config.snr_gamma is None
+            else f"Min-SNR gamma {config.snr_gamma:g} on SNR + {config.snr_offset:g}"
+        ),
         "flow": f"flow matching (plain MSE, logit-normal t), sampled with shift {config.flow_shift}",
     }[objective]
 

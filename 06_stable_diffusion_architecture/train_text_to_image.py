@@ -92,6 +92,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "flow_euler). Default: the config's",
     )
     p.add_argument(
+        "--snr-offset",
+        type=cli.nonnegative_float,
+        default=None,
+        help="v only: the x0 error's weight is min(SNR + offset, gamma). 1 keeps the pure-noise steps at "
+        "weight 1; smaller spends more of the gradient on the low-noise steps, where shapes are drawn. "
+        "Default: the config's",
+    )
+    p.add_argument(
         "--init-from",
         default=None,
         help="start from a shipped course pipeline folder of the same config (fine-tuning), "
@@ -165,6 +173,7 @@ def main(argv=None) -> dict:
         checkpoint_every=args.checkpoint_every,
         ship_dtype=args.ship_dtype,
         objective=args.objective,
+        snr_offset=args.snr_offset,
     )
     if args.echo_prompt:
         config = config.with_overrides(echo_prompt=True, context_length=max(32, config.context_length))
@@ -240,7 +249,7 @@ def main(argv=None) -> dict:
     weighting = {
         "eps": f"eps prediction, Min-SNR gamma {config.snr_gamma}",
         "v": f"v prediction on the zero-terminal-SNR schedule, trailing timesteps, Min-SNR gamma "
-        f"{config.snr_gamma} on SNR + 1",
+        f"{config.snr_gamma} on SNR + {config.snr_offset:g}",
         "flow": "flow matching (SD 3: velocity target, logit-normal t, plain MSE; sampler flow_euler, "
         f"shift {config.flow_shift})",
     }[config.objective]

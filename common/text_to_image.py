@@ -24,8 +24,12 @@ the dataset's parameters; a second run (or a resumed one) reads it back in a sec
 VAE's posterior std is small and a deterministic target trains faster in a short CPU run) or ``"sample"``
 (z_0 = s * (mu + sigma * e), e from the loss's generator, as the LDM code does).
 
-The CPU preset weights the loss by Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t, which tempers the nearly noise-free timesteps.
+The presets weight the loss by Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t on the eps loss, which tempers the nearly noise-free
+timesteps. Written as a weight on the x0 error (the eps error is sqrt(SNR) times it, the v error sqrt(SNR + 1)
+times it), every objective's weighting is one curve over the noise levels; eps's is min(SNR, 5), and the CPU
+preset's v loss uses min(SNR + 0.1, 5) (``snr_offset``): the nearly pure-noise steps, where the layout is
+decided, keep a small weight, and the gradient goes mostly to the low-noise steps that draw the shapes.
 
 ``TextToImageConfig.objective = "flow"`` trains the same networks by flow matching instead, as SD 3 does
 (Esser et al. 2024, eqs. 3 and 19; ``common/flow.py``):
@@ -116,6 +120,7 @@ class TextToImageConfig:
     vae: str = "vae_shapes"  # the frozen VAE: a folder under checkpoints/ (or a path); unet fits its latents
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule.sd15)  # SD 1.x's scaled-linear, eps target
     snr_gamma: float | None = None  # eps only: Min-SNR-gamma loss weights (Hang et al. 2023); None = eq. 3
+    snr_offset: float = 1.0  # v only: Min-SNR clamps SNR + offset (the x0 weight); see make_loss_fn
     objective: str = "eps"  # "eps": eq. 3 on `schedule`; "flow": SD 3's flow matching (module docstring)
     flow_shift: float = 1.0  # the flow sampler's shift (SD 3: 3.0 at 1024 px; 16 x 16 latents need none)
     checkpoint_every: int = 200  # Trainer checkpoints, for resume after a kill
@@ -175,6 +180,7 @@ class TextToImageConfig:
             train_size=20_000,
             checkpoint_every=1000,
             snr_gamma=5.0,
+            snr_offset=0.1,
             ship_dtype="fp16",
         )
 
@@ -340,6 +346,7 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
     unconditional prompt, so guidance at sampling time uses exactly the context trained here.
     """
     schedule, p, mode, gamma = config.schedule, config.caption_dropout, config.latents, config.snr_gamma
+    offset = config.snr_offset
     T = FlowSchedule().num_train_timesteps  # the flow UNet's timestep is T t, as in diffusers' FlowMatch
 
     def loss_fn(model: nn.Module, batch: dict, generator: torch.Generator):
@@ -366,10 +373,13 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
         snr = schedule.snr(t, validate=False).to(per_item.device)  # (B,)
         weight = snr.clamp(max=gamma) / snr
         if schedule.prediction_type == "v_prediction":
-            # the v loss weights the x0 error by SNR + 1, so Min-SNR clamps that: min(SNR + 1, gamma). (The
-            # paper's min(SNR, gamma) would give the last, pure-noise timestep of a zero-terminal-SNR schedule
-            # weight 0, and that step is where the model learns to lay out the picture from the caption.)
-            weight = (snr + 1).clamp(max=gamma) / (snr + 1)
+            # the v error is the x0 error times sqrt(SNR + 1), so this gives the x0 error the weight
+            # min(SNR + offset, gamma). offset 0 is the paper's min(SNR, gamma): the last, pure-noise timestep of
+            # a zero-terminal-SNR schedule would get weight 0, and that is where the model learns to lay out the
+            # picture from the caption. offset 1 (the plain v loss, capped) lets those high-noise steps, whose
+            # x0 error is large, take most of the gradient, and shapes come late; the CPU preset's 0.1 keeps
+            # the layout and spends the rest on shapes (chapter 06's README has the runs).
+            weight = (snr + offset).clamp(max=gamma) / (snr + 1)
         elif schedule.prediction_type == "sample":
             weight = snr.clamp(max=gamma)
         return (weight * per_item).mean(), {

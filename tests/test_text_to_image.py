@@ -133,6 +133,40 @@ def test_loss_is_finite_reproducible_and_reaches_both_parts(tmp_path, vae_dir):
     assert torch.isfinite(weighted) and weighted.item() <= logs["mse"].item() + 1e-6  # weights are <= 1
 
 
+@pytest.mark.parametrize("offset", [1.0, 0.1])
+def test_v_loss_weights_the_x0_error_by_min_snr_plus_offset(monkeypatch, offset):
+    """The v loss's Min-SNR weight, read off the loss at one fixed timestep: the v error is the x0 error times
+    sqrt(SNR + 1), so the weight on the v MSE is min(SNR + offset, gamma) / (SNR + 1)."""
+    from types import SimpleNamespace
+
+    from common.schedules import NoiseSchedule
+
+    config = TextToImageConfig.tiny().with_overrides(objective="v", snr_gamma=5.0, snr_offset=offset)
+    assert config.schedule.prediction_type == "v_prediction" and config.schedule.rescale_zero_snr
+
+    class Text(torch.nn.Module):
+        def forward(self, ids):
+            return SimpleNamespace(last_hidden_state=torch.zeros(ids.shape[0], ids.shape[1], 32))
+
+    class Zero(torch.nn.Module):  # predicts v = 0, so the per-item MSE is the mean squared target
+        def forward(self, z, t, context):
+            return torch.zeros_like(z)
+
+    model = torch.nn.ModuleDict({"text_encoder": Text(), "unet": Zero()})
+    batch = {"z0_mean": torch.randn(3, 4, 8, 8), "input_ids": torch.zeros(3, 24, dtype=torch.long)}
+    loss_fn = make_loss_fn(config, torch.zeros(24, dtype=torch.long))
+    for t in (999, 600, 300, 0):
+        monkeypatch.setattr(
+            NoiseSchedule,
+            "sample_timesteps",
+            lambda self, b, generator=None, device=None: torch.full((b,), t, dtype=torch.long),
+        )
+        weighted, logs = loss_fn(model, batch, torch.Generator().manual_seed(0))
+        snr = float(config.schedule.snr(torch.tensor([t]))[0])
+        expected = min(snr + offset, 5.0) / (snr + 1)
+        assert weighted.item() == pytest.approx(expected * logs["mse"].item(), rel=1e-5), (t, snr)
+
+
 def test_build_pipeline_generates_64px(vae_dir):
     torch.manual_seed(0)
     config = TextToImageConfig.tiny()
