@@ -374,11 +374,11 @@ def make_loss_fn(config: TextToImageConfig, empty_ids: torch.Tensor):
         weight = snr.clamp(max=gamma) / snr
         if schedule.prediction_type == "v_prediction":
             # the v error is the x0 error times sqrt(SNR + 1), so this gives the x0 error the weight
-            # min(SNR + offset, gamma). offset 0 is the paper's min(SNR, gamma): the last, pure-noise timestep of
-            # a zero-terminal-SNR schedule would get weight 0, and that is where the model learns to lay out the
-            # picture from the caption. offset 1 (the plain v loss, capped) lets those high-noise steps, whose
-            # x0 error is large, take most of the gradient, and shapes come late; the CPU preset's 0.1 keeps
-            # the layout and spends the rest on shapes (chapter 06's README has the runs).
+            # min(SNR + offset, gamma). offset 0 is the paper's min(SNR, gamma): the last, pure-noise
+            # timestep of a zero-terminal-SNR schedule would get weight 0, and that is where the model learns
+            # to lay out the picture from the caption. offset 1 (the plain v loss, capped) lets those
+            # high-noise steps, whose x0 error is large, take most of the gradient, and shapes come late; the
+            # CPU preset's 0.1 keeps the layout and spends the rest on shapes (chapter 06's README: the runs).
             weight = (snr + offset).clamp(max=gamma) / (snr + 1)
         elif schedule.prediction_type == "sample":
             weight = snr.clamp(max=gamma)

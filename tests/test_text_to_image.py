@@ -159,7 +159,7 @@ def test_v_loss_weights_the_x0_error_by_min_snr_plus_offset(monkeypatch, offset)
         monkeypatch.setattr(
             NoiseSchedule,
             "sample_timesteps",
-            lambda self, b, generator=None, device=None: torch.full((b,), t, dtype=torch.long),
+            lambda self, b, generator=None, device=None, t=t: torch.full((b,), t, dtype=torch.long),
         )
         weighted, logs = loss_fn(model, batch, torch.Generator().manual_seed(0))
         snr = float(config.schedule.snr(torch.tensor([t]))[0])
