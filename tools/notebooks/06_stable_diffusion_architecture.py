@@ -542,8 +542,8 @@ else:
 # $$\|\hat\varepsilon - \varepsilon\|^2 = \mathrm{SNR}_t\,\|\hat z_0 - z_0\|^2, \qquad
 #   \|\hat v - v\|^2 = (\mathrm{SNR}_t + 1)\,\|\hat z_0 - z_0\|^2 .$$
 #
-# Min-SNR-$\gamma$ caps that factor at $\gamma = 5$. So the eps model of the GPU recipe weights the $z_0$ error
-# by $\min(\mathrm{SNR}_t, 5)$: almost nothing at high noise. The plain v loss, capped, weights it by
+# Min-SNR-$\gamma$ caps that factor at $\gamma = 5$. So the eps model of the GPU recipe weights the $z_0$
+# error by $\min(\mathrm{SNR}_t, 5)$: almost nothing at high noise. The plain v loss, capped, weights it by
 # $\min(\mathrm{SNR}_t + 1, 5)$: at least 1 everywhere, and on the zero-terminal-SNR schedule half the
 # timesteps have $\mathrm{SNR}_t < 0.32$. The weight is half the story; the other half is the error itself,
 # which grows with the noise (at $t = 999$ the model can only guess the caption's average picture). Their
@@ -601,8 +601,8 @@ else:
 # the picture is still a guess and only the layout is being decided; eps with Min-SNR puts about three
 # quarters on the cleaner half, where shapes are drawn. Trained at equal compute on these latents (the
 # chapter README has the runs), the eps model drew shapes and not positions, and the $\mathrm{SNR} + 1$ v
-# model positions and not shapes. The laptop's loss, $\min(\mathrm{SNR}_t + 0.1, 5)$ on the $z_0$ error, keeps a
-# small weight on pure noise, enough to learn the layout from the caption, and gives the cleaner half the
+# model positions and not shapes. The laptop's loss, $\min(\mathrm{SNR}_t + 0.1, 5)$ on the $z_0$ error, keeps
+# a small weight on pure noise, enough to learn the layout from the caption, and gives the cleaner half the
 # rest. With everything else the same, it doubled the two-object score (0.27 to 0.50). It also has a price,
 # visible in the relation error of its training curve: where the *two* objects of a pair go is decided at
 # high noise, the weight it gave up, and some pairs it draws right come out in the wrong order.
