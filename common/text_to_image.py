@@ -160,9 +160,10 @@ class TextToImageConfig:
         v on the zero-terminal-SNR schedule and samples from the last timestep (SD 2.x's fix, Lin et al.
         2023): on SD 1.x's schedule the noisiest training latent still shows where the object is, so an eps
         model learns to read the layout off the noise instead of the caption, and draws it wherever the
-        starting noise says (chapter 06's README, ``signal_leak.py``). The price of f = 8 is the VAE's: its
-        reconstructions of small objects keep their shape 89% of the time (the f = 4 VAE's: 98%), a ceiling
-        for any model on it. Shipped in fp16, the whole pipeline folder (VAE included) is under 10 MB.
+        starting noise says (chapter 06's README, ``signal_leak.py``). Its loss weights the x0 error by
+        min(SNR + 0.1, 5) (``snr_offset``): the plain v loss puts most of its weight on the nearly pure-noise
+        steps, where only the layout is decided, and learns shapes late. Shipped in fp16, the whole pipeline
+        folder (VAE included) is under 10 MB.
         """
         width = 128
         return cls(

@@ -458,12 +458,13 @@ show(fig)
 # Does the toy's answer hold for images with text? `compare_objectives.py` trains chapter 06's text-to-image
 # model with the same config, seed, data, batch and number of steps: on chapter 06's $\epsilon$ loss (with the
 # config's loss weights, printed below), on $v$ with the zero-terminal-SNR schedule of section 1 (what the
-# laptop model ships with), and on the flow-matching loss above (logit-normal $t$, target $\epsilon - z_0$,
-# plain MSE, the UNet's timestep input $1000\,t$). The networks are the same,
+# laptop model ships with, loss weights included), and on the flow-matching loss above (logit-normal $t$,
+# target $\epsilon - z_0$, plain MSE, the UNet's timestep input $1000\,t$). The networks are the same,
 # so every training step costs the same compute; only the objective differs. Each model is then graded by
 # chapter 06's `evaluate.py` on prompts it never saw: the share of images where the judge finds every
 # attribute right, at 4, 8 and 25 sampling steps (DDIM and DPM-Solver++(2M) for $\epsilon$, Euler with
-# shift 1.0 for flow: at 64 px the latent is 16 x 16, so there is no resolution to shift for), guidance 3.
+# shift 1.0 for flow: at 64 px the laptop config's latent is 8 x 8, with no resolution to shift for),
+# guidance 3.
 # The cell reads the committed table, `06_stable_diffusion_architecture/results/objectives.json`, and prints
 # the command that makes it when it is missing.
 
