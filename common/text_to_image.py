@@ -29,8 +29,8 @@ Weighting Strategy"): w_t = min(SNR_t, 5) / SNR_t on the eps loss, which tempers
 timesteps. Written as a weight on the x0 error (the eps error is sqrt(SNR) times it, the v error sqrt(SNR + 1)
 times it), every objective's weighting is one curve over the noise levels; eps's is min(SNR, 5), and the CPU
 preset's v loss uses min(SNR + 0.1, 5) (``snr_offset``): the nearly pure-noise steps, where the layout is
-decided, keep a small weight, and the low-noise steps that draw the shapes get as much of the loss as the noisy
-half (measured in notebook 06, section 5.2; the plain v loss puts four fifths on the noisy half).
+decided, keep a small weight, and the low-noise steps that draw the shapes get as much of the loss as the
+noisy half (measured in notebook 06, section 5.2; the plain v loss puts four fifths on the noisy half).
 
 ``TextToImageConfig.objective = "flow"`` trains the same networks by flow matching instead, as SD 3 does
 (Esser et al. 2024, eqs. 3 and 19; ``common/flow.py``):
