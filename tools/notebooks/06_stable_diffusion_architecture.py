@@ -605,9 +605,16 @@ else:
 # model positions and not shapes. The laptop's loss, $\min(\mathrm{SNR}_t + 0.1, 5)$ on the $z_0$ error,
 # spreads its weight about evenly over the noise levels: enough on pure noise to learn the layout from the
 # caption, and as much again on the cleaner half, where shapes are drawn. With everything else the same, it
-# nearly doubled the two-object score (0.27 to 0.50). It also has a price,
-# visible in the relation error of its training curve: where the *two* objects of a pair go is decided at
-# high noise, the weight it gave up, and some pairs it draws right come out in the wrong order.
+# nearly doubled the two-object score (0.27 to 0.50). It also has a price, visible in the relation error of
+# its training curve: where the *two* objects of a pair go is decided at high noise, the weight it gave up,
+# and some pairs it draws right come out in the wrong order.
+
+# %% [markdown]
+# ### 5.3 The laptop model beside the GPU model
+#
+# Both models' held-out scores, read from their model cards (each card names the `evaluate.py` command that
+# measured it), then the same held-out prompts drawn by both from the same seed, and the judge's verdict on
+# every image: which attribute, if any, it got wrong.
 
 # %%
 
