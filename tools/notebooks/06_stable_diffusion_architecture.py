@@ -428,9 +428,9 @@ print(f"Figure: {which}, one seed per prompt, {steps} DDIM steps, guidance {s}."
 #   --factor 8`) turns a 64 px image into 4 x 8 x 8 latents, SD's own factor: a quarter of the pixels of the
 #   f = 4 VAE's 4 x 16 x 16, so the UNet (2.8 M parameters) sees twice as many captions a second. The price is
 #   paid in stage 1: a small object is one or two latent pixels, and the first grid below shows the
-#   autoencoder learning to keep its shape. Its reconstructions get the shape of a held-out one-object scene
-#   right 99% of the time (the chapter README follows that number through training: a VAE stopped at half
-#   the steps keeps small blue crosses, a colour-shape pair it never saw, as diamonds). Whatever the VAE
+#   autoencoder learning to keep its shape. Its reconstructions keep the shape of all 100 held-out one-object
+#   scenes of the evaluation (the chapter README follows that through training: a VAE stopped at half the
+#   steps turns small blue crosses, a colour-shape pair it never saw, into diamonds). Whatever the VAE
 #   loses, no diffusion model on its latents can draw.
 # * **Stage 2 predicts v on a zero-terminal-SNR schedule** and samples from the last timestep (SD 2.x's fix,
 #   Lin et al. 2023; chapter 06b derives it). Section 5.1 shows why that matters for *where* things go.
