@@ -312,7 +312,11 @@ class SpatialTransformer(nn.Module):
             x = self.proj_in(x)  # (B, H*W, D)
         else:
             x = self.proj_in(x)  # (B, D, H, W)
-            x = x.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, D, H, W) -> (B, H*W, D)
+            # (B, D, H, W) -> (B, H*W, D). The permute and reshape alone are a view that keeps the
+            # channels-first memory order; copying the tokens into row order once, here, spares every
+            # LayerNorm below a copy of its own, and the residual adds a strided walk (x + f(x) keeps
+            # x's order)
+            x = x.permute(0, 2, 3, 1).reshape(B, H * W, -1).contiguous()
         for block in self.transformer_blocks:
             x = block(x, context)  # (B, H*W, D)
         if self.use_linear_projection:

@@ -6,6 +6,8 @@
 * checkpointing: the same gradients with and without (within 1e-5), and the same as diffusers' checkpointed
   UNet with the same weights; each ResNet and spatial transformer is recomputed once; a model whose first
   layers are frozen (the reentrant form's fallback) still gets every gradient it should.
+* the same kernels: in inference the course's UNet and VAE decoder run no operator more often than diffusers'
+  and copy no more memory (the end-to-end times rest on that).
 """
 
 from __future__ import annotations
@@ -162,3 +164,78 @@ def test_checkpointing_table_runs():
     assert set(by) == {"ours", "diffusers"}
     for r in rows:
         assert r["ckpt_GFLOP"] > r["plain_GFLOP"] > 0  # the recomputed forward shows in the FLOPs
+
+
+# --- the same kernels as diffusers: what the end-to-end row's time rests on ---------------------------------
+
+
+def _model_pairs():
+    """(name, ours, diffusers', their two calls): the UNet (guidance batch of 2) and the VAE decoder."""
+    from common.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    ref_unet = diffusers.UNet2DConditionModel(**unet_config_to_diffusers(unet.config)).eval()
+    ref_unet.load_state_dict(unet.state_dict())
+    vae = AutoencoderKL(AutoencoderConfig.tiny()).eval()
+    ref_vae = diffusers.AutoencoderKL(**vae.config.to_diffusers()).eval()
+    ref_vae.load_state_dict(vae.state_dict())
+    z_t, t, context = _inputs(unet.config, side=16)
+    z_0 = torch.randn(1, vae.config.latent_channels, 8, 8)
+    return [
+        ("UNet", lambda: unet(z_t, t, context), lambda: ref_unet(z_t, t, encoder_hidden_states=context)),
+        ("VAE decode", lambda: vae.decode(z_0), lambda: ref_vae.decode(z_0)),
+    ]
+
+
+def test_inference_dispatches_no_kernel_diffusers_does_not():
+    """Count every operator that computes (views aside) in one forward: the course's modules may not run any
+    operator more often than diffusers' do with the same weights (they run fewer: no divisions by an output
+    scale factor of 1)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        for name, ours, theirs in _model_pairs():
+            with Count() as a:
+                ours()
+            with Count() as b:
+                theirs()
+            # copies are compared by the elements they move, below (some happen inside other kernels)
+            more = {
+                op: (a.ops[op], b.ops[op]) for op in a.ops if a.ops[op] > b.ops[op] and op != "aten.clone"
+            }
+            assert not more, f"{name}: operators run more often than in diffusers (ours, theirs): {more}"
+
+
+def test_inference_copies_no_more_memory_than_diffusers():
+    """Every aten::clone the profiler sees, those inside other kernels included (a LayerNorm copies a strided
+    input before normalising it): the course's UNet and decoder copy no more elements than diffusers'. A
+    spatial transformer whose tokens stay in channels-first order after proj_in fails this (each of its
+    three LayerNorms then copies them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def copied(fn):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            fn()
+        return sum(
+            torch.Size(e.input_shapes[0]).numel()
+            for e in prof.events()
+            if e.name == "aten::clone" and e.input_shapes and e.input_shapes[0]
+        )
+
+    for name, ours, theirs in _model_pairs():
+        ours(), theirs()  # warm-up
+        a, b = copied(ours), copied(theirs)
+        assert a <= b, f"{name}: ours copies {a} elements in one forward, diffusers' {b}"
