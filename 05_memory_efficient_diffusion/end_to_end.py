@@ -373,9 +373,11 @@ def run_table(
     seed: int = 0,
     out: Path | None = None,
     log=print,
+    info: dict | None = None,
 ) -> list[dict]:
     """Every setting in turn (fp32, fp16, compile: each one changes both pipelines in place, so the order is
-    fixed); writes ``end_to_end.json`` (everything, per-call times included) and the table under ``out``."""
+    fixed); writes ``end_to_end.json`` (everything, per-call times included, ``info`` beside them) and the
+    table under ``out``."""
     from common.memory import write_table
 
     unknown = [s for s in settings if s not in SETTINGS]
@@ -404,6 +406,7 @@ def run_table(
                 "device": str(device),
                 "threads": torch.get_num_threads(),
                 "quick": quick,
+                **(info or {}),
                 "rows": rows,
             }
             (out / "end_to_end.json").write_text(json.dumps(info, indent=1))

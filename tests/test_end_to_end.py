@@ -83,6 +83,25 @@ def test_row_and_breakdown(e2e, pipelines):
         e2e.set_precision(ours, ref, "int8")
 
 
+def test_cli_writes_the_row_and_the_allocator_it_ran_with(tmp_path):
+    """The command the chapter README gives, on the tiny configurations, in its own process (the allocator
+    setting is process-wide): the table, and the JSON saying which allocator the times were taken with."""
+    import json
+    import os
+    import platform
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COURSE_FAST": "1"}
+    cmd = [sys.executable, str(CHAPTER / "benchmark.py"), "--end-to-end", "--quick", "--steps", "2"]
+    cmd += ["--repeats", "1", "--reuse-freed-memory", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=CHAPTER.parent)
+    info = json.loads((tmp_path / "end_to_end.json").read_text())
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert info["allocator"] == ("reuse freed memory" if glibc else "default (not glibc: unchanged)")
+    assert [r["setting"] for r in info["rows"]] == ["fp32"] and info["rows"][0]["same_image"]
+    assert "| fp32 | 2 | 32 | 1 |" in (tmp_path / "end_to_end.md").read_text()
+
+
 # ---- gradient checkpointing ------------------------------------------------------------------------------
 
 
