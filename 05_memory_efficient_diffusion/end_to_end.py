@@ -254,13 +254,33 @@ def timed_call(side: str, pipe, device: torch.device, **kw) -> tuple[float, torc
     return time.perf_counter() - t0, image
 
 
+def _usage() -> tuple[int, float]:
+    """(minor page faults, system CPU seconds) of this process so far; (0, 0.0) without ``resource``."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0, 0.0
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_minflt, u.ru_stime
+
+
 def breakdown(side: str, pipe, device: torch.device, **kw) -> dict:
     """One instrumented call: seconds per stage, in call order, and the rest ("other": tokenizing, the
-    sampler's steps, guidance arithmetic, drawing z_T, converting the image)."""
+    sampler's steps, guidance arithmetic, drawing z_T, converting the image). Also the call's minor page
+    faults (first touches of memory the kernel must hand out, zero-filled) and the CPU seconds spent in
+    the kernel doing so and the like (``system_s``)."""
+    faults0, system0 = _usage()
     with stage_timers(pipe, device) as log:
         total, _ = timed_call(side, pipe, device, **kw)
+    faults1, system1 = _usage()
     stages = [{"stage": name, "s": s} for name, s in log]
-    return {"total_s": total, "stages": stages, "other_s": total - sum(s for _, s in log)}
+    return {
+        "total_s": total,
+        "stages": stages,
+        "other_s": total - sum(s for _, s in log),
+        "page_faults": faults1 - faults0,
+        "system_s": system1 - system0,
+    }
 
 
 def run_setting(
@@ -278,6 +298,7 @@ def run_setting(
     # they would stop the CPU from queueing the next kernels ahead, so one extra call per side is broken down
     apart = device.type == "cuda"
     times = {"ours": [], "diffusers": []}
+    usage = {"ours": [], "diffusers": []}  # (page faults, system s) of each timed call, on a CPU
     parts: dict[str, dict] = {}
     for i in range(repeats):
         order = ("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")
@@ -287,6 +308,7 @@ def run_setting(
             else:
                 parts[side] = breakdown(side, pipes[side], device, **kw)
                 times[side].append(parts[side]["total_s"])
+                usage[side].append((parts[side]["page_faults"], parts[side]["system_s"]))
     med = {side: statistics.median(ts) for side, ts in times.items()}
     diff = float((images["ours"].float() - images["diffusers"].float()).abs().max())
     row = {
@@ -303,6 +325,10 @@ def run_setting(
         "same_image": diff <= TOL,
         "image_std": float(images["ours"].float().std()),
     }
+    for side, calls in usage.items():
+        if calls:
+            row[f"{side}_page_faults"] = statistics.median(f for f, _ in calls)
+            row[f"{side}_system_s"] = statistics.median(t for _, t in calls)
     if setting == "compile":  # the first call compiled: its excess over a steady call is the compile time
         row["ours_compile_s"] = first["ours"] - med["ours"]
         row["diffusers_compile_s"] = first["diffusers"] - med["diffusers"]
@@ -347,6 +373,10 @@ COLUMNS = [
     "diffusers_unet_s",
     "diffusers_decode_s",
     "diffusers_other_s",
+    "ours_page_faults",
+    "diffusers_page_faults",
+    "ours_system_s",
+    "diffusers_system_s",
 ]
 
 

@@ -326,10 +326,9 @@ class StableDiffusion:
         sampler_ = self.make_sampler(sampler, num_inference_steps, eta)
         do_cfg = guidance_scale > 1.0  # as diffusers: s <= 1 runs the conditional model only
 
-        # 2. the context c (B, N_k, D_c); with guidance [c_neg, c] in one batch of 2B (diffusers' order)
-        context = self.encode_prompt(prompts)
-        if do_cfg:
-            context = torch.cat([self.encode_prompt(negatives), context])  # (2B, N_k, D_c)
+        # 2. the context c (B, N_k, D_c); with guidance [c_neg, c] in one batch of 2B (diffusers' order),
+        # encoded in one text-encoder call (diffusers makes two: one per half)
+        context = self.encode_prompt(negatives + prompts if do_cfg else prompts)  # (2B or B, N_k, D_c)
 
         # 3. the starting latents and the timesteps to visit
         h, w = height // f, width // f

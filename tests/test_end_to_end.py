@@ -72,13 +72,18 @@ def test_row_and_breakdown(e2e, pipelines):
     assert row["time_ratio"] == pytest.approx(row["ours_s"] / row["diffusers_s"])
     for side in ("ours", "diffusers"):
         stages = [s["stage"] for s in row[f"{side}_breakdown"]["stages"]]
-        # the prompt and the empty prompt, one batched UNet call per step (CFG), one decode
-        assert stages == ["text encoder"] * 2 + ["UNet"] * 3 + ["VAE decode"], stages
+        # the prompt and the empty prompt (ours in one batch, diffusers' one after the other), one batched
+        # UNet call per step (CFG), one decode
+        encodes = 1 if side == "ours" else 2
+        assert stages == ["text encoder"] * encodes + ["UNet"] * 3 + ["VAE decode"], stages
         b = e2e.summarize_breakdown(row[f"{side}_breakdown"])
         parts = b["text_encoder_s"] + b["unet_s"] + b["decode_s"] + b["other_s"]
         assert parts == pytest.approx(b["total_s"]) and min(b["unet_calls"]) > 0
     table = e2e.table_row(row)
     assert set(table) <= set(e2e.COLUMNS) and table["ours_unet_call_s"] > 0
+    for side in ("ours", "diffusers"):  # what each call cost the kernel (page faults), on a CPU
+        assert row[f"{side}_page_faults"] >= 0 and row[f"{side}_system_s"] >= 0
+        assert row[f"{side}_breakdown"]["page_faults"] >= 0
     with pytest.raises(ValueError, match="unknown setting"):
         e2e.set_precision(ours, ref, "int8")
 
