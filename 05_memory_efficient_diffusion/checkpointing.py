@@ -5,7 +5,9 @@ with and without ``enable_gradient_checkpointing()``; the four cases interleaved
 DCBA, ...), so a load that comes and goes falls on all of them alike. Reported per side: the median wall
 and CPU (process) seconds of a step; the median peak extra memory of a step (``common.memory.measure``, 3
 steps per case, apart from the timed ones: measuring costs time of its own); the FLOPs of a step
-(``torch.utils.flop_counter``: what checkpointing recomputes shows as the difference); the ratios
+(``torch.utils.flop_counter``: what checkpointing recomputes shows as the difference); the MiB of
+activations autograd saves for backward in the forward (distinct tensors, counted by a saved-tensor hook:
+what checkpointing keeps, exact where the peak is a noisy reading of the process's memory); the ratios
 checkpointed / plain.
 
     OMP_NUM_THREADS=1 python 05_memory_efficient_diffusion/benchmark.py --checkpointing --out DIR
@@ -35,6 +37,8 @@ COLUMNS = [
     "plain_MiB",
     "ckpt_MiB",
     "memory_saved",
+    "plain_saved_MiB",
+    "ckpt_saved_MiB",
     "plain_GFLOP",
     "ckpt_GFLOP",
     "extra_flops",
@@ -73,6 +77,30 @@ def train_step(side: str, model, z_t, t, context, eps) -> torch.Tensor:
     return loss.detach()
 
 
+def saved_for_backward_mib(side: str, model, z_t, t, context, eps) -> float:
+    """MiB of the distinct activations autograd saves during the forward of a training step (the weights
+    it saves too are left out: they are held anyway). Inside a checkpointed region nothing is kept but the
+    region's inputs; the backward, which recomputes the regions, runs after the count."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        ptr = x.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = x.untyped_storage().nbytes()
+        return x
+
+    for p in model.parameters():
+        p.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = (
+            model(z_t, t, context) if side == "ours" else model(z_t, t, encoder_hidden_states=context).sample
+        )
+        loss = F.mse_loss(out, eps)
+    loss.backward()
+    return sum(seen.values()) / 2**20
+
+
 def set_checkpointing(model, on: bool) -> None:
     if on:
         model.enable_gradient_checkpointing()
@@ -101,7 +129,7 @@ def run_table(
     cases = [(s, ck) for s in models for ck in (False, True)]
     wall = {c: [] for c in cases}
     cpu = {c: [] for c in cases}
-    flops = {}
+    flops, saved = {}, {}
     peaks = {c: [] for c in cases}
     for s, ck in cases:  # warm-up, one counted step for the FLOPs
         set_checkpointing(models[s], ck)
@@ -109,6 +137,7 @@ def run_table(
         with FlopCounterMode(display=False) as counter:
             train_step(s, models[s], *inputs)
         flops[(s, ck)] = counter.get_total_flops() / 1e9
+        saved[(s, ck)] = saved_for_backward_mib(s, models[s], *inputs)
     for r in range(repeats):
         for s, ck in cases if r % 2 == 0 else cases[::-1]:
             set_checkpointing(models[s], ck)
@@ -143,6 +172,8 @@ def run_table(
             "ckpt_cpu_s": statistics.median(cpu[b]),
             "plain_MiB": peak[a],
             "ckpt_MiB": peak[b],
+            "plain_saved_MiB": saved[a],
+            "ckpt_saved_MiB": saved[b],
             "plain_GFLOP": flops[a],
             "ckpt_GFLOP": flops[b],
         }

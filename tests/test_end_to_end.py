@@ -2,10 +2,11 @@
 
 * end_to_end.py: the course's pipeline and diffusers' StableDiffusionPipeline, built from the same tiny random
   weights and the same DPM-Solver++ scheduler, give the same image within 1/255; the timed row and its
-  breakdown (text encoder twice, one UNet call per step, one decode) come out of one run.
+  breakdown (the text encoder once for ours, both prompts in one batch, twice for diffusers'; one UNet call
+  per step; one decode) come out of one run.
 * checkpointing: the same gradients with and without (within 1e-5), and the same as diffusers' checkpointed
-  UNet with the same weights; each ResNet and spatial transformer is recomputed once; a model whose first
-  layers are frozen (the reentrant form's fallback) still gets every gradient it should.
+  UNet with the same weights; each ResNet and transformer block is recomputed once (diffusers' regions); a
+  model whose first layers are frozen (the reentrant form's fallback) still gets every gradient it should.
 * the same kernels: in inference the course's UNet and VAE decoder run no operator more often than diffusers'
   and copy no more memory (the end-to-end times rest on that).
 """
@@ -146,24 +147,30 @@ def test_checkpointing_same_gradients_as_without_and_as_diffusers(unet_pair):
         torch.testing.assert_close(checkpointed[name], theirs[name], atol=1e-5, rtol=1e-5)
 
 
-def test_checkpointing_recomputes_each_resnet_and_transformer_once(unet_pair):
+def test_checkpointing_recomputes_diffusers_regions_once(unet_pair):
+    """Each ResNet and each transformer block is recomputed once in backward; a spatial transformer's
+    GroupNorm and projections are not (their outputs are kept, as diffusers keeps them)."""
+    from common.attention import TransformerBlock
+
     ours, _ = unet_pair
     z_t, t, context = _inputs(ours.config)
-    calls = {"transformer": 0, "resnet": 0}
+    calls = {"spatial transformer": 0, "transformer block": 0, "resnet": 0}
     transformer = next(m for m in ours.modules() if isinstance(m, SpatialTransformer))
-    resnet = next(m for m in ours.up_blocks[0].modules() if isinstance(m, ResnetBlock2D))
+    modules = {
+        "spatial transformer": transformer,
+        "transformer block": next(m for m in transformer.modules() if isinstance(m, TransformerBlock)),
+        "resnet": next(m for m in ours.up_blocks[0].modules() if isinstance(m, ResnetBlock2D)),
+    }
     hooks = [
-        transformer.register_forward_pre_hook(
-            lambda *_: calls.__setitem__("transformer", calls["transformer"] + 1)
-        ),
-        resnet.register_forward_pre_hook(lambda *_: calls.__setitem__("resnet", calls["resnet"] + 1)),
+        m.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, m in modules.items()
     ]
     ours.enable_gradient_checkpointing()
     _grads(ours, lambda: ours(z_t, t, context))
     for h in hooks:
         h.remove()
-    # each region runs twice: the forward, and once more in backward (never more: no nested checkpoints)
-    assert calls == {"transformer": 2, "resnet": 2}
+    # a checkpointed region runs twice: the forward, and once more in backward (never more: no nesting)
+    assert calls == {"spatial transformer": 1, "transformer block": 2, "resnet": 2}
 
 
 def test_checkpointing_with_frozen_first_layers(unet_pair):
@@ -188,6 +195,11 @@ def test_checkpointing_table_runs():
     assert set(by) == {"ours", "diffusers"}
     for r in rows:
         assert r["ckpt_GFLOP"] > r["plain_GFLOP"] > 0  # the recomputed forward shows in the FLOPs
+        assert 0 < r["ckpt_saved_MiB"] < r["plain_saved_MiB"]  # and the dropped activations in what is saved
+    # the same plain graph on both sides; checkpointed, ours keeps no more than diffusers (the same regions,
+    # and also the mid block's first ResNet, which diffusers leaves out)
+    assert by["ours"]["plain_saved_MiB"] == pytest.approx(by["diffusers"]["plain_saved_MiB"], rel=1e-6)
+    assert by["ours"]["ckpt_saved_MiB"] <= by["diffusers"]["ckpt_saved_MiB"]
 
 
 # --- the same kernels as diffusers: what the end-to-end row's time rests on ---------------------------------
