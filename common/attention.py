@@ -30,7 +30,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("math", "sdpa", "sliced")
 
@@ -302,23 +301,6 @@ class SpatialTransformer(nn.Module):
             self.proj_out = nn.Linear(inner_dim, channels)
         else:
             self.proj_out = nn.Conv2d(inner_dim, channels, kernel_size=1)
-        self.gradient_checkpointing = False  # set by UNet.enable_gradient_checkpointing
-
-    def run_block(self, block: TransformerBlock, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """One transformer block, through a checkpoint when gradient checkpointing is on and gradients are
-        needed: its activations are dropped in the forward and recomputed in backward (diffusers' region).
-
-        A block is recomputed whole either way (its last layer needs everything before it), so the reentrant
-        form of ``torch.utils.checkpoint`` fits: it runs the first forward without recording a graph at all,
-        where the non-reentrant form records one and drops each saved tensor through a Python hook. It needs
-        an input that requires grad (x always does when any weight before it trains); without one, the
-        non-reentrant form. (The reentrant form supports ``loss.backward()``, as every training loop here
-        calls it, not ``torch.autograd.grad``.)
-        """
-        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
-            return block(x, context)
-        reentrant = x.requires_grad or context.requires_grad
-        return checkpoint(block, x, context, use_reentrant=reentrant, preserve_rng_state=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); context: (B, N_k, D_c). Returns (B, C, H, W)."""
@@ -336,7 +318,7 @@ class SpatialTransformer(nn.Module):
             # x's order)
             x = x.permute(0, 2, 3, 1).reshape(B, H * W, -1).contiguous()
         for block in self.transformer_blocks:
-            x = self.run_block(block, x, context)  # (B, H*W, D)
+            x = block(x, context)  # (B, H*W, D)
         if self.use_linear_projection:
             x = self.proj_out(x)  # (B, H*W, C)
             x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, H*W, C) -> (B, C, H, W)

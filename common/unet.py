@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.attention import SpatialTransformer
 from common.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, _Block, timestep_embedding
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -108,7 +107,7 @@ class UNet(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ResNet / transformer block in backward instead of storing its activations."""
         for module in self.modules():
-            if isinstance(module, (_Block, SpatialTransformer)):
+            if isinstance(module, _Block):
                 module.gradient_checkpointing = enabled
 
     def disable_gradient_checkpointing(self) -> None:

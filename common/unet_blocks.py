@@ -119,16 +119,19 @@ class Upsample2D(nn.Module):
 class _Block(nn.Module):
     """Shared by the down, mid and up blocks: run a sub-module, through a checkpoint when asked.
 
-    Gradient checkpointing (Chen et al. 2016) keeps only the inputs of each checkpointed region during the
-    forward pass and recomputes its insides during backward: less activation memory for about one more
-    forward. The regions are diffusers' (``enable_gradient_checkpointing`` on its UNet), so both recompute
-    the same arithmetic and keep the same tensors:
+    Gradient checkpointing (Chen et al. 2016) keeps only each ResNet's and each spatial transformer's inputs
+    during the forward pass and recomputes its insides during backward: less activation memory for about one
+    more forward. Two forms of ``torch.utils.checkpoint``, each where it costs least:
 
-    * each ResNet, here, through the non-reentrant form of ``torch.utils.checkpoint``: its forward records
-      the graph (dropping each saved tensor through a hook); backward recomputes only up to the last
-      operation that saves a tensor (all but the final addition), and it has no condition on its inputs.
-    * each transformer block inside a spatial transformer (``SpatialTransformer.gradient_checkpointing``),
-      not the spatial transformer's GroupNorm and projections: their outputs are kept, and not recomputed.
+    * a ResNet: the non-reentrant form. Its forward records the graph (dropping each saved tensor through a
+      hook); backward recomputes only up to the last operation that saves a tensor (here: all but the final
+      addition), and has no condition on its inputs.
+    * a spatial transformer: the reentrant form. Its proj_out needs the transformer blocks' output, so
+      backward recomputes all of it anyway; this form runs the first forward without recording a graph at all
+      (no hook per saved tensor), the cheaper of the two when the region is redone whole. It needs an input
+      that requires grad (the UNet's feature maps always do when any weight before them trains); without one
+      it falls back to the non-reentrant form, which has no such condition. (The reentrant form supports
+      ``loss.backward()``, as every training loop here calls it, but not ``torch.autograd.grad``.)
 
     No random numbers are drawn inside either (no dropout), so the RNG state is not saved and restored.
     """
@@ -136,13 +139,12 @@ class _Block(nn.Module):
     gradient_checkpointing = False
 
     def run(self, module: nn.Module, *args):
-        if (
-            self.gradient_checkpointing
-            and torch.is_grad_enabled()
-            and not isinstance(module, SpatialTransformer)
-        ):
-            return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=False)
-        return module(*args)  # a spatial transformer checkpoints its own transformer blocks
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            reentrant = isinstance(module, SpatialTransformer) and any(
+                torch.is_tensor(a) and a.requires_grad for a in args
+            )
+            return checkpoint(module, *args, use_reentrant=reentrant, preserve_rng_state=False)
+        return module(*args)
 
 
 def _attention(
