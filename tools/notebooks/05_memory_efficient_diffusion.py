@@ -851,8 +851,9 @@ print(
 del ours_pipe, ref_pipe
 
 # %% [markdown]
-# Two text-encoder calls (the prompt and the empty prompt), one UNet call per step, one decode: the
-# stages of the pipeline diagram, in order. At tiny sizes every stage takes milliseconds and the rest
+# The prompt and the empty prompt through the text encoder (the course's pipeline in one batch of two, a
+# single call; diffusers' in two calls), one UNet call per step, one decode: the stages of the pipeline
+# diagram, in order. At tiny sizes every stage takes milliseconds and the rest
 # (tokenizing, the sampler's arithmetic, Python) is not small beside them. At SD 1.5's sizes the
 # arithmetic decides, so predict the shares before timing anything: count the FLOPs of each stage at
 # 512 px (on the `meta` device for the UNet and the VAE: shapes only, no numbers, no memory).
@@ -893,7 +894,7 @@ for n in (2, 50):
     )
 
 # %% [markdown]
-# The two text-encoder calls are negligible (2 x 0.013 TFLOP: 77 tokens through 85 M weights of matrix
+# Encoding the two prompts is negligible (2 x 0.013 TFLOP: 77 tokens through 85 M weights of matrix
 # products). Each step is one UNet call of 1.6 TFLOP (0.8 per image of the guidance batch), and the decode
 # is 2.5 TFLOP, about one and a half UNet calls: the decoder's last levels run 128 and 256 channels on all
 # 512 x 512 pixels, 64 x the latent's positions. With 50 steps the UNet is 97% of the arithmetic; with the
@@ -905,35 +906,43 @@ for n in (2, 50):
 # they exist, and otherwise shows the tiny run above:
 
 # %%
-runs = {}
-for device_dir in ("results_cpu", "results_cuda"):
-    path = ROOT / "05_memory_efficient_diffusion" / device_dir / "end_to_end.json"
+CHAPTER = ROOT / "05_memory_efficient_diffusion"
+runs = {}  # name -> the run's JSON: its rows, and the allocator its times were taken with
+for name, path in (
+    ("CPU", CHAPTER / "results_cpu" / "end_to_end.json"),
+    ("CPU, reuse", CHAPTER / "results_cpu" / "reuse_freed_memory" / "end_to_end.json"),
+    ("GPU", CHAPTER / "results_cuda" / "end_to_end.json"),
+):
     if path.exists():
-        runs[device_dir] = json.loads(path.read_text())["rows"]
+        runs[name] = json.loads(path.read_text())
 if not runs:
     print("no committed end-to-end run in results_cpu/ or results_cuda/: showing the tiny run above")
-    runs["tiny run above"] = [row]
+    runs["tiny run"] = {"rows": [row], "allocator": "default"}
 print(
-    f"{'run':<14} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>8} {'diffusers s':>12} "
-    f"{'ours/diffusers':>15} {'max |diff|':>10}"
+    f"{'run':<11} {'setting':<8} {'px':>4} {'steps':>5} {'ours s':>7} {'diffusers s':>11} "
+    f"{'ours/diffusers':>14} {'max |diff|':>10} {'page faults per call, ours/diffusers':>37}"
 )
-for name, rows_ in runs.items():
-    for r in rows_:
+for name, run in runs.items():
+    for r in run["rows"]:
+        faults = f"{r.get('ours_page_faults', 0):,.0f} / {r.get('diffusers_page_faults', 0):,.0f}"
         print(
-            f"{name:<14} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>8.2f} "
-            f"{r['diffusers_s']:>12.2f} {r['time_ratio']:>15.3f} {r['max_abs_diff']:>10.1e}"
+            f"{name:<11} {r['setting']:<8} {r['side_px']:>4} {r['steps']:>5} {r['ours_s']:>7.2f} "
+            f"{r['diffusers_s']:>11.2f} {r['time_ratio']:>14.3f} {r['max_abs_diff']:>10.1e} {faults:>37}"
         )
-shown = next(iter(runs.values()))[0]  # the first run's first row: fp32
 
-fig, ax = plt.subplots(figsize=(9, 3.2))
-for k, side in enumerate(("ours", "diffusers")):
-    bk = end_to_end.summarize_breakdown(shown[f"{side}_breakdown"])
-    parts = [("text encoder x2", bk["text_encoder_s"])]
+# one bar per run and side: the fp32 row of each run, split into its stages
+bars = [
+    (f"{side}, {name}", run["rows"][0], side) for name, run in runs.items() for side in ("ours", "diffusers")
+]
+fig, ax = plt.subplots(figsize=(9, 1.2 + 0.55 * len(bars)))
+colors = {"text encoder": "tab:orange", "VAE decode": "tab:brown", "other": "tab:gray"}
+for k, (label_, r, side) in enumerate(bars):
+    bk = end_to_end.summarize_breakdown(r[f"{side}_breakdown"])
+    parts = [("text encoder", bk["text_encoder_s"])]
     parts += [(f"UNet call {i + 1}", sec) for i, sec in enumerate(bk["unet_calls"])]
     parts += [("VAE decode", bk["decode_s"]), ("other", bk["other_s"])]
     left = 0.0
     for j, (label, sec) in enumerate(parts):
-        colors = {"text encoder x2": "tab:orange", "VAE decode": "tab:brown", "other": "tab:gray"}
         # the UNet calls in alternating blues, so that each call's edge shows
         color = colors.get(label, "tab:blue" if j % 2 else "lightsteelblue")
         entry = None  # the legend names each stage once, and the UNet calls once
@@ -943,38 +952,106 @@ for k, side in enumerate(("ours", "diffusers")):
             entry = label
         ax.barh(k, sec, left=left, color=color, edgecolor="white", label=entry)
         if sec > 0.08 * bk["total_s"]:
-            ax.text(left + sec / 2, k, f"{sec:.2g} s", ha="center", va="center", fontsize=9)
+            ax.text(left + sec / 2, k, f"{sec:.2g} s", ha="center", va="center", fontsize=8)
         left += sec
     print(
-        f"{side:<9} total {bk['total_s']:7.3f} s: text encoder {bk['text_encoder_s']:.3f} s, UNet "
-        f"{bk['unet_s']:.3f} s ({len(bk['unet_calls'])} calls), decode {bk['decode_s']:.3f} s, "
+        f"{label_:<22} one call {bk['total_s']:6.2f} s: text encoder {bk['text_encoder_s']:.2f} s, UNet "
+        f"{bk['unet_s']:.2f} s ({len(bk['unet_calls'])} calls), decode {bk['decode_s']:.2f} s, "
         f"other {bk['other_s']:.3f} s"
     )
-ax.set_yticks([0, 1], ["ours", "diffusers"])
+ax.set_yticks(range(len(bars)), [b[0] for b in bars])
 ax.invert_yaxis()
+first = bars[0][1]
 ax.set_xlabel(
-    f"seconds for one {shown['side_px']} px image, {shown['steps']} DPM-Solver++ steps, guidance 7.5"
+    f"seconds for one {first['side_px']} px image, {first['steps']} DPM-Solver++ steps, guidance 7.5"
 )
 ax.set_title("Where one image's time goes, stage by stage (same weights, same seed, same image)")
-ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=8, frameon=False)
+ax.legend(ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.45 / len(bars) * 4), fontsize=8, frameon=False)
 fig.tight_layout()
 show(fig)
 plt.close(fig)
 
 # %% [markdown]
-# How to read the row and the chart. **ours/diffusers** is the ratio of the two medians of calls
-# interleaved in one run, so whatever else the computer was doing fell on both sides alike. The two
-# pipelines run the same kernels on the same tensors in the same order, and **max |diff|** says the images
-# agree far inside 1/255. At the tiny sizes of the run above each UNet call takes milliseconds and the
-# libraries' own Python counts: the course's pipeline does a little less of it per call, which puts the
-# ratio somewhat below 1. In the chart each bar is one call, split into its stages: the UNet calls are
-# equal to each other (the same work at every step), the two text-encoder calls are slivers, and "other"
-# (tokenizing, the sampler's update, the guidance arithmetic, converting the image) is what remains. The
-# tiny decoder is a smaller share here than at SD's sizes, where the FLOP count above puts one decode at
-# about 1.6 UNet calls; with 50 steps the UNet calls are almost the whole image there. Speeding up an
-# image therefore means, first, fewer or cheaper UNet calls: that is what fp16, `torch.compile` and
-# channels_last do on a GPU (the GPU rows, where measured), and what fewer sampler steps do everywhere
-# (chapter 03).
+# **The time no kernel shows: fresh pages.** The `system_s` of each call in these runs (CPU time spent in
+# the operating system, not in PyTorch) and its page-fault count point at a cost that belongs to neither
+# pipeline. On a CPU every activation is a `malloc`. glibc, Linux's C library, serves a large block with
+# `mmap` and hands it back to the kernel with `munmap` as soon as the tensor is freed; the next activation
+# of that size gets fresh pages, and the kernel zero-fills each 4 KiB page the first time it is touched (a
+# *minor page fault*). `common.runtime.reuse_freed_memory()` tells glibc to keep freed blocks and reuse
+# them (no `mmap` for large blocks, no trimming of the heap). It changes the whole process for good (and
+# its memory stays at its peak until it exits), so the cell measures each way in a fresh interpreter: SD
+# 1.5's VAE decoder, random weights, one thread, three decodes after a warm-up.
+
+# %%
+PAGE_FAULTS = """
+import json, resource, sys, time
+import torch
+from common.autoencoder import AutoencoderConfig, AutoencoderKL
+from common.runtime import reuse_freed_memory
+
+reused = sys.argv[1] == "reuse" and reuse_freed_memory()  # False where glibc is not the C library
+torch.set_num_threads(1)
+torch.manual_seed(0)
+vae = AutoencoderKL(AutoencoderConfig.sd15()).eval()
+side = int(sys.argv[2])
+z = torch.randn(1, 4, side // 8, side // 8)
+with torch.no_grad():
+    vae.decode(z)  # warm-up: the first call takes fresh pages either way
+    u0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(3):
+        vae.decode(z)
+    u1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+print(json.dumps({"reused": reused, "s": (t1 - t0) / 3, "faults": (u1.ru_minflt - u0.ru_minflt) / 3,
+                  "user_s": (u1.ru_utime - u0.ru_utime) / 3, "system_s": (u1.ru_stime - u0.ru_stime) / 3}))
+"""
+side = budget(fast=64, cpu=256)
+if sys.platform.startswith("linux"):
+    print(f"SD 1.5 VAE decode at {side} px, per call:")
+    for how in ("default", "reuse"):
+        done = subprocess.run(
+            [sys.executable, "-c", PAGE_FAULTS, how, str(side)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        m = json.loads(done.stdout.splitlines()[-1])
+        label = "glibc's defaults" if how == "default" else f"reuse_freed_memory() (applied: {m['reused']})"
+        print(
+            f"  {label:<42} {m['s']:5.2f} s wall, {m['user_s']:5.2f} s user + {m['system_s']:4.2f} s system "
+            f"CPU, {m['faults']:>9,.0f} page faults ({m['faults'] * 4 / 1024:,.0f} MiB of fresh pages)"
+        )
+else:
+    print("page faults are counted this way on Linux only (resource.getrusage); skipped here")
+
+# %% [markdown]
+# How to read the table and the chart. **ours/diffusers** is the ratio of the medians of calls interleaved
+# in one run, so whatever else the computer was doing fell on both sides alike. The two pipelines run the
+# same kernels on the same tensors (the tests count them: the course's UNet and decoder run no operator
+# more often than diffusers' and copy no more memory), and **max |diff|** says the images agree far inside
+# 1/255. The committed CPU runs (512 px, 2 steps, two threads, five calls a side, commands in the chapter
+# README) put the course's pipeline at 0.97x diffusers' time with either allocator: at most 1.0x, as it
+# should be with the same kernels, but within the spread of single calls (ours 30.9-34.9 s, diffusers'
+# 31.7-34.1 s with glibc's defaults), so read it as "the same speed". In the chart each bar is one call:
+# two UNet calls of the guidance batch, the decode (at 512 px more than a UNet call, as the FLOP count
+# predicted: 2.5 against 1.6 TFLOP), the text encoder a sliver, and "other" (tokenizing, the sampler's
+# arithmetic, converting the image) too small to see.
+#
+# The allocator rows are the surprise: the same kernels, a third less time (32.6 s an image with glibc's
+# defaults, 21.7 s with freed memory reused), the decode almost halved (11.7 to 6.6 s). With the defaults
+# each call took 4.3 million page faults (16 GiB of freshly zeroed pages) and 12.8 s of system CPU time,
+# and reuse brings both to zero. The decoder pays most because its activations are the largest: 128
+# channels at 512 x 512 are 128 MiB a tensor, far above the 32 MiB up to which glibc will keep a freed block.
+# The cell above shows it on one decode with one thread: the faults and their system time vanish, a
+# smaller saving than in the runs. There two threads share each operation, and the 512 px image got 10.9 s
+# faster, more than its 12.8 CPU seconds of system time spread over two threads (6.4 s) explain: while
+# one thread waits for the kernel to fill its pages, the other waits for it at the end of the operation.
+# `generate.py` (chapter 06) turns reuse on for itself; in your own scripts on Linux, call
+# `common.runtime.reuse_freed_memory()` first.
+#
+# Beyond that, speeding up an image means fewer or cheaper UNet calls: with 50 steps they are 97% of the
+# arithmetic. That is what fp16, `torch.compile` and channels_last do on a GPU (the GPU rows, where
+# measured), and what fewer sampler steps do everywhere (chapter 03).
 
 # ## Summary
 #
