@@ -110,9 +110,9 @@ def reuse_freed_memory() -> bool:
     On a CPU every activation PyTorch makes is a ``malloc``. glibc serves a large block (from 128 KiB up
     to at most 32 MiB, adjusting as it goes) with ``mmap`` and returns it with ``munmap`` when the tensor
     is freed, so the next activation of that size arrives as fresh pages, and the kernel zero-fills each
-    4 KiB page the first time it is touched (a minor page fault). An SD-size VAE decode at 256 px takes
-    over 100,000 of them per call, about a quarter of its time on a laptop CPU (chapter 05's end-to-end
-    row). With ``mmap`` off (``M_MMAP_MAX = 0``) and the heap never trimmed (``M_TRIM_THRESHOLD``), freed
+    4 KiB page the first time it is touched (a minor page fault). One SD 1.5 image at 512 px (2 steps, two
+    CPU threads) takes 4.3 million of them, a third of its time (chapter 05, section 8). With ``mmap``
+    off (``M_MMAP_MAX = 0``) and the heap never trimmed (``M_TRIM_THRESHOLD``), freed
     blocks are reused as they are. The price: the process keeps its peak memory until it exits.
 
     Process-wide and one-way (call it once, early); changes nothing and returns False where glibc is not
