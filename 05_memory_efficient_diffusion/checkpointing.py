@@ -7,8 +7,9 @@ and CPU (process) seconds of a step; the median peak extra memory of a step (``c
 steps per case, apart from the timed ones: measuring costs time of its own); the FLOPs of a step
 (``torch.utils.flop_counter``: what checkpointing recomputes shows as the difference); the MiB of
 activations autograd saves for backward in the forward (distinct tensors, counted by a saved-tensor hook:
-what checkpointing keeps, exact where the peak is a noisy reading of the process's memory); the ratios
-checkpointed / plain.
+what checkpointing keeps, exact where the peak is a noisy reading of the process's memory), and the peak
+of the tensors themselves during a step (PyTorch's profiler counts every allocation and free: no allocator
+caching or fragmentation in it); the ratios checkpointed / plain.
 
     OMP_NUM_THREADS=1 python 05_memory_efficient_diffusion/benchmark.py --checkpointing --out DIR
     python 05_memory_efficient_diffusion/benchmark.py --checkpointing --device cuda --repeats 20 --out DIR
@@ -16,6 +17,7 @@ checkpointed / plain.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -39,6 +41,8 @@ COLUMNS = [
     "memory_saved",
     "plain_saved_MiB",
     "ckpt_saved_MiB",
+    "plain_tensor_MiB",
+    "ckpt_tensor_MiB",
     "plain_GFLOP",
     "ckpt_GFLOP",
     "extra_flops",
@@ -101,6 +105,28 @@ def saved_for_backward_mib(side: str, model, z_t, t, context, eps) -> float:
     return sum(seen.values()) / 2**20
 
 
+def tensor_peak_mib(fn) -> float:
+    """The most memory ``fn``'s tensors hold at once, above what was held before it: PyTorch's own count of
+    every allocation and free (``torch.profiler`` with ``profile_memory``), in order. Unlike the process's
+    resident memory it does not see the C library's caching or fragmentation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop chatter, read on its first use
+    with profile(activities=[ProfilerActivity.CPU, *_cuda_activity()], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        held += event.self_cpu_memory_usage + event.self_device_memory_usage
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def _cuda_activity() -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+
+
 def set_checkpointing(model, on: bool) -> None:
     if on:
         model.enable_gradient_checkpointing()
@@ -129,7 +155,7 @@ def run_table(
     cases = [(s, ck) for s in models for ck in (False, True)]
     wall = {c: [] for c in cases}
     cpu = {c: [] for c in cases}
-    flops, saved = {}, {}
+    flops, saved, tensor_peak = {}, {}, {}
     peaks = {c: [] for c in cases}
     for s, ck in cases:  # warm-up, one counted step for the FLOPs
         set_checkpointing(models[s], ck)
@@ -138,6 +164,7 @@ def run_table(
             train_step(s, models[s], *inputs)
         flops[(s, ck)] = counter.get_total_flops() / 1e9
         saved[(s, ck)] = saved_for_backward_mib(s, models[s], *inputs)
+        tensor_peak[(s, ck)] = tensor_peak_mib(lambda s=s: train_step(s, models[s], *inputs))
     for r in range(repeats):
         for s, ck in cases if r % 2 == 0 else cases[::-1]:
             set_checkpointing(models[s], ck)
@@ -174,6 +201,8 @@ def run_table(
             "ckpt_MiB": peak[b],
             "plain_saved_MiB": saved[a],
             "ckpt_saved_MiB": saved[b],
+            "plain_tensor_MiB": tensor_peak[a],
+            "ckpt_tensor_MiB": tensor_peak[b],
             "plain_GFLOP": flops[a],
             "ckpt_GFLOP": flops[b],
         }

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("math", "sdpa", "sliced")
 
@@ -301,6 +302,30 @@ class SpatialTransformer(nn.Module):
             self.proj_out = nn.Linear(inner_dim, channels)
         else:
             self.proj_out = nn.Conv2d(inner_dim, channels, kernel_size=1)
+        self.gradient_checkpointing = False  # set by UNet.enable_gradient_checkpointing
+
+    def run_block(self, block: TransformerBlock, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One transformer block, through a checkpoint when gradient checkpointing is on and gradients are
+        needed: its activations are dropped in the forward and recomputed in backward (diffusers' region).
+
+        The reentrant form of ``torch.utils.checkpoint``: its first forward records no autograd graph at all,
+        and backward reruns the whole block with one. The non-reentrant form, diffusers' choice, records the
+        graph and drops each saved tensor through a Python hook, and its backward reruns the block only up to
+        the last operation that saves a tensor: the feed-forward's output Linear needs its input, not its
+        output, so that Linear is not rerun. A block saves a few dozen tensors, so the hooks cost more than
+        that Linear wherever a step is short (overhead sets the pace, as on a GPU); where arithmetic sets it
+        the two come out even (chapter 05's ``benchmark.py --checkpointing`` measures both regimes).
+
+        The reentrant form gives the gradients of the block's weights only if one of its inputs requires
+        grad. x does whenever anything before it trains, context when the text encoder trains; when neither
+        does (the blocks alone train), the non-reentrant form, which has no such condition. (The reentrant
+        form supports ``loss.backward()``, as every training loop here calls it, not
+        ``torch.autograd.grad``.)
+        """
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(x, context)
+        reentrant = x.requires_grad or context.requires_grad
+        return checkpoint(block, x, context, use_reentrant=reentrant, preserve_rng_state=False)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); context: (B, N_k, D_c). Returns (B, C, H, W)."""
@@ -318,7 +343,7 @@ class SpatialTransformer(nn.Module):
             # x's order)
             x = x.permute(0, 2, 3, 1).reshape(B, H * W, -1).contiguous()
         for block in self.transformer_blocks:
-            x = block(x, context)  # (B, H*W, D)
+            x = self.run_block(block, x, context)  # (B, H*W, D)
         if self.use_linear_projection:
             x = self.proj_out(x)  # (B, H*W, C)
             x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, H*W, C) -> (B, C, H, W)

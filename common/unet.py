@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.attention import SpatialTransformer
 from common.unet_blocks import DownBlock, MidBlock, TimestepEmbedding, UpBlock, _Block, timestep_embedding
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
@@ -107,7 +108,7 @@ class UNet(nn.Module):
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each ResNet / transformer block in backward instead of storing its activations."""
         for module in self.modules():
-            if isinstance(module, _Block):
+            if isinstance(module, (_Block, SpatialTransformer)):
                 module.gradient_checkpointing = enabled
 
     def disable_gradient_checkpointing(self) -> None:

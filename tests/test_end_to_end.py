@@ -5,9 +5,10 @@
   breakdown (the text encoder once for ours, both prompts in one batch, twice for diffusers'; one UNet call
   per step; one decode) come out of one run.
 * checkpointing: the same gradients with and without (within 1e-5), and the same as diffusers' checkpointed
-  UNet with the same weights; each ResNet and spatial transformer is recomputed once; a model whose first
-  layers are frozen (the reentrant form's fallback) still gets every gradient it should; the activations
-  kept for backward are no more than diffusers' keep.
+  UNet with the same weights; diffusers' regions (each ResNet but the mid block's first, each transformer
+  block) are recomputed once, nothing else is; a model whose first layers are frozen still gets every
+  gradient it should, through either form of checkpoint; a checkpointed step keeps the activations
+  diffusers' keeps and recomputes its arithmetic plus each transformer block's last Linear, to the FLOP.
 * the same kernels: in inference the course's UNet and VAE decoder run no operator more often than diffusers'
   and copy no more memory (the end-to-end times rest on that).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.attention import SpatialTransformer
+from common.attention import SpatialTransformer, TransformerBlock
 from common.convert import unet_config_to_diffusers
 from common.unet import UNet, UNetConfig
 from common.unet_blocks import ResnetBlock2D
@@ -148,42 +149,71 @@ def test_checkpointing_same_gradients_as_without_and_as_diffusers(unet_pair):
         torch.testing.assert_close(checkpointed[name], theirs[name], atol=1e-5, rtol=1e-5)
 
 
-def test_checkpointing_recomputes_each_resnet_and_spatial_transformer_once(unet_pair):
-    """Each ResNet and each whole spatial transformer (its norm, projections and transformer blocks) is
-    recomputed once in backward, never more (no nested checkpoints)."""
-    from common.attention import TransformerBlock
-
+def test_checkpointing_recomputes_diffusers_regions_once(unet_pair):
+    """Each transformer block and each ResNet but the mid block's first is recomputed once in backward, never
+    more (no nested checkpoints); a spatial transformer's norm and projections, and the mid block's first
+    ResNet, are not recomputed: diffusers' regions."""
     ours, _ = unet_pair
     z_t, t, context = _inputs(ours.config)
-    calls = {"spatial transformer": 0, "transformer block": 0, "resnet": 0}
     transformer = next(m for m in ours.modules() if isinstance(m, SpatialTransformer))
     modules = {
         "spatial transformer": transformer,
         "transformer block": next(m for m in transformer.modules() if isinstance(m, TransformerBlock)),
         "resnet": next(m for m in ours.up_blocks[0].modules() if isinstance(m, ResnetBlock2D)),
+        "mid block's first resnet": ours.mid_block.resnets[0],
+        "mid block's second resnet": ours.mid_block.resnets[1],
     }
+    calls = dict.fromkeys(modules, 0)
     hooks = [
         m.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         for name, m in modules.items()
     ]
     ours.enable_gradient_checkpointing()
     _grads(ours, lambda: ours(z_t, t, context))
+    ours.disable_gradient_checkpointing()
+    _grads(ours, lambda: ours(z_t, t, context))
     for h in hooks:
         h.remove()
-    # a checkpointed region runs twice: the forward, and once more in backward
-    assert calls == {"spatial transformer": 2, "transformer block": 2, "resnet": 2}
+    # a checkpointed region runs twice in a checkpointed step (the forward, once more in backward), once in a
+    # plain one
+    assert calls == {
+        "spatial transformer": 2,
+        "transformer block": 3,
+        "resnet": 3,
+        "mid block's first resnet": 2,
+        "mid block's second resnet": 3,
+    }
 
 
-def test_checkpointing_with_frozen_first_layers(unet_pair):
-    """Only the attention weights train (as when fine-tuning attention): the first spatial transformer's input
-    then needs no gradient, and its checkpoint must still deliver the gradients of its own weights."""
+@pytest.mark.parametrize(
+    "trains, form",
+    [("attentions", "reentrant"), ("transformer_blocks", "non-reentrant")],
+)
+def test_checkpointing_with_frozen_first_layers(unet_pair, trains, form, monkeypatch):
+    """Only part of the UNet trains (as when fine-tuning attention). With the spatial transformers' weights
+    training, each transformer block's input requires grad (it has passed proj_in): the reentrant form. With
+    only the transformer blocks training, the first block's input and context need no gradient, where the
+    reentrant form would return no gradients for the block's weights: the non-reentrant form. Either way,
+    every gradient matches the plain step's."""
+    import common.attention
+
     ours, _ = unet_pair
     for name, p in ours.named_parameters():
-        p.requires_grad_("attentions" in name)
+        p.requires_grad_(trains in name)
     z_t, t, context = _inputs(ours.config)
     plain = _grads(ours, lambda: ours(z_t, t, context))
     ours.enable_gradient_checkpointing()
+    forms = []
+    real = common.attention.checkpoint
+
+    def spy(fn, *args, use_reentrant, **kwargs):
+        if isinstance(fn, TransformerBlock):
+            forms.append("reentrant" if use_reentrant else "non-reentrant")
+        return real(fn, *args, use_reentrant=use_reentrant, **kwargs)
+
+    monkeypatch.setattr(common.attention, "checkpoint", spy)
     checkpointed = _grads(ours, lambda: ours(z_t, t, context))
+    assert forms[0] == form
     assert set(checkpointed) == set(plain) and any(n.startswith("down_blocks.0.attentions") for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5)
@@ -197,11 +227,28 @@ def test_checkpointing_table_runs():
     for r in rows:
         assert r["ckpt_GFLOP"] > r["plain_GFLOP"] > 0  # the recomputed forward shows in the FLOPs
         assert 0 < r["ckpt_saved_MiB"] < r["plain_saved_MiB"]  # and the dropped activations in what is saved
-    # the same plain graph on both sides; checkpointed, ours keeps no more than diffusers: its regions are
-    # whole spatial transformers (diffusers keeps their norm's and projections' tensors) and every ResNet
-    # (diffusers leaves the mid block's first one out)
+        assert 0 < r["ckpt_tensor_MiB"] < r["plain_tensor_MiB"]  # and in the tensors' peak during the step
+    # the same plain graph on both sides; checkpointed, the same regions, so the same activations kept
     assert by["ours"]["plain_saved_MiB"] == pytest.approx(by["diffusers"]["plain_saved_MiB"], rel=1e-6)
-    assert by["ours"]["ckpt_saved_MiB"] <= by["diffusers"]["ckpt_saved_MiB"]
+    assert by["ours"]["plain_GFLOP"] == pytest.approx(by["diffusers"]["plain_GFLOP"], rel=1e-9)
+    assert by["ours"]["ckpt_saved_MiB"] == pytest.approx(by["diffusers"]["ckpt_saved_MiB"], rel=1e-6)
+    # and the same arithmetic recomputed but each transformer block's last Linear, which the reentrant form
+    # reruns and diffusers' non-reentrant one does not
+    ours = ck.build("tiny")["ours"]
+    z_t, t, context, _ = ck.batch_of(ours.config, 2, 8)
+    last = [m.ff.net[2] for m in ours.modules() if isinstance(m, TransformerBlock)]
+    linear_flops = []
+    hooks = [
+        m.register_forward_hook(lambda m, args, _: linear_flops.append(2 * args[0].numel() * m.out_features))
+        for m in last
+    ]
+    with torch.no_grad():
+        ours(z_t, t, context)
+    for h in hooks:
+        h.remove()
+    assert len(linear_flops) == len(last) > 0
+    extra = by["ours"]["ckpt_GFLOP"] - by["diffusers"]["ckpt_GFLOP"]
+    assert extra == pytest.approx(sum(linear_flops) / 1e9, rel=1e-6)
 
 
 # --- the same kernels as diffusers: what the end-to-end row's time rests on ---------------------------------

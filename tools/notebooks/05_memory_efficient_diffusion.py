@@ -367,7 +367,9 @@ print(
 # line gives the extra in forwards, to compare with 1 (or a little more: the recomputed forward records
 # the graph that the block's backward then uses). As a ratio of the whole step that is +33% when the
 # backward costs two forwards, and more when it costs less. Where the non-checkpointed layers (the first
-# and last convolutions, the down- and upsamplers, the time embedding) weigh more, it is less. On a GPU
+# and last convolutions, the down- and upsamplers, the time embedding, each spatial transformer's norm and
+# projections, the mid block's first ResNet: diffusers' choice of regions, which the course copies) weigh
+# more, it is less. On a GPU
 # bound by kernel launches the recomputation replays the launches too and can cost more than its
 # arithmetic. The times are the fastest of several rounds, because a short step is a noisy clock when
 # other programs share the CPU; read the extra to the nearest half forward.
@@ -773,7 +775,9 @@ for r in read_table(out_dir / "table.md"):
 # %%
 results = ROOT / "05_memory_efficient_diffusion"
 full = {}
-for path in (results / "results_cpu" / "table.md", results / "results_cpu_rerun" / "sd_rows.md"):
+rerun = results / "results_cpu_rerun"
+# the training rows, rerun on their own with the checkpoint regions of common/, come first
+for path in (rerun / "train_rows.md", results / "results_cpu" / "table.md", rerun / "sd_rows.md"):
     if path.exists():
         full.update({r["row"]: r for r in read_table(path) if r["row"] not in full})
 print(f"{'row':>24} | {'ours peak MiB':>13} | {'diffusers peak MiB':>18} | {'ours / diffusers':>16}")
@@ -809,18 +813,25 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 # - **vae_decode_large_tiled**: 64-latent tiles, i.e. one 512 px decode at a time: the peak is
 #   vae_decode_small's, about 1/4 of the untiled one.
 # - **train / train_checkpointing** (section 3's UNet at batch 32): the plain step's peak is the same in
-#   both; checkpointed, ours keeps 58 MiB (-72%), diffusers 70 MiB (-66%). The difference is where each
-#   library draws its checkpoints: ours wraps each whole spatial transformer (its GroupNorm, input
-#   projection, transformer blocks and output projection), diffusers' `Transformer2DModel` checkpoints only
-#   the transformer blocks inside it, so the tensors its norm and projections save stay in memory. Ours
-#   therefore recomputes a little more arithmetic (the norm and projections: one step's FLOPs grow by 28%
-#   with checkpointing against diffusers' 25%, `benchmark.py --checkpointing`), and wins it back on
-#   overhead: a spatial transformer is recomputed whole either way, so its checkpoint uses PyTorch's
-#   reentrant form, whose forward records no autograd graph (no hook on every saved tensor), and no
-#   random-number state is saved (there is no dropout to replay). The result is the same gradients
-#   (`tests/test_end_to_end.py`).
+#   both; checkpointed, ours keeps 44.0 MiB (-71%), diffusers 43.5 MiB (-71%). The regions are the same:
+#   each ResNet but the mid block's first, and each transformer block inside a spatial transformer, not
+#   its GroupNorm and projections (whose outputs stay in memory). The form differs for the transformer
+#   blocks. diffusers uses PyTorch's non-reentrant checkpoint: the forward records the autograd graph and
+#   drops each saved tensor through a Python hook, and backward reruns the block only up to its last
+#   operation that saves a tensor, so the feed-forward's output Linear (it needs its input, not its
+#   output) is not rerun. Ours uses the reentrant form: the first forward records no graph at all (no
+#   hooks), and backward reruns the whole block, that Linear included. The trade: a checkpointed step's
+#   FLOPs grow by 25.3% instead of 23.5%, and the rerun Linear's output is alive during the block's
+#   backward (the extra half MiB here), against a few dozen hooks fewer per block. Where arithmetic sets
+#   the pace (this row, batch 32) the two come out even; where overhead does (batch 1 on 8 x 8 latents
+#   here, and a small UNet on a GPU, which waits on kernel launches) ours pays about 65% more time for
+#   checkpointing against diffusers' 85-90% on this CPU (`benchmark.py --checkpointing` measures both).
+#   Wrapping each whole spatial transformer instead, which the course tried, keeps less
+#   (its norm's and projections' tensors go too) but reruns them: 27% more FLOPs, and no lower peak,
+#   because the peak of a checkpointed step sits in a backward, not in what the forward keeps. Every
+#   variant gives the same gradients (`tests/test_end_to_end.py`).
 #
-# Ours and diffusers' columns agree to a few percent in every other row: the same tensors, the same peaks. The
+# Ours and diffusers' columns agree to a few percent in every row: the same tensors, the same peaks. The
 # chapter README gives the times of the same rows and the GPU's table.
 #
 # ## 8. One whole image, end to end
@@ -972,9 +983,10 @@ show(fig)
 plt.close(fig)
 
 # %% [markdown]
-# **The time no kernel shows: fresh pages.** The `system_s` of each call in these runs (CPU time spent in
-# the operating system, not in PyTorch) and its page-fault count point at a cost that belongs to neither
-# pipeline. On a CPU every activation is a `malloc`. glibc, Linux's C library, serves a large block with
+# **The time no kernel shows: fresh pages.** The last column of the table, page faults per call, and the
+# two allocator rows point at a cost that belongs to neither pipeline (each call's CPU time spent in the
+# operating system, `system_s` in the JSON, falls from 12.8 s to 0.01 s with them).
+# On a CPU every activation is a `malloc`. glibc, Linux's C library, serves a large block with
 # `mmap` and hands it back to the kernel with `munmap` as soon as the tensor is freed; the next activation
 # of that size gets fresh pages, and the kernel zero-fills each 4 KiB page the first time it is touched (a
 # *minor page fault*). `common.runtime.reuse_freed_memory()` tells glibc to keep freed blocks and reuse
