@@ -826,9 +826,9 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 #   the pace (this row, batch 32) the two come out even; where overhead does (batch 1 on 8 x 8 latents
 #   here, and a small UNet on a GPU, which waits on kernel launches) ours pays about 65% more time for
 #   checkpointing against diffusers' 85-90% on this CPU (`benchmark.py --checkpointing` measures both).
-#   Wrapping each whole spatial transformer instead, which the course tried, keeps less
-#   (its norm's and projections' tensors go too) but reruns them: 27% more FLOPs, and no lower peak,
-#   because the peak of a checkpointed step sits in a backward, not in what the forward keeps. Every
+#   Wrapping each whole spatial transformer instead, which the course tried, keeps less (its norm's and
+#   projections' tensors go too) but reruns them (a checkpointed step's FLOPs grow by 27%), and its peak
+#   is no lower: the peak of a checkpointed step sits in a backward, not in what the forward keeps. Every
 #   variant gives the same gradients (`tests/test_end_to_end.py`).
 #
 # Ours and diffusers' columns agree to a few percent in every row: the same tensors, the same peaks. The
