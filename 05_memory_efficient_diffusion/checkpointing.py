@@ -112,19 +112,14 @@ def tensor_peak_mib(fn) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's start/stop chatter, read on its first use
-    with profile(activities=[ProfilerActivity.CPU, *_cuda_activity()], profile_memory=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
         fn()
     held = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         held += event.self_cpu_memory_usage + event.self_device_memory_usage
         peak = max(peak, held)
     return peak / 2**20
-
-
-def _cuda_activity() -> list:
-    from torch.profiler import ProfilerActivity
-
-    return [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
 
 
 def set_checkpointing(model, on: bool) -> None:

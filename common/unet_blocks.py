@@ -124,8 +124,8 @@ class _Block(nn.Module):
     forward. The regions are diffusers' (``enable_gradient_checkpointing`` on its UNet), so both keep the same
     tensors:
 
-    * each ResNet but the mid block's first (diffusers runs that one plainly; checkpointing it too would save
-      about 1% of the activations for 0.6% more FLOPs in chapter 05's table).
+    * each ResNet but the mid block's first (diffusers runs that one plainly: at the lowest resolution its
+      activations are among the smallest, so checkpointing it would save little memory for its recompute).
     * each transformer block inside a spatial transformer (``SpatialTransformer.run_block``), not the spatial
       transformer's GroupNorm and projections: their outputs are kept, and not recomputed.
 

@@ -239,8 +239,10 @@ def test_checkpointing_table_runs():
     last = [m.ff.net[2] for m in ours.modules() if isinstance(m, TransformerBlock)]
     linear_flops = []
     hooks = [
-        m.register_forward_hook(lambda m, args, _: linear_flops.append(2 * args[0].numel() * m.out_features))
-        for m in last
+        lin.register_forward_hook(
+            lambda mod, args, _: linear_flops.append(2 * args[0].numel() * mod.out_features)
+        )
+        for lin in last
     ]
     with torch.no_grad():
         ours(z_t, t, context)

@@ -827,9 +827,9 @@ print(f"predicted, math attention at 512 px: 2 x {attention_matrix_bytes(2, 8, 4
 #   here, and a small UNet on a GPU, which waits on kernel launches) ours pays about 65% more time for
 #   checkpointing against diffusers' 85-90% on this CPU (`benchmark.py --checkpointing` measures both).
 #   Wrapping each whole spatial transformer instead, which the course tried, keeps less (its norm's and
-#   projections' tensors go too) but reruns them (a checkpointed step's FLOPs grow by 27%), and its peak
-#   is no lower: the peak of a checkpointed step sits in a backward, not in what the forward keeps. Every
-#   variant gives the same gradients (`tests/test_end_to_end.py`).
+#   projections' tensors go too) but reruns them, more arithmetic, and its peak is no lower: the peak of
+#   a checkpointed step sits in a backward, not in what the forward keeps (`BENCHMARKS.md` records the
+#   variants measured). Every variant gives the same gradients (`tests/test_end_to_end.py`).
 #
 # Ours and diffusers' columns agree to a few percent in every row: the same tensors, the same peaks. The
 # chapter README gives the times of the same rows and the GPU's table.
